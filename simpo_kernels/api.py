@@ -1,0 +1,145 @@
+"""Public API: :func:`simpo_loss` and :func:`simpo_loss_from_logits`.
+
+Each call validates its inputs, shifts the labels, asks the chosen backend for per-token
+log-probabilities and logit sums, and applies :func:`simpo_kernels.objective.simpo_objective`.
+
+Backends:
+    ``"eager"``  the reference: materialises the logits (the spec).
+    ``"torch"``  chunked PyTorch, any device, never more than one chunk of logits.
+    ``"triton"`` fused Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+    ``"auto"``   ``"triton"`` for CUDA tensors when Triton is importable, else ``"torch"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+from . import chunked, eager
+from .objective import SimPOOutput, shift_targets, simpo_objective
+from .validation import all_finite, check_hidden_inputs, check_logits_inputs, check_options
+
+BACKENDS = ("auto", "eager", "torch", "triton")
+
+
+def _triton_module():
+    try:
+        return importlib.import_module("simpo_kernels.kernels")
+    except ImportError as exc:  # triton missing, or kernels not importable on this platform
+        raise ValueError(f"backend='triton' is unavailable here: {exc}") from exc
+
+
+def triton_available() -> bool:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return importlib.util.find_spec("simpo_kernels.kernels") is not None
+
+
+def _resolve_backend(backend: str, device: torch.device):
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "eager":
+        return eager
+    if backend == "torch":
+        return chunked
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {device.type}); on CPU set TRITON_INTERPRET=1 "
+            f"to run the kernels in the Triton interpreter, or use backend='torch'")
+    return _triton_module()
+
+
+def simpo_loss(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float = 2.0,
+    gamma_beta_ratio: float = 0.25,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+    sft_weight: float = 0.0,
+    softcap: Optional[float] = None,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+) -> SimPOOutput:
+    """SimPO loss straight from the final hidden states and the lm_head weight.
+
+    Args:
+        hidden_states: ``[2B, T, H]`` final hidden states (after the final norm); rows ``0..B-1``
+            are the chosen responses, rows ``B..2B-1`` the rejected ones (pair ``i`` is ``(i, B+i)``).
+        weight: ``[V, H]`` lm_head weight (same dtype as ``hidden_states``).
+        labels: ``[2B, T]`` integer labels aligned with the input ids, ``ignore_index`` on prompt and
+            padding; the shift (position ``t`` predicts ``labels[t+1]``) happens inside.
+        beta, gamma_beta_ratio, label_smoothing, loss_type, sft_weight: the official SimPO options.
+        softcap: final-logit softcap ``s`` (Gemma-2: 30.0) or None.
+        bias: optional ``[V]`` lm_head bias.
+        backend: ``"auto"``, ``"eager"``, ``"torch"`` or ``"triton"`` (see module docstring).
+        chunk_size: tokens per chunk for the ``"torch"`` backend (default from V and H).
+
+    Returns:
+        :class:`SimPOOutput`; ``loss`` is differentiable w.r.t. hidden states, weight and bias.
+    """
+    check_options(beta=beta, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing,
+                  loss_type=loss_type, sft_weight=sft_weight, softcap=softcap)
+    rows, T, H, V = check_hidden_inputs(hidden_states, weight, bias, labels, ignore_index)
+    impl = _resolve_backend(backend, hidden_states.device)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    targets = shift_targets(labels.long(), ignore_index)
+    kwargs = {"chunk_size": chunk_size} if impl is chunked else {}
+    token_logps, logit_sums = impl.token_logprobs(
+        hidden_states.reshape(rows * T, H), weight, bias, targets.reshape(-1),
+        softcap=None if softcap is None else float(softcap), ignore_index=ignore_index, **kwargs)
+    return simpo_objective(
+        token_logps.view(rows, T), targets, logit_sums.view(rows, T), V,
+        beta=beta, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing,
+        loss_type=loss_type, sft_weight=sft_weight, ignore_index=ignore_index,
+        inputs_finite=all_finite(hidden_states, weight, bias))
+
+
+def simpo_loss_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float = 2.0,
+    gamma_beta_ratio: float = 0.25,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+    sft_weight: float = 0.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+) -> SimPOOutput:
+    """SimPO loss from logits the caller already holds (softcap, if any, already applied).
+
+    Args:
+        logits: ``[2B, T, V]`` float16/bfloat16/float32/float64, chosen rows first.
+        labels: ``[2B, T]`` as in :func:`simpo_loss`.
+        Other arguments as in :func:`simpo_loss`. The gradient w.r.t. ``logits`` comes back in the
+        logits' dtype; no float32 copy of the full logits is made by the ``torch``/``triton`` backends.
+    """
+    check_options(beta=beta, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing,
+                  loss_type=loss_type, sft_weight=sft_weight)
+    rows, T, V = check_logits_inputs(logits, labels, ignore_index)
+    impl = _resolve_backend(backend, logits.device)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    targets = shift_targets(labels.long(), ignore_index)
+    kwargs = {"chunk_size": chunk_size} if impl is chunked else {}
+    token_logps, logit_sums = impl.token_logprobs_from_logits(
+        logits.reshape(rows * T, V), targets.reshape(-1), ignore_index=ignore_index, **kwargs)
+    return simpo_objective(
+        token_logps.view(rows, T), targets, logit_sums.view(rows, T), V,
+        beta=beta, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing,
+        loss_type=loss_type, sft_weight=sft_weight, ignore_index=ignore_index,
+        inputs_finite=all_finite(logits))

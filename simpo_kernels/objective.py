@@ -1,0 +1,177 @@
+"""The SimPO objective on per-token log-probabilities: the single source of truth.
+
+Every backend reduces ``hidden_states @ weight.T`` (or given logits) to two per-position
+quantities, ``token_logps[n] = z_n[target_n] - logsumexp(z_n)`` (0 where the target is ignored)
+and ``logit_sums[n] = sum_v z_n[v]`` (for the ``logits/*`` metrics), and hands them to
+:func:`simpo_objective`, which applies the official SimPO trainer's semantics
+(princeton-nlp/SimPO ``scripts/simpo_trainer.py``) to the letter:
+
+    a_i      = sum_t m_it * l_it / sum_t m_it                      (length-normalised logp)
+    u_i      = beta * (a_chosen_i - a_rejected_i - gamma_beta_ratio)
+    sigmoid:   loss_i = -(1 - eps) * logsigmoid(u_i) - eps * logsigmoid(-u_i)
+    hinge:     loss_i = relu(1 - u_i)
+    loss     = mean_i loss_i + sft_weight * NLL(chosen rows, token mean)
+    rewards  = beta * a (detached)
+
+Because everything here is ordinary autograd on ``[2B, T]`` tensors, the per-token upstream
+gradient ``g_t = dL/dl_t`` that the fused backward kernels consume is exactly what autograd hands
+to the backend's ``backward``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("sigmoid", "hinge")
+
+
+@dataclass
+class SimPOOutput:
+    """Result of :func:`simpo_kernels.simpo_loss`.
+
+    Shapes use ``B`` = number of preference pairs (half the rows of the batch).
+
+    Attributes:
+        loss: scalar, differentiable: ``mean(losses) + sft_weight * sft_loss``.
+        losses: ``[B]`` per-pair SimPO loss (differentiable).
+        chosen_logps, rejected_logps: ``[B]`` length-normalised log-probabilities (differentiable).
+        chosen_rewards, rejected_rewards: ``[B]`` ``beta * logps``, detached.
+        sft_loss: scalar chosen-row NLL (token mean) when ``sft_weight > 0``, else ``None``.
+        chosen_logits_mean, rejected_logits_mean: scalar mean raw (softcapped) logit over the
+            chosen / rejected rows, detached, as the official ``logits/*`` metrics define it.
+    """
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    chosen_logits_mean: torch.Tensor
+    rejected_logits_mean: torch.Tensor
+    sft_loss: Optional[torch.Tensor] = None
+    extra: dict = field(default_factory=dict)
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """The official trainer's logged metrics (``prefix="eval_"`` in evaluation)."""
+        c, r = self.chosen_rewards.detach(), self.rejected_rewards.detach()
+        out = {
+            f"{prefix}rewards/chosen": c.mean().item(),
+            f"{prefix}rewards/rejected": r.mean().item(),
+            f"{prefix}rewards/accuracies": (c > r).float().mean().item(),
+            f"{prefix}rewards/margins": (c - r).mean().item(),
+            f"{prefix}logps/rejected": self.rejected_logps.detach().mean().item(),
+            f"{prefix}logps/chosen": self.chosen_logps.detach().mean().item(),
+            f"{prefix}logits/rejected": self.rejected_logits_mean.item(),
+            f"{prefix}logits/chosen": self.chosen_logits_mean.item(),
+        }
+        if self.sft_loss is not None:
+            out[f"{prefix}sft_loss"] = self.sft_loss.detach().item()
+        return out
+
+
+def shift_targets(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``[R, T]`` labels -> ``[R, T]`` targets: position ``t`` predicts ``labels[t + 1]``.
+
+    The last position of every row has no successor and gets ``ignore_index``; keeping it (rather
+    than slicing it off) lets backends produce the logit sums of all ``T`` positions, which the
+    official ``logits/*`` metrics average over.
+    """
+    pad = torch.full_like(labels[:, :1], ignore_index)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def simpo_head(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    gamma_beta_ratio: float,
+    label_smoothing: float,
+    loss_type: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Official ``SimPOTrainer.simpo_loss``: ``[B]`` logps -> (losses, chosen_rewards, rejected_rewards)."""
+    logits = (chosen_logps - rejected_logps) - gamma_beta_ratio
+    if loss_type == "sigmoid":
+        losses = (
+            -F.logsigmoid(beta * logits) * (1 - label_smoothing)
+            - F.logsigmoid(-beta * logits) * label_smoothing
+        )
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    else:  # validated earlier; kept so the head never silently computes something else
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    return losses, beta * chosen_logps.detach(), beta * rejected_logps.detach()
+
+
+def simpo_objective(
+    token_logps: torch.Tensor,
+    targets: torch.Tensor,
+    logit_sums: torch.Tensor,
+    vocab_size: int,
+    *,
+    beta: float,
+    gamma_beta_ratio: float,
+    label_smoothing: float,
+    loss_type: str,
+    sft_weight: float,
+    ignore_index: int,
+    inputs_finite: Optional[torch.Tensor] = None,
+) -> SimPOOutput:
+    """Apply the SimPO objective to per-position quantities of a ``[2B, T]`` batch.
+
+    Args:
+        token_logps: ``[2B, T]`` log p(target) per position, 0 where ``targets == ignore_index``.
+        targets: ``[2B, T]`` shifted labels (see :func:`shift_targets`).
+        logit_sums: ``[2B, T]`` sum of the (softcapped) logits over the vocabulary per position.
+        vocab_size: ``V``, to turn logit sums into the mean raw logit.
+        inputs_finite: optional 0-dim bool tensor; when False the loss is forced to NaN (a softcap
+            maps inf to a finite logit, so a non-finite input could otherwise yield a finite loss).
+    """
+    rows, T = token_logps.shape
+    B = rows // 2
+    mask = targets != ignore_index
+    maskf = mask.to(token_logps.dtype)
+    token_logps = token_logps * maskf  # backends already zero these; makes the spec self-evident
+    counts = maskf.sum(-1)
+    avg = token_logps.sum(-1) / counts
+    chosen_logps, rejected_logps = avg[:B], avg[B:]
+    losses, chosen_rewards, rejected_rewards = simpo_head(
+        chosen_logps, rejected_logps, beta=beta, gamma_beta_ratio=gamma_beta_ratio,
+        label_smoothing=label_smoothing, loss_type=loss_type,
+    )
+    loss = losses.mean()
+
+    sft_loss = None
+    logit_sums = logit_sums.detach()
+    if sft_weight > 0.0:
+        # nn.CrossEntropyLoss over the chosen rows: mean of -l_t over their unmasked tokens.
+        sft_loss = -token_logps[:B].sum() / counts[:B].sum()
+        loss = loss + sft_weight * sft_loss
+        # The official trainer reassigns the chosen logits to their shifted view [:, :-1] before
+        # logging them, so with an SFT term logits/chosen excludes the last position.
+        chosen_logits_mean = logit_sums[:B, : T - 1].sum() / (B * (T - 1) * vocab_size)
+    else:
+        chosen_logits_mean = logit_sums[:B].sum() / (B * T * vocab_size)
+    rejected_logits_mean = logit_sums[B:].sum() / (B * T * vocab_size)
+
+    if inputs_finite is not None:
+        poison = torch.where(inputs_finite, 0.0, float("nan")).to(loss.dtype)
+        loss = loss + poison
+        losses = losses + poison
+
+    return SimPOOutput(
+        loss=loss,
+        losses=losses,
+        chosen_logps=chosen_logps,
+        rejected_logps=rejected_logps,
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        chosen_logits_mean=chosen_logits_mean,
+        rejected_logits_mean=rejected_logits_mean,
+        sft_loss=sft_loss,
+    )

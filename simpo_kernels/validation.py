@@ -1,0 +1,160 @@
+"""Input checks shared by every backend, run before any heavy work.
+
+A wrong loss that trains silently is the worst failure this library can have, so every
+malformed input is rejected with a ValueError/TypeError naming the problem and the offending row
+or shape. The label checks need one small host sync (min, max and per-row counts in a single
+transfer); that is negligible next to the ``N x V`` matmul they guard.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+from .objective import LOSS_TYPES
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_options(
+    *, beta: float, gamma_beta_ratio: float, label_smoothing: float, loss_type: str,
+    sft_weight: float, softcap: Optional[float] = None,
+) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    for name, value in (("beta", beta), ("gamma_beta_ratio", gamma_beta_ratio),
+                        ("label_smoothing", label_smoothing), ("sft_weight", sft_weight)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{name} must be finite, got {value}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    if sft_weight < 0:
+        raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
+    if loss_type == "hinge" and label_smoothing > 0:
+        # Same behaviour as the official trainer: warn, and the hinge loss ignores it.
+        warnings.warn("You are using the hinge loss type that does not support label smoothing; "
+                      "label_smoothing is ignored.", UserWarning, stacklevel=3)
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
+        if not (softcap > 0 and softcap != float("inf")):
+            raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+
+
+def check_labels(labels: torch.Tensor, rows: int, T: int, vocab_size: int, ignore_index: int) -> None:
+    """Labels: integer ``[rows, T]``, ids in ``[0, V)`` or ``ignore_index``, >= 1 target per row."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.dim() != 2 or tuple(labels.shape) != (rows, T):
+        raise ValueError(f"labels must have shape [2B, T] = {[rows, T]}, got {list(labels.shape)}")
+    if T < 2:
+        raise ValueError(f"sequences need at least 2 positions (position t predicts label t+1), got T={T}")
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= vocab_size))
+    targets_per_row = valid[:, 1:].sum(-1)
+    # one host transfer for all checks
+    stats = torch.cat([bad.any(-1).to(torch.int64), targets_per_row.to(torch.int64)]).tolist()
+    bad_rows, counts = stats[:rows], stats[rows:]
+    if any(bad_rows):
+        r = bad_rows.index(1)
+        pos = int(bad[r].nonzero()[0].item())
+        raise ValueError(
+            f"label id {int(labels[r, pos])} at row {r}, position {pos} is outside [0, {vocab_size}) "
+            f"and is not ignore_index={ignore_index}")
+    empty = [r for r, c in enumerate(counts) if c == 0]
+    if empty:
+        raise ValueError(
+            f"row {empty[0]} has no target token (labels[:, 1:] are all ignore_index={ignore_index}); "
+            f"rows without targets: {empty[:8]}{'...' if len(empty) > 8 else ''}")
+
+
+def check_pair_rows(rows: int, what: str) -> None:
+    if rows == 0 or rows % 2:
+        raise ValueError(
+            f"{what} must have an even, non-zero number of rows (chosen rows first, then rejected), "
+            f"got {rows}")
+
+
+def check_hidden_inputs(
+    hidden_states: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    labels: torch.Tensor, ignore_index: int,
+) -> tuple[int, int, int, int]:
+    """Returns ``(rows, T, H, V)``."""
+    _check_float("hidden_states", hidden_states)
+    _check_float("weight", weight)
+    if hidden_states.dim() != 3:
+        raise ValueError(f"hidden_states must be [2B, T, H], got shape {list(hidden_states.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be the lm_head weight [V, H], got shape {list(weight.shape)}")
+    rows, T, H = hidden_states.shape
+    V, Hw = weight.shape
+    check_pair_rows(rows, "hidden_states")
+    if Hw != H:
+        raise ValueError(f"hidden size mismatch: hidden_states {list(hidden_states.shape)} has H={H} "
+                         f"but weight {list(weight.shape)} has H={Hw}")
+    if V == 0 or H == 0:
+        raise ValueError(f"empty weight: shape {list(weight.shape)}")
+    if weight.dtype != hidden_states.dtype:
+        raise TypeError(f"hidden_states ({hidden_states.dtype}) and weight ({weight.dtype}) must have the "
+                        f"same dtype; cast one of them explicitly")
+    if bias is not None:
+        _check_float("bias", bias)
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"bias must have shape [V] = [{V}], got {list(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias ({bias.dtype}) must have the weight's dtype ({weight.dtype})")
+    devices = {t.device for t in (hidden_states, weight, labels, bias) if isinstance(t, torch.Tensor)}
+    if len(devices) > 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    check_labels(labels, rows, T, V, ignore_index)
+    return rows, T, H, V
+
+
+def check_logits_inputs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[int, int, int]:
+    """Returns ``(rows, T, V)``."""
+    _check_float("logits", logits)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [2B, T, V], got shape {list(logits.shape)}")
+    rows, T, V = logits.shape
+    check_pair_rows(rows, "logits")
+    if V == 0:
+        raise ValueError(f"empty vocabulary: logits shape {list(logits.shape)}")
+    if isinstance(labels, torch.Tensor) and labels.device != logits.device:
+        raise ValueError(f"logits ({logits.device}) and labels ({labels.device}) must be on one device")
+    check_labels(labels, rows, T, V, ignore_index)
+    return rows, T, V
+
+
+def all_finite(*tensors: Optional[torch.Tensor]) -> torch.Tensor:
+    """0-dim bool tensor, True when every element of every given tensor is finite (no host sync).
+
+    Uses min/max reductions (which propagate NaN) rather than ``isfinite(t).all()`` so that no
+    tensor of the input's size is allocated: the weight alone is ~1 GB of bools at Gemma-2 scale.
+    """
+    flags = []
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        lo, hi = torch.aminmax(t.detach())
+        flags.append(torch.isfinite(lo) & torch.isfinite(hi))
+    if not flags:
+        return torch.tensor(True)
+    out = flags[0]
+    for f in flags[1:]:
+        out = out & f
+    return out
