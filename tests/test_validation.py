@@ -1,0 +1,156 @@
+"""Bad input is rejected with a clear message on every backend; non-finite input never gives a finite loss."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from simpo_kernels import simpo_loss, simpo_loss_from_logits
+
+from .test_api import make_batch
+
+BACKENDS = ["eager", "torch", "auto"]
+
+
+@pytest.fixture
+def batch():
+    hidden, weight, bias, labels = make_batch(2, 6, 5, 11, dtype=torch.float32, bias=True, seed=0)
+    return hidden, weight, bias, labels
+
+
+def call(batch, backend, **over):
+    hidden, weight, bias, labels = batch
+    args = dict(hidden_states=hidden, weight=weight, labels=labels, bias=bias)
+    args.update(over)
+    return simpo_loss(args.pop("hidden_states"), args.pop("weight"), args.pop("labels"), backend=backend, **args)
+
+
+CASES = [
+    # (overrides or callable(batch) -> overrides, exception, message fragment)
+    (lambda b: dict(hidden_states=b[0][:3], labels=b[3][:3]), ValueError, "even, non-zero number of rows"),
+    (lambda b: dict(hidden_states=b[0][:0], labels=b[3][:0]), ValueError, "even, non-zero number of rows"),
+    (lambda b: dict(hidden_states=b[0][0]), ValueError, "hidden_states must be [2B, T, H]"),
+    (lambda b: dict(labels=b[3][:, :5]), ValueError, "labels must have shape [2B, T] = [4, 6], got [4, 5]"),
+    (lambda b: dict(labels=b[3][:2]), ValueError, "labels must have shape"),
+    (lambda b: dict(weight=b[1][:, :4]), ValueError, "hidden size mismatch"),
+    (lambda b: dict(weight=b[1][None]), ValueError, "weight must be the lm_head weight [V, H]"),
+    (lambda b: dict(bias=b[2][:7]), ValueError, "bias must have shape [V] = [11], got [7]"),
+    (lambda b: dict(labels=b[3].float()), TypeError, "labels must be an integer tensor"),
+    (lambda b: dict(labels=b[3] > 0), TypeError, "labels must be an integer tensor"),
+    (lambda b: dict(hidden_states=b[0].long()), TypeError, "hidden_states must be a floating tensor"),
+    (lambda b: dict(weight=b[1].to(torch.int32)), TypeError, "weight must be a floating tensor"),
+    (lambda b: dict(weight=b[1].double()), TypeError, "must have the same dtype"),
+    (lambda b: dict(bias=b[2].double()), TypeError, "bias (torch.float64) must have the weight's dtype"),
+    (lambda b: dict(hidden_states=b[0].tolist()), TypeError, "hidden_states must be a torch.Tensor"),
+    (lambda b: dict(loss_type="ipo"), ValueError, "unknown loss_type 'ipo'"),
+    (lambda b: dict(beta=0.0), ValueError, "beta must be > 0"),
+    (lambda b: dict(beta=float("nan")), ValueError, "beta must be finite"),
+    (lambda b: dict(label_smoothing=0.7), ValueError, "label_smoothing must be in [0, 0.5]"),
+    (lambda b: dict(sft_weight=-1.0), ValueError, "sft_weight must be >= 0"),
+    (lambda b: dict(softcap=0.0), ValueError, "softcap must be a positive finite number"),
+    (lambda b: dict(softcap="30"), TypeError, "softcap must be a positive number or None"),
+    (lambda b: dict(backend="cuda"), ValueError, "unknown backend 'cuda'"),
+    (lambda b: dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_bad_input_is_rejected(batch, backend, case):
+    make, exc, fragment = CASES[case]
+    over = make(batch)
+    if "backend" in over:
+        backend = over.pop("backend")
+    with pytest.raises(exc) as info:
+        call(batch, backend, **over)
+    assert fragment in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [11, 12, -1, -7])
+def test_label_out_of_range_names_row_and_position(batch, backend, bad):
+    labels = batch[3].clone()
+    labels[3, 4] = bad
+    with pytest.raises(ValueError, match=rf"label id {bad} at row 3, position 4 is outside \[0, 11\)"):
+        call(batch, backend, labels=labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_without_targets_is_named(batch, backend):
+    labels = batch[3].clone()
+    labels[2, 1:] = -100
+    labels[2, 0] = 5  # a label at position 0 is never a target (nothing predicts it)
+    with pytest.raises(ValueError, match=r"row 2 has no target token"):
+        call(batch, backend, labels=labels)
+
+
+def test_custom_ignore_index(batch):
+    hidden, weight, bias, labels = batch
+    relabelled = torch.where(labels == -100, torch.full_like(labels, 11 + 5), labels)
+    with pytest.raises(ValueError, match="label id 16"):
+        simpo_loss(hidden, weight, relabelled)
+    a = simpo_loss(hidden, weight, relabelled, ignore_index=16, backend="torch")
+    b = simpo_loss(hidden, weight, labels, backend="torch")
+    assert torch.equal(a.loss, b.loss)
+
+
+def test_sequence_of_length_one_is_rejected():
+    h = torch.randn(2, 1, 4)
+    with pytest.raises(ValueError, match="at least 2 positions"):
+        simpo_loss(h, torch.randn(7, 4), torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_hinge_with_label_smoothing_warns(batch):
+    with pytest.warns(UserWarning, match="hinge loss type that does not support label smoothing"):
+        out = call(batch, "torch", loss_type="hinge", label_smoothing=0.1)
+    plain = call(batch, "torch", loss_type="hinge")
+    assert torch.equal(out.loss, plain.loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call(batch, "torch", loss_type="sigmoid", label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["hidden", "weight", "bias", "rejected_hidden"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_non_finite_input_never_gives_finite_loss(batch, backend, where, value, softcap):
+    hidden, weight, bias, labels = (t.clone() for t in batch)
+    if where == "hidden":
+        hidden[0, 3, 1] = value
+    elif where == "rejected_hidden":
+        hidden[3, 2, :] = value  # rejected side: without the guard a -inf logp gives loss 0
+    elif where == "weight":
+        weight[4, 2] = value
+    else:
+        bias[0] = value
+    out = simpo_loss(hidden, weight, labels, bias=bias, softcap=softcap, backend=backend)
+    assert not torch.isfinite(out.loss), f"finite loss {out.loss.item()} from {value} in {where}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_logits_never_give_finite_loss(backend, value):
+    logits = torch.randn(4, 5, 9)
+    labels = torch.randint(0, 9, (4, 5))
+    logits[2, 1, 3] = value
+    out = simpo_loss_from_logits(logits, labels, backend=backend)
+    assert not torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_from_logits_validation(backend):
+    logits = torch.randn(4, 5, 9)
+    labels = torch.randint(0, 9, (4, 5))
+    with pytest.raises(ValueError, match="logits must have an even"):
+        simpo_loss_from_logits(logits[:3], labels[:3], backend=backend)
+    with pytest.raises(ValueError, match="logits must be"):
+        simpo_loss_from_logits(logits[0], labels, backend=backend)
+    with pytest.raises(TypeError, match="logits must be a floating tensor"):
+        simpo_loss_from_logits(logits.long(), labels, backend=backend)
+    with pytest.raises(ValueError, match="label id 9 at row 0, position 2"):
+        simpo_loss_from_logits(logits, torch.where(torch.arange(5) == 2, 9, labels), backend=backend)
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        simpo_loss_from_logits(logits, labels, loss_type="dpo", backend=backend)
