@@ -3,7 +3,8 @@
 Tolerances (relative norm error, see tests/reference.py::rel_err):
     float64 inputs: 1e-10 for every output and gradient, torch backend vs reference and vs eager
     float32 inputs: 1e-5 (loss/logps/rewards), 1e-4 (gradients)
-    bfloat16 inputs: 2e-2 (loss/logps), 5e-2 (gradients); the reference sees the same bf16-rounded
+    bfloat16 inputs: 1e-2 (values; measured loss 3e-4, per-pair losses 8e-3), 2e-2 (gradients;
+        measured 6e-3); the reference sees the same bf16-rounded
         inputs, so this measures only the logits rounding of the bf16 matmul.
 """
 
@@ -162,7 +163,7 @@ def test_from_logits_matches_reference(backend, dtype, opts):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype,tol_val,tol_grad", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 2e-2, 5e-2)])
+@pytest.mark.parametrize("dtype,tol_val,tol_grad", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 1e-2, 2e-2)])
 def test_low_precision_inputs(backend, dtype, tol_val, tol_grad):
     hidden, weight, bias, labels = make_batch(2, 24, 32, 300, dtype=dtype, bias=True, seed=7)
     opts = dict(softcap=30.0, sft_weight=0.3, beta=2.0)
