@@ -46,9 +46,9 @@ def test_forward_matches_reference(case, dtype):
 def test_forward_sft_and_hinge(sft_weight):
     hidden, weight, b, labels = make_batch(2, 8, 19, 70, torch.float32, prefix=2, seed=3, scale=4.0)
     opts = dict(beta=1.5, gamma_beta_ratio=0.1, loss_type="hinge")
-    out = simpo_loss(hidden, weight, labels, softcap=30.0, backend="triton", sft_weight=sft_weight, **opts)
-    ref, _ = reference_with_grads(hidden, weight, None, labels, softcap=30.0, options=opts,
-                                  sft_weight=sft_weight)
+    opts["sft_weight"] = sft_weight
+    out = simpo_loss(hidden, weight, labels, softcap=30.0, backend="triton", **opts)
+    ref, _ = reference_with_grads(hidden, weight, None, labels, softcap=30.0, options=opts)
     check(f"fwd/hinge_sft{sft_weight}", "loss", out.loss, ref["loss"], 1e-5)
     check(f"fwd/hinge_sft{sft_weight}", "chosen_logits_mean", out.chosen_logits_mean,
           ref["chosen_logits_mean"], 1e-5)

@@ -67,12 +67,11 @@ def make_batch(B: int, T: int, H: int, V: int, dtype: torch.dtype, *, prefix: in
     return (hidden.to(**to), weight.to(**to), None if b is None else b.to(**to), labels.to(DEVICE))
 
 
-def reference_with_grads(hidden, weight, bias, labels, *, softcap, options, sft_weight=0.0):
+def reference_with_grads(hidden, weight, bias, labels, *, softcap, options):
     """Float64 reference outputs and grads of its loss w.r.t. (hidden, weight, bias)."""
     leaves = [t.detach().double().cpu().requires_grad_() if t is not None else None
               for t in (hidden, weight, bias)]
-    ref = reference_simpo(leaves[0], leaves[1], labels.cpu(), bias=leaves[2], softcap=softcap,
-                          sft_weight=sft_weight, **options)
+    ref = reference_simpo(leaves[0], leaves[1], labels.cpu(), bias=leaves[2], softcap=softcap, **options)
     ref["loss"].backward()
     return ref, [None if t is None else t.grad for t in leaves]
 
