@@ -50,7 +50,7 @@ class KernelConfig:
     block_v: int = 128
     block_h: int = 64
     v_splits: int = 0  # 0: chosen from the SM count so the forward grid fills the GPU
-    bwd_block_n: int = 128
+    bwd_block_n: int = 64  # the backward keeps z, dz and tanh tiles live: smaller than the forward
     bwd_block_v: int = 128
     bwd_block_h: int = 64
     num_warps: int = 8
@@ -68,12 +68,19 @@ INTERPRETER_CONFIG = KernelConfig(block_n=16, block_v=32, block_h=16, v_splits=3
 _OPTION_NAMES = {f for f in KernelConfig.__dataclass_fields__}
 
 
-def make_config(device: torch.device, options: dict) -> KernelConfig:
-    """Default config for the device, overridden by any ``KernelConfig`` field in ``options``."""
+#: Float32 operands take twice the shared memory per stage: halve the hidden slice.
+FP32_GPU_CONFIG = replace(KernelConfig(), block_h=32, bwd_block_h=32, num_stages=2)
+
+
+def make_config(device: torch.device, dtype: torch.dtype, options: dict) -> KernelConfig:
+    """Default config for the device and dtype, overridden by any ``KernelConfig`` field in ``options``."""
     unknown = set(options) - _OPTION_NAMES
     if unknown:
         raise TypeError(f"unknown triton backend option(s) {sorted(unknown)}; known: {sorted(_OPTION_NAMES)}")
-    cfg = INTERPRETER_CONFIG if (interpreting() or device.type != "cuda") else KernelConfig()
+    if interpreting() or device.type != "cuda":
+        cfg = INTERPRETER_CONFIG
+    else:
+        cfg = FP32_GPU_CONFIG if dtype == torch.float32 else KernelConfig()
     cfg = replace(cfg, **options)
     for name in ("block_n", "block_v", "block_h", "bwd_block_n", "bwd_block_v", "bwd_block_h", "logits_block_v"):
         b = getattr(cfg, name)
@@ -206,7 +213,7 @@ def token_logprobs(
         options: :class:`KernelConfig` fields (block sizes, splits, warps) to override defaults.
     """
     _check_dtype("hidden states", hidden.dtype)
-    cfg = make_config(hidden.device, options)
+    cfg = make_config(hidden.device, hidden.dtype, options)
     eps = filter_threshold(grad_filter, hidden.dtype)
     return LinearLogprobFunction.apply(hidden, weight, bias, targets.long(),
                                        None if softcap is None else float(softcap),
@@ -218,5 +225,5 @@ def token_logprobs_from_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, V]`` float16/bfloat16/float32 logits, ``[N]`` targets -> float32 (logps ``[N]``, sums ``[N]``)."""
     _check_dtype("logits", logits.dtype)
-    cfg = make_config(logits.device, options)
+    cfg = make_config(logits.device, logits.dtype, options)
     return LogitsLogprobFunction.apply(logits, targets.long(), int(ignore_index), cfg)
