@@ -161,3 +161,38 @@ def test_grad_filter_needs_triton_backend():
             simpo_loss(hidden, weight, labels, backend=backend, grad_filter=True)
     with pytest.raises(ValueError, match="grad_filter must be"):
         simpo_loss(hidden, weight, labels, backend="triton", grad_filter=2.0)
+
+
+def test_random_shapes_and_blocks():
+    """Seeded sweep: random N, H, V (incl. V=1, H=1), softcap, bias, block shapes and split counts."""
+    import random
+
+    rng = random.Random(0)
+    g = torch.Generator().manual_seed(0)
+    for it in range(12):
+        N, H, V = rng.randint(1, 60), rng.randint(1, 60), rng.choice([1, rng.randint(2, 250)])
+        softcap = rng.choice([None, 5.0, 30.0])
+        cfg = dict(block_n=rng.choice([16, 32]), block_v=rng.choice([16, 32, 64]), block_h=rng.choice([16, 32]),
+                   v_splits=rng.randint(1, 9), bwd_block_n=rng.choice([16, 32]),
+                   bwd_block_v=rng.choice([16, 32, 64]), bwd_block_h=rng.choice([16, 32]))
+        hidden = torch.randn(N, H, generator=g).to(DEVICE).requires_grad_()
+        weight = (torch.randn(V, H, generator=g) * 2 / H ** 0.5).to(DEVICE).requires_grad_()
+        bias = torch.randn(V, generator=g).to(DEVICE).requires_grad_()
+        targets = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+        targets[torch.rand(N, generator=g).to(DEVICE) < 0.3] = -100
+        up = torch.randn(N, generator=g).to(DEVICE)
+        logps, sums = kernels.token_logprobs(hidden, weight, bias, targets, softcap=softcap, ignore_index=-100, **cfg)
+        grads = torch.autograd.grad((logps * up).sum(), (hidden, weight, bias))
+        leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+        z = leaves[0] @ leaves[1].T + leaves[2]
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        ref = torch.where(targets >= 0, z.log_softmax(-1).gather(1, targets.clamp_min(0)[:, None])[:, 0], 0.0)
+        rgrads = torch.autograd.grad((ref * up.double()).sum(), leaves)
+        case = f"bwd/random{it}"
+        check(case, "logit_sums", sums, z.detach().sum(-1), 1e-5)
+        for nm, a, r in zip(("token_logps", "d_hidden", "d_weight", "d_bias"), (logps,) + grads, (ref,) + rgrads):
+            if r.norm() > 0:
+                check(case, nm, a, r, 1e-5)
+            else:  # V == 1: every log-prob and gradient is exactly 0
+                assert a.abs().max() <= 1e-6, (case, nm)

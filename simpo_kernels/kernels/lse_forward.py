@@ -145,6 +145,8 @@ def lse_forward(
     splits, tiles_per_split = plan_splits(V, block_v, v_splits)
     # Poisoned partials: any (split, token) the kernel fails to write turns the result into NaN.
     part = torch.full((4, splits, N), float("nan"), dtype=torch.float32, device=hidden.device)
+    if N == 0:
+        return part[0, 0], part[2, 0], part[3, 0]
     grid = (triton.cdiv(N, block_n), splits)
     _lse_forward_kernel[grid](
         hidden, weight, bias, targets, part[0], part[1], part[2], part[3],
