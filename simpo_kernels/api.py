@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -71,6 +71,7 @@ def simpo_loss(
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    grad_filter: Union[bool, float] = False,
 ) -> SimPOOutput:
     """SimPO loss straight from the final hidden states and the lm_head weight.
 
@@ -85,6 +86,10 @@ def simpo_loss(
         bias: optional ``[V]`` lm_head bias.
         backend: ``"auto"``, ``"eager"``, ``"torch"`` or ``"triton"`` (see module docstring).
         chunk_size: tokens per chunk for the ``"torch"`` backend (default from V and H).
+        grad_filter: ``"triton"`` backend only (a ValueError elsewhere). ``False`` (default): exact
+            gradients. ``True``: skip backward tiles whose softmax probabilities are all below the
+            input dtype's unit roundoff (and hold no target), as Cut Cross-Entropy does; a float in
+            ``(0, 1)`` sets that threshold. An approximation: see ``simpo_kernels.kernels``.
 
     Returns:
         :class:`SimPOOutput`; ``loss`` is differentiable w.r.t. hidden states, weight and bias.
@@ -97,6 +102,11 @@ def simpo_loss(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     targets = shift_targets(labels.long(), ignore_index)
     kwargs = {"chunk_size": chunk_size} if impl is chunked else {}
+    if grad_filter is not False:
+        if impl is chunked or impl is eager:
+            raise ValueError("grad_filter is an option of backend='triton' only (the other backends are "
+                             f"always exact); got backend={backend!r} resolving to {impl.__name__}")
+        kwargs["grad_filter"] = grad_filter
     token_logps, logit_sums = impl.token_logprobs(
         hidden_states.reshape(rows * T, H), weight, bias, targets.reshape(-1),
         softcap=None if softcap is None else float(softcap), ignore_index=ignore_index, **kwargs)

@@ -1,0 +1,12 @@
+"""The ``triton`` backend: fused Triton kernels for per-token log-probabilities.
+
+Named ``kernels`` (not ``triton``) so that it never shadows the ``triton`` package. Files, one per
+pass: :mod:`.lse_forward` (forward from hidden states), :mod:`.logprob_backward` (its backward),
+:mod:`.logits_logprob` (both passes from given logits), :mod:`.function` (autograd glue and
+launch configuration). Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (which must
+be set before this package is imported).
+"""
+
+from .function import KernelConfig, token_logprobs, token_logprobs_from_logits
+
+__all__ = ["KernelConfig", "token_logprobs", "token_logprobs_from_logits"]

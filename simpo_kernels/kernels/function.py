@@ -1,0 +1,229 @@
+"""Autograd glue and launch configuration for the Triton backend.
+
+Two ``torch.autograd.Function`` classes wrap the kernels:
+
+* :class:`LinearLogprobFunction`: ``(hidden [N, H], weight [V, H], bias [V] | None)`` ->
+  ``(logps [N], logit_sums [N])`` via :mod:`.lse_forward` and :mod:`.logprob_backward`.
+* :class:`LogitsLogprobFunction`: ``(logits [N, V])`` -> the same two outputs via
+  :mod:`.logits_logprob`.
+
+The SimPO head (:mod:`simpo_kernels.objective`) is ordinary autograd on ``[2B, T]`` tensors; the
+per-token upstream gradient ``g = dL/dlogps`` it hands to ``backward`` is the only thing the
+kernels need from it. ``logit_sums`` feeds the detached ``logits/*`` metrics only and is marked
+non-differentiable.
+
+Precision: the kernels accumulate in float32 and return float32 ``logps``. Float32 inputs use
+IEEE float32 ``tl.dot`` unless ``torch.backends.cuda.matmul.allow_tf32`` is set (then TF32, the
+same choice ``F.linear`` makes). Float64 inputs are rejected with a TypeError: Triton has no
+float64 tensor-core path worth having, and the ``torch``/``eager`` backends compute in float64.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Optional, Union
+
+import torch
+import triton
+
+from . import logits_logprob, logprob_backward, lse_forward
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True when kernels run in the Triton CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Block shapes and launch options. GPU defaults are sized for H100 and not yet tuned on one.
+
+    block_n/block_v/block_h: token, vocabulary and hidden tile sizes of the fused matmul kernels
+    (each >= 16, a power of two). v_splits: at most this many vocabulary splits in the forward.
+    logits_block_v: vocabulary chunk of the logits-input kernels.
+    """
+
+    block_n: int = 128
+    block_v: int = 128
+    block_h: int = 64
+    v_splits: int = 0  # 0: chosen from the SM count so the forward grid fills the GPU
+    bwd_block_n: int = 64  # the backward keeps z, dz and tanh tiles live: smaller than the forward
+    bwd_block_v: int = 128
+    bwd_block_h: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    logits_block_v: int = 4096
+    logits_num_warps: int = 8
+
+
+#: Small tiles for the interpreter: numpy work per program is cheap, programs are not, but tiles
+#: must stay below the test shapes so that partial tiles are exercised.
+INTERPRETER_CONFIG = KernelConfig(block_n=16, block_v=32, block_h=16, v_splits=3,
+                                  bwd_block_n=16, bwd_block_v=32, bwd_block_h=16,
+                                  num_warps=4, num_stages=1, logits_block_v=64, logits_num_warps=4)
+
+_OPTION_NAMES = {f for f in KernelConfig.__dataclass_fields__}
+
+
+#: Float32 operands take twice the shared memory per stage: halve the hidden slice.
+FP32_GPU_CONFIG = replace(KernelConfig(), block_h=32, bwd_block_h=32, num_stages=2)
+
+
+def make_config(device: torch.device, dtype: torch.dtype, options: dict) -> KernelConfig:
+    """Default config for the device and dtype, overridden by any ``KernelConfig`` field in ``options``."""
+    unknown = set(options) - _OPTION_NAMES
+    if unknown:
+        raise TypeError(f"unknown triton backend option(s) {sorted(unknown)}; known: {sorted(_OPTION_NAMES)}")
+    if interpreting() or device.type != "cuda":
+        cfg = INTERPRETER_CONFIG
+    else:
+        cfg = FP32_GPU_CONFIG if dtype == torch.float32 else KernelConfig()
+    cfg = replace(cfg, **options)
+    for name in ("block_n", "block_v", "block_h", "bwd_block_n", "bwd_block_v", "bwd_block_h", "logits_block_v"):
+        b = getattr(cfg, name)
+        if not isinstance(b, int) or b < 16 or b & (b - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {b!r}")
+    return cfg
+
+
+def _v_splits(cfg: KernelConfig, device: torch.device, n_token_blocks: int) -> int:
+    if cfg.v_splits > 0:
+        return cfg.v_splits
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, triton.cdiv(4 * sms, max(1, n_token_blocks)))  # ~4 programs per SM
+
+
+def _input_precision(dtype: torch.dtype) -> Optional[str]:
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return None  # 16-bit operands: the precision flag does not apply
+
+
+def _check_dtype(name: str, dtype: torch.dtype) -> None:
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"backend='triton' supports float16/bfloat16/float32 {name}, got {dtype}; "
+                        f"use backend='torch' or backend='eager' for float64")
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels index rows by stride and columns by 1; copy only when columns are strided."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def filter_threshold(grad_filter: Union[bool, float], dtype: torch.dtype) -> Optional[float]:
+    """``grad_filter`` -> the probability below which a backward tile may be skipped, or None.
+
+    ``False``: exact (no filtering). ``True``: the unit roundoff of the input dtype
+    (``finfo.eps / 2``: 2^-9 for bf16, 2^-11 for fp16, 2^-24 for fp32): a skipped softmax entry is
+    below the rounding unit of the token's target-column gradient. A float in (0, 1): that threshold.
+    """
+    if grad_filter is False or grad_filter is None:
+        return None
+    if grad_filter is True:
+        return torch.finfo(dtype).eps / 2
+    if isinstance(grad_filter, (int, float)) and 0.0 < float(grad_filter) < 1.0:
+        return float(grad_filter)
+    raise ValueError(f"grad_filter must be a bool or a float in (0, 1), got {grad_filter!r}")
+
+
+class LinearLogprobFunction(torch.autograd.Function):
+    """``(hidden [N, H], weight [V, H], bias [V] | None, targets [N])`` -> ``(logps [N], logit_sums [N])``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, softcap, ignore_index, cfg, filter_eps):
+        hidden, weight = _unit_stride(hidden), _unit_stride(weight)
+        targets = targets.contiguous()
+        N = hidden.shape[0]
+        precision = _input_precision(hidden.dtype)
+        splits = _v_splits(cfg, hidden.device, triton.cdiv(N, cfg.block_n))
+        lse, tgt, sums = lse_forward.lse_forward(
+            hidden, weight, bias, targets, softcap, block_n=cfg.block_n, block_v=cfg.block_v,
+            block_h=cfg.block_h, v_splits=splits, input_precision=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        valid = targets != ignore_index
+        logps = torch.where(valid, tgt - lse, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.softcap, ctx.ignore_index, ctx.cfg, ctx.filter_eps = softcap, ignore_index, cfg, filter_eps
+        ctx.mark_non_differentiable(sums)
+        return logps, sums
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_sums):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        nones = (None,) * 5
+        if grad_logps is None or not (need_h or need_w or need_b):
+            return (None, None, None) + nones
+        cfg = ctx.cfg
+        g = torch.where(targets != ctx.ignore_index, grad_logps.to(torch.float32), 0.0).contiguous()
+        rows = g.nonzero().squeeze(1)  # tokens without gradient (prompt, padding) are not launched
+        dh, dw, db = logprob_backward.logprob_backward(
+            hidden, weight, bias, rows, targets, lse, g, ctx.softcap,
+            need_dh=need_h, need_dw=need_w, need_db=need_b and bias is not None,
+            filter_eps=ctx.filter_eps, block_n=cfg.bwd_block_n, block_v=cfg.bwd_block_v,
+            block_h=cfg.bwd_block_h, input_precision=_input_precision(hidden.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        dh = None if dh is None else dh.to(hidden.dtype)
+        dw = None if dw is None else dw.to(weight.dtype)
+        db = None if db is None else db.to(bias.dtype)
+        return (dh, dw, db) + nones
+
+
+class LogitsLogprobFunction(torch.autograd.Function):
+    """``(logits [N, V], targets [N])`` -> ``(logps [N], logit_sums [N])``; grad in the logits dtype."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, cfg):
+        logits = _unit_stride(logits)
+        targets = targets.contiguous()
+        lse, tgt, sums = logits_logprob.logits_forward(
+            logits, targets, block_v=cfg.logits_block_v, num_warps=cfg.logits_num_warps)
+        valid = targets != ignore_index
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.ignore_index, ctx.cfg = ignore_index, cfg
+        ctx.mark_non_differentiable(sums)
+        return torch.where(valid, tgt - lse, 0.0), sums
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_sums):
+        if grad_logps is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        logits, targets, lse = ctx.saved_tensors
+        g = torch.where(targets != ctx.ignore_index, grad_logps.to(torch.float32), 0.0).contiguous()
+        d_logits = logits_logprob.logits_backward(
+            logits, targets, lse, g, block_v=ctx.cfg.logits_block_v, num_warps=ctx.cfg.logits_num_warps)
+        return d_logits, None, None, None
+
+
+def token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+    *, softcap: Optional[float], ignore_index: int, grad_filter: Union[bool, float] = False, **options,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``[N, H]`` x ``[V, H]`` -> (logps ``[N]``, logit sums ``[N]``), both float32.
+
+    Args:
+        hidden: ``[N, H]`` float16/bfloat16/float32 (float64 raises TypeError: use
+            backend='torch' or 'eager').
+        weight: ``[V, H]``, same dtype. bias: ``[V]`` or None. targets: ``[N]`` int64.
+        softcap: Gemma-2 final-logit softcap or None. ignore_index: targets to skip (logp 0).
+        grad_filter: see :func:`filter_threshold`; False (default) is exact.
+        options: :class:`KernelConfig` fields (block sizes, splits, warps) to override defaults.
+    """
+    _check_dtype("hidden states", hidden.dtype)
+    cfg = make_config(hidden.device, hidden.dtype, options)
+    eps = filter_threshold(grad_filter, hidden.dtype)
+    return LinearLogprobFunction.apply(hidden, weight, bias, targets.long(),
+                                       None if softcap is None else float(softcap),
+                                       int(ignore_index), cfg, eps)
+
+
+def token_logprobs_from_logits(
+    logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int, **options,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, V]`` float16/bfloat16/float32 logits, ``[N]`` targets -> float32 (logps ``[N]``, sums ``[N]``)."""
+    _check_dtype("logits", logits.dtype)
+    cfg = make_config(logits.device, logits.dtype, options)
+    return LogitsLogprobFunction.apply(logits, targets.long(), int(ignore_index), cfg)
