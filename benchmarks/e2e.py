@@ -42,9 +42,12 @@ def gemma2_2b_config(tiny: bool = False):
         dims = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                     query_pre_attn_scalar=32)
-    return Gemma2Config(**dims, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
-                        tie_word_embeddings=True, sliding_window=4096, use_cache=False,
-                        attn_implementation="eager")
+    cfg = Gemma2Config(**dims, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                       tie_word_embeddings=True, sliding_window=4096, use_cache=False,
+                       attn_implementation="eager")
+    if getattr(cfg, "_attn_implementation", None) != "eager":  # older 5.x releases
+        cfg._attn_implementation = "eager"
+    return cfg
 
 
 def build_model(cfg, device, dtype=torch.bfloat16, seed: int = 0):

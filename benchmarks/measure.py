@@ -16,7 +16,8 @@ Method (/work/.library/device/METHOD.md):
 - **Peak extra memory** (CUDA only): ``max_memory_allocated`` during one call, after
   ``reset_peak_memory_stats``, minus ``memory_allocated`` before it. For ``fwd_bwd`` it includes
   the returned gradients (``dW`` is ``V*H`` in the input dtype for every impl).
-- **OOM is a result**: ``torch.cuda.OutOfMemoryError`` becomes status ``oom``, not a crash.
+- **OOM is a result**: ``torch.cuda.OutOfMemoryError`` becomes status ``oom``, not a crash; in the
+  runner any other exception of an impl becomes ``error:<type>: <message>``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import gc
 import math
 import statistics
 import time
+import traceback
 from typing import Callable, Optional
 
 import torch
@@ -205,7 +207,13 @@ class CaseContext:
         mode = self.reference_mode
         if mode == "float64" or (mode == "auto" and self.device.type != "cuda"):
             return _float64_reference(*args)
-        for backend in ("eager", "torch"):  # eager where it fits, else chunked
+        backends = ["eager", "torch"]  # eager where it fits, else chunked
+        # float32 eager holds ~8 [N, V] float32 buffers (logits, softcap, log-softmax, grads):
+        # don't try it where that cannot fit (an OOM attempt costs seconds).
+        need = 8 * self.case.tokens * self.case.vocab * 4
+        if need > torch.cuda.mem_get_info(self.device)[0]:
+            backends.remove("eager")
+        for backend in backends:
             try:
                 return _float32_reference(backend, *args)
             except Exception as exc:  # noqa: BLE001 - OOM is expected at large N
@@ -289,8 +297,11 @@ def case_row(case: C.Case, impl_name: str, softcap, notes) -> dict:
             "dtype": case.dtype, "notes": list(notes)}
 
 
-def run_impl(impl_name: str, ctx: CaseContext, **kw) -> dict:
-    """One result row for ``impl_name`` at ``ctx``'s case (skips become ``skipped:<reason>``)."""
+def run_impl(impl_name: str, ctx: CaseContext, *, catch_errors: bool = True, **kw) -> dict:
+    """One result row for ``impl_name`` at ``ctx``'s case (skips become ``skipped:<reason>``).
+
+    With ``catch_errors`` (the runner: one failing peer must not end a whole GPU call) any other
+    exception becomes status ``error:<type>: <message>`` and its traceback goes to stderr."""
     try:
         impl = C.build_impl(impl_name, ctx.case, ctx.device)
     except C.Unavailable as exc:
@@ -298,7 +309,16 @@ def run_impl(impl_name: str, ctx: CaseContext, **kw) -> dict:
         row.update(status=f"skipped:{exc}", fwd_ms=None, fwd_bwd_ms=None, peak_mem_mib=None)
         return row
     row = case_row(ctx.case, impl_name, impl.softcap, impl.notes)
-    row.update(measure(impl, ctx, **kw))
+    try:
+        row.update(measure(impl, ctx, **kw))
+    except Exception as exc:  # noqa: BLE001
+        if not catch_errors:
+            raise
+        traceback.print_exc()
+        msg = " ".join(str(exc).split())[:300]
+        row.update(status=f"error:{type(exc).__name__}: {msg}", fwd_ms=None, fwd_bwd_ms=None,
+                   peak_mem_mib=None)
+        free_memory(ctx.device)
     return row
 
 

@@ -91,7 +91,7 @@ def plot_family(data: dict, family: str, path: Path) -> Path:
         if k is not None and rate:
             floor = [k * n * H * V / (rate * 1e12) * 1e3 for n in all_tokens]
             ax.plot(all_tokens, floor, "k--", lw=1,
-                    label=f"{int(k)}NHV floor @ {rate:.0f} TFLOP/s (measured)")
+                    label=f"{int(k)}NHV floor @ {rate:.3g} TFLOP/s (measured)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("tokens N")
@@ -130,7 +130,7 @@ def table(data: dict) -> str:
     lines.append(f"Device: {data.get('device')}; torch {data.get('torch')}, triton "
                  f"{data.get('triton')}; commit {data.get('commit')}; {data.get('date')}.")
     if rate:
-        lines.append(f"Measured bf16 matmul rate: {rate:.1f} TFLOP/s.")
+        lines.append(f"Measured bf16 matmul rate: {rate:.4g} TFLOP/s.")
     if data.get("device_type") == "cpu":
         lines.append("**CPU smoke run: not a speed measurement.**")
     for w in data.get("warnings", []):

@@ -81,6 +81,17 @@ def test_oom_is_a_result(small_ctx):
     assert row["status"] == "oom" and row["oom_phase"] == "check"
 
 
+def test_runner_records_impl_errors(small_ctx, monkeypatch):
+    def broken(h, w, lab):
+        raise RuntimeError("triton compile failed")
+
+    monkeypatch.setattr(C, "build_impl", lambda name, case, dev: C.Impl(name, broken, 30.0))
+    row = M.run_impl("triton", small_ctx)
+    assert row["status"].startswith("error:RuntimeError: triton compile failed")
+    with pytest.raises(RuntimeError):
+        M.run_impl("triton", small_ctx, catch_errors=False)
+
+
 def test_float32_reference_matches_float64(small_ctx):
     """The reference used on CUDA (float32 eager / chunked torch) agrees with float64."""
     ref64 = small_ctx.reference(30.0)
