@@ -92,6 +92,40 @@ def test_runner_records_impl_errors(small_ctx, monkeypatch):
         M.run_impl("triton", small_ctx, catch_errors=False)
 
 
+def test_missing_peer_is_skipped_with_reason(small_ctx, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "liger_kernel.chunked_loss", None)
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)
+    for name in ("liger", "cce"):
+        row = M.run_impl(name, small_ctx)
+        assert row["status"].startswith("skipped:") and "not installed" in row["status"], row
+
+
+def test_triton_impl_wiring_under_the_interpreter(monkeypatch):
+    """With TRITON_INTERPRET=1 and an importable ``simpo_kernels.kernels`` the triton impl runs at
+    the cpu-interp shape (here a stand-in module delegating to the chunked backend, so the
+    wiring is tested whether or not the real kernels have landed on this branch)."""
+    import sys
+    import types
+
+    from simpo_kernels import chunked
+
+    fake = types.ModuleType("simpo_kernels.kernels")
+    fake.token_logprobs = lambda h, w, b, t, *, softcap, ignore_index: chunked.token_logprobs(
+        h, w, b, t, softcap=softcap, ignore_index=ignore_index)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(sys.modules, "simpo_kernels.kernels", fake)
+    ctx = M.CaseContext(C.make_case(C.FAMILIES["cpu-interp"], 64), CPU)
+    row = M.run_impl("triton", ctx, target_s=0.0, min_reps=1, max_reps=1)
+    assert row["status"] == "ok" and row["reference"] == "float64", row
+    assert row["errors"]["dweight"] < 1e-3
+    with pytest.raises(C.Unavailable, match="only at CPU smoke shapes"):
+        C.build_impl("triton", C.make_case(C.FAMILIES["gemma2-9b"], 2048), CPU)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert M.run_impl("triton", ctx)["status"].startswith("skipped:triton backend needs CUDA")
+
+
 def test_float32_reference_matches_float64(small_ctx):
     """The reference used on CUDA (float32 eager / chunked torch) agrees with float64."""
     ref64 = small_ctx.reference(30.0)
