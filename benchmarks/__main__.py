@@ -86,6 +86,8 @@ def parse_args(argv=None):
     ap.add_argument("--e2e", action="store_true", help="also run the end-to-end training step")
     ap.add_argument("--e2e-only", action="store_true", help="only the end-to-end training step")
     ap.add_argument("--e2e-max-pairs", type=int, default=None)
+    ap.add_argument("--e2e-paths", default=None,
+                    help="loss paths for --e2e (default eager,triton on CUDA, eager,torch on CPU)")
     ap.add_argument("--no-matmul", action="store_true", help="skip the matmul-rate measurement")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--budget-s", type=float, default=None,
@@ -95,6 +97,8 @@ def parse_args(argv=None):
     ap.add_argument("--commit", default=None, help="commit id to record (default: git, or "
                                                    "$SIMPO_COMMIT)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--list", action="store_true",
+                    help="print the planned cases with their 6NHV work and exit (no measuring)")
     return ap.parse_args(argv)
 
 
@@ -119,13 +123,6 @@ def main(argv=None) -> Path:
     except Exception:  # noqa: BLE001
         pass
 
-    out = Path(args.out) if args.out else (
-        Path(__file__).resolve().parent / "results" if cuda
-        else Path(tempfile.mkdtemp(prefix="simpo-bench-cpu-")))
-    out.mkdir(parents=True, exist_ok=True)
-    now = _dt.datetime.now(_dt.timezone.utc)
-    dev_name = device_name(device)
-    path = out / f"{now:%Y-%m-%d}-{slug(dev_name) if cuda else 'cpu-smoke'}.json"
 
     if args.families:
         families = [f for f in args.families.split(",") if f]
@@ -142,6 +139,20 @@ def main(argv=None) -> Path:
     bad = [i for i in impls if i not in C.IMPLS]
     if bad:
         raise SystemExit(f"unknown impls {bad}; known: {C.IMPLS}")
+    if args.list:
+        for case in C.cases_for(families, tokens):
+            wanted = [i for i in impls if i in C.FAMILIES[case.family].impls]
+            print(f"{case.id:>22}: {case.rows} x {case.seq} tokens, H={case.hidden} V={case.vocab} "
+                  f"softcap={case.softcap} {case.dtype}; 6NHV={case.flops_fwd_bwd() / 1e12:.1f} "
+                  f"TFLOP; impls {','.join(wanted)}")
+        return None
+    out = Path(args.out) if args.out else (
+        Path(__file__).resolve().parent / "results" if cuda
+        else Path(tempfile.mkdtemp(prefix="simpo-bench-cpu-")))
+    out.mkdir(parents=True, exist_ok=True)
+    now = _dt.datetime.now(_dt.timezone.utc)
+    dev_name = device_name(device)
+    path = out / f"{now:%Y-%m-%d}-{slug(dev_name) if cuda else 'cpu-smoke'}.json"
     budget = args.budget_s if args.budget_s is not None else (540.0 if cuda else 1e9)
     target_s = args.target_s or (0.05 if not cuda else 0.2 if args.quick else 0.5)
     min_reps = 2 if not cuda else 3
@@ -214,9 +225,10 @@ def main(argv=None) -> Path:
         else:
             tiny = not cuda
             try:
-                result["e2e"] = run_e2e(device, tiny=tiny, seq=64 if tiny else 2048,
+                paths = args.e2e_paths.split(",") if args.e2e_paths else None
+                result["e2e"] = run_e2e(device, paths=paths, tiny=tiny, seq=64 if tiny else 2048,
                                         steps=2 if tiny else 3,
-                                        max_pairs=args.e2e_max_pairs or (2 if tiny else 32))
+                                        max_pairs=args.e2e_max_pairs or (2 if tiny else 64))
             except Exception as exc:  # noqa: BLE001 - keep the loss results of this call
                 import traceback
 

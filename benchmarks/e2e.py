@@ -188,7 +188,7 @@ def default_paths(device) -> list:
 
 
 def run_e2e(device, *, paths=None, pairs: int = 2, seq: int = 2048, tiny: bool = False,
-            steps: int = 3, search: bool = True, max_pairs: int = 32, log=print) -> dict:
+            steps: int = 3, search: bool = True, max_pairs: int = 64, log=print) -> dict:
     device = torch.device(device)
     paths = list(paths or default_paths(device))
     cfg = gemma2_2b_config(tiny)
@@ -235,7 +235,7 @@ def main(argv=None):
     res = run_e2e(args.device, paths=args.paths.split(",") if args.paths else None,
                   pairs=args.pairs, seq=args.seq or (64 if tiny else 2048), tiny=tiny,
                   steps=args.steps, search=not args.no_search,
-                  max_pairs=args.max_pairs or (4 if tiny else 32))
+                  max_pairs=args.max_pairs or (4 if tiny else 64))
     print(json.dumps(res, indent=1))
 
 
