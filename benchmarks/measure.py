@@ -274,6 +274,9 @@ def measure(impl: C.Impl, ctx: CaseContext, *, target_s: float = 0.5, min_reps: 
         if check_first:
             res = check(impl, ctx)
             row["errors"], row["reference"] = res["errors"], res["reference"]
+            if res["reference"] == "none":  # nothing to check against: not reported as a time
+                row["status"] = f"skipped:{res['detail']}"
+                return row
             if not res["ok"]:
                 row["status"] = f"mismatch:{res['detail']}"
                 return row

@@ -165,7 +165,8 @@ def test_peers_wired_like_the_official_objective(small_ctx):
 def test_runner_end_to_end(tmp_path):
     from benchmarks.__main__ import main
 
-    path = main(["--quick", "--out", str(tmp_path), "--families", "cpu-small,cpu-interp",
+    path = main(["--device", "cpu", "--quick", "--out", str(tmp_path),
+                 "--families", "cpu-small,cpu-interp",
                  "--impls", "eager,torch,triton", "--e2e", "--commit", "test"])
     data = json.loads(path.read_text())
     for key in ("device", "torch", "triton", "commit", "date", "matmul_bf16_tflops", "cases"):
