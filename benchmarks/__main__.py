@@ -34,6 +34,7 @@ SCHEMA_VERSION = 1
 
 
 def _commit(explicit=None) -> str:
+    explicit = explicit or os.environ.get("SIMPO_COMMIT")
     if explicit:
         return explicit
     try:
@@ -46,7 +47,7 @@ def _commit(explicit=None) -> str:
             return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("SIMPO_COMMIT", "unknown")
+    return "unknown"
 
 
 def device_name(device: torch.device) -> str:
@@ -94,8 +95,8 @@ def parse_args(argv=None):
                     help="stop starting new cases after this many seconds (default 540 on CUDA)")
     ap.add_argument("--target-s", type=float, default=None,
                     help="seconds of repetitions per timing (default 0.5; --quick 0.2; CPU 0.05)")
-    ap.add_argument("--commit", default=None, help="commit id to record (default: git, or "
-                                                   "$SIMPO_COMMIT)")
+    ap.add_argument("--commit", default=None, help="commit id to record (default: $SIMPO_COMMIT, "
+                                                   "else git)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--list", action="store_true",
                     help="print the planned cases with their 6NHV work and exit (no measuring)")
