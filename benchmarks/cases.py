@@ -1,0 +1,251 @@
+"""Benchmark case definitions, shared by the pytest suites and the runner.
+
+A *family* is an lm_head shape (hidden size, vocabulary, softcap, dtype) and a list of token
+counts; a *case* is one family at one token count, laid out as ``2B`` rows of ``T`` tokens.
+An *implementation* (``impl``) turns ``(hidden [2B,T,H], weight [V,H], labels [2B,T])`` into the
+SimPO loss and the per-row length-normalised log-probabilities (chosen rows first), so every impl
+can be checked against the same reference before it is timed.
+
+Implementations:
+    eager, torch, triton   ``simpo_kernels.simpo_loss(backend=...)``
+    liger                  Liger-Kernel ``LigerFusedLinearSimPOLoss`` (no softcap support: the row
+                           runs without softcap and is marked ``softcap_unsupported``)
+    cce                    Apple Cut Cross-Entropy ``linear_cross_entropy(..., reduction="none")``
+                           per-token losses + a SimPO head written here
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+# The official Gemma-2-9B SimPO recipe (DESIGN section 2); every case uses it.
+BETA = 10.0
+GAMMA_BETA_RATIO = 0.5
+IGNORE_INDEX = -100
+
+IMPLS = ("eager", "torch", "triton", "liger", "cce")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    hidden: int
+    vocab: int
+    softcap: Optional[float]
+    dtype: str
+    tokens: tuple
+    row_len: int  # tokens per row; a case with fewer than 2 full rows uses 2 rows of N/2
+    cpu: bool = False  # a small shape meant for CPU smoke runs
+    impls: tuple = IMPLS  # which impls the family is meant for
+
+
+#: GPU families: the real lm_head shapes (DESIGN section 2), rows of 2048 tokens
+#: (N=2048 is 2 rows of 1024: SimPO needs an even row count).
+GPU_TOKENS = (2048, 4096, 8192, 16384, 32768)
+FAMILIES = {
+    "gemma2-9b": Family("gemma2-9b", 3584, 256000, 30.0, "bfloat16", GPU_TOKENS, 2048),
+    "gemma2-2b": Family("gemma2-2b", 2304, 256000, 30.0, "bfloat16", GPU_TOKENS, 2048),
+    "llama3-8b": Family("llama3-8b", 4096, 128256, None, "bfloat16", GPU_TOKENS, 2048),
+    # CPU smoke shapes (CI): small enough that the float64 reference is instant. V and H are not
+    # multiples of any block size on purpose.
+    "cpu-small": Family("cpu-small", 64, 1000, 30.0, "bfloat16", (256,), 64, cpu=True,
+                        impls=("eager", "torch", "liger", "cce")),
+    "cpu-small-nocap": Family("cpu-small-nocap", 64, 1000, None, "bfloat16", (256,), 64, cpu=True,
+                              impls=("eager", "torch", "liger", "cce")),
+    # The Triton interpreter does no bf16 arithmetic (DESIGN section 5) and is slow: a minuscule
+    # float32 shape, run only with TRITON_INTERPRET=1.
+    "cpu-interp": Family("cpu-interp", 40, 300, 30.0, "float32", (64,), 16, cpu=True,
+                         impls=("eager", "triton")),
+}
+GPU_FAMILIES = ("gemma2-9b", "gemma2-2b", "llama3-8b")
+CPU_FAMILIES = ("cpu-small", "cpu-small-nocap", "cpu-interp")
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    hidden: int
+    vocab: int
+    softcap: Optional[float]
+    dtype: str
+    tokens: int
+    rows: int
+    seq: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.family}-N{self.tokens}"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def flops_fwd(self) -> float:
+        """2NHV: the logits matmul."""
+        return 2.0 * self.tokens * self.hidden * self.vocab
+
+    def flops_fwd_bwd(self) -> float:
+        """6NHV: logits, dH and dW matmuls (DESIGN section 2: the floor)."""
+        return 6.0 * self.tokens * self.hidden * self.vocab
+
+
+def make_case(family: Family, tokens: int) -> Case:
+    rows = tokens // family.row_len
+    if rows < 2:
+        rows = 2
+    if rows % 2 or tokens % rows:
+        raise ValueError(f"{family.name}: {tokens} tokens do not split into an even number of rows")
+    return Case(family.name, family.hidden, family.vocab, family.softcap, family.dtype, tokens,
+                rows, tokens // rows)
+
+
+def cases_for(families, tokens=None) -> list[Case]:
+    """Cases of the named families; ``tokens`` (iterable of ints) filters the token counts."""
+    out = []
+    for name in families:
+        fam = FAMILIES[name]
+        # the token filter applies to GPU families; CPU smoke families keep their own sizes
+        for n in fam.tokens if tokens is None or fam.cpu else [t for t in tokens if t in fam.tokens]:
+            out.append(make_case(fam, n))
+    return out
+
+
+def default_families(device: torch.device) -> tuple:
+    return GPU_FAMILIES if device.type == "cuda" else CPU_FAMILIES
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+def make_inputs(case: Case, device, seed: int = 0):
+    """Random ``hidden [2B,T,H]``, ``weight [V,H]`` and ``labels [2B,T]`` (never zeros).
+
+    Logits ``h . w`` have a standard deviation of about 5, so the Gemma-2 softcap of 30 bends the
+    tails. Each row masks a random prompt prefix (1/8 to 1/2 of the row) with -100; every third
+    row also has trailing padding, so lengths differ between chosen and rejected rows.
+    """
+    device = torch.device(device)
+    R, T, H, V = case.rows, case.seq, case.hidden, case.vocab
+    dt = case.torch_dtype
+    gd = torch.Generator(device=device).manual_seed(seed)  # draw the big tensors where they live
+    hidden = torch.randn(R, T, H, generator=gd, device=device).to(dt)
+    weight = torch.randn(V, H, generator=gd, device=device).mul_(5.0 / H ** 0.5).to(dt)
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, V, (R, T), generator=g)
+    for r in range(R):
+        p = int(torch.randint(T // 8, T // 2 + 1, (1,), generator=g))
+        labels[r, :p] = IGNORE_INDEX
+        if r % 3 == 2:
+            pad = int(torch.randint(1, max(2, T // 8), (1,), generator=g))
+            labels[r, T - pad:] = IGNORE_INDEX
+    return hidden, weight, labels.to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Implementations. Each factory returns ``fn(hidden, weight, labels) -> (loss, logps [2B])``.
+
+
+@dataclass
+class Impl:
+    name: str
+    fn: Callable
+    softcap: Optional[float]  # the softcap this impl actually applies in this case
+    notes: list = field(default_factory=list)
+
+
+class Unavailable(Exception):
+    """The impl cannot run here (missing package, no CUDA, ...): the case is skipped with this reason."""
+
+
+def _simpo_kernels_impl(backend: str, case: Case, device) -> Impl:
+    from simpo_kernels import simpo_loss
+
+    if backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise Unavailable("triton backend needs CUDA (or TRITON_INTERPRET=1 on CPU)")
+        if device.type != "cuda" and not FAMILIES[case.family].cpu:
+            raise Unavailable("triton interpreter only at CPU smoke shapes")
+        if importlib.util.find_spec("triton") is None:
+            raise Unavailable("triton is not installed")
+        try:
+            importlib.import_module("simpo_kernels.kernels")
+        except ImportError as exc:
+            raise Unavailable(f"simpo_kernels.kernels not importable: {exc}") from None
+
+    def fn(hidden, weight, labels):
+        out = simpo_loss(hidden, weight, labels, beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO,
+                         softcap=case.softcap, ignore_index=IGNORE_INDEX, backend=backend)
+        return out.loss, torch.cat([out.chosen_logps, out.rejected_logps])
+
+    return Impl(backend, fn, case.softcap)
+
+
+def _liger_impl(case: Case, device) -> Impl:
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
+    except ImportError as exc:
+        raise Unavailable(f"liger-kernel not installed ({exc})") from None
+    # Liger's margin is ``beta * (a_c - a_r) - gamma`` with gamma in absolute units, the official
+    # ``beta * (a_c - a_r - gamma_beta_ratio)`` needs gamma = beta * gamma_beta_ratio. Its module
+    # adds an NLL term by default (compute_nll_loss=True): off, for pure SimPO. It chunks over
+    # pairs (chunk_size=1 pair) and torch.compiles the per-chunk function by default; on CPU
+    # compiling takes ~20 s per shape on 2 cores, so there it runs uncompiled.
+    compiled = device.type == "cuda"
+    loss_mod = LigerFusedLinearSimPOLoss(
+        ignore_index=IGNORE_INDEX, beta=BETA, gamma=BETA * GAMMA_BETA_RATIO, label_smoothing=0.0,
+        compute_nll_loss=False, compiled=compiled)
+    notes = [] if compiled else ["uncompiled"]
+    if case.softcap is not None:
+        notes.insert(0, "softcap_unsupported")
+
+    def fn(hidden, weight, labels):
+        # Liger expects pre-shifted inputs: position t predicts labels[t+1].
+        loss, aux = loss_mod(weight, hidden[:, :-1], labels[:, 1:])
+        return loss, torch.cat([aux[0], aux[1]])
+
+    return Impl("liger", fn, None, notes)
+
+
+def _cce_impl(case: Case, device) -> Impl:
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as exc:
+        raise Unavailable(f"cut-cross-entropy not installed ({exc})") from None
+    # CCE's own kernels are Triton for CUDA; on CPU its torch.compile fallback exercises the same
+    # wiring (shift, ignore_index, per-token losses, the SimPO head) but is not the CCE kernel.
+    impl = "cce" if device.type == "cuda" else "torch_compile"
+    notes = [] if impl == "cce" else ["torch_compile_fallback"]
+    B = case.rows // 2
+
+    def fn(hidden, weight, labels):
+        # shift=True: output [2B, T-1], entry t is -log p(labels[t+1] | h_t), 0 where ignored.
+        nll = linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX,
+                                   softcap=case.softcap, reduction="none", shift=True, impl=impl)
+        mask = (labels[:, 1:] != IGNORE_INDEX).to(nll.dtype)
+        logps = -(nll * mask).sum(-1) / mask.sum(-1)
+        u = BETA * (logps[:B] - logps[B:] - GAMMA_BETA_RATIO)
+        return -F.logsigmoid(u).mean(), logps
+
+    return Impl("cce", fn, case.softcap, notes)
+
+
+def build_impl(name: str, case: Case, device) -> Impl:
+    """The impl ``name`` for ``case`` on ``device``; raises :class:`Unavailable` with a reason."""
+    fam = FAMILIES[case.family]
+    if name not in fam.impls:
+        raise Unavailable(f"{name} not run at {case.family}")
+    if name in ("eager", "torch", "triton"):
+        return _simpo_kernels_impl(name, case, device)
+    if name == "liger":
+        return _liger_impl(case, device)
+    if name == "cce":
+        return _cce_impl(case, device)
+    raise ValueError(f"unknown impl {name!r}; expected one of {IMPLS}")

@@ -1,0 +1,78 @@
+"""pytest configuration for the benchmark suites.
+
+    python -m pytest benchmarks --benchmark-disable -q        # CI: checks + one call per case
+    python -m pytest benchmarks -k fwd_bwd --bench-families gemma2-9b --bench-tokens 8192
+
+On CPU the suites run the CPU smoke families; on CUDA the GPU families (override with
+``--bench-families``). Each (case, impl) is checked against the reference before it is timed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import cases as C
+from benchmarks import measure as M
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("simpo-bench")
+    g.addoption("--bench-device", default=None, help="cuda or cpu (default: cuda if available)")
+    g.addoption("--bench-families", default=None, help="comma list of case families")
+    g.addoption("--bench-tokens", default=None, help="comma list of token counts (GPU families)")
+    g.addoption("--bench-impls", default=",".join(C.IMPLS), help="comma list of impls")
+
+
+def _device(config) -> torch.device:
+    d = config.getoption("--bench-device")
+    return torch.device(d or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def pytest_generate_tests(metafunc):
+    if not {"case", "impl"} <= set(metafunc.fixturenames):
+        return
+    cfg = metafunc.config
+    device = _device(cfg)
+    fams = cfg.getoption("--bench-families")
+    fams = fams.split(",") if fams else list(C.default_families(device))
+    toks = cfg.getoption("--bench-tokens")
+    toks = [int(t) for t in toks.split(",")] if toks else None
+    impls = cfg.getoption("--bench-impls").split(",")
+    params = []
+    for case in C.cases_for(fams, toks):
+        for impl in impls:
+            if impl in C.FAMILIES[case.family].impls:
+                params.append(pytest.param(case, impl, id=f"{case.id}-{impl}"))
+    metafunc.parametrize("case,impl", params)
+
+
+@pytest.fixture(scope="session")
+def bench_device(pytestconfig) -> torch.device:
+    return _device(pytestconfig)
+
+
+class _Pool:
+    """One live :class:`CaseContext` at a time (GPU inputs are large), plus the check results."""
+
+    def __init__(self, device):
+        self.device, self.ctx, self.checks = device, None, {}
+
+    def get(self, case):
+        if self.ctx is None or self.ctx.case != case:
+            if self.ctx is not None:
+                self.ctx.close()
+            self.ctx = M.CaseContext(case, self.device)
+        return self.ctx
+
+    def close(self):
+        if self.ctx is not None:
+            self.ctx.close()
+            self.ctx = None
+
+
+@pytest.fixture(scope="session")
+def case_pool(bench_device):
+    pool = _Pool(bench_device)
+    yield pool
+    pool.close()

@@ -1,0 +1,351 @@
+"""Checking, timing and memory measurement, shared by the pytest suites and the runner.
+
+Method (/work/.library/device/METHOD.md):
+- **Correct first.** Every (case, impl) is run once forward+backward and its loss, per-row
+  log-probabilities and the gradients of hidden states and weight are compared with a reference by
+  relative norm error ``|a - b| / |b|`` (:data:`TOLERANCES`). The reference is the float64
+  ``tests/reference.py`` on CPU; on CUDA the ``eager`` backend on float32 copies of the inputs
+  with full-precision (non-tf32) matmuls, or the chunked ``torch`` backend in float32 where that
+  does not fit in memory (both ~1e-6 from float64, far below the bf16 tolerances, so every impl,
+  eager included, is judged against the exact value). A mismatch is reported as
+  ``mismatch:<detail>`` and never timed.
+- **Time properly.** The first call (compilation, autotuning) is a warm-up; then the median over
+  repeated calls. On CUDA each call sits between two CUDA events (device time, synchronised); on
+  CPU a host clock. ``fwd`` is the forward with no gradient (inputs detached, ``no_grad``);
+  ``fwd_bwd`` is forward + ``torch.autograd.grad`` for hidden and weight.
+- **Peak extra memory** (CUDA only): ``max_memory_allocated`` during one call, after
+  ``reset_peak_memory_stats``, minus ``memory_allocated`` before it. For ``fwd_bwd`` it includes
+  the returned gradients (``dW`` is ``V*H`` in the input dtype for every impl).
+- **OOM is a result**: ``torch.cuda.OutOfMemoryError`` becomes status ``oom``, not a crash; in the
+  runner any other exception of an impl becomes ``error:<type>: <message>``.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+import traceback
+from typing import Callable, Optional
+
+import torch
+
+from . import cases as C
+
+#: Relative-norm tolerances by input dtype: (loss and log-probs, gradients). bf16 operands land
+#: between 1e-3 and 1e-2 against float64; two bf16 implementations may each be that far off.
+TOLERANCES = {
+    "bfloat16": (1e-2, 2e-2),
+    "float16": (5e-3, 1e-2),
+    "float32": (1e-4, 1e-3),  # tf32 matmuls on GPU land near 3e-4
+}
+
+MIB = 2.0 ** 20
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def free_memory(device) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 24) -> float:
+    """``|a - b| / |b|`` in float64, in chunks (b may live on another device); inf if non-finite."""
+    a = a.detach().reshape(-1)
+    b = b.detach().reshape(-1)
+    if a.numel() != b.numel():
+        return math.inf
+    num = den = 0.0
+    for s in range(0, a.numel(), chunk):
+        x = a[s:s + chunk].to(torch.float64)
+        y = b[s:s + chunk].to(device=x.device, dtype=torch.float64)
+        num += (x - y).square().sum().item()
+        den += y.square().sum().item()
+    if not (math.isfinite(num) and math.isfinite(den)):
+        return math.inf
+    return math.sqrt(num) / max(math.sqrt(den), 1e-300)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing and memory
+
+
+def time_fn(fn: Callable[[], object], device, *, warmup: int = 1, target_s: float = 0.5,
+            min_reps: int = 3, max_reps: int = 20) -> dict:
+    """Median milliseconds of ``fn()`` over repeated calls after ``warmup`` calls."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+
+    def one():
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    times.append(one())
+    reps = int(min(max_reps, max(min_reps, target_s * 1e3 / max(times[0], 1e-3))))
+    for _ in range(reps - 1):
+        times.append(one())
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "reps": len(times)}
+
+
+def peak_extra_mib(fn: Callable[[], object], device) -> Optional[float]:
+    """Peak memory allocated during ``fn()`` minus memory allocated before it (CUDA); None on CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        fn()
+        return None
+    free_memory(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / MIB
+
+
+# --------------------------------------------------------------------------------------------
+# One case: inputs, references, check, measurements
+
+
+def _fwd_bwd(impl_fn, hidden, weight, labels):
+    h = hidden.detach().requires_grad_(True)
+    w = weight.detach().requires_grad_(True)
+    loss, logps = impl_fn(h, w, labels)
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    return loss.detach(), logps.detach(), dh, dw
+
+
+def _fwd(impl_fn, hidden, weight, labels):
+    with torch.no_grad():
+        return impl_fn(hidden.detach(), weight.detach(), labels)
+
+
+def _float64_reference(case: C.Case, hidden, weight, labels, softcap):
+    try:
+        from tests.reference import reference_simpo
+    except ImportError:  # not run from the project root: the eager path in float64 instead
+        reference_simpo = None
+    h = hidden.detach().to(torch.float64).requires_grad_(True)
+    w = weight.detach().to(torch.float64).requires_grad_(True)
+    if reference_simpo is not None:
+        out = reference_simpo(h, w, labels, softcap=softcap, beta=C.BETA,
+                              gamma_beta_ratio=C.GAMMA_BETA_RATIO)
+        loss, logps = out["loss"], torch.cat([out["chosen_logps"], out["rejected_logps"]])
+    else:
+        from simpo_kernels import simpo_loss
+        out = simpo_loss(h, w, labels, beta=C.BETA, gamma_beta_ratio=C.GAMMA_BETA_RATIO,
+                         softcap=softcap, backend="eager")
+        loss, logps = out.loss, torch.cat([out.chosen_logps, out.rejected_logps])
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    return {"kind": "float64", "loss": loss.detach(), "logps": logps.detach(), "dh": dh, "dw": dw}
+
+
+def _float32_reference(backend, case, hidden, weight, labels, softcap):
+    """``backend`` ("eager" or "torch") on float32 copies of the inputs, full-precision matmuls
+    (no tf32): error ~1e-6 against float64, far below the bf16 tolerances, and it runs on the GPU.
+    """
+    from simpo_kernels import simpo_loss
+
+    def fn(h, w, lab):
+        out = simpo_loss(h, w, lab, beta=C.BETA, gamma_beta_ratio=C.GAMMA_BETA_RATIO,
+                         softcap=softcap, backend=backend)
+        return out.loss, torch.cat([out.chosen_logps, out.rejected_logps])
+
+    prec = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        loss, logps, dh, dw = _fwd_bwd(fn, hidden.float(), weight.float(), labels)
+    finally:
+        torch.set_float32_matmul_precision(prec)
+    # Keep the large reference gradients off the GPU while other impls are measured (so they
+    # don't shrink the memory the impls may use), in pinned host memory for fast comparisons.
+    return {"kind": f"float32-{backend}", "loss": _to_host(loss), "logps": _to_host(logps),
+            "dh": _to_host(dh), "dw": _to_host(dw)}
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t)
+    return host
+
+
+class CaseContext:
+    """Inputs of one case on one device, and its references (computed lazily, per softcap)."""
+
+    def __init__(self, case: C.Case, device, seed: int = 0, reference: str = "auto"):
+        """``reference``: "auto" (float64 on CPU, float32 on CUDA), "float64" or "float32"."""
+        if reference not in ("auto", "float64", "float32"):
+            raise ValueError(f"unknown reference {reference!r}")
+        self.case, self.device = case, torch.device(device)
+        self.reference_mode = reference
+        self.hidden, self.weight, self.labels = C.make_inputs(case, self.device, seed)
+        self._refs: dict = {}
+
+    def reference(self, softcap):
+        if softcap not in self._refs:
+            self._refs[softcap] = self._make_reference(softcap)
+        return self._refs[softcap]
+
+    def _make_reference(self, softcap):
+        args = (self.case, self.hidden, self.weight, self.labels, softcap)
+        mode = self.reference_mode
+        if mode == "float64" or (mode == "auto" and self.device.type != "cuda"):
+            return _float64_reference(*args)
+        backends = ["eager", "torch"]  # eager where it fits, else chunked
+        # float32 eager holds ~8 [N, V] float32 buffers (logits, softcap, log-softmax, grads):
+        # don't try it where that cannot fit (an OOM attempt costs seconds).
+        need = 8 * self.case.tokens * self.case.vocab * 4
+        if need > torch.cuda.mem_get_info(self.device)[0]:
+            backends.remove("eager")
+        for backend in backends:
+            try:
+                return _float32_reference(backend, *args)
+            except Exception as exc:  # noqa: BLE001 - OOM is expected at large N
+                if not is_oom(exc):
+                    raise
+            free_memory(self.device)
+        return {"kind": "none", "error": "reference out of memory (float32 eager and torch)"}
+
+    def close(self):
+        self.hidden = self.weight = self.labels = None
+        self._refs.clear()
+        free_memory(self.device)
+
+
+def check(impl: C.Impl, ctx: CaseContext) -> dict:
+    """Run ``impl`` once forward+backward and compare with the reference. Returns a dict with
+    ``ok`` (bool), ``errors`` (name -> rel err), ``reference`` (kind) and ``detail`` (on failure)."""
+    ref = ctx.reference(impl.softcap)
+    if ref["kind"] == "none":
+        return {"ok": False, "errors": {}, "reference": "none", "detail": ref["error"]}
+    loss, logps, dh, dw = _fwd_bwd(impl.fn, ctx.hidden, ctx.weight, ctx.labels)
+    errors = {
+        "loss": rel_err(loss.reshape(1), ref["loss"].reshape(1)),
+        "logps": rel_err(logps, ref["logps"]),
+        "dhidden": rel_err(dh, ref["dh"]),
+        "dweight": rel_err(dw, ref["dw"]),
+    }
+    del loss, logps, dh, dw
+    tol_val, tol_grad = TOLERANCES[ctx.case.dtype]
+    tol = {"loss": tol_val, "logps": tol_val, "dhidden": tol_grad, "dweight": tol_grad}
+    bad = [f"{k} {v:.2e}>{tol[k]:.0e}" for k, v in errors.items() if not v <= tol[k]]
+    return {"ok": not bad, "errors": errors, "reference": ref["kind"],
+            "detail": ";".join(bad) if bad else None}
+
+
+def measure(impl: C.Impl, ctx: CaseContext, *, target_s: float = 0.5, min_reps: int = 3,
+            max_reps: int = 20, check_first: bool = True, timing: bool = True) -> dict:
+    """Check, then time forward and forward+backward and measure peak extra memory.
+
+    Returns the result row's measured fields: ``status`` (ok / oom / mismatch:<detail>),
+    ``fwd_ms``, ``fwd_bwd_ms``, ``peak_mem_mib`` (fwd+bwd), ``fwd_peak_mem_mib``, ``errors``,
+    ``reference`` and timing spreads.
+    """
+    row = {"status": "ok", "fwd_ms": None, "fwd_bwd_ms": None, "peak_mem_mib": None,
+           "fwd_peak_mem_mib": None, "errors": None, "reference": None}
+    h, w, lab = ctx.hidden, ctx.weight, ctx.labels
+    phase = "check"
+    try:
+        if check_first:
+            res = check(impl, ctx)
+            row["errors"], row["reference"] = res["errors"], res["reference"]
+            if res["reference"] == "none":  # nothing to check against: not reported as a time
+                row["status"] = f"skipped:{res['detail']}"
+                return row
+            if not res["ok"]:
+                row["status"] = f"mismatch:{res['detail']}"
+                return row
+        if not timing:
+            return row
+        kw = dict(target_s=target_s, min_reps=min_reps, max_reps=max_reps)
+        phase = "fwd"
+        t = time_fn(lambda: _fwd(impl.fn, h, w, lab), ctx.device, **kw)
+        row["fwd_ms"], row["fwd_ms_range"] = t["median_ms"], [t["min_ms"], t["max_ms"]]
+        row["fwd_peak_mem_mib"] = peak_extra_mib(lambda: _fwd(impl.fn, h, w, lab), ctx.device)
+        phase = "fwd_bwd"
+        t = time_fn(lambda: _fwd_bwd(impl.fn, h, w, lab), ctx.device, **kw)
+        row["fwd_bwd_ms"], row["fwd_bwd_ms_range"] = t["median_ms"], [t["min_ms"], t["max_ms"]]
+        row["reps"] = t["reps"]
+        row["peak_mem_mib"] = peak_extra_mib(lambda: _fwd_bwd(impl.fn, h, w, lab), ctx.device)
+    except Exception as exc:  # noqa: BLE001
+        if not is_oom(exc):
+            raise
+        row["status"] = "oom"
+        row["oom_phase"] = phase
+    finally:
+        free_memory(ctx.device)
+    return row
+
+
+def case_row(case: C.Case, impl_name: str, softcap, notes) -> dict:
+    """The descriptive fields of a result row (schema in benchmarks/README.md)."""
+    return {"impl": impl_name, "family": case.family, "tokens": case.tokens, "rows": case.rows,
+            "seq": case.seq, "hidden": case.hidden, "vocab": case.vocab, "softcap": softcap,
+            "dtype": case.dtype, "notes": list(notes)}
+
+
+def run_impl(impl_name: str, ctx: CaseContext, *, catch_errors: bool = True, **kw) -> dict:
+    """One result row for ``impl_name`` at ``ctx``'s case (skips become ``skipped:<reason>``).
+
+    With ``catch_errors`` (the runner: one failing peer must not end a whole GPU call) any other
+    exception becomes status ``error:<type>: <message>`` and its traceback goes to stderr."""
+    try:
+        impl = C.build_impl(impl_name, ctx.case, ctx.device)
+    except C.Unavailable as exc:
+        row = case_row(ctx.case, impl_name, ctx.case.softcap, [])
+        row.update(status=f"skipped:{exc}", fwd_ms=None, fwd_bwd_ms=None, peak_mem_mib=None)
+        return row
+    row = case_row(ctx.case, impl_name, impl.softcap, impl.notes)
+    try:
+        row.update(measure(impl, ctx, **kw))
+    except Exception as exc:  # noqa: BLE001
+        if not catch_errors:
+            raise
+        traceback.print_exc()
+        msg = " ".join(str(exc).split())[:300]
+        row.update(status=f"error:{type(exc).__name__}: {msg}", fwd_ms=None, fwd_bwd_ms=None,
+                   peak_mem_mib=None)
+        free_memory(ctx.device)
+    return row
+
+
+def matmul_tflops(device, n: Optional[int] = None, dtype=torch.bfloat16) -> dict:
+    """Measured dense matmul rate (random ``n x n`` operands): the ceiling for the 6NHV floor."""
+    device = torch.device(device)
+    if n is None:
+        n = 8192 if device.type == "cuda" else 512
+    g = torch.Generator(device=device).manual_seed(1234)
+    a = torch.randn(n, n, generator=g, device=device).to(dtype)
+    b = torch.randn(n, n, generator=g, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    t = time_fn(lambda: torch.matmul(a, b, out=out), device, warmup=3, target_s=1.0,
+                min_reps=10, max_reps=100)
+    del a, b, out
+    free_memory(device)
+    return {"tflops": 2.0 * n ** 3 / (t["median_ms"] * 1e-3) / 1e12, "n": n,
+            "dtype": str(dtype).replace("torch.", ""), "median_ms": t["median_ms"]}

@@ -1,0 +1,210 @@
+"""Render benchmark results (JSON from ``python -m benchmarks``) as PNG plots + a markdown table.
+
+    python -m benchmarks.report RESULTS.json [MORE.json ...] [--out DIR]
+
+Several result files (e.g. one GPU call per family) are merged; they should come from the same
+device. Per lm_head family one PNG with three panels against tokens (log-log): forward time with
+the 2NHV floor, forward+backward time with the 6NHV floor (both at the measured bf16 matmul
+rate), and peak extra memory; one line per implementation (only rows whose status is ``ok``).
+The markdown lists every row, failures included, so nothing is hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+IMPL_ORDER = ("eager", "torch", "triton", "liger", "cce")
+STYLE = {"eager": ("tab:gray", "o"), "torch": ("tab:blue", "s"), "triton": ("tab:red", "D"),
+         "liger": ("tab:green", "^"), "cce": ("tab:purple", "v")}
+
+
+def load(paths) -> dict:
+    """Merge result files: device info from the first, ``cases`` concatenated, ``e2e`` kept."""
+    merged = None
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        if merged is None:
+            merged = dict(data)
+            merged["cases"] = list(data.get("cases", []))
+            merged["sources"] = [str(p)]
+            continue
+        if data.get("device") != merged.get("device"):
+            merged.setdefault("warnings", []).append(
+                f"{p}: device {data.get('device')!r} differs from {merged.get('device')!r}")
+        merged["cases"].extend(data.get("cases", []))
+        merged["sources"].append(str(p))
+        if merged.get("matmul_bf16_tflops") is None:
+            merged["matmul_bf16_tflops"] = data.get("matmul_bf16_tflops")
+        if "e2e" in data and "e2e" not in merged:
+            merged["e2e"] = data["e2e"]
+    if merged is None:
+        raise ValueError("no result files given")
+    return merged
+
+
+def _families(cases):
+    seen = []
+    for c in cases:
+        if c["family"] not in seen:
+            seen.append(c["family"])
+    return seen
+
+
+def _impls(cases):
+    present = {c["impl"] for c in cases}
+    return [i for i in IMPL_ORDER if i in present] + sorted(present - set(IMPL_ORDER))
+
+
+def _label(impl, rows):
+    notes = sorted({n for r in rows for n in (r.get("notes") or [])})
+    return impl + (f" ({', '.join(notes)})" if notes else "")
+
+
+def plot_family(data: dict, family: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [c for c in data["cases"] if c["family"] == family]
+    c0 = cases[0]
+    H, V = c0["hidden"], c0["vocab"]
+    rate = data.get("matmul_bf16_tflops")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    panels = (("fwd_ms", "forward time (ms)", 2.0), ("fwd_bwd_ms", "forward+backward time (ms)", 6.0),
+              ("peak_mem_mib", "peak extra memory, fwd+bwd (MiB)", None))
+    all_tokens = sorted({c["tokens"] for c in cases})
+    for ax, (key, title, k) in zip(axes, panels):
+        for impl in _impls(cases):
+            rows = sorted((c for c in cases if c["impl"] == impl and c["status"] == "ok"
+                           and c.get(key) is not None), key=lambda c: c["tokens"])
+            if not rows:
+                continue
+            color, marker = STYLE.get(impl, (None, "x"))
+            ax.plot([r["tokens"] for r in rows], [r[key] for r in rows], marker=marker,
+                    color=color, label=_label(impl, rows))
+            ooms = [c["tokens"] for c in cases if c["impl"] == impl and c["status"] == "oom"]
+            if ooms and rows:
+                ax.scatter(ooms, [rows[-1][key]] * len(ooms), marker="x", color=color, s=60)
+        if k is not None and rate:
+            floor = [k * n * H * V / (rate * 1e12) * 1e3 for n in all_tokens]
+            ax.plot(all_tokens, floor, "k--", lw=1,
+                    label=f"{int(k)}NHV floor @ {rate:.3g} TFLOP/s (measured)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens N")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center")
+    cap = c0.get("softcap")
+    fig.suptitle(f"SimPO lm_head loss, {family}: H={H}, V={V}, {c0['dtype']}, "
+                 f"softcap {cap if cap is not None else 'none'}; {data.get('device')} "
+                 f"(x = out of memory)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _cell(c):
+    if c is None:
+        return ""
+    if c["status"] != "ok":
+        s = c["status"]
+        return s if len(s) <= 40 else s[:37] + "..."
+    parts = [f"{c['fwd_bwd_ms']:.1f}" if c.get("fwd_bwd_ms") is not None else "-",
+             f"{c['fwd_ms']:.1f}" if c.get("fwd_ms") is not None else "-"]
+    mem = c.get("peak_mem_mib")
+    cell = " / ".join(parts) + (f" / {mem:.0f}" if mem is not None else "")
+    return cell + ("*" if c.get("notes") else "")
+
+
+def table(data: dict) -> str:
+    lines = []
+    rate = data.get("matmul_bf16_tflops")
+    lines.append(f"Device: {data.get('device')}; torch {data.get('torch')}, triton "
+                 f"{data.get('triton')}; commit {data.get('commit')}; {data.get('date')}.")
+    if rate:
+        lines.append(f"Measured bf16 matmul rate: {rate:.4g} TFLOP/s.")
+    if data.get("device_type") == "cpu":
+        lines.append("**CPU smoke run: not a speed measurement.**")
+    for w in data.get("warnings", []):
+        lines.append(f"Warning: {w}")
+    lines.append("")
+    lines.append("Cells: fwd+bwd ms / fwd ms / peak extra MiB (fwd+bwd); `*` = see notes.")
+    notes = {}
+    for fam in _families(data["cases"]):
+        cases = [c for c in data["cases"] if c["family"] == fam]
+        c0 = cases[0]
+        tokens = sorted({c["tokens"] for c in cases})
+        lines.append("")
+        lines.append(f"### {fam} (H={c0['hidden']}, V={c0['vocab']}, {c0['dtype']}, "
+                     f"softcap {c0['softcap'] if c0['softcap'] is not None else 'none'})")
+        lines.append("")
+        lines.append("| impl | " + " | ".join(f"N={n}" for n in tokens) + " |")
+        lines.append("|---|" + "---|" * len(tokens))
+        if rate:
+            floor = [f"{6 * n * c0['hidden'] * c0['vocab'] / (rate * 1e12) * 1e3:.1f}"
+                     for n in tokens]
+            lines.append("| 6NHV floor (ms) | " + " | ".join(floor) + " |")
+        for impl in _impls(cases):
+            by_n = {c["tokens"]: c for c in cases if c["impl"] == impl}
+            for c in by_n.values():
+                if c.get("notes"):
+                    notes.setdefault(impl, set()).update(c["notes"])
+            lines.append(f"| {impl} | " + " | ".join(_cell(by_n.get(n)) for n in tokens) + " |")
+    if notes:
+        lines.append("")
+        for impl, ns in notes.items():
+            lines.append(f"`*` {impl}: {', '.join(sorted(ns))}.")
+    e2e = data.get("e2e")
+    if e2e and e2e.get("paths"):
+        lines.append("")
+        lines.append(f"### End to end: {e2e.get('model')}, one training step "
+                     f"(forward, backward, AdamW), {e2e.get('dtype')}, gradient checkpointing")
+        lines.append("")
+        lines.append("| loss path | pairs x seq | step ms | tokens/s | peak MiB | largest batch (pairs) |")
+        lines.append("|---|---|---|---|---|---|")
+        for p in e2e["paths"]:
+            lb = p.get("largest_batch") or {}
+            big = "" if not lb else (f">= {lb['max_pairs']} (cap)" if lb.get("capped")
+                                     else str(lb["max_pairs"]))
+            f = (lambda v, s=".1f": "-" if v is None else format(v, s))
+            lines.append(f"| {p['path']} ({p['status']}) | {p.get('pairs', '')} x {p.get('seq', '')} | "
+                         f"{f(p.get('step_ms'))} | {f(p.get('tokens_per_s'), '.0f')} | "
+                         f"{f(p.get('peak_mem_mib'), '.0f')} | {big} |")
+    return "\n".join(lines) + "\n"
+
+
+def render(paths, out_dir=None, stem=None) -> str:
+    """Write ``<stem>-<family>.png`` per family and ``<stem>.md`` into ``out_dir``; return the md."""
+    paths = [Path(p) for p in paths]
+    data = load(paths)
+    out_dir = Path(out_dir) if out_dir else paths[0].parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = stem or paths[0].stem
+    md = [f"## SimPO loss benchmarks ({stem})", "", table(data)]
+    for fam in _families(data["cases"]):
+        png = plot_family(data, fam, out_dir / f"{stem}-{fam}.png")
+        md.append(f"![{fam}]({png.name})")
+    text = "\n".join(md) + "\n"
+    (out_dir / f"{stem}.md").write_text(text)
+    return text
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n")[0])
+    ap.add_argument("results", nargs="+")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--stem", default=None)
+    args = ap.parse_args(argv)
+    print(render(args.results, args.out, args.stem))
+
+
+if __name__ == "__main__":
+    main()

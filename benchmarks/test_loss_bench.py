@@ -1,0 +1,71 @@
+"""pytest-benchmark suites: SimPO lm_head loss, forward and forward+backward, per (case, impl).
+
+Each test first checks the impl's loss, log-probabilities and gradients against the reference
+(:func:`benchmarks.measure.check`, cached per case and impl), then times the call with
+``benchmark.pedantic`` (synchronised on CUDA, so the host clock covers the device work) and puts
+the peak extra memory (CUDA) and the check's errors in ``extra_info``. A missing peer is skipped
+with its reason; out-of-memory is skipped as ``oom``; a wrong answer fails the test.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import cases as C
+from benchmarks import measure as M
+
+
+def _prepare(case, impl_name, case_pool):
+    try:
+        impl = C.build_impl(impl_name, case, case_pool.device)
+    except C.Unavailable as exc:
+        pytest.skip(str(exc))
+    ctx = case_pool.get(case)
+    key = (case, impl_name)
+    if key not in case_pool.checks:
+        case_pool.checks[key] = M.measure(impl, ctx, timing=False)
+    res = case_pool.checks[key]
+    if res["status"] == "oom":
+        pytest.skip(f"oom during the correctness check ({case.id}, {impl_name})")
+    if res["status"].startswith("skipped:"):
+        pytest.skip(res["status"][len("skipped:"):])
+    assert res["status"] == "ok", f"{impl_name} at {case.id}: {res['status']} (errors {res['errors']})"
+    return impl, ctx, res
+
+
+def _bench(benchmark, fn, ctx, impl, res, kind):
+    device = ctx.device
+
+    def call():
+        fn()
+        M.sync(device)
+
+    benchmark.extra_info.update(
+        impl=impl.name, family=ctx.case.family, tokens=ctx.case.tokens, hidden=ctx.case.hidden,
+        vocab=ctx.case.vocab, softcap=impl.softcap, dtype=ctx.case.dtype, notes=impl.notes,
+        errors=res["errors"], reference=res["reference"], kind=kind)
+    try:
+        if device.type == "cuda":
+            benchmark.extra_info["peak_mem_mib"] = M.peak_extra_mib(fn, device)
+        benchmark.pedantic(call, rounds=5, warmup_rounds=1, iterations=1)
+    except Exception as exc:  # noqa: BLE001
+        if not M.is_oom(exc):
+            raise
+        M.free_memory(device)
+        pytest.skip(f"oom ({ctx.case.id}, {impl.name}, {kind})")
+    finally:
+        M.free_memory(device)
+
+
+def test_fwd(benchmark, case, impl, case_pool):
+    impl_, ctx, res = _prepare(case, impl, case_pool)
+    benchmark.group = f"fwd {case.id}"
+    _bench(benchmark, lambda: M._fwd(impl_.fn, ctx.hidden, ctx.weight, ctx.labels), ctx, impl_,
+           res, "fwd")
+
+
+def test_fwd_bwd(benchmark, case, impl, case_pool):
+    impl_, ctx, res = _prepare(case, impl, case_pool)
+    benchmark.group = f"fwd_bwd {case.id}"
+    _bench(benchmark, lambda: M._fwd_bwd(impl_.fn, ctx.hidden, ctx.weight, ctx.labels), ctx,
+           impl_, res, "fwd_bwd")
