@@ -56,6 +56,20 @@ def _resolve_backend(backend: str, device: torch.device):
     return _triton_module()
 
 
+def _backend_options(impl, backend: str, chunk_size: Optional[int], grad_filter) -> dict:
+    """Validate the backend-specific keywords and keep those the resolved backend takes."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    kwargs = {"chunk_size": chunk_size} if impl is chunked else {}
+    if grad_filter is not False:
+        if impl is chunked or impl is eager:
+            raise ValueError("grad_filter is an option of backend='triton' only (the other backends are "
+                             f"always exact); got backend={backend!r} resolving to {impl.__name__}")
+        kwargs["grad_filter"] = grad_filter
+    return kwargs
+
+
 def simpo_loss(
     hidden_states: torch.Tensor,
     weight: torch.Tensor,
@@ -98,15 +112,8 @@ def simpo_loss(
                   loss_type=loss_type, sft_weight=sft_weight, softcap=softcap)
     rows, T, H, V = check_hidden_inputs(hidden_states, weight, bias, labels, ignore_index)
     impl = _resolve_backend(backend, hidden_states.device)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    kwargs = _backend_options(impl, backend, chunk_size, grad_filter)
     targets = shift_targets(labels.long(), ignore_index)
-    kwargs = {"chunk_size": chunk_size} if impl is chunked else {}
-    if grad_filter is not False:
-        if impl is chunked or impl is eager:
-            raise ValueError("grad_filter is an option of backend='triton' only (the other backends are "
-                             f"always exact); got backend={backend!r} resolving to {impl.__name__}")
-        kwargs["grad_filter"] = grad_filter
     token_logps, logit_sums = impl.token_logprobs(
         hidden_states.reshape(rows * T, H), weight, bias, targets.reshape(-1),
         softcap=None if softcap is None else float(softcap), ignore_index=ignore_index, **kwargs)
@@ -142,10 +149,8 @@ def simpo_loss_from_logits(
                   loss_type=loss_type, sft_weight=sft_weight)
     rows, T, V = check_logits_inputs(logits, labels, ignore_index)
     impl = _resolve_backend(backend, logits.device)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    kwargs = _backend_options(impl, backend, chunk_size, False)
     targets = shift_targets(labels.long(), ignore_index)
-    kwargs = {"chunk_size": chunk_size} if impl is chunked else {}
     token_logps, logit_sums = impl.token_logprobs_from_logits(
         logits.reshape(rows * T, V), targets.reshape(-1), ignore_index=ignore_index, **kwargs)
     return simpo_objective(
