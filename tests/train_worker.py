@@ -48,11 +48,13 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, attn_implementation="eager")
     trainer = SimPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     trainer.train()
+    head_shape = list(trainer.model.get_output_embeddings().weight.shape)  # outside any forward
     if trainer.is_world_process_zero():
         logs = [h for h in trainer.state.log_history if "loss" in h]
         with open(a.out, "w") as f:
             json.dump({"world_size": args.world_size, "logs": logs,
-                       "deepspeed": trainer.is_deepspeed_enabled}, f)
+                       "deepspeed": trainer.is_deepspeed_enabled,
+                       "lm_head_shape_outside_forward": head_shape}, f)
 
 
 if __name__ == "__main__":
