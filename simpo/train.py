@@ -58,6 +58,7 @@ def is_tiny(model_args) -> bool:
 
 
 def load_model(model_args, training_args, tokenizer):
+    import transformers
     from transformers import AutoModelForCausalLM
 
     from .modeling import build_tiny_model
@@ -70,7 +71,8 @@ def load_model(model_args, training_args, tokenizer):
     kwargs = dict(revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code,
                   use_cache=not training_args.gradient_checkpointing)
     if dtype is not None:
-        kwargs["dtype"] = dtype
+        # transformers >= 5 calls it `dtype`; 4.x only knows `torch_dtype`
+        kwargs["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = dtype
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
     return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)

@@ -3,8 +3,9 @@
 Both runs train the same saved tiny Gemma-2 (softcap on, tied embeddings) for 5 steps on the same
 4 pairs (global batch 4: 1 process x 2 pairs x 2 accumulation steps vs 2 processes x 2 pairs x 1,
 ZeRO-3 with every parameter partitioned), with a learning rate large enough for the loss to fall.
-Per-step logged losses and gradient norms must agree to 1e-4 (absolute); the loss must fall by
-more than 0.1 over the run. A wrongly scaled loss (doubled under several processes, or not divided
+Per-step logged losses, gradient norms and metrics, and the evaluation after training, must agree
+to 1e-4 (absolute); the loss must fall by more than 0.1 over the run. The same holds for plain DDP
+over 2 processes. A wrongly scaled loss (doubled under several processes, or not divided
 over accumulation) would change both the logged losses and the updates.
 """
 
@@ -63,27 +64,29 @@ def _run(cmd, out, timeout=400):
         return json.load(f)
 
 
-def test_zero3_two_processes_match_one_process(model_dir, tmp_path):
-    common = ["--model_dir", model_dir, "--rows", "4", "--steps", "5", "--lr", "1e-2",
-              "--per_device", "2"]
-    single = _run([sys.executable, WORKER, str(tmp_path / "single.json"),
-                   "--work_dir", str(tmp_path / "w1"), "--grad_accum", "2", *common],
-                  tmp_path / "single.json")
-    zero3 = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                  "--master_port", str(_free_port()), WORKER, str(tmp_path / "zero3.json"),
-                  "--work_dir", str(tmp_path / "w2"), "--grad_accum", "1",
-                  "--deepspeed", os.path.join(ROOT, "tests", "zero3_cpu.json"), *common],
-                 tmp_path / "zero3.json")
-    assert single["world_size"] == 1 and not single["deepspeed"]
-    assert zero3["world_size"] == 2 and zero3["deepspeed"]
-    # ZeRO-3 really partitions the (tied) lm_head: outside a forward each rank holds a [0] shard
-    assert zero3["lm_head_shape_outside_forward"] == [0]
-    assert single["lm_head_shape_outside_forward"][0] > 0
+COMMON = ["--rows", "4", "--steps", "5", "--lr", "1e-2", "--per_device", "2", "--evaluate"]
+
+
+@pytest.fixture(scope="module")
+def single(model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("single")
+    return _run([sys.executable, WORKER, str(d / "out.json"), "--work_dir", str(d / "w"),
+                 "--grad_accum", "2", "--model_dir", model_dir, *COMMON], d / "out.json")
+
+
+def _two_procs(model_dir, d, *extra):
+    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                 "--master_port", str(_free_port()), WORKER, str(d / "out.json"),
+                 "--work_dir", str(d / "w"), "--grad_accum", "1", "--model_dir", model_dir,
+                 *COMMON, *extra], d / "out.json")
+
+
+def _compare(single, multi):
     l1 = [h["loss"] for h in single["logs"]]
-    l2 = [h["loss"] for h in zero3["logs"]]
+    l2 = [h["loss"] for h in multi["logs"]]
     g1 = [h["grad_norm"] for h in single["logs"]]
-    g2 = [h["grad_norm"] for h in zero3["logs"]]
-    print("1-proc losses", l1, "\n2-proc ZeRO-3 losses", l2,
+    g2 = [h["grad_norm"] for h in multi["logs"]]
+    print("\n1-proc losses", l1, "\n2-proc losses", l2,
           "\nmax abs diff", max(abs(a - b) for a, b in zip(l1, l2)))
     assert len(l1) == len(l2) == 5
     assert l1[0] - l1[-1] > 0.1, "the loss should fall at this learning rate"
@@ -91,6 +94,29 @@ def test_zero3_two_processes_match_one_process(model_dir, tmp_path):
         assert abs(a - b) < TOL
     for a, b in zip(g1, g2):
         assert abs(a - b) < TOL * max(1.0, abs(a))
-    for name in ("rewards/accuracies", "rewards/margins", "logps/chosen"):
-        for h1, h2 in zip(single["logs"], zero3["logs"]):
+    for name in ("rewards/accuracies", "rewards/margins", "logps/chosen", "logits/rejected"):
+        for h1, h2 in zip(single["logs"], multi["logs"]):
             assert h1[name] == pytest.approx(h2[name], abs=1e-4), name
+    # evaluation after training: loss and every metric averaged over the 2 processes
+    e1, e2 = single["eval"], multi["eval"]
+    for name in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins",
+                 "eval_logps/chosen", "eval_logps/rejected", "eval_logits/chosen"):
+        assert e1[name] == pytest.approx(e2[name], abs=1e-4), name
+
+
+def test_zero3_two_processes_match_one_process(model_dir, single, tmp_path):
+    zero3 = _two_procs(model_dir, tmp_path, "--deepspeed",
+                       os.path.join(ROOT, "tests", "zero3_cpu.json"))
+    assert single["world_size"] == 1 and not single["deepspeed"]
+    assert zero3["world_size"] == 2 and zero3["deepspeed"]
+    # ZeRO-3 really partitions the (tied) lm_head: outside a forward each rank holds a [0] shard
+    assert zero3["lm_head_shape_outside_forward"] == [0]
+    assert single["lm_head_shape_outside_forward"][0] > 0
+    _compare(single, zero3)
+
+
+def test_ddp_two_processes_match_one_process(model_dir, single, tmp_path):
+    ddp = _two_procs(model_dir, tmp_path)
+    assert ddp["world_size"] == 2 and not ddp["deepspeed"]
+    _compare(single, ddp)
+

@@ -24,6 +24,7 @@ def main():
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--evaluate", action="store_true")
     a = p.parse_args()
 
     import torch
@@ -40,7 +41,8 @@ def main():
         gradient_accumulation_steps=a.grad_accum, learning_rate=a.lr, lr_scheduler_type="constant",
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
         data_seed=0, deepspeed=a.deepspeed, beta=2.0, gamma_beta_ratio=0.5, max_length=64,
-        max_prompt_length=32, disable_tqdm=True, dataloader_num_workers=0)
+        max_prompt_length=32, disable_tqdm=True, dataloader_num_workers=0,
+        per_device_eval_batch_size=2)
     setup_distributed(args)  # torch.distributed + deepspeed.comm before a ZeRO-3 from_pretrained
     tok = AutoTokenizer.from_pretrained(a.model_dir)
     raw = load_raw_datasets(None, ["train"])["train"].select(range(a.rows))
@@ -49,12 +51,14 @@ def main():
     trainer = SimPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     trainer.train()
     head_shape = list(trainer.model.get_output_embeddings().weight.shape)  # outside any forward
+    eval_metrics = trainer.evaluate(eval_dataset=ds) if a.evaluate else {}
     if trainer.is_world_process_zero():
         logs = [h for h in trainer.state.log_history if "loss" in h]
         with open(a.out, "w") as f:
             json.dump({"world_size": args.world_size, "logs": logs,
                        "deepspeed": trainer.is_deepspeed_enabled,
-                       "lm_head_shape_outside_forward": head_shape}, f)
+                       "lm_head_shape_outside_forward": head_shape,
+                       "eval": eval_metrics}, f)
 
 
 if __name__ == "__main__":
