@@ -64,21 +64,31 @@ def _run(cmd, out, timeout=400):
         return json.load(f)
 
 
-COMMON = ["--rows", "4", "--steps", "5", "--lr", "1e-2", "--per_device", "2", "--evaluate"]
+def _common(rows):
+    return ["--rows", str(rows), "--steps", "5", "--lr", "1e-2", "--per_device", "2", "--evaluate"]
 
 
 @pytest.fixture(scope="module")
-def single(model_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("single")
-    return _run([sys.executable, WORKER, str(d / "out.json"), "--work_dir", str(d / "w"),
-                 "--grad_accum", "2", "--model_dir", model_dir, *COMMON], d / "out.json")
+def single_runs(model_dir, tmp_path_factory):
+    """1-process reference runs, by (rows, accumulation steps)."""
+    cache = {}
+
+    def get(rows, accum):
+        if (rows, accum) not in cache:
+            d = tmp_path_factory.mktemp(f"single_{rows}_{accum}")
+            cache[rows, accum] = _run(
+                [sys.executable, WORKER, str(d / "out.json"), "--work_dir", str(d / "w"),
+                 "--grad_accum", str(accum), "--model_dir", model_dir, *_common(rows)],
+                d / "out.json")
+        return cache[rows, accum]
+    return get
 
 
-def _two_procs(model_dir, d, *extra):
+def _two_procs(model_dir, d, rows, accum, *extra):
     return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                  "--master_port", str(_free_port()), WORKER, str(d / "out.json"),
-                 "--work_dir", str(d / "w"), "--grad_accum", "1", "--model_dir", model_dir,
-                 *COMMON, *extra], d / "out.json")
+                 "--work_dir", str(d / "w"), "--grad_accum", str(accum), "--model_dir", model_dir,
+                 *_common(rows), *extra], d / "out.json")
 
 
 def _compare(single, multi):
@@ -87,7 +97,8 @@ def _compare(single, multi):
     g1 = [h["grad_norm"] for h in single["logs"]]
     g2 = [h["grad_norm"] for h in multi["logs"]]
     print("\n1-proc losses", l1, "\n2-proc losses", l2,
-          "\nmax abs diff", max(abs(a - b) for a, b in zip(l1, l2)))
+          "\nmax abs diff", max(abs(a - b) for a, b in zip(l1, l2)),
+          "\neval", single["eval"]["eval_loss"], multi["eval"]["eval_loss"])
     assert len(l1) == len(l2) == 5
     assert l1[0] - l1[-1] > 0.1, "the loss should fall at this learning rate"
     for a, b in zip(l1, l2):
@@ -104,8 +115,11 @@ def _compare(single, multi):
         assert e1[name] == pytest.approx(e2[name], abs=1e-4), name
 
 
-def test_zero3_two_processes_match_one_process(model_dir, single, tmp_path):
-    zero3 = _two_procs(model_dir, tmp_path, "--deepspeed",
+@pytest.mark.parametrize("rows,accum", [(4, 1), (8, 2)], ids=["global4-accum1", "global8-accum2"])
+def test_zero3_two_processes_match_one_process(model_dir, single_runs, tmp_path, rows, accum):
+    """global batch = 2 procs x 2 pairs x accum == 1 proc x 2 pairs x (2 accum)."""
+    single = single_runs(rows, 2 * accum)
+    zero3 = _two_procs(model_dir, tmp_path, rows, accum, "--deepspeed",
                        os.path.join(ROOT, "tests", "zero3_cpu.json"))
     assert single["world_size"] == 1 and not single["deepspeed"]
     assert zero3["world_size"] == 2 and zero3["deepspeed"]
@@ -115,8 +129,7 @@ def test_zero3_two_processes_match_one_process(model_dir, single, tmp_path):
     _compare(single, zero3)
 
 
-def test_ddp_two_processes_match_one_process(model_dir, single, tmp_path):
-    ddp = _two_procs(model_dir, tmp_path)
+def test_ddp_two_processes_match_one_process(model_dir, single_runs, tmp_path):
+    ddp = _two_procs(model_dir, tmp_path, 4, 1)
     assert ddp["world_size"] == 2 and not ddp["deepspeed"]
-    _compare(single, ddp)
-
+    _compare(single_runs(4, 2), ddp)
