@@ -143,11 +143,10 @@ def _field_types():
 
 
 def _coerce(name, value, tp):
-    """YAML reads ``8e-7`` as a string; turn such scalars into the field's numeric type."""
+    """YAML reads ``8e-7`` (no dot) as a string; turn such scalars into the field's numeric type."""
     if not isinstance(value, str):
         return value
-    base = {typing.get_origin(tp)} and [a for a in typing.get_args(tp) if a is not type(None)]
-    candidates = base or [tp]
+    candidates = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
     for target in (float, int):
         if target in candidates:
             try:

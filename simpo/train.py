@@ -105,9 +105,10 @@ def run(model_args, data_args, training_args, recipe_path=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
     log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    logging.getLogger("simpo").setLevel(log_level)
-    transformers.utils.logging.set_verbosity(max(log_level, logging.WARNING))
+    # our own messages at INFO on the main process (and as configured elsewhere)
+    logging.getLogger("simpo").setLevel(min(log_level, logging.INFO) if training_args.should_log
+                                        else log_level)
+    transformers.utils.logging.set_verbosity(log_level)
     logger.info("recipe %s -> output_dir %s", recipe_path, training_args.output_dir)
 
     setup_distributed(training_args)
@@ -140,8 +141,8 @@ def run(model_args, data_args, training_args, recipe_path=None) -> dict:
                            eval_dataset=eval_ds, processing_class=tokenizer)
 
     checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is None and os.path.isdir(training_args.output_dir) and training_args.do_train \
-            is not False:
+    if checkpoint is None and os.path.isdir(training_args.output_dir):
+        # as the official script: pick up the last checkpoint of an interrupted run
         checkpoint = get_last_checkpoint(training_args.output_dir)
         if checkpoint is not None:
             logger.info("resuming from %s", checkpoint)
