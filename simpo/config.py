@@ -109,13 +109,22 @@ class SimPOConfig(TrainingArguments):
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than "
                               f"max_length ({self.max_length})")
-        if self.loss_type == "hinge" and self.label_smoothing > 0:
-            raise ConfigError("label_smoothing has no meaning with loss_type=hinge")
+        from simpo_kernels.validation import check_options
+
+        try:  # the loss's own checks, early (hinge + label_smoothing warns, as the official one)
+            check_options(beta=float(self.beta), gamma_beta_ratio=float(self.gamma_beta_ratio),
+                          label_smoothing=float(self.label_smoothing), loss_type=self.loss_type,
+                          sft_weight=float(self.sft_weight))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from exc
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, SimPOConfig)
 # Names of earlier transformers releases (used by the official SimPO recipes) -> current names.
-ALIASES = {"warmup_ratio": "warmup_steps", "evaluation_strategy": "eval_strategy"}
+# Renamed (transformers 5.x): the recipe may use either name; the current one is used when it exists.
+ALIASES = {"warmup_ratio": "warmup_steps", "evaluation_strategy": "eval_strategy",
+           "gradient_checkpointing": "activation_checkpointing",
+           "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
 
 
 def resolve_recipe(recipe: Optional[str]) -> Path:
@@ -191,7 +200,7 @@ def parse_args(argv: Optional[list[str]] = None):
 
     types_ = _field_types()
     for old, new in ALIASES.items():  # older TrainingArguments names used by published recipes
-        if old in values and old not in types_ and new in types_:
+        if old in values and new in types_:
             if new in values and old in values:
                 raise ConfigError(f"both {old} and its replacement {new} are set")
             values[new] = values.pop(old)
@@ -202,7 +211,12 @@ def parse_args(argv: Optional[list[str]] = None):
     outputs = []
     for cls in ARG_CLASSES:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
-        outputs.append(cls(**{k: v for k, v in values.items() if k in names}))
+        try:
+            outputs.append(cls(**{k: v for k, v in values.items() if k in names}))
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as exc:  # e.g. TrainingArguments' own consistency checks
+            raise ConfigError(f"{recipe_path.name}: {exc}") from exc
     model_args, data_args, training_args = outputs
     return model_args, data_args, training_args, recipe_path
 

@@ -86,6 +86,10 @@ def test_cli_unknown_keys_are_errors(tmp_path):
     bad.write_text("beta: 3.0\nbogus_key: 1\n")
     with pytest.raises(ConfigError, match="unknown key.*bogus_key"):
         parse_args([str(bad)])
+    with pytest.raises(ConfigError, match="beta must be > 0"):
+        parse_args(["--beta", "0", "--use_cpu", "true"])
+    with pytest.raises(ConfigError, match="max_prompt_length"):
+        parse_args(["--max_prompt_length", "500", "--max_length", "100"])
     with pytest.raises(ConfigError, match="neither a file nor a packaged recipe"):
         parse_args(["no-such-recipe"])
     proc = subprocess.run([sys.executable, "-m", "simpo.train", "--bogus", "1"], cwd=ROOT,
