@@ -159,7 +159,12 @@ def run(model_args, data_args, training_args, recipe_path=None) -> dict:
 
     eval_metrics = {}
     if eval_ds is not None:
-        eval_metrics = trainer.evaluate()
+        done = [h for h in trainer.state.log_history
+                if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+        if done:  # the trainer already evaluated the final weights (last step hit eval_steps)
+            eval_metrics = {k: v for k, v in done[-1].items() if k.startswith("eval_") or k == "epoch"}
+        else:
+            eval_metrics = trainer.evaluate()
         eval_metrics["eval_samples"] = len(eval_ds)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
