@@ -1,0 +1,203 @@
+"""Model side of the training system.
+
+* :func:`attach_simpo_head` patches a causal LM *instance* so that its own ``forward`` computes the
+  SimPO loss through :func:`simpo_kernels.simpo_loss` when called with ``simpo=True``: the decoder
+  runs, then the lm_head weight is read *inside that forward* and handed to the fused loss with the
+  final hidden states. Because the read happens inside the forward that DeepSpeed / FSDP run
+  through their engine, ZeRO-3 gathers the (otherwise ``[0]``-shaped) lm_head shard for forward and
+  backward exactly as it would for ``lm_head(hidden)`` (DESIGN section 4). The forward returns a
+  :class:`SimPOModelOutput` (a ``ModelOutput``) so engines can see the tensors in it. Without
+  ``simpo=True`` the model behaves as before (logits, generation, ...).
+* :func:`build_tiny_tokenizer` / :func:`build_tiny_model`: the offline, in-code Gemma-2-architecture
+  model and word-level tokenizer of the embedded default.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from transformers.utils import ModelOutput
+
+from simpo_kernels import simpo_loss
+
+# Gemma-2 chat format as the official SimPO recipe sets it: a leading BOS, no system role (a system
+# message is folded into the first turn), the assistant role called "model".
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system_message = messages[0]['content'] | trim + '\n\n' %}{% set messages = messages[1:] %}"
+    "{% else %}{% set system_message = '' %}{% endif %}"
+    "{% for message in messages %}"
+    "{% if loop.index0 == 0 %}{% set content = system_message + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + content | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+CHAT_TEMPLATES = {"gemma": GEMMA_CHAT_TEMPLATE}
+
+TINY_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+_WORD_RE = re.compile(r"\n|[A-Za-z]+|\d+|[^\sA-Za-z\d]")
+
+
+@dataclass
+class SimPOModelOutput(ModelOutput):
+    """What a SimPO-patched forward returns: the differentiable loss and detached statistics."""
+
+    loss: Optional[torch.Tensor] = None
+    chosen_logps: Optional[torch.Tensor] = None
+    rejected_logps: Optional[torch.Tensor] = None
+    chosen_rewards: Optional[torch.Tensor] = None
+    rejected_rewards: Optional[torch.Tensor] = None
+    chosen_logits_mean: Optional[torch.Tensor] = None
+    rejected_logits_mean: Optional[torch.Tensor] = None
+    sft_loss: Optional[torch.Tensor] = None
+
+
+def _simpo_forward(self, input_ids=None, attention_mask=None, labels=None, *, simpo: bool = False,
+                   **kwargs):
+    if not simpo:
+        return self._simpo_original_forward(input_ids=input_ids, attention_mask=attention_mask,
+                                            labels=labels, **kwargs)
+    if labels is None:
+        raise ValueError("a SimPO forward needs labels (chosen rows first, then rejected rows)")
+    opts = self._simpo_options
+    kwargs.pop("use_cache", None)
+    decoder_out = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                     use_cache=False, **kwargs)
+    hidden = decoder_out[0]
+    head = self.get_output_embeddings()
+    # Read inside this forward: under ZeRO-3 DeepSpeed gathers the head as an external parameter.
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if weight.dtype != hidden.dtype:  # e.g. autocast: match the matmul dtype autocast would use
+        weight = weight.to(hidden.dtype)
+        bias = None if bias is None else bias.to(hidden.dtype)
+    out = simpo_loss(
+        hidden, weight, labels,
+        beta=opts["beta"], gamma_beta_ratio=opts["gamma_beta_ratio"],
+        label_smoothing=opts["label_smoothing"], loss_type=opts["loss_type"],
+        sft_weight=opts["sft_weight"], softcap=getattr(self.config, "final_logit_softcapping", None),
+        bias=bias, ignore_index=opts["ignore_index"], backend=opts["backend"],
+        chunk_size=opts["chunk_size"],
+    )
+    return SimPOModelOutput(
+        loss=out.loss,
+        chosen_logps=out.chosen_logps.detach(),
+        rejected_logps=out.rejected_logps.detach(),
+        chosen_rewards=out.chosen_rewards,
+        rejected_rewards=out.rejected_rewards,
+        chosen_logits_mean=out.chosen_logits_mean,
+        rejected_logits_mean=out.rejected_logits_mean,
+        sft_loss=None if out.sft_loss is None else out.sft_loss.detach(),
+    )
+
+
+def attach_simpo_head(model: torch.nn.Module, *, beta: float, gamma_beta_ratio: float,
+                      label_smoothing: float = 0.0, loss_type: str = "sigmoid",
+                      sft_weight: float = 0.0, ignore_index: int = -100, backend: str = "auto",
+                      chunk_size: Optional[int] = None) -> torch.nn.Module:
+    """Patch ``model.forward`` (this instance only) to compute SimPO when called with ``simpo=True``.
+
+    Idempotent: patching again only updates the options.
+    """
+    if model.get_output_embeddings() is None or not hasattr(model, "get_decoder"):
+        raise TypeError(f"{type(model).__name__} is not a causal LM with an output embedding")
+    model._simpo_options = dict(
+        beta=float(beta), gamma_beta_ratio=float(gamma_beta_ratio),
+        label_smoothing=float(label_smoothing), loss_type=loss_type, sft_weight=float(sft_weight),
+        ignore_index=int(ignore_index), backend=backend, chunk_size=chunk_size)
+    if not getattr(model, "_simpo_patched", False):
+        model._simpo_original_forward = model.forward
+        model.forward = types.MethodType(_simpo_forward, model)
+        model._simpo_patched = True
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0 (as the official trainer's ``disable_dropout``)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "attention_dropout"):
+        config.attention_dropout = 0.0
+    for module in model.modules():  # attention modules copy the rate at construction
+        if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
+            module.attention_dropout = 0.0
+
+
+# ----------------------------------------------------------------------------- embedded default
+
+def words(text: str) -> list[str]:
+    """The tiny tokenizer's pre-tokenization: words, numbers, single punctuation marks, newlines."""
+    return _WORD_RE.findall(text)
+
+
+def build_tiny_tokenizer(texts: Iterable[str], chat_template: str = GEMMA_CHAT_TEMPLATE):
+    """A word-level ``PreTrainedTokenizerFast`` over the words of ``texts``, built offline.
+
+    Gemma's special-token layout (pad 0, eos 1, bos 2, unk 3) plus ``<start_of_turn>`` /
+    ``<end_of_turn>``; unknown words map to ``<unk>``. The vocabulary is sorted, so the same
+    texts always give the same ids.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # words of the chat format itself ("user", "model", newline) plus those of the texts
+    template_words = {"\n", "user", "model", "system"}
+    vocab_words = sorted(({w for t in texts for w in words(t)} | template_words)
+                         - set(TINY_SPECIAL_TOKENS))
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL_TOKENS + vocab_words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+        pre_tokenizers.Split(Regex(_WORD_RE.pattern), behavior="isolated"),
+    ])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        model_max_length=1024)
+    fast.chat_template = chat_template
+    return fast
+
+
+def tiny_gemma2_config(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2,
+                       num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 256,
+                       max_position_embeddings: int = 512, pad_token_id: int = 0,
+                       eos_token_id: int = 1, bos_token_id: int = 2):
+    """A small ``Gemma2Config``: softcaps on (final 30, attention 50), tied embeddings, eager attention."""
+    from transformers import Gemma2Config
+
+    head_dim = hidden_size // num_heads
+    config = Gemma2Config(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+        max_position_embeddings=max_position_embeddings, sliding_window=128,
+        final_logit_softcapping=30.0, attn_logit_softcapping=50.0, tie_word_embeddings=True,
+        pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=bos_token_id,
+        attention_dropout=0.0, use_cache=False,
+    )
+    config._attn_implementation = "eager"
+    return config
+
+
+def build_tiny_model(tokenizer, *, torch_dtype: Optional[torch.dtype] = None, **config_kwargs):
+    """A freshly initialised tiny ``Gemma2ForCausalLM`` for ``tokenizer`` (respects ZeRO-3 init)."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_gemma2_config(
+        len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, **config_kwargs)
+    kwargs = {"attn_implementation": "eager"}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    model = AutoModelForCausalLM.from_config(config, **kwargs)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight, "untied"
+    return model

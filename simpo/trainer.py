@@ -1,0 +1,132 @@
+"""``SimPOTrainer``: a ``transformers.Trainer`` whose loss is the SimPO loss of ``simpo_kernels``.
+
+Loss computation. The trainer patches the model instance (:func:`simpo.modeling.attach_simpo_head`)
+so that the model's own forward, as run by DeepSpeed / FSDP / DDP, computes the loss from the
+decoder's last hidden state and ``lm_head.weight`` with ``softcap = config.final_logit_softcapping``;
+``compute_loss`` only calls ``model(..., simpo=True)`` and takes ``outputs["loss"]``.
+
+Loss scaling. The SimPO loss of a micro-batch is a mean over its pairs, like the official trainer's.
+The trainer opts out of Hugging Face's ``num_items_in_batch`` path (``model_accepts_loss_kwargs =
+False``, ``loss_is_scaled_for_ga = False``): nothing multiplies the loss by the number of processes,
+``training_step`` divides it by the gradient-accumulation steps, and DDP / DeepSpeed average the
+gradients over processes. The optimizer therefore sees the mean over all pairs of the global batch,
+the same for any split of it into processes x accumulation steps x per-device batch.
+
+Metrics. Every ``compute_loss`` (train) and ``prediction_step`` (eval) stores the official metrics;
+``log`` replaces them by their mean over the logging window (``eval_`` prefix in evaluation), as
+the official ``store_metrics`` / ``log`` do, and additionally averages them over processes (the
+official trainer logs rank 0's only).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any, Optional
+
+import torch
+from transformers import Trainer
+
+from .data import SimPODataCollator
+from .modeling import attach_simpo_head, disable_dropout
+
+logger = logging.getLogger(__name__)
+
+METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
+
+
+def metrics_from_outputs(outputs, prefix: str = "") -> dict[str, float]:
+    """The official metric dict from a :class:`~simpo.modeling.SimPOModelOutput`."""
+    c, r = outputs["chosen_rewards"].detach().float(), outputs["rejected_rewards"].detach().float()
+    values = {
+        "rewards/chosen": c.mean(),
+        "rewards/rejected": r.mean(),
+        "rewards/accuracies": (c > r).float().mean(),
+        "rewards/margins": (c - r).mean(),
+        "logps/chosen": outputs["chosen_logps"].detach().float().mean(),
+        "logps/rejected": outputs["rejected_logps"].detach().float().mean(),
+        "logits/chosen": outputs["chosen_logits_mean"].detach().float(),
+        "logits/rejected": outputs["rejected_logits_mean"].detach().float(),
+    }
+    if outputs.get("sft_loss") is not None:
+        values["sft_loss"] = outputs["sft_loss"].detach().float()
+    return {f"{prefix}{k}": v.item() for k, v in values.items()}
+
+
+class SimPOTrainer(Trainer):
+    """Trainer for SimPO. ``args`` is a :class:`simpo.config.SimPOConfig`; the datasets are the
+    tokenised output of :func:`simpo.data.prepare_dataset`."""
+
+    # training_step divides the loss by the accumulation steps (see module docstring)
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model=None, args=None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, **kwargs):
+        if args is None or not hasattr(args, "beta"):
+            raise TypeError("SimPOTrainer needs args=SimPOConfig(...)")
+        attach_simpo_head(
+            model, beta=args.beta, gamma_beta_ratio=args.gamma_beta_ratio,
+            label_smoothing=args.label_smoothing, loss_type=args.loss_type,
+            sft_weight=args.sft_weight, ignore_index=args.label_pad_token_id,
+            backend=args.loss_backend, chunk_size=args.loss_chunk_size)
+        if args.disable_dropout:
+            disable_dropout(model)
+        if args.remove_unused_columns:
+            # The collator needs the chosen_*/rejected_* columns, which the forward does not name.
+            args.remove_unused_columns = False
+        if data_collator is None:
+            pad = args.padding_value
+            if pad is None and processing_class is not None:
+                pad = processing_class.pad_token_id
+            data_collator = SimPODataCollator(pad, args.label_pad_token_id)
+        self._stored_metrics = defaultdict(lambda: defaultdict(list))
+        super().__init__(model=model, args=args, data_collator=data_collator,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, **kwargs)
+        # The loss is a per-micro-batch mean over pairs: no num_items_in_batch, no x num_processes.
+        self.model_accepts_loss_kwargs = False
+
+    # -------------------------------------------------------------- loss and metrics
+
+    def _simpo_forward(self, model, inputs):
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     labels=inputs["labels"], simpo=True)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = self._simpo_forward(model, inputs)
+        loss = outputs["loss"]
+        train_eval = "train" if model.training else "eval"
+        self.store_metrics(metrics_from_outputs(outputs, "eval_" if train_eval == "eval" else ""),
+                           train_eval)
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = self._simpo_forward(model, inputs)
+        self.store_metrics(metrics_from_outputs(outputs, "eval_"), "eval")
+        return outputs["loss"].detach(), None, None
+
+    def store_metrics(self, metrics: dict[str, float], train_eval: str = "train") -> None:
+        for key, value in metrics.items():
+            self._stored_metrics[train_eval][key].append(value)
+
+    def _metric_keys(self, train_eval: str) -> list[str]:
+        prefix = "eval_" if train_eval == "eval" else ""
+        names = list(METRIC_NAMES) + (["sft_loss"] if self.args.sft_weight > 0 else [])
+        return [prefix + n for n in names]
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        train_eval = "train" if "loss" in logs else "eval"
+        stored = self._stored_metrics.pop(train_eval, None)
+        if stored:
+            keys = self._metric_keys(train_eval)
+            local = torch.tensor([sum(stored[k]) / len(stored[k]) if stored.get(k) else float("nan")
+                                  for k in keys], dtype=torch.float64)
+            if self.args.world_size > 1:
+                gathered = self.accelerator.gather(local.to(self.args.device).unsqueeze(0))
+                local = gathered.double().nanmean(0).cpu()
+            for k, v in zip(keys, local.tolist()):
+                logs[k] = v
+        super().log(logs, start_time)

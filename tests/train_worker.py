@@ -1,0 +1,74 @@
+"""Worker for the multi-process training tests: ``python tests/train_worker.py OUT.json [options]``
+or under ``torchrun --nproc_per_node 2``. Trains a saved tiny model with SimPOTrainer for a few
+steps (logging every step) and writes the per-step losses and metrics from rank 0."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--model_dir", required=True)
+    p.add_argument("--work_dir", required=True)
+    p.add_argument("--deepspeed", default=None)
+    p.add_argument("--per_device", type=int, default=2)
+    p.add_argument("--grad_accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--evaluate", action="store_true")
+    a = p.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from simpo.config import SimPOConfig
+    from simpo.data import load_raw_datasets, prepare_dataset
+    from simpo.train import setup_distributed
+    from simpo.trainer import SimPOTrainer
+
+    torch.set_num_threads(1)
+    args = SimPOConfig(
+        output_dir=a.work_dir, max_steps=a.steps, per_device_train_batch_size=a.per_device,
+        gradient_accumulation_steps=a.grad_accum, learning_rate=a.lr, lr_scheduler_type="constant",
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+        data_seed=0, deepspeed=a.deepspeed, beta=2.0, gamma_beta_ratio=0.5, max_length=64,
+        max_prompt_length=32, disable_tqdm=True, dataloader_num_workers=0,
+        per_device_eval_batch_size=2)
+    setup_distributed(args)  # torch.distributed + deepspeed.comm before a ZeRO-3 from_pretrained
+    tok = AutoTokenizer.from_pretrained(a.model_dir)
+    raw = load_raw_datasets(None, ["train"])["train"].select(range(a.rows))
+    ds = prepare_dataset(raw, tok, args)
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, attn_implementation="eager")
+    trainer = SimPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer.train()
+    head_shape = list(trainer.model.get_output_embeddings().weight.shape)  # outside any forward
+    eval_metrics = trainer.evaluate(eval_dataset=ds) if a.evaluate else {}
+    if trainer.is_world_process_zero():
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        with open(a.out, "w") as f:
+            json.dump({"world_size": args.world_size, "logs": logs,
+                       "deepspeed": trainer.is_deepspeed_enabled,
+                       "lm_head_shape_outside_forward": head_shape,
+                       "eval": eval_metrics}, f)
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # rank 0 has written the results
+        # DeepSpeed's CPU communication stack sometimes aborts in C++ teardown at interpreter exit
+        # ("terminate called without an active exception", ~1 run in 6, after all work is done):
+        # leave without running those destructors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
