@@ -1,24 +1,23 @@
-"""Largest single tensor allocation of a CPU computation, measured with torch.profiler."""
+"""Largest single tensor allocation of a computation, measured with torch.profiler."""
 
 from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch.profiler import ProfilerActivity, profile
 
 
-def largest_cpu_allocation(fn: Callable[[], object]) -> int:
-    """Bytes of the largest single tensor allocation made while ``fn()`` runs on CPU.
+def largest_allocation(fn: Callable[[], object]) -> int:
+    """Bytes of the largest per-operator allocation made while ``fn()`` runs (CPU, or CUDA too).
 
-    Reads the profiler's memory timeline (every tensor creation with its size); where that private
-    API is unavailable, falls back to the largest per-operator self allocation, which is the same
-    number for ops that allocate one output.
+    Each operator's self memory is what it allocated (net of what it freed inside itself), so for
+    an op that creates one output tensor it is that tensor's size. Stacks are not recorded: under
+    the Triton interpreter they would cost gigabytes.
     """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, profile_memory=True) as prof:
         fn()
-    try:
-        timeline = prof._memory_profile().timeline
-        return max(size for _, action, _, size in timeline if "CREATE" in str(action))
-    except Exception:  # pragma: no cover - depends on the torch version
-        return max(e.self_cpu_memory_usage for e in prof.events())
+    return max(max(e.self_cpu_memory_usage, getattr(e, "self_device_memory_usage", 0))
+               for e in prof.events())

@@ -7,7 +7,7 @@ import torch
 from simpo_kernels import simpo_loss, simpo_loss_from_logits
 from simpo_kernels.chunked import CHUNK_BUDGET_BYTES, default_chunk_size
 
-from .profiling import largest_cpu_allocation
+from .profiling import largest_allocation
 
 
 def _batch(rows, T, H, V, seed=0):
@@ -27,8 +27,8 @@ def test_torch_backend_largest_allocation_is_one_chunk():
     def step():
         simpo_loss(hidden, weight, labels, backend="torch", softcap=30.0, chunk_size=chunk).loss.backward()
 
-    torch_peak = largest_cpu_allocation(step)
-    eager_peak = largest_cpu_allocation(
+    torch_peak = largest_allocation(step)
+    eager_peak = largest_allocation(
         lambda: simpo_loss(hidden, weight, labels, backend="eager", softcap=30.0).loss.backward())
     chunk_bytes = chunk * V * 4
     print(f"largest allocation: torch {torch_peak} B, one chunk {chunk_bytes} B, "
@@ -42,7 +42,7 @@ def test_default_chunk_stays_within_budget_at_large_vocab():
     rows, T, H, V = 2, 2048, 16, 65536  # full float32 logits would be 1 GiB
     hidden, weight, labels = _batch(rows, T, H, V, seed=1)
     chunk = default_chunk_size(V, H, torch.float32)
-    peak = largest_cpu_allocation(
+    peak = largest_allocation(
         lambda: simpo_loss(hidden, weight, labels, backend="torch").loss.backward())
     print(f"default chunk {chunk} tokens; largest allocation {peak} B; budget {CHUNK_BUDGET_BYTES} B")
     assert peak <= chunk * V * 4 <= CHUNK_BUDGET_BYTES
@@ -53,7 +53,7 @@ def test_from_logits_backward_makes_no_float32_copy():
     rows, T, V = 8, 256, 4000
     logits = torch.randn(rows, T, V, dtype=torch.bfloat16).requires_grad_(True)
     labels = torch.randint(0, V, (rows, T))
-    peak = largest_cpu_allocation(
+    peak = largest_allocation(
         lambda: simpo_loss_from_logits(logits, labels, backend="torch", chunk_size=64).loss.backward())
     # the gradient itself (bf16, N x V) is the only full-size tensor; no float32 N x V copy
     assert peak <= rows * T * V * 2

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from tests.profiling import largest_allocation
 from tests.triton_helpers import DEVICE
 
 kernels = pytest.importorskip("simpo_kernels.kernels")
@@ -21,14 +21,6 @@ kernels = pytest.importorskip("simpo_kernels.kernels")
 N, H, V = 1024, 16, 512  # N*V*4 = 2 MiB; N*H*4 = 64 KiB; V*H*4 = 32 KiB
 BIG_BLOCKS = dict(block_n=64, block_v=128, block_h=16, bwd_block_n=64, bwd_block_v=128, bwd_block_h=16,
                   logits_block_v=512)
-
-
-def _largest_allocation(fn) -> int:
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
-    with profile(activities=activities, profile_memory=True) as prof:
-        fn()
-    sizes = [max(e.self_cpu_memory_usage, getattr(e, "self_device_memory_usage", 0)) for e in prof.events()]
-    return max(sizes)
 
 
 def test_fused_path_never_allocates_n_by_v():
@@ -44,7 +36,7 @@ def test_fused_path_never_allocates_n_by_v():
                                           **BIG_BLOCKS)
         (logps * torch.linspace(-1, 1, N, device=DEVICE)).sum().backward()
 
-    largest = _largest_allocation(run)
+    largest = largest_allocation(run)
     print(f"fused: largest allocation {largest} B vs N*V*4 = {N * V * 4} B")
     assert hidden.grad is not None and weight.grad is not None and bias.grad is not None
     assert 0 < largest <= N * V * 4 // 16, (largest, N * V * 4)
@@ -59,7 +51,7 @@ def test_logits_path_makes_no_float32_copy():
         logps, _ = kernels.token_logprobs_from_logits(logits, targets, ignore_index=-100, **BIG_BLOCKS)
         logps.sum().backward()
 
-    largest = _largest_allocation(run)
+    largest = largest_allocation(run)
     print(f"logits fp16: largest allocation {largest} B; the fp16 gradient itself is {N * V * 2} B")
     assert logits.grad.dtype == torch.float16
     assert largest <= N * V * 2, (largest, N * V * 2)  # the gradient, nothing in float32
