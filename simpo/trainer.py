@@ -27,31 +27,22 @@ from typing import Any, Optional
 import torch
 from transformers import Trainer
 
+from simpo_kernels.objective import METRIC_NAMES, official_metrics
+
 from .data import SimPODataCollator
 from .modeling import attach_simpo_head, disable_dropout
 
 logger = logging.getLogger(__name__)
 
-METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
-
 
 def metrics_from_outputs(outputs, prefix: str = "") -> dict[str, float]:
     """The official metric dict from a :class:`~simpo.modeling.SimPOModelOutput`."""
-    c, r = outputs["chosen_rewards"].detach().float(), outputs["rejected_rewards"].detach().float()
-    values = {
-        "rewards/chosen": c.mean(),
-        "rewards/rejected": r.mean(),
-        "rewards/accuracies": (c > r).float().mean(),
-        "rewards/margins": (c - r).mean(),
-        "logps/chosen": outputs["chosen_logps"].detach().float().mean(),
-        "logps/rejected": outputs["rejected_logps"].detach().float().mean(),
-        "logits/chosen": outputs["chosen_logits_mean"].detach().float(),
-        "logits/rejected": outputs["rejected_logits_mean"].detach().float(),
-    }
-    if outputs.get("sft_loss") is not None:
-        values["sft_loss"] = outputs["sft_loss"].detach().float()
-    return {f"{prefix}{k}": v.item() for k, v in values.items()}
+    return official_metrics(
+        chosen_rewards=outputs["chosen_rewards"], rejected_rewards=outputs["rejected_rewards"],
+        chosen_logps=outputs["chosen_logps"], rejected_logps=outputs["rejected_logps"],
+        chosen_logits_mean=outputs["chosen_logits_mean"],
+        rejected_logits_mean=outputs["rejected_logits_mean"],
+        sft_loss=outputs.get("sft_loss"), prefix=prefix)
 
 
 class SimPOTrainer(Trainer):

@@ -58,20 +58,35 @@ class SimPOOutput:
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         """The official trainer's logged metrics (``prefix="eval_"`` in evaluation)."""
-        c, r = self.chosen_rewards.detach(), self.rejected_rewards.detach()
-        out = {
-            f"{prefix}rewards/chosen": c.mean().item(),
-            f"{prefix}rewards/rejected": r.mean().item(),
-            f"{prefix}rewards/accuracies": (c > r).float().mean().item(),
-            f"{prefix}rewards/margins": (c - r).mean().item(),
-            f"{prefix}logps/rejected": self.rejected_logps.detach().mean().item(),
-            f"{prefix}logps/chosen": self.chosen_logps.detach().mean().item(),
-            f"{prefix}logits/rejected": self.rejected_logits_mean.item(),
-            f"{prefix}logits/chosen": self.chosen_logits_mean.item(),
-        }
-        if self.sft_loss is not None:
-            out[f"{prefix}sft_loss"] = self.sft_loss.detach().item()
-        return out
+        return official_metrics(
+            chosen_rewards=self.chosen_rewards, rejected_rewards=self.rejected_rewards,
+            chosen_logps=self.chosen_logps, rejected_logps=self.rejected_logps,
+            chosen_logits_mean=self.chosen_logits_mean, rejected_logits_mean=self.rejected_logits_mean,
+            sft_loss=self.sft_loss, prefix=prefix)
+
+
+#: The official trainer's metric names (``sft_loss`` is added when ``sft_weight > 0``).
+METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/rejected", "logps/chosen", "logits/rejected", "logits/chosen")
+
+
+def official_metrics(
+    *, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor, chosen_logits_mean: torch.Tensor, rejected_logits_mean: torch.Tensor,
+    sft_loss: Optional[torch.Tensor] = None, prefix: str = "",
+) -> dict[str, float]:
+    """``{prefix + name: value}`` for :data:`METRIC_NAMES` (+ ``sft_loss``), from ``[B]`` rewards and
+    logps and scalar logit means, with one host transfer (this runs on every training step)."""
+    c, r = chosen_rewards.detach(), rejected_rewards.detach()
+    values = [c.mean(), r.mean(), (c > r).to(c.dtype).mean(), (c - r).mean(),
+              rejected_logps.detach().mean(), chosen_logps.detach().mean(),
+              rejected_logits_mean.detach(), chosen_logits_mean.detach()]
+    names = list(METRIC_NAMES)
+    if sft_loss is not None:
+        values.append(sft_loss.detach())
+        names.append("sft_loss")
+    host = torch.stack([v.to(torch.float64) for v in values]).tolist()
+    return {prefix + n: v for n, v in zip(names, host)}
 
 
 def shift_targets(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
