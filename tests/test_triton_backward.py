@@ -13,7 +13,7 @@ import torch
 
 from simpo_kernels import simpo_loss
 from tests.reference import rel_err
-from tests.triton_helpers import DEVICE, TOL, check, make_batch, reference_with_grads
+from tests.triton_helpers import DEVICE, ON_CPU, TOL, check, make_batch, reference_with_grads
 
 kernels = pytest.importorskip("simpo_kernels.kernels")
 from simpo_kernels.kernels import logprob_backward as bwd_module  # noqa: E402
@@ -191,8 +191,67 @@ def test_random_shapes_and_blocks():
         rgrads = torch.autograd.grad((ref * up.double()).sum(), leaves)
         case = f"bwd/random{it}"
         check(case, "logit_sums", sums, z.detach().sum(-1), 1e-5)
-        for nm, a, r in zip(("token_logps", "d_hidden", "d_weight", "d_bias"), (logps,) + grads, (ref,) + rgrads):
-            if r.norm() > 0:
+        if V > 1:
+            for nm, a, r in zip(("token_logps", "d_hidden", "d_weight", "d_bias"), (logps,) + grads,
+                                (ref,) + rgrads):
                 check(case, nm, a, r, 1e-5)
-            else:  # V == 1: every log-prob and gradient is exactly 0
-                assert a.abs().max() <= 1e-6, (case, nm)
+        else:
+            _check_one_token_vocabulary(case, hidden, weight, bias, targets, up, softcap, logps, grads)
+
+
+def _check_one_token_vocabulary(case, hidden, weight, bias, targets, up, softcap, logps, grads):
+    """V == 1: the exact log-prob and every gradient are 0, so a relative error has no meaning.
+
+    The forward and backward compute each logit twice, with different tile shapes, so the two
+    agree only to float32 rounding (see ``lse_forward.logit_tile``): ``softmax = exp(z_bwd - lse)``
+    with ``lse = z_fwd`` is 1 +- that difference and the kernels' gradient is of its size. Bound it
+    from the inputs: a float32 dot product of length H errs by at most ``H u sum_k |h_k w_k|``
+    (``u = 2^-24``), twice (forward and backward), plus a few ``u`` for the bias add, ``tanh``,
+    ``exp`` and ``log``; the softcap derivative is at most 1. Per token:
+    ``|dz_n| <= |g_n| delta_n``, ``delta_n = u (2 (H + 2) (sum_k |h_nk w_k| + |b|) + 4 |z_n| + 4)``.
+    Then ``|dH[n]| <= |dz_n| |w|``, ``|dW| <= sum_n |dz_n| |h_n|``, ``|db| <= sum_n |dz_n|``.
+    """
+    u = 2.0 ** -24
+    H = hidden.shape[1]
+    h64, w64, b64 = (t.detach().double() for t in (hidden, weight, bias))
+    valid = targets >= 0
+    zmag = (h64.abs() @ w64.abs().T)[:, 0] + b64.abs()[0]
+    zcap = (h64 @ w64.T)[:, 0] + b64[0]
+    if softcap is not None:
+        zcap = softcap * torch.tanh(zcap / softcap)
+    delta = u * (2 * (H + 2) * zmag + 4 * zcap.abs() + 4)
+    dz = torch.where(valid, up.double().abs() * delta, 0.0)
+    slack = 1 + 4 * u * max(1, hidden.shape[0])  # the products and sums of the bounds themselves
+    d_hidden, d_weight, d_bias = (g.double() for g in grads)
+    assert (logps.double().abs() <= delta * slack).all(), (case, "token_logps")
+    assert (d_hidden.abs() <= dz[:, None] * w64.abs() * slack).all(), (case, "d_hidden")
+    assert (d_weight.abs() <= (dz[:, None] * h64.abs()).sum(0) * slack).all(), (case, "d_weight")
+    assert (d_bias.abs() <= dz.sum() * slack).all(), (case, "d_bias")
+    # and the bound is not vacuous: it is small next to the gradient scale |g| |w|
+    assert (delta[valid] < 1e-3).all(), (case, delta.max())
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_one_token_vocabulary_gradient_is_recompute_rounding(softcap):
+    """V == 1 with different forward and backward hidden slices (block_h 16 vs 32): the backward's
+    logits are summed in another order than the forward's, so the gradient (exactly 0 in exact
+    arithmetic) is float32 rounding, visibly non-zero here, and within the input-scaled bound.
+    The bound must also be able to fail: a gradient off by 1e-2 of its scale is caught."""
+    g = torch.Generator().manual_seed(3)
+    N, H = 40, 48
+    hidden = (torch.randn(N, H, generator=g) * 2).to(DEVICE).requires_grad_()
+    weight = torch.randn(1, H, generator=g).to(DEVICE).requires_grad_()
+    bias = torch.randn(1, generator=g).to(DEVICE).requires_grad_()
+    targets = torch.zeros(N, dtype=torch.long, device=DEVICE)
+    targets[::7] = -100
+    up = torch.randn(N, generator=g).to(DEVICE)
+    logps, _ = kernels.token_logprobs(hidden, weight, bias, targets, softcap=softcap, ignore_index=-100,
+                                      block_n=16, block_h=16, bwd_block_n=32, bwd_block_h=32)
+    grads = torch.autograd.grad((logps * up).sum(), (hidden, weight, bias))
+    if ON_CPU:  # the interpreter's np.matmul rounds each slice product: the orders really differ
+        assert grads[1].abs().max() > 0
+    _check_one_token_vocabulary("bwd/V1", hidden, weight, bias, targets, up, softcap, logps, grads)
+    wrong = grads[0] + 1e-2 * up[:, None].abs() * weight.detach().abs()
+    with pytest.raises(AssertionError, match="d_hidden"):
+        _check_one_token_vocabulary("bwd/V1", hidden, weight, bias, targets, up, softcap, logps,
+                                    (wrong,) + grads[1:])

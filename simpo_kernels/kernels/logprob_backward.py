@@ -5,8 +5,9 @@ For token ``n`` with upstream gradient ``g_n = dL/dlogp_n`` the gradient of its 
     dz[n, v] = g_n * (onehot(y_n)[v] - exp(z[n, v] - lse_n)) * (1 - tanh(z_raw[n, v] / s)^2)
 
 (the last factor only with a softcap ``s``). The kernel never stores ``dz``: each program
-recomputes one ``[BLOCK_N, BLOCK_V]`` logit tile exactly as the forward did (same helper, same
-float32 accumulation), forms ``dz`` in registers, and immediately contracts it:
+recomputes one ``[BLOCK_N, BLOCK_V]`` logit tile with the forward's helper (same formula, float32
+accumulation; equal to the forward's logits to float32 rounding, not bit for bit: see
+:func:`.lse_forward.logit_tile`), forms ``dz`` in registers, and immediately contracts it:
 
     dH[rows, :] += dz @ W[v_tile, :]          dW[v_tile, :] += dz^T @ H[rows, :]
 

@@ -49,7 +49,15 @@ def logit_tile(h_ptr, w_ptr, b_ptr, rows, mask_n, offs_v, mask_v, softcap, H,
     ``rows`` are the token row indices (the backward pass gathers a compacted set of tokens);
     ``h`` rows beyond ``mask_n`` and ``w`` rows beyond ``mask_v`` load as 0, so padded entries hold
     the bias (or 0) and are masked by the caller. Shared by the forward and backward kernels so
-    that both see bit-identical logits.
+    that both compute the same formula in the same ``BLOCK_H`` slices, but the two recomputations
+    are NOT bit-identical: the backward's tile is ``bwd_block_n x bwd_block_v`` over a compacted row
+    set, the forward's ``block_n x block_v``, and each ``tl.dot`` rounds its slice product to float32
+    before the add into ``acc`` in an order that depends on the tile shape (the interpreter calls
+    ``np.matmul(a, b) + acc``, whose BLAS kernel, FMA use and reduction order vary with the operand
+    shapes and the CPU; on a GPU the MMA instruction shape follows the tile). So the backward's
+    logits differ from the forward's by float32 rounding, about ``H * 2^-24 * sum_k |h_k w_k|``
+    at worst, and ``softmax = exp(z - lse)`` is 1 only to that accuracy: where the exact gradient is
+    0 (a one-token vocabulary) the kernels give a gradient of that size, not 0.
     """
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     offs_h = tl.arange(0, BLOCK_H)
