@@ -114,6 +114,8 @@ def test_triton_impl_wiring_under_the_interpreter(monkeypatch):
     fake = types.ModuleType("simpo_kernels.kernels")
     fake.token_logprobs = lambda h, w, b, t, *, softcap, ignore_index: chunked.token_logprobs(
         h, w, b, t, softcap=softcap, ignore_index=ignore_index)
+    fake.check_dtype = chunked.check_dtype
+    fake.BACKEND = "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setitem(sys.modules, "simpo_kernels.kernels", fake)
     ctx = M.CaseContext(C.make_case(C.FAMILIES["cpu-interp"], 64), CPU)

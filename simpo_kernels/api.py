@@ -3,6 +3,18 @@
 Each call validates its inputs, shifts the labels, asks the chosen backend for per-token
 log-probabilities and logit sums, and applies :func:`simpo_kernels.objective.simpo_objective`.
 
+Guarantees every backend shares, enforced here once:
+
+* Inputs are never modified (no backend writes into a caller's tensor, in forward or backward).
+* Autocast: inside ``torch.autocast(device_type, dtype)`` the lm_head matmul inputs (float16,
+  bfloat16 and float32 hidden states, weight and bias) are cast to the autocast dtype, as
+  ``nn.Linear`` would be; the backend then runs with autocast off, so its own float32 accumulation
+  is kept, and its backward runs with autocast off wherever ``backward()`` is called.
+  Given logits are not cast (``log_softmax`` runs in float32 under autocast).
+* Non-finite inputs: a NaN or inf anywhere in hidden states, weight, bias or logits makes every
+  value of the result NaN, and every gradient entirely NaN, on every backend. (Stricter than
+  the official trainer, whose gradient is NaN only in the rows the value reaches.)
+
 Backends:
     ``"eager"``  the reference: materialises the logits (the spec).
     ``"torch"``  chunked PyTorch, any device, never more than one chunk of logits.
@@ -12,6 +24,7 @@ Backends:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from typing import Optional, Union
@@ -20,7 +33,7 @@ import torch
 
 from . import chunked, eager
 from .objective import SimPOOutput, shift_targets, simpo_objective
-from .validation import all_finite, check_hidden_inputs, check_logits_inputs, check_options
+from .validation import check_hidden_inputs, check_logits_inputs, check_options
 
 BACKENDS = ("auto", "eager", "torch", "triton")
 
@@ -56,6 +69,16 @@ def _resolve_backend(backend: str, device: torch.device):
     return _triton_module()
 
 
+def check_backend(backend: str, device: Union[str, torch.device], dtype: torch.dtype) -> str:
+    """Raise the error :func:`simpo_loss` would raise for ``backend`` with inputs of ``dtype`` on
+    ``device`` (ValueError: backend unavailable there; TypeError: dtype unsupported by it), before
+    any data exists; returns the resolved backend name. The trainer calls it at start-up."""
+    device = torch.device(device)
+    impl = _resolve_backend(backend, device)
+    impl.check_dtype(dtype, device)
+    return impl.BACKEND
+
+
 def _backend_options(impl, backend: str, chunk_size: Optional[int], grad_filter) -> dict:
     """Validate the backend-specific keywords and keep those the resolved backend takes."""
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
@@ -68,6 +91,58 @@ def _backend_options(impl, backend: str, chunk_size: Optional[int], grad_filter)
                              f"always exact); got backend={backend!r} resolving to {impl.__name__}")
         kwargs["grad_filter"] = grad_filter
     return kwargs
+
+
+class _PoisonGradients(torch.autograd.Function):
+    """Identity in forward; in backward every gradient is NaN. Inserted only for non-finite inputs,
+    so that no backend (the chunked and fused ones skip prompt positions) ever hands an optimizer a
+    finite gradient computed from a NaN or inf input."""
+
+    @staticmethod
+    def forward(ctx, *tensors):
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return tuple(None if g is None else torch.full_like(g, float("nan")) for g in grads)
+
+
+def _poison_gradients(*tensors: Optional[torch.Tensor]) -> list:
+    idx = [i for i, t in enumerate(tensors) if t is not None and t.requires_grad]
+    out = list(tensors)
+    if idx and torch.is_grad_enabled():
+        for i, t in zip(idx, _PoisonGradients.apply(*(tensors[i] for i in idx))):
+            out[i] = t
+    return out
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The active autocast dtype for ``device``'s type, or None when autocast is off there."""
+    if device.type not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def _no_autocast(device: torch.device):
+    """Autocast off for ``device``'s type (backends keep their own precision choices)."""
+    if device.type not in _AUTOCAST_DEVICES:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
+def _autocast_inputs(dtype: Optional[torch.dtype], *tensors):
+    """Cast what autocast would cast for ``F.linear`` (float16/bfloat16/float32, never float64)."""
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor)
+                 and t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t for t in tensors)
+
+
+def _device_of(t) -> torch.device:
+    return t.device if isinstance(t, torch.Tensor) else torch.device("cpu")
 
 
 def simpo_loss(
@@ -108,20 +183,25 @@ def simpo_loss(
     Returns:
         :class:`SimPOOutput`; ``loss`` is differentiable w.r.t. hidden states, weight and bias.
     """
-    check_options(beta=beta, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing,
-                  loss_type=loss_type, sft_weight=sft_weight, softcap=softcap)
-    rows, T, H, V = check_hidden_inputs(hidden_states, weight, bias, labels, ignore_index)
-    impl = _resolve_backend(backend, hidden_states.device)
+    opts = check_options(beta=beta, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing,
+                         loss_type=loss_type, sft_weight=sft_weight, softcap=softcap)
+    softcap = opts.pop("softcap")
+    device = _device_of(hidden_states)
+    hidden_states, weight, bias = _autocast_inputs(_autocast_dtype(device), hidden_states, weight, bias)
+    rows, T, H, V, finite = check_hidden_inputs(hidden_states, weight, bias, labels, ignore_index)
+    impl = _resolve_backend(backend, device)
     kwargs = _backend_options(impl, backend, chunk_size, grad_filter)
+    impl.check_dtype(hidden_states.dtype, device)
+    if not finite:
+        hidden_states, weight, bias = _poison_gradients(hidden_states, weight, bias)
     targets = shift_targets(labels.long(), ignore_index)
-    token_logps, logit_sums = impl.token_logprobs(
-        hidden_states.reshape(rows * T, H), weight, bias, targets.reshape(-1),
-        softcap=None if softcap is None else float(softcap), ignore_index=ignore_index, **kwargs)
-    return simpo_objective(
-        token_logps.view(rows, T), targets, logit_sums.view(rows, T), V,
-        beta=beta, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing,
-        loss_type=loss_type, sft_weight=sft_weight, ignore_index=ignore_index,
-        inputs_finite=all_finite(hidden_states, weight, bias))
+    with _no_autocast(device):
+        token_logps, logit_sums = impl.token_logprobs(
+            hidden_states.reshape(rows * T, H), weight, bias, targets.reshape(-1),
+            softcap=softcap, ignore_index=ignore_index, **kwargs)
+        return simpo_objective(
+            token_logps.view(rows, T), targets, logit_sums.view(rows, T), V,
+            ignore_index=ignore_index, inputs_finite=finite, **opts)
 
 
 def simpo_loss_from_logits(
@@ -145,16 +225,20 @@ def simpo_loss_from_logits(
         Other arguments as in :func:`simpo_loss`. The gradient w.r.t. ``logits`` comes back in the
         logits' dtype; no float32 copy of the full logits is made by the ``torch``/``triton`` backends.
     """
-    check_options(beta=beta, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing,
-                  loss_type=loss_type, sft_weight=sft_weight)
-    rows, T, V = check_logits_inputs(logits, labels, ignore_index)
-    impl = _resolve_backend(backend, logits.device)
+    opts = check_options(beta=beta, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing,
+                         loss_type=loss_type, sft_weight=sft_weight)
+    opts.pop("softcap")
+    rows, T, V, finite = check_logits_inputs(logits, labels, ignore_index)
+    device = logits.device
+    impl = _resolve_backend(backend, device)
     kwargs = _backend_options(impl, backend, chunk_size, False)
+    impl.check_dtype(logits.dtype, device)
+    if not finite:
+        logits, = _poison_gradients(logits)
     targets = shift_targets(labels.long(), ignore_index)
-    token_logps, logit_sums = impl.token_logprobs_from_logits(
-        logits.reshape(rows * T, V), targets.reshape(-1), ignore_index=ignore_index, **kwargs)
-    return simpo_objective(
-        token_logps.view(rows, T), targets, logit_sums.view(rows, T), V,
-        beta=beta, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing,
-        loss_type=loss_type, sft_weight=sft_weight, ignore_index=ignore_index,
-        inputs_finite=all_finite(logits))
+    with _no_autocast(device):
+        token_logps, logit_sums = impl.token_logprobs_from_logits(
+            logits.reshape(rows * T, V), targets.reshape(-1), ignore_index=ignore_index, **kwargs)
+        return simpo_objective(
+            token_logps.view(rows, T), targets, logit_sums.view(rows, T), V,
+            ignore_index=ignore_index, inputs_finite=finite, **opts)

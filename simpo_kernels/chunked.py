@@ -9,6 +9,13 @@ logits (for the metrics). Backward recomputes each chunk's logits and forms
 where ``g_t`` is the upstream gradient of token ``t``'s log-probability, then accumulates
 ``dH = dz W`` and ``dW = dz^T H`` (float32 accumulator across chunks). Backward visits only tokens
 with a target (prompt and padding positions have ``g_t = 0``).
+
+Precision: chunk logits are float32 for float16/bfloat16/float32 inputs (float64 for float64), so
+float16 logits beyond 65504 are computed correctly (the ``eager`` reference, like ``nn.Linear``,
+overflows there). On CUDA the 16-bit products run on tensor cores with float32 output
+(``torch.mm(..., out_dtype=torch.float32)``); elsewhere, or where that is unavailable, the
+16-bit weight is upcast once per pass (a ``[V, H]`` float32 copy; fine for the small models this
+backend serves on CPU). Nothing the caller passed in is ever written to.
 """
 
 from __future__ import annotations
@@ -16,12 +23,21 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .eager import compute_dtype
+from .validation import refuse_double_backward
+
+BACKEND = "torch"
 
 #: Bytes of per-chunk working memory the default chunk size aims for.
 CHUNK_BUDGET_BYTES = 256 * 2**20
+
+_HALF = (torch.float16, torch.bfloat16)
+_MM_OUT_DTYPE: dict = {}  # (device type, dtype) -> whether torch.mm(..., out_dtype=float32) works
+
+
+def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """Every float dtype on every device."""
 
 
 def default_chunk_size(vocab_size: int, hidden_size: int, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -38,15 +54,61 @@ def default_chunk_size(vocab_size: int, hidden_size: int, dtype: torch.dtype = t
     return int(min(8192, c if c < 8 else c - c % 8))
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  softcap: Optional[float], cdtype: torch.dtype):
-    """Capped logits of one chunk in the compute dtype, and ``tanh(z/s)`` (None without softcap)."""
-    z = F.linear(h, weight, bias)
-    z = z.to(cdtype) if z.dtype != cdtype else z
-    if softcap is None:
-        return z, None
-    t = z.div_(softcap).tanh_()  # in place: z now holds tanh(z / s)
-    return t * softcap, t
+def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
+    key = (device.type, dtype)
+    if key not in _MM_OUT_DTYPE:
+        ok = False
+        if device.type == "cuda":  # cuBLAS only (DESIGN section 8)
+            try:
+                a = torch.ones(16, 16, dtype=dtype, device=device)
+                ok = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+            except (TypeError, RuntimeError, NotImplementedError):
+                ok = False
+        _MM_OUT_DTYPE[key] = ok
+    return _MM_OUT_DTYPE[key]
+
+
+class _Head:
+    """The lm_head operands of one pass, arranged so that every chunk product is float32 (float64).
+
+    ``fast``: 16-bit operands with a float32-output matmul. Otherwise the weight (and each hidden
+    chunk) is used in the compute dtype: unchanged for float32/float64 inputs, an upcast copy for
+    16-bit ones. Never a view that is written to.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], cdtype: torch.dtype):
+        self.cdtype, self.in_dtype = cdtype, weight.dtype
+        self.fast = weight.dtype in _HALF and _mm_out_dtype_works(weight.device, weight.dtype)
+        self.w = weight if self.fast else weight.to(cdtype)
+        self.b = None if bias is None else bias.to(cdtype)
+
+    def operand(self, x: torch.Tensor) -> torch.Tensor:
+        """A chunk (hidden rows or dz) as a matmul operand."""
+        return x.to(self.in_dtype) if self.fast else x.to(self.cdtype)
+
+    def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a @ b`` of two operands, in the compute dtype."""
+        if self.fast:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return a @ b
+
+    def addmm_(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """``acc += a @ b`` (``acc`` in the compute dtype, a buffer of this backend's own)."""
+        if self.fast:
+            acc += torch.mm(a, b, out_dtype=torch.float32)
+        else:
+            acc.addmm_(a, b)
+
+    def logits(self, h: torch.Tensor, softcap: Optional[float]):
+        """Capped logits of a chunk of hidden rows (a fresh tensor) and ``tanh(z/s)`` (None
+        without softcap)."""
+        z = self.mm(self.operand(h), self.w.t())
+        if self.b is not None:
+            z += self.b
+        if softcap is None:
+            return z, None
+        t = z.div_(softcap).tanh_()  # in place on the fresh buffer: z now holds tanh(z / s)
+        return t * softcap, t
 
 
 class ChunkedLinearLogprob(torch.autograd.Function):
@@ -56,6 +118,7 @@ class ChunkedLinearLogprob(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, softcap, ignore_index, chunk_size):
         N = hidden.shape[0]
         cdtype = compute_dtype(hidden.dtype)
+        head = _Head(weight, bias, cdtype)
         valid = targets != ignore_index
         safe = torch.where(valid, targets, 0)
         logps = torch.empty(N, dtype=cdtype, device=hidden.device)
@@ -63,7 +126,7 @@ class ChunkedLinearLogprob(torch.autograd.Function):
         sums = torch.empty(N, dtype=cdtype, device=hidden.device)
         for s in range(0, N, chunk_size):
             e = min(N, s + chunk_size)
-            z, _ = _chunk_logits(hidden[s:e], weight, bias, softcap, cdtype)
+            z, _ = head.logits(hidden[s:e], softcap)
             lse[s:e] = torch.logsumexp(z, dim=-1)
             sums[s:e] = z.sum(-1)
             logps[s:e] = z.gather(1, safe[s:e, None]).squeeze(1) - lse[s:e]
@@ -76,16 +139,23 @@ class ChunkedLinearLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_sums):
+        refuse_double_backward(BACKEND)
         hidden, weight, bias, targets, lse = ctx.saved_tensors
+        with torch.autocast(hidden.device.type, enabled=False):
+            return ChunkedLinearLogprob._backward(ctx, hidden, weight, bias, targets, lse, grad_logps)
+
+    @staticmethod
+    def _backward(ctx, hidden, weight, bias, targets, lse, grad_logps):
         softcap, C = ctx.softcap, ctx.chunk_size
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         cdtype = lse.dtype
-        d_hidden = torch.zeros_like(hidden) if need_h else None
+        d_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h else None
         d_weight = torch.zeros(weight.shape, dtype=cdtype, device=weight.device) if need_w else None
         d_bias = torch.zeros(weight.shape[0], dtype=cdtype, device=weight.device) if need_b and bias is not None else None
         if grad_logps is None or not (need_h or need_w or need_b):
             return d_hidden, d_weight, d_bias, None, None, None, None
 
+        head = _Head(weight, bias, cdtype)
         valid = targets != ctx.ignore_index
         idx = valid.nonzero().squeeze(1)  # only tokens with a target carry gradient
         g_all = grad_logps.to(cdtype)
@@ -93,8 +163,8 @@ class ChunkedLinearLogprob(torch.autograd.Function):
             rows = idx[s:s + C]
             h = hidden.index_select(0, rows)
             g = g_all.index_select(0, rows)
-            z, t = _chunk_logits(h, weight, bias, softcap, cdtype)
-            # dz = g * (onehot - softmax), built in place in the logits buffer
+            z, t = head.logits(h, softcap)
+            # dz = g * (onehot - softmax), built in place in the fresh logits buffer
             dz = z.sub_(lse.index_select(0, rows)[:, None]).exp_().mul_(-g[:, None])
             dz[torch.arange(rows.numel(), device=dz.device), targets.index_select(0, rows)] += g
             if t is not None:
@@ -102,16 +172,13 @@ class ChunkedLinearLogprob(torch.autograd.Function):
             del t
             if d_bias is not None:
                 d_bias += dz.sum(0)
-            dz_in = dz.to(hidden.dtype)
+            dz_op = head.operand(dz)
             del dz
             if d_hidden is not None:
-                d_hidden.index_copy_(0, rows, dz_in @ weight)
+                d_hidden.index_copy_(0, rows, head.mm(dz_op, head.w).to(hidden.dtype))
             if d_weight is not None:
-                if dz_in.dtype == cdtype:
-                    d_weight.addmm_(dz_in.t(), h)
-                else:  # bf16/fp16: tensor-core matmul, float32 accumulation across chunks
-                    d_weight += (dz_in.t() @ h).to(cdtype)
-            del dz_in
+                head.addmm_(d_weight, dz_op.t(), head.operand(h))
+            del dz_op
         if d_weight is not None:
             d_weight = d_weight.to(weight.dtype)
         if d_bias is not None:
@@ -132,7 +199,7 @@ class ChunkedLogitsLogprob(torch.autograd.Function):
         sums = torch.empty(N, dtype=cdtype, device=logits.device)
         tgt = logits.gather(1, safe[:, None]).squeeze(1).to(cdtype)
         for s in range(0, N, chunk_size):
-            z = logits[s:s + chunk_size].to(cdtype)
+            z = logits[s:s + chunk_size].to(cdtype)  # may be the caller's storage: read only
             lse[s:s + chunk_size] = torch.logsumexp(z, dim=-1)
             sums[s:s + chunk_size] = z.sum(-1)
             del z
@@ -143,6 +210,7 @@ class ChunkedLogitsLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_sums):
+        refuse_double_backward(BACKEND)
         logits, targets, lse = ctx.saved_tensors
         if grad_logps is None or not ctx.needs_input_grad[0]:
             return None, None, None, None
@@ -150,10 +218,12 @@ class ChunkedLogitsLogprob(torch.autograd.Function):
         valid = targets != ctx.ignore_index
         g_all = torch.where(valid, grad_logps.to(lse.dtype), 0.0)
         safe = torch.where(valid, targets, 0)
-        d_logits = torch.empty_like(logits)
+        d_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
         for s in range(0, logits.shape[0], C):
             g = g_all[s:s + C]
-            dz = logits[s:s + C].to(lse.dtype).sub_(lse[s:s + C, None]).exp_().mul_(-g[:, None])
+            # Out of place first: ``.to()`` returns the caller's own storage when the dtype already
+            # matches, and the logits must survive (other losses, retain_graph) unchanged.
+            dz = torch.sub(logits[s:s + C].to(lse.dtype), lse[s:s + C, None]).exp_().mul_(-g[:, None])
             dz[torch.arange(dz.shape[0], device=dz.device), safe[s:s + C]] += g
             d_logits[s:s + C] = dz
             del dz

@@ -13,6 +13,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+BACKEND = "eager"
+
+
+def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """Every float dtype on every device (the lm_head matmul follows ``nn.Linear``: in float16 it
+    overflows to inf beyond 65504, as the official model's logits would)."""
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every narrower float type is computed in float32."""

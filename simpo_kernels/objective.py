@@ -135,7 +135,7 @@ def simpo_objective(
     loss_type: str,
     sft_weight: float,
     ignore_index: int,
-    inputs_finite: Optional[torch.Tensor] = None,
+    inputs_finite: bool = True,
 ) -> SimPOOutput:
     """Apply the SimPO objective to per-position quantities of a ``[2B, T]`` batch.
 
@@ -144,9 +144,15 @@ def simpo_objective(
         targets: ``[2B, T]`` shifted labels (see :func:`shift_targets`).
         logit_sums: ``[2B, T]`` sum of the (softcapped) logits over the vocabulary per position.
         vocab_size: ``V``, to turn logit sums into the mean raw logit.
-        inputs_finite: optional 0-dim bool tensor; when False the loss is forced to NaN (a softcap
-            maps inf to a finite logit, so a non-finite input could otherwise yield a finite loss).
+        inputs_finite: False when an input (hidden states, weight, bias or logits) holds NaN or inf:
+            every value of the result is then NaN. A softcap maps inf to a finite logit, and a
+            backend that skips prompt positions never sees a NaN there, so without this a
+            non-finite input could give a finite loss. (The gradients are poisoned by the caller,
+            :mod:`simpo_kernels.api`.)
     """
+    if not inputs_finite:
+        token_logps = token_logps + float("nan")
+        logit_sums = logit_sums + float("nan")
     rows, T = token_logps.shape
     B = rows // 2
     mask = targets != ignore_index
@@ -173,11 +179,6 @@ def simpo_objective(
     else:
         chosen_logits_mean = logit_sums[:B].sum() / (B * T * vocab_size)
     rejected_logits_mean = logit_sums[B:].sum() / (B * T * vocab_size)
-
-    if inputs_finite is not None:
-        poison = torch.where(inputs_finite, 0.0, float("nan")).to(loss.dtype)
-        loss = loss + poison
-        losses = losses + poison
 
     return SimPOOutput(
         loss=loss,

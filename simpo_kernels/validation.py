@@ -2,12 +2,13 @@
 
 A wrong loss that trains silently is the worst failure this library can have, so every
 malformed input is rejected with a ValueError/TypeError naming the problem and the offending row
-or shape. The label checks need one small host sync (min, max and per-row counts in a single
-transfer); that is negligible next to the ``N x V`` matmul they guard.
+or shape. The label checks need one small host sync (per-row flags and counts, and the inputs' finiteness
+flag, in a single transfer); that is negligible next to the ``N x V`` matmul they guard.
 """
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Optional
 
@@ -18,33 +19,51 @@ from .objective import LOSS_TYPES
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _real(name: str, value) -> float:
+    """Any real number (Python, NumPy or other ``numbers.Real`` scalar) -> float; never a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or type(value).__name__ == "bool_":
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
 def check_options(
     *, beta: float, gamma_beta_ratio: float, label_smoothing: float, loss_type: str,
     sft_weight: float, softcap: Optional[float] = None,
-) -> None:
-    if loss_type not in LOSS_TYPES:
+) -> dict:
+    """Validate the SimPO options; returns them as plain Python floats (``softcap``: float or None).
+
+    Any real number is accepted (``numpy.float32(2.0)`` included) and converted once here, so that
+    no NumPy scalar ever meets a tensor inside the objective.
+    """
+    if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    out = {}
     for name, value in (("beta", beta), ("gamma_beta_ratio", gamma_beta_ratio),
                         ("label_smoothing", label_smoothing), ("sft_weight", sft_weight)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        value = _real(name, value)
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError(f"{name} must be finite, got {value}")
-    if beta <= 0:
+        out[name] = value
+    if out["beta"] <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing <= 0.5:
+    if not 0.0 <= out["label_smoothing"] <= 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
-    if sft_weight < 0:
+    if out["sft_weight"] < 0:
         raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
-    if loss_type == "hinge" and label_smoothing > 0:
+    if loss_type == "hinge" and out["label_smoothing"] > 0:
         # Same behaviour as the official trainer: warn, and the hinge loss ignores it.
         warnings.warn("You are using the hinge loss type that does not support label smoothing; "
                       "label_smoothing is ignored.", UserWarning, stacklevel=3)
     if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-            raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
+        try:
+            softcap = _real("softcap", softcap)
+        except TypeError:
+            raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}") from None
         if not (softcap > 0 and softcap != float("inf")):
             raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
+    out["loss_type"] = loss_type
+    out["softcap"] = softcap
+    return out
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
@@ -54,8 +73,13 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
 
 
-def check_labels(labels: torch.Tensor, rows: int, T: int, vocab_size: int, ignore_index: int) -> None:
-    """Labels: integer ``[rows, T]``, ids in ``[0, V)`` or ``ignore_index``, >= 1 target per row."""
+def check_labels(labels: torch.Tensor, rows: int, T: int, vocab_size: int, ignore_index: int,
+                 finite: Optional[torch.Tensor] = None) -> bool:
+    """Labels: integer ``[rows, T]``, ids in ``[0, V)`` or ``ignore_index``, >= 1 target per row.
+
+    ``finite`` (a 0-dim bool tensor from :func:`all_finite`) rides along in the same host transfer;
+    the return value is its Python bool (True when not given).
+    """
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -67,9 +91,11 @@ def check_labels(labels: torch.Tensor, rows: int, T: int, vocab_size: int, ignor
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= vocab_size))
     targets_per_row = valid[:, 1:].sum(-1)
+    flag = torch.ones(1, dtype=torch.int64, device=labels.device) if finite is None else \
+        finite.reshape(1).to(device=labels.device, dtype=torch.int64)
     # one host transfer for all checks
-    stats = torch.cat([bad.any(-1).to(torch.int64), targets_per_row.to(torch.int64)]).tolist()
-    bad_rows, counts = stats[:rows], stats[rows:]
+    stats = torch.cat([bad.any(-1).to(torch.int64), targets_per_row.to(torch.int64), flag]).tolist()
+    bad_rows, counts = stats[:rows], stats[rows:2 * rows]
     if any(bad_rows):
         r = bad_rows.index(1)
         pos = int(bad[r].nonzero()[0].item())
@@ -81,6 +107,7 @@ def check_labels(labels: torch.Tensor, rows: int, T: int, vocab_size: int, ignor
         raise ValueError(
             f"row {empty[0]} has no target token (labels[:, 1:] are all ignore_index={ignore_index}); "
             f"rows without targets: {empty[:8]}{'...' if len(empty) > 8 else ''}")
+    return bool(stats[-1])
 
 
 def check_pair_rows(rows: int, what: str) -> None:
@@ -93,8 +120,9 @@ def check_pair_rows(rows: int, what: str) -> None:
 def check_hidden_inputs(
     hidden_states: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     labels: torch.Tensor, ignore_index: int,
-) -> tuple[int, int, int, int]:
-    """Returns ``(rows, T, H, V)``."""
+) -> tuple[int, int, int, int, bool]:
+    """Returns ``(rows, T, H, V, inputs_finite)``; ``inputs_finite`` is False when any element of
+    hidden states, weight or bias is NaN or infinite (found in the labels' host transfer)."""
     _check_float("hidden_states", hidden_states)
     _check_float("weight", weight)
     if hidden_states.dim() != 3:
@@ -121,12 +149,13 @@ def check_hidden_inputs(
     devices = {t.device for t in (hidden_states, weight, labels, bias) if isinstance(t, torch.Tensor)}
     if len(devices) > 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
-    check_labels(labels, rows, T, V, ignore_index)
-    return rows, T, H, V
+    finite = check_labels(labels, rows, T, V, ignore_index, all_finite(hidden_states, weight, bias))
+    return rows, T, H, V, finite
 
 
-def check_logits_inputs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[int, int, int]:
-    """Returns ``(rows, T, V)``."""
+def check_logits_inputs(logits: torch.Tensor, labels: torch.Tensor,
+                        ignore_index: int) -> tuple[int, int, int, bool]:
+    """Returns ``(rows, T, V, logits_finite)``."""
     _check_float("logits", logits)
     if logits.dim() != 3:
         raise ValueError(f"logits must be [2B, T, V], got shape {list(logits.shape)}")
@@ -136,12 +165,13 @@ def check_logits_inputs(logits: torch.Tensor, labels: torch.Tensor, ignore_index
         raise ValueError(f"empty vocabulary: logits shape {list(logits.shape)}")
     if isinstance(labels, torch.Tensor) and labels.device != logits.device:
         raise ValueError(f"logits ({logits.device}) and labels ({labels.device}) must be on one device")
-    check_labels(labels, rows, T, V, ignore_index)
-    return rows, T, V
+    finite = check_labels(labels, rows, T, V, ignore_index, all_finite(logits))
+    return rows, T, V, finite
 
 
 def all_finite(*tensors: Optional[torch.Tensor]) -> torch.Tensor:
-    """0-dim bool tensor, True when every element of every given tensor is finite (no host sync).
+    """0-dim bool tensor, True when every element of every given tensor is finite (no host sync by
+    itself: :func:`check_labels` carries it to the host with the label statistics).
 
     Uses min/max reductions (which propagate NaN) rather than ``isfinite(t).all()`` so that no
     tensor of the input's size is allocated: the weight alone is ~1 GB of bools at Gemma-2 scale.
@@ -158,3 +188,14 @@ def all_finite(*tensors: Optional[torch.Tensor]) -> torch.Tensor:
     for f in flags[1:]:
         out = out & f
     return out
+
+
+def refuse_double_backward(backend: str) -> None:
+    """Called at the top of a custom backward: refuse ``create_graph=True`` instead of returning a
+    first-order gradient that silently lacks its second-order term."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"backend={backend!r} does not support double backward (a backward with create_graph=True, "
+            f"e.g. a Hessian-vector product or a gradient penalty through simpo_loss): its backward is a "
+            f"hand-written first-order kernel. Use backend='eager', which is plain autograd and "
+            f"differentiates twice.")

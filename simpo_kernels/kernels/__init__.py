@@ -7,6 +7,6 @@ launch configuration). Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=
 be set before this package is imported).
 """
 
-from .function import KernelConfig, token_logprobs, token_logprobs_from_logits
+from .function import BACKEND, KernelConfig, check_dtype, token_logprobs, token_logprobs_from_logits
 
-__all__ = ["KernelConfig", "token_logprobs", "token_logprobs_from_logits"]
+__all__ = ["BACKEND", "KernelConfig", "check_dtype", "token_logprobs", "token_logprobs_from_logits"]

@@ -16,6 +16,14 @@ Precision: the kernels accumulate in float32 and return float32 ``logps``. Float
 IEEE float32 ``tl.dot`` unless ``torch.backends.cuda.matmul.allow_tf32`` is set (then TF32, the
 same choice ``F.linear`` makes). Float64 inputs are rejected with a TypeError: Triton has no
 float64 tensor-core path worth having, and the ``torch``/``eager`` backends compute in float64.
+Bfloat16 under the Triton interpreter (``TRITON_INTERPRET=1``) is rejected with a TypeError too:
+the interpreter multiplies the raw bit patterns of bf16 ``tl.dot`` operands (triton issue 11584)
+and would return garbage.
+
+Not supported, and refused rather than computed wrongly: double backward (``create_graph=True``
+raises a RuntimeError naming ``backend='eager'``). Under ``torch.compile`` the two entry points
+run outside the graph (``torch.compiler.disable``): dynamo cannot trace a kernel launch through
+the interpreter, and on a GPU the kernels gain nothing from being traced.
 """
 
 from __future__ import annotations
@@ -27,8 +35,10 @@ from typing import Optional, Union
 import torch
 import triton
 
+from ..validation import refuse_double_backward
 from . import logits_logprob, logprob_backward, lse_forward
 
+BACKEND = "triton"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -102,15 +112,22 @@ def _input_precision(dtype: torch.dtype) -> Optional[str]:
     return None  # 16-bit operands: the precision flag does not apply
 
 
-def _check_dtype(name: str, dtype: torch.dtype) -> None:
+def check_dtype(dtype: torch.dtype, device: Optional[torch.device] = None, name: str = "inputs") -> None:
+    """TypeError unless the kernels compute ``dtype`` correctly where they run."""
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"backend='triton' supports float16/bfloat16/float32 {name}, got {dtype}; "
                         f"use backend='torch' or backend='eager' for float64")
+    if dtype == torch.bfloat16 and interpreting():
+        raise TypeError(
+            f"backend='triton' cannot compute bfloat16 {name} in the Triton interpreter "
+            f"(TRITON_INTERPRET=1): the interpreter multiplies the raw bit patterns of bf16 tl.dot "
+            f"operands (triton issue 11584). Use float32 or float16 here (under autocast: "
+            f"torch.autocast('cpu', dtype=torch.float16)), backend='torch', or a CUDA GPU.")
 
 
-def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+def _unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The kernels index rows by stride and columns by 1; copy only when columns are strided."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
 def filter_threshold(grad_filter: Union[bool, float], dtype: torch.dtype) -> Optional[float]:
@@ -134,7 +151,7 @@ class LinearLogprobFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, softcap, ignore_index, cfg, filter_eps):
-        hidden, weight = _unit_stride(hidden), _unit_stride(weight)
+        hidden, weight, bias = _unit_stride(hidden), _unit_stride(weight), _unit_stride(bias)
         targets = targets.contiguous()
         N = hidden.shape[0]
         precision = _input_precision(hidden.dtype)
@@ -152,6 +169,7 @@ class LinearLogprobFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_sums):
+        refuse_double_backward(BACKEND)
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         nones = (None,) * 5
@@ -189,6 +207,7 @@ class LogitsLogprobFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_sums):
+        refuse_double_backward(BACKEND)
         if grad_logps is None or not ctx.needs_input_grad[0]:
             return None, None, None, None
         logits, targets, lse = ctx.saved_tensors
@@ -198,6 +217,7 @@ class LogitsLogprobFunction(torch.autograd.Function):
         return d_logits, None, None, None
 
 
+@torch.compiler.disable
 def token_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
     *, softcap: Optional[float], ignore_index: int, grad_filter: Union[bool, float] = False, **options,
@@ -212,7 +232,7 @@ def token_logprobs(
         grad_filter: see :func:`filter_threshold`; False (default) is exact.
         options: :class:`KernelConfig` fields (block sizes, splits, warps) to override defaults.
     """
-    _check_dtype("hidden states", hidden.dtype)
+    check_dtype(hidden.dtype, hidden.device, "hidden states")
     cfg = make_config(hidden.device, hidden.dtype, options)
     eps = filter_threshold(grad_filter, hidden.dtype)
     return LinearLogprobFunction.apply(hidden, weight, bias, targets.long(),
@@ -220,10 +240,11 @@ def token_logprobs(
                                        int(ignore_index), cfg, eps)
 
 
+@torch.compiler.disable
 def token_logprobs_from_logits(
     logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int, **options,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, V]`` float16/bfloat16/float32 logits, ``[N]`` targets -> float32 (logps ``[N]``, sums ``[N]``)."""
-    _check_dtype("logits", logits.dtype)
+    check_dtype(logits.dtype, logits.device, "logits")
     cfg = make_config(logits.device, logits.dtype, options)
     return LogitsLogprobFunction.apply(logits, targets.long(), int(ignore_index), cfg)
