@@ -218,7 +218,35 @@ def parse_args(argv: Optional[list[str]] = None):
         except (TypeError, ValueError) as exc:  # e.g. TrainingArguments' own consistency checks
             raise ConfigError(f"{recipe_path.name}: {exc}") from exc
     model_args, data_args, training_args = outputs
+    check_loss_backend(model_args, training_args)
     return model_args, data_args, training_args, recipe_path
+
+
+def check_loss_backend(model_args: ModelArguments, training_args: SimPOConfig) -> None:
+    """Refuse, before any data or model is loaded, a ``loss_backend`` that cannot compute the
+    loss in this run's dtype on this run's device (e.g. ``triton`` in bfloat16 on a CPU, where
+    the Triton interpreter would compute garbage). The dtype is the autocast one when ``bf16`` /
+    ``fp16`` is set, else ``torch_dtype`` (unset or ``auto``: float32 is assumed here; the loss
+    checks the real dtype again on the first step)."""
+    import torch
+
+    from simpo_kernels.api import check_backend
+
+    on_cpu = training_args.use_cpu or not torch.cuda.is_available()
+    if training_args.bf16:
+        dtype = torch.bfloat16
+    elif training_args.fp16:
+        dtype = torch.float16
+    elif model_args.torch_dtype in ("bfloat16", "float16", "float32"):
+        dtype = getattr(torch, model_args.torch_dtype)
+    else:
+        dtype = torch.float32
+    try:
+        check_backend(training_args.loss_backend, "cpu" if on_cpu else "cuda", dtype)
+    except (TypeError, ValueError) as exc:
+        where = "CPU" if on_cpu else "CUDA"
+        raise ConfigError(f"loss_backend {training_args.loss_backend} cannot run this configuration "
+                          f"({str(dtype).replace('torch.', '')} on {where}): {exc}") from exc
 
 
 def help_text() -> str:

@@ -118,3 +118,41 @@ def test_embedded_default_end_to_end_short(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["final_logit_softcapping"] == 30.0 and cfg["tie_word_embeddings"] is True
     assert "eval reward accuracy" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is about CPU runs")
+def test_loss_backend_that_cannot_run_is_refused_before_any_work(monkeypatch):
+    """triton on CPU computes only in the Triton interpreter, which cannot do bfloat16: refused at
+    parse time (torch_dtype or bf16 autocast), not after data processing or with garbage."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for flags in (["--torch_dtype", "bfloat16"], ["--bf16", "true"]):
+        with pytest.raises(ConfigError, match="loss_backend triton cannot run.*bfloat16 on CPU.*interpreter"):
+            parse_args(["--loss_backend", "triton", "--use_cpu", "true", *flags])
+    for flags in ([], ["--torch_dtype", "float16"], ["--torch_dtype", "float32"]):
+        parse_args(["--loss_backend", "triton", "--use_cpu", "true", *flags])
+    parse_args(["--loss_backend", "torch", "--use_cpu", "true", "--bf16", "true"])
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ConfigError, match="needs CUDA tensors"):
+        parse_args(["--loss_backend", "triton", "--use_cpu", "true"])
+    proc = subprocess.run([sys.executable, "-m", "simpo.train", "--loss_backend", "triton",
+                           "--torch_dtype", "bfloat16"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "simpo-train: error: loss_backend triton cannot run" in proc.stderr
+
+
+def test_bf16_autocast_training_on_cpu(tmp_path):
+    """--bf16 true on CPU: the Trainer runs the forward under torch.autocast (backward outside it),
+    and the torch backend casts the head's matmul inputs to bfloat16 as nn.Linear's would."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "simpo.train", "--bf16", "true", "--max_steps", "4", "--logging_steps", "1",
+         "--eval_strategy", "no", "--plot", "false", "--output_dir", str(out), "--disable_tqdm", "true"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    grads = [h["grad_norm"] for h in state["log_history"] if "grad_norm" in h]
+    assert len(losses) == 4 and all(0 < x < 100 for x in losses)
+    assert grads and all(0 < g < float("inf") for g in grads)
