@@ -3,7 +3,10 @@
 It does what the official trainer does (``model(...).logits`` -> softcap -> ``log_softmax`` ->
 ``gather``), materialising the full ``[N, V]`` logits. The lm_head matmul runs in the input dtype
 (as ``nn.Linear`` does inside the model); everything after it runs in float32 (float64 for float64
-inputs), which is the exact value the official bf16 pipeline approximates.
+inputs), which is the exact value the official bf16 pipeline approximates. Keeping ``nn.Linear``
+semantics means float16 logits beyond 65504 overflow to inf (and the loss is NaN), exactly as the
+official model's would; the ``torch`` and ``triton`` backends compute those logits in float32.
+Being plain autograd, it is the one backend that supports double backward.
 """
 
 from __future__ import annotations
