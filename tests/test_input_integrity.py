@@ -171,21 +171,21 @@ def _view_from_base(kind, base, shape):
     return base.expand(shape), None, base
 
 
-@pytest.mark.parametrize("backend,dtype", COMBOS, ids=COMBO_IDS)
-def test_second_consumer_of_the_same_logits(backend, dtype):
-    """Logits computed in the graph feed simpo_loss_from_logits and another loss that saved them;
-    one backward through both gives the sum of the two separate gradients."""
+def _assert_gradients_add_up(dtype, simpo_term, other_term):
+    """One backward through ``other + simpo`` equals the sum of the two separate backwards.
+
+    ``other_term(h, w, shared)`` is built first, so its backward runs after simpo's and sees
+    whatever the simpo backward left in the tensors it saved; ``shared`` is one dict per graph,
+    for tensors both terms use."""
     t = inputs(dtype, "hidden", seed=2)
-    labels = t["labels"]
 
     def grads(use_simpo, use_other):
-        h, w = leaf(t["hidden"]), leaf(t["weight"])
-        logits = h @ w.T
-        total = 0.0
-        if use_other:  # built first, so its backward runs after simpo's: it sees what simpo left
-            total = total + (logits.float() ** 2).sum() * 1e-2  # pow saves the logits themselves
+        h, w, b = leaf(t["hidden"]), leaf(t["weight"]), leaf(t["bias"])
+        shared, total = {}, 0.0
+        if use_other:
+            total = total + other_term(h, w, shared)
         if use_simpo:
-            total = total + simpo_loss_from_logits(logits, labels, backend=backend, **OPTS).loss
+            total = total + simpo_term(h, w, b, t["labels"], shared)
         total.backward()
         return h.grad.double(), w.grad.double()
 
@@ -193,23 +193,28 @@ def test_second_consumer_of_the_same_logits(backend, dtype):
     apart = [a + b for a, b in zip(grads(True, False), grads(False, True))]
     for got, want in zip(both, apart):
         assert rel_err(got, want) <= max(TOL[dtype], 1e-10)
+
+
+@pytest.mark.parametrize("backend,dtype", COMBOS, ids=COMBO_IDS)
+def test_second_consumer_of_the_same_logits(backend, dtype):
+    """Logits computed in the graph feed simpo_loss_from_logits and a loss that saved them (pow
+    saves its input: the logits themselves for float32)."""
+    def logits(h, w, shared):  # one logits tensor per graph, used by both terms
+        if "logits" not in shared:
+            shared["logits"] = h @ w.T
+        return shared["logits"]
+
+    _assert_gradients_add_up(
+        dtype,
+        lambda h, w, b, labels, shared: simpo_loss_from_logits(
+            logits(h, w, shared), labels, backend=backend, **OPTS).loss,
+        lambda h, w, shared: (logits(h, w, shared).float() ** 2).sum() * 1e-2)
 
 
 @pytest.mark.parametrize("backend,dtype", COMBOS, ids=COMBO_IDS)
 def test_second_consumer_of_the_same_hidden_states(backend, dtype):
-    t = inputs(dtype, "hidden", seed=3)
-
-    def grads(use_simpo, use_other):
-        h, w, b = leaf(t["hidden"]), leaf(t["weight"]), leaf(t["bias"])
-        total = 0.0
-        if use_other:  # built first, so its backward runs after simpo's
-            total = total + (h.float() ** 2).sum() * 1e-2 + (w.float() ** 3).sum() * 1e-2
-        if use_simpo:
-            total = total + simpo_loss(h, w, t["labels"], bias=b, softcap=30.0, backend=backend, **OPTS).loss
-        total.backward()
-        return h.grad.double(), w.grad.double()
-
-    both = grads(True, True)
-    apart = [a + b for a, b in zip(grads(True, False), grads(False, True))]
-    for got, want in zip(both, apart):
-        assert rel_err(got, want) <= max(TOL[dtype], 1e-10)
+    _assert_gradients_add_up(
+        dtype,
+        lambda h, w, b, labels, shared: simpo_loss(
+            h, w, labels, bias=b, softcap=30.0, backend=backend, **OPTS).loss,
+        lambda h, w, shared: (h.float() ** 2).sum() * 1e-2 + (w.float() ** 3).sum() * 1e-2)
