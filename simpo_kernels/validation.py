@@ -2,8 +2,8 @@
 
 A wrong loss that trains silently is the worst failure this library can have, so every
 malformed input is rejected with a ValueError/TypeError naming the problem and the offending row
-or shape. The label checks need one small host sync (per-row flags and counts, and the inputs' finiteness
-flag, in a single transfer); that is negligible next to the ``N x V`` matmul they guard.
+or shape. The label checks need one small host sync (per-row flags and counts, and the inputs'
+finiteness flag, in a single transfer); that is negligible next to the ``N x V`` matmul they guard.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from .objective import LOSS_TYPES
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _real(name: str, value) -> float:
-    """Any real number (Python, NumPy or other ``numbers.Real`` scalar) -> float; never a bool."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or type(value).__name__ == "bool_":
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+def _real(name: str, value, what: str = "a real number") -> float:
+    """Any real number (Python, NumPy or other ``numbers.Real`` scalar) -> float; never a bool
+    (``numpy.bool_`` is not a ``numbers.Real``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
     return float(value)
 
 
@@ -55,10 +56,7 @@ def check_options(
         warnings.warn("You are using the hinge loss type that does not support label smoothing; "
                       "label_smoothing is ignored.", UserWarning, stacklevel=3)
     if softcap is not None:
-        try:
-            softcap = _real("softcap", softcap)
-        except TypeError:
-            raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}") from None
+        softcap = _real("softcap", softcap, "a positive number or None")
         if not (softcap > 0 and softcap != float("inf")):
             raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
     out["loss_type"] = loss_type
