@@ -243,7 +243,7 @@ def check_loss_backend(model_args: ModelArguments, training_args: SimPOConfig) -
         dtype = torch.float32
     try:
         check_backend(training_args.loss_backend, "cpu" if on_cpu else "cuda", dtype)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:
         where = "CPU" if on_cpu else "CUDA"
         raise ConfigError(f"loss_backend {training_args.loss_backend} cannot run this configuration "
                           f"({str(dtype).replace('torch.', '')} on {where}): {exc}") from exc

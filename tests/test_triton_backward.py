@@ -109,8 +109,12 @@ def test_only_target_tokens_are_launched(spy):
 
 
 @pytest.mark.parametrize("block_cfg", [dict(bwd_block_n=16, bwd_block_v=16, bwd_block_h=16),
-                                       dict(bwd_block_n=32, bwd_block_v=64, bwd_block_h=32)],
-                         ids=["small", "wide"])
+                                       dict(bwd_block_n=32, bwd_block_v=64, bwd_block_h=32),
+                                       # 32 target rows / 16 = 2 token blocks; groups of 3, 1 and 2
+                                       dict(bwd_block_n=16, bwd_block_v=16, bwd_block_h=16, bwd_group_n=3),
+                                       dict(bwd_block_n=16, bwd_block_v=32, bwd_block_h=16, bwd_group_n=1),
+                                       dict(bwd_block_n=16, bwd_block_v=16, bwd_block_h=16, bwd_group_n=2)],
+                         ids=["small", "wide", "group3_partial", "group1", "group2"])
 def test_backward_block_configs(block_cfg):
     g = torch.Generator().manual_seed(11)
     N, H, V = 39, 29, 83
@@ -128,7 +132,7 @@ def test_backward_block_configs(block_cfg):
     ref = torch.where(targets >= 0, z.log_softmax(-1).gather(1, targets.clamp_min(0)[:, None])[:, 0], 0.0)
     rgrads = torch.autograd.grad((ref * up.double()).sum(), leaves)
     for nm, a, r in zip(("d_hidden", "d_weight", "d_bias"), grads, rgrads):
-        check(f"bwd/blocks/{block_cfg['bwd_block_v']}", nm, a, r, 1e-5)
+        check(f"bwd/blocks/{block_cfg}", nm, a, r, 1e-5)
 
 
 # Gradient filtering: the error it may introduce is bounded by the threshold times |g| per skipped

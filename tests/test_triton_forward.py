@@ -58,8 +58,16 @@ def test_forward_sft_and_hinge(sft_weight):
 
 @pytest.mark.parametrize("blocks", [dict(block_n=16, block_v=16, block_h=16, v_splits=1),
                                     dict(block_n=32, block_v=16, block_h=32, v_splits=7),
-                                    dict(block_n=16, block_v=64, block_h=16, v_splits=2)],
-                         ids=["one_split", "many_splits", "wide_vtile"])
+                                    dict(block_n=16, block_v=64, block_h=16, v_splits=2),
+                                    # raster groups: 3 token blocks (45 tokens / 16), groups of 2 leave a
+                                    # partial last group; group_n 1 and 5 bracket it; v_splits 0 is automatic
+                                    dict(block_n=16, block_v=16, block_h=16, v_splits=3, group_n=2),
+                                    dict(block_n=16, block_v=16, block_h=16, v_splits=5, group_n=1),
+                                    dict(block_n=16, block_v=16, block_h=16, v_splits=0, group_n=5),
+                                    dict(block_n=16, block_v=32, block_h=16, v_splits=0, group_n=2,
+                                         ctas_per_sm=3)],
+                         ids=["one_split", "many_splits", "wide_vtile", "group2_partial", "group1",
+                              "group5_auto", "group2_auto_ctas3"])
 def test_token_logprobs_block_configs(blocks):
     """Direct kernel call: per-token logps and logit sums across block shapes and split counts."""
     g = torch.Generator().manual_seed(5)
@@ -78,6 +86,30 @@ def test_token_logprobs_block_configs(blocks):
     assert logps.dtype == sums.dtype == torch.float32
     assert not sums.requires_grad
     assert (logps[targets < 0] == 0).all()
+
+
+def test_auto_splits_fill_the_resident_programs():
+    """The split count covers every vocabulary tile, fills one raster group's resident programs, and
+    wastes no more of the last wave than the least split count that fills them."""
+    from simpo_kernels.kernels.lse_forward import auto_splits, plan_splits
+
+    def waste(V, bv, n_blocks, splits, resident):
+        s, per = plan_splits(V, bv, splits)
+        waves = -(-n_blocks * s // resident)
+        return 1 - n_blocks * (-(-V // bv)) / (waves * resident * per)
+
+    for V, bv, n_blocks, group, resident in [(256000, 128, 64, 16, 132), (256000, 128, 16, 16, 132),
+                                             (128256, 128, 256, 16, 132), (1000, 32, 3, 2, 4), (97, 32, 5, 8, 264)]:
+        splits = auto_splits(V, bv, n_blocks, group, resident)
+        s, per = plan_splits(V, bv, splits)
+        n_tiles = -(-V // bv)
+        assert (s - 1) * per < n_tiles <= s * per  # every split non-empty, every tile covered
+        least = -(-resident // min(group, n_blocks))
+        assert s >= min(least, n_tiles)
+        assert waste(V, bv, n_blocks, splits, resident) <= waste(V, bv, n_blocks, least, resident) + 1e-12
+    # the Gemma-2-9B head on 132 SMs: whole waves
+    s, _ = plan_splits(256000, 128, auto_splits(256000, 128, 64, 16, 132))
+    assert (64 * s) % 132 == 0
 
 
 def test_float64_is_rejected_with_a_pointer():

@@ -28,88 +28,16 @@ the interpreter, and on a GPU the kernels gain nothing from being traced.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import torch
-import triton
 
 from ..validation import refuse_double_backward
 from . import logits_logprob, logprob_backward, lse_forward
+from .launch import input_precision, interpreter_problem, interpreting, make_config, resident_programs
 
 BACKEND = "triton"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def interpreting() -> bool:
-    """True when kernels run in the Triton CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """Block shapes and launch options. GPU defaults are sized for H100 and not yet tuned on one.
-
-    block_n/block_v/block_h: token, vocabulary and hidden tile sizes of the fused matmul kernels
-    (each >= 16, a power of two). v_splits: at most this many vocabulary splits in the forward.
-    logits_block_v: vocabulary chunk of the logits-input kernels.
-    """
-
-    block_n: int = 128
-    block_v: int = 128
-    block_h: int = 64
-    v_splits: int = 0  # 0: chosen from the SM count so the forward grid fills the GPU
-    bwd_block_n: int = 64  # the backward keeps z, dz and tanh tiles live: smaller than the forward
-    bwd_block_v: int = 128
-    bwd_block_h: int = 64
-    num_warps: int = 8
-    num_stages: int = 3
-    logits_block_v: int = 4096
-    logits_num_warps: int = 8
-
-
-#: Small tiles for the interpreter: numpy work per program is cheap, programs are not, but tiles
-#: must stay below the test shapes so that partial tiles are exercised.
-INTERPRETER_CONFIG = KernelConfig(block_n=16, block_v=32, block_h=16, v_splits=3,
-                                  bwd_block_n=16, bwd_block_v=32, bwd_block_h=16,
-                                  num_warps=4, num_stages=1, logits_block_v=64, logits_num_warps=4)
-
-_OPTION_NAMES = {f for f in KernelConfig.__dataclass_fields__}
-
-
-#: Float32 operands take twice the shared memory per stage: halve the hidden slice.
-FP32_GPU_CONFIG = replace(KernelConfig(), block_h=32, bwd_block_h=32, num_stages=2)
-
-
-def make_config(device: torch.device, dtype: torch.dtype, options: dict) -> KernelConfig:
-    """Default config for the device and dtype, overridden by any ``KernelConfig`` field in ``options``."""
-    unknown = set(options) - _OPTION_NAMES
-    if unknown:
-        raise TypeError(f"unknown triton backend option(s) {sorted(unknown)}; known: {sorted(_OPTION_NAMES)}")
-    if interpreting() or device.type != "cuda":
-        cfg = INTERPRETER_CONFIG
-    else:
-        cfg = FP32_GPU_CONFIG if dtype == torch.float32 else KernelConfig()
-    cfg = replace(cfg, **options)
-    for name in ("block_n", "block_v", "block_h", "bwd_block_n", "bwd_block_v", "bwd_block_h", "logits_block_v"):
-        b = getattr(cfg, name)
-        if not isinstance(b, int) or b < 16 or b & (b - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {b!r}")
-    return cfg
-
-
-def _v_splits(cfg: KernelConfig, device: torch.device, n_token_blocks: int) -> int:
-    if cfg.v_splits > 0:
-        return cfg.v_splits
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, triton.cdiv(4 * sms, max(1, n_token_blocks)))  # ~4 programs per SM
-
-
-def _input_precision(dtype: torch.dtype) -> Optional[str]:
-    if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return None  # 16-bit operands: the precision flag does not apply
 
 
 def check_dtype(dtype: torch.dtype, device: Optional[torch.device] = None, name: str = "inputs") -> None:
@@ -117,6 +45,8 @@ def check_dtype(dtype: torch.dtype, device: Optional[torch.device] = None, name:
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"backend='triton' supports float16/bfloat16/float32 {name}, got {dtype}; "
                         f"use backend='torch' or backend='eager' for float64")
+    if interpreting() and interpreter_problem():
+        raise RuntimeError(f"backend='triton' cannot run here: {interpreter_problem()}")
     if dtype == torch.bfloat16 and interpreting():
         raise TypeError(
             f"backend='triton' cannot compute bfloat16 {name} in the Triton interpreter "
@@ -153,13 +83,9 @@ class LinearLogprobFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, softcap, ignore_index, cfg, filter_eps):
         hidden, weight, bias = _unit_stride(hidden), _unit_stride(weight), _unit_stride(bias)
         targets = targets.contiguous()
-        N = hidden.shape[0]
-        precision = _input_precision(hidden.dtype)
-        splits = _v_splits(cfg, hidden.device, triton.cdiv(N, cfg.block_n))
         lse, tgt, sums = lse_forward.lse_forward(
-            hidden, weight, bias, targets, softcap, block_n=cfg.block_n, block_v=cfg.block_v,
-            block_h=cfg.block_h, v_splits=splits, input_precision=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            hidden, weight, bias, targets, softcap, cfg, input_precision=input_precision(hidden.dtype),
+            resident=resident_programs(hidden.device, cfg.ctas_per_sm))
         valid = targets != ignore_index
         logps = torch.where(valid, tgt - lse, 0.0)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
@@ -175,15 +101,12 @@ class LinearLogprobFunction(torch.autograd.Function):
         nones = (None,) * 5
         if grad_logps is None or not (need_h or need_w or need_b):
             return (None, None, None) + nones
-        cfg = ctx.cfg
         g = torch.where(targets != ctx.ignore_index, grad_logps.to(torch.float32), 0.0).contiguous()
         rows = g.nonzero().squeeze(1)  # tokens without gradient (prompt, padding) are not launched
         dh, dw, db = logprob_backward.logprob_backward(
-            hidden, weight, bias, rows, targets, lse, g, ctx.softcap,
+            hidden, weight, bias, rows, targets, lse, g, ctx.softcap, ctx.cfg,
             need_dh=need_h, need_dw=need_w, need_db=need_b and bias is not None,
-            filter_eps=ctx.filter_eps, block_n=cfg.bwd_block_n, block_v=cfg.bwd_block_v,
-            block_h=cfg.bwd_block_h, input_precision=_input_precision(hidden.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            filter_eps=ctx.filter_eps, input_precision=input_precision(hidden.dtype))
         dh = None if dh is None else dh.to(hidden.dtype)
         dw = None if dw is None else dw.to(weight.dtype)
         db = None if db is None else db.to(bias.dtype)
@@ -197,8 +120,7 @@ class LogitsLogprobFunction(torch.autograd.Function):
     def forward(ctx, logits, targets, ignore_index, cfg):
         logits = _unit_stride(logits)
         targets = targets.contiguous()
-        lse, tgt, sums = logits_logprob.logits_forward(
-            logits, targets, block_v=cfg.logits_block_v, num_warps=cfg.logits_num_warps)
+        lse, tgt, sums = logits_logprob.logits_forward(logits, targets, cfg)
         valid = targets != ignore_index
         ctx.save_for_backward(logits, targets, lse)
         ctx.ignore_index, ctx.cfg = ignore_index, cfg
@@ -212,8 +134,7 @@ class LogitsLogprobFunction(torch.autograd.Function):
             return None, None, None, None
         logits, targets, lse = ctx.saved_tensors
         g = torch.where(targets != ctx.ignore_index, grad_logps.to(torch.float32), 0.0).contiguous()
-        d_logits = logits_logprob.logits_backward(
-            logits, targets, lse, g, block_v=ctx.cfg.logits_block_v, num_warps=ctx.cfg.logits_num_warps)
+        d_logits = logits_logprob.logits_backward(logits, targets, lse, g, ctx.cfg)
         return d_logits, None, None, None
 
 

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import KernelConfig, Launch
+
 
 @triton.jit
 def _logits_forward_kernel(
@@ -73,23 +75,41 @@ def _logits_backward_kernel(
         tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
-def logits_forward(logits: torch.Tensor, targets: torch.Tensor, *, block_v: int, num_warps: int = 4):
-    """``[N, V]`` logits (unit column stride), ``[N]`` int64 targets -> float32 ``(lse, target_logit, sum)``."""
+def plan_logits_forward(logits: torch.Tensor, targets: torch.Tensor, cfg: KernelConfig) -> tuple[Launch, torch.Tensor]:
+    """The forward launch and its NaN-poisoned ``[3, N]`` float32 output (lse, target logit, sum)."""
     N, V = logits.shape
     out = torch.full((3, N), float("nan"), dtype=torch.float32, device=logits.device)
-    if N:
-        _logits_forward_kernel[(N,)](logits, targets, out[0], out[1], out[2], V, logits.stride(0),
-                                     BLOCK_V=block_v, num_warps=num_warps)
+    launch = Launch(_logits_forward_kernel, (N,),
+                    dict(z_ptr=logits, tgt_ptr=targets, lse_out=out[0], t_out=out[1], sum_out=out[2], V=V,
+                         stride_z=logits.stride(0), BLOCK_V=cfg.logits_block_v),
+                    dict(num_warps=cfg.logits_num_warps))
+    return launch, out
+
+
+def logits_forward(logits: torch.Tensor, targets: torch.Tensor, cfg: KernelConfig):
+    """``[N, V]`` logits (unit column stride), ``[N]`` int64 targets -> float32 ``(lse, target_logit, sum)``."""
+    launch, out = plan_logits_forward(logits, targets, cfg)
+    if logits.shape[0]:
+        launch.run()
     return out[0], out[1], out[2]
 
 
-def logits_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
-                    *, block_v: int, num_warps: int = 4) -> torch.Tensor:
-    """``d_logits [N, V]`` in the logits' dtype; ``grad`` is float32 ``[N]``, 0 for ignored rows."""
+def plan_logits_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
+                         cfg: KernelConfig) -> tuple[Launch, torch.Tensor]:
+    """The backward launch and the ``[N, V]`` gradient it writes, in the logits' dtype."""
     N, V = logits.shape
     d_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    if N:
-        grid = (N, triton.cdiv(V, block_v))
-        _logits_backward_kernel[grid](logits, d_logits, targets, lse, grad, V, logits.stride(0),
-                                      d_logits.stride(0), BLOCK_V=block_v, num_warps=num_warps)
+    launch = Launch(_logits_backward_kernel, (N, triton.cdiv(V, cfg.logits_block_v)),
+                    dict(z_ptr=logits, dz_ptr=d_logits, tgt_ptr=targets, lse_ptr=lse, g_ptr=grad, V=V,
+                         stride_z=logits.stride(0), stride_dz=d_logits.stride(0), BLOCK_V=cfg.logits_block_v),
+                    dict(num_warps=cfg.logits_num_warps))
+    return launch, d_logits
+
+
+def logits_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
+                    cfg: KernelConfig) -> torch.Tensor:
+    """``d_logits [N, V]`` in the logits' dtype; ``grad`` is float32 ``[N]``, 0 for ignored rows."""
+    launch, d_logits = plan_logits_backward(logits, targets, lse, grad, cfg)
+    if logits.shape[0]:
+        launch.run()
     return d_logits

@@ -14,7 +14,14 @@ accumulation; equal to the forward's logits to float32 rounding, not bit for bit
 one ``BLOCK_H`` slice at a time, with float32 atomic adds into float32 accumulators (the host
 casts them to the parameter dtype at the end). Many programs add into the same dH rows (one per
 vocabulary tile) and dW rows (one per token block), hence the atomics; the order of the adds is
-not fixed, so results are reproducible only to float32 rounding.
+not fixed, so results are reproducible only to float32 rounding. The adds are ``relaxed``: each
+is commutative and nothing reads an accumulator before the kernel ends, so no ordering is needed,
+and the default ``acq_rel`` costs a ``MEMBAR.ALL.GPU`` and an L1 invalidation (``CCTL.IVALL``)
+around every atomic on sm_90; relaxed adds compile to plain ``REDG`` reductions.
+
+Raster: 1-D grid in groups of ``GROUP_N`` token blocks times all vocabulary tiles, token block
+fastest (:func:`.lse_forward.grouped_pid`): the programs in flight touch ``GROUP_N`` blocks of
+hidden rows and of dH and a run of consecutive weight tiles, which stay in L2.
 
 Only tokens with a target and a non-zero ``g`` are launched: the host passes their row indices
 (``rows_ptr``), so prompt and padding positions cost nothing. ``dz`` is cast to the input dtype
@@ -36,7 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .lse_forward import logit_tile
+from .launch import KernelConfig, Launch
+from .lse_forward import grouped_pid, logit_tile
 
 
 @triton.heuristics({
@@ -56,15 +64,10 @@ def _logprob_backward_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     FILTER: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    # Token blocks vary fastest: programs that run together share one weight tile through L2
-    # and add into the same dW rows close in time.
-    num_n_blocks = tl.cdiv(M, BLOCK_N)
-    pid = tl.program_id(0)
-    pid_n = pid % num_n_blocks
-    pid_v = pid // num_n_blocks
+    pid_n, pid_v = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
 
     offs_m = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_m < M
@@ -91,7 +94,7 @@ def _logprob_backward_kernel(
         do_tile = (tl.max(tl.max(p, axis=1), axis=0) >= filter_eps) | (tl.sum(hit.to(tl.int32)) > 0)
     if do_tile:
         if COMPUTE_DB:
-            tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v)
+            tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
         dz_in = dz.to(h_ptr.dtype.element_ty)
         offs_h = tl.arange(0, BLOCK_H)
         for k in range(0, H, BLOCK_H):
@@ -102,23 +105,46 @@ def _logprob_backward_kernel(
                             mask=mask_v[:, None] & mask_h[None, :], other=0.0)
                 dh = tl.dot(dz_in, w, input_precision=INPUT_PRECISION)
                 tl.atomic_add(dh_ptr + rows[:, None].to(tl.int64) * stride_dh + kh[None, :], dh,
-                              mask=mask_n[:, None] & mask_h[None, :])
+                              mask=mask_n[:, None] & mask_h[None, :], sem="relaxed")
             if COMPUTE_DW:
                 h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + kh[None, :],
                             mask=mask_n[:, None] & mask_h[None, :], other=0.0)
                 dw = tl.dot(tl.trans(dz_in), h, input_precision=INPUT_PRECISION)
                 tl.atomic_add(dw_ptr + offs_v[:, None].to(tl.int64) * stride_dw + kh[None, :], dw,
-                              mask=mask_v[:, None] & mask_h[None, :])
+                              mask=mask_v[:, None] & mask_h[None, :], sem="relaxed")
+
+
+def plan_logprob_backward(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: torch.Tensor,
+    targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, softcap: Optional[float], cfg: KernelConfig,
+    *, need_dh: bool, need_dw: bool, need_db: bool, filter_eps: Optional[float], input_precision: Optional[str],
+) -> tuple[Launch, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The backward launch and its zeroed float32 accumulators ``(dH [N, H], dW [V, H], dbias [V])``."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    dh = torch.zeros((N, H), dtype=torch.float32, device=dev) if need_dh else None
+    dw = torch.zeros((V, H), dtype=torch.float32, device=dev) if need_dw else None
+    db = torch.zeros((V,), dtype=torch.float32, device=dev) if need_db and bias is not None else None
+    M = rows.numel()
+    launch = Launch(
+        _logprob_backward_kernel, (triton.cdiv(M, cfg.bwd_block_n) * triton.cdiv(V, cfg.bwd_block_v),),
+        dict(h_ptr=hidden, w_ptr=weight, b_ptr=bias, rows_ptr=rows, tgt_ptr=targets, lse_ptr=lse, g_ptr=grad,
+             dh_ptr=dh, dw_ptr=dw, db_ptr=db, softcap=softcap, filter_eps=filter_eps, M=M, V=V, H=H,
+             stride_h=hidden.stride(0), stride_w=weight.stride(0),
+             stride_dh=H if dh is None else dh.stride(0), stride_dw=H if dw is None else dw.stride(0),
+             BLOCK_N=cfg.bwd_block_n, BLOCK_V=cfg.bwd_block_v, BLOCK_H=cfg.bwd_block_h, GROUP_N=cfg.bwd_group_n,
+             INPUT_PRECISION=input_precision),
+        dict(num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages))
+    return launch, dh, dw, db
 
 
 def logprob_backward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: torch.Tensor,
-    targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, softcap: Optional[float],
-    *, need_dh: bool, need_dw: bool, need_db: bool, filter_eps: Optional[float],
-    block_n: int, block_v: int, block_h: int, input_precision: str,
-    num_warps: int = 4, num_stages: int = 2,
+    targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, softcap: Optional[float], cfg: KernelConfig,
+    *, need_dh: bool, need_dw: bool, need_db: bool, filter_eps: Optional[float], input_precision: Optional[str],
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Launch the backward kernel over the tokens ``rows`` (``[M]`` int64 indices into ``hidden``).
+    """Run the backward kernel over the tokens ``rows`` (``[M]`` int64 indices into ``hidden``).
 
     Args:
         hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None, targets ``[N]`` int64,
@@ -128,22 +154,9 @@ def logprob_backward(
         float32 ``(dH [N, H], dW [V, H], dbias [V])`` accumulators, each None when not requested.
         Rows of dH outside ``rows`` are 0.
     """
-    N, H = hidden.shape
-    V = weight.shape[0]
-    dev = hidden.device
-    dh = torch.zeros((N, H), dtype=torch.float32, device=dev) if need_dh else None
-    dw = torch.zeros((V, H), dtype=torch.float32, device=dev) if need_dw else None
-    db = torch.zeros((V,), dtype=torch.float32, device=dev) if need_db and bias is not None else None
-    M = rows.numel()
-    if M == 0 or not (need_dh or need_dw or db is not None):
-        return dh, dw, db
-    grid = (triton.cdiv(M, block_n) * triton.cdiv(V, block_v),)
-    _logprob_backward_kernel[grid](
-        hidden, weight, bias, rows, targets, lse, grad, dh, dw, db,
-        softcap, filter_eps, M, V, H,
-        hidden.stride(0), weight.stride(0),
-        H if dh is None else dh.stride(0), H if dw is None else dw.stride(0),
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, INPUT_PRECISION=input_precision,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    launch, dh, dw, db = plan_logprob_backward(
+        hidden, weight, bias, rows, targets, lse, grad, softcap, cfg, need_dh=need_dh, need_dw=need_dw,
+        need_db=need_db, filter_eps=filter_eps, input_precision=input_precision)
+    if rows.numel() and (dh is not None or dw is not None or db is not None):
+        launch.run()
     return dh, dw, db

@@ -11,8 +11,15 @@ torch ops.
 
 Why vocabulary splits: at Gemma-2 scale (V=256000) a grid over token blocks alone has only
 ``N / BLOCK_N`` programs (64 at N=8192), too few to fill 132 SMs; splitting the vocabulary
-multiplies the programs while the combine costs ``O(S * N)``. Token blocks vary fastest in the
-grid, so the programs that run together read the same weight tiles and share them through L2.
+multiplies the programs while the combine costs ``O(S * N)``.
+
+Raster: the grid is 1-D and ordered in groups of ``GROUP_N`` token blocks; within a group the
+token block varies fastest, then the split. The programs in flight are then one group: they read
+``GROUP_N`` hidden blocks (kept in L2 across the whole vocabulary walk) and, at each step, one
+weight tile per split, shared by the group's token blocks. Token-block-fastest order over the whole
+grid instead keeps every hidden block in flight (59 MB at the Gemma-2-9B shape, above the H100's
+50 MB L2) and re-reads ``hidden`` from HBM for every vocabulary tile. The launcher picks the splits
+so that one group fills the resident programs (:func:`plan_splits`).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from .launch import KernelConfig, Launch
 
 
 @triton.jit
@@ -78,6 +87,21 @@ def logit_tile(h_ptr, w_ptr, b_ptr, rows, mask_n, offs_v, mask_v, softcap, H,
     return acc, t
 
 
+@triton.jit
+def grouped_pid(pid, num_n_blocks, num_inner, GROUP_N: tl.constexpr):
+    """``pid`` -> ``(token block, inner index)`` in groups of ``GROUP_N`` token blocks.
+
+    A group spans ``GROUP_N`` token blocks (fewer in the last group) times ``num_inner`` (vocabulary
+    splits or tiles), token block fastest: consecutive programs, which the GPU runs together, share
+    their weight tile and a small set of hidden rows.
+    """
+    per_group = GROUP_N * num_inner
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(num_n_blocks - first_n, GROUP_N)
+    local = pid % per_group
+    return first_n + local % group_size, local // group_size
+
+
 @triton.heuristics({
     "HAS_BIAS": lambda args: args["b_ptr"] is not None,
     "HAS_SOFTCAP": lambda args: args["softcap"] is not None,
@@ -86,14 +110,13 @@ def logit_tile(h_ptr, w_ptr, b_ptr, rows, mask_n, offs_v, mask_v, softcap, H,
 def _lse_forward_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr,
     m_out, s_out, t_out, sum_out,  # [S, N] float32 partials
-    softcap, N, V, H, tiles_per_split,
+    softcap, N, V, H, splits, tiles_per_split,
     stride_h, stride_w,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
+    pid_n, split = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), splits, GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     target = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1)
@@ -134,12 +157,58 @@ def plan_splits(V: int, block_v: int, max_splits: int) -> tuple[int, int]:
     return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
 
 
+def auto_splits(V: int, block_v: int, n_token_blocks: int, group_n: int, resident: int) -> int:
+    """Vocabulary splits for ``resident`` programs running at once.
+
+    At least enough splits for one raster group (``min(group_n, n_token_blocks)`` token blocks)
+    to fill the resident programs; among up to 4x that many, the count that wastes least of the
+    last wave (every program walks ``tiles_per_split`` tiles, so a grid of 1.3 waves runs as 2).
+    Ties go to fewer splits (less combine work).
+    """
+    least = max(1, triton.cdiv(resident, max(1, min(group_n, n_token_blocks))))
+    n_tiles = triton.cdiv(V, block_v)
+    best, best_eff = least, -1.0
+    for max_splits in range(least, min(4 * least, n_tiles) + 1):
+        splits, per_split = plan_splits(V, block_v, max_splits)
+        waves = triton.cdiv(n_token_blocks * splits, resident)
+        eff = n_token_blocks * n_tiles / (waves * resident * per_split)
+        if eff > best_eff + 1e-9:
+            best, best_eff = max_splits, eff
+    return best
+
+
+def plan_lse_forward(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+    softcap: Optional[float], cfg: KernelConfig, *, input_precision: Optional[str], resident: int,
+) -> tuple[Launch, torch.Tensor]:
+    """The forward launch and its ``[4, S, N]`` float32 partials (max, sum of exp, target logit, logit sum).
+
+    The partials are poisoned with NaN: any (split, token) the kernel fails to write turns the
+    result into NaN. ``resident``: programs that run at once (for the automatic split count).
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    n_blocks = triton.cdiv(N, cfg.block_n)
+    max_splits = cfg.v_splits or auto_splits(V, cfg.block_v, n_blocks, cfg.group_n, resident)
+    splits, tiles_per_split = plan_splits(V, cfg.block_v, max_splits)
+    part = torch.full((4, splits, N), float("nan"), dtype=torch.float32, device=hidden.device)
+    launch = Launch(
+        _lse_forward_kernel, (n_blocks * splits,),
+        dict(h_ptr=hidden, w_ptr=weight, b_ptr=bias, tgt_ptr=targets,
+             m_out=part[0], s_out=part[1], t_out=part[2], sum_out=part[3],
+             softcap=softcap, N=N, V=V, H=H, splits=splits, tiles_per_split=tiles_per_split,
+             stride_h=hidden.stride(0), stride_w=weight.stride(0),
+             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, GROUP_N=cfg.group_n,
+             INPUT_PRECISION=input_precision),
+        dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return launch, part
+
+
 def lse_forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-    softcap: Optional[float], *, block_n: int, block_v: int, block_h: int, v_splits: int,
-    input_precision: str, num_warps: int = 4, num_stages: int = 2,
+    softcap: Optional[float], cfg: KernelConfig, *, input_precision: Optional[str], resident: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel and combine its vocabulary splits.
+    """Run the forward kernel and combine its vocabulary splits.
 
     Args:
         hidden: ``[N, H]`` (row stride free, unit column stride), weight: ``[V, H]`` likewise,
@@ -148,20 +217,11 @@ def lse_forward(
     Returns:
         ``(lse, target_logit, logit_sum)``, each ``[N]`` float32.
     """
-    N, H = hidden.shape
-    V = weight.shape[0]
-    splits, tiles_per_split = plan_splits(V, block_v, v_splits)
-    # Poisoned partials: any (split, token) the kernel fails to write turns the result into NaN.
-    part = torch.full((4, splits, N), float("nan"), dtype=torch.float32, device=hidden.device)
-    if N == 0:
+    launch, part = plan_lse_forward(hidden, weight, bias, targets, softcap, cfg,
+                                    input_precision=input_precision, resident=resident)
+    if hidden.shape[0] == 0:
         return part[0, 0], part[2, 0], part[3, 0]
-    grid = (triton.cdiv(N, block_n), splits)
-    _lse_forward_kernel[grid](
-        hidden, weight, bias, targets, part[0], part[1], part[2], part[3],
-        softcap, N, V, H, tiles_per_split, hidden.stride(0), weight.stride(0),
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, INPUT_PRECISION=input_precision,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    launch.run()
     m, s, t, sums = part
     m_all = m.max(0).values
     lse = m_all + torch.log((s * torch.exp(m - m_all)).sum(0))
