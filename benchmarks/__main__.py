@@ -212,6 +212,7 @@ def main(argv=None) -> Path:
                     t0 = time.perf_counter()
                     row = M.run_impl(impl, ctx, target_s=target_s, min_reps=min_reps)
                     row["wall_s"] = time.perf_counter() - t0
+                    row.update(_prediction(row, ctx, result["matmul_bf16_tflops"] if cuda else None))
                     result["cases"].append(row)
                     _dump(path, result)
                     print(_fmt_row(row), flush=True)
@@ -248,6 +249,20 @@ def main(argv=None) -> Path:
     return path
 
 
+def _prediction(row: dict, ctx, matmul_tflops) -> dict:
+    """The cost model's times for this row (``benchmarks/cost_model.py``), at the case's own target
+    fraction and the matmul rate measured in this call (CUDA; the H100 default elsewhere). A
+    failure of the model never costs a measurement: it is recorded as ``pred_error``."""
+    from . import cost_model
+
+    try:
+        frac = cost_model.target_fraction(ctx.labels, C.IGNORE_INDEX)
+        return cost_model.prediction_fields(row, frac, matmul_tflops=matmul_tflops)
+    except Exception as exc:  # noqa: BLE001 - an unknown impl, a kernels module mid-edit, ...
+        return {"pred_fwd_ms": None, "pred_fwd_bwd_ms": None,
+                "pred_error": f"{type(exc).__name__}: {exc}"[:200]}
+
+
 def _fmt(v, spec=".2f"):
     return "-" if v is None else format(v, spec)
 
@@ -256,7 +271,8 @@ def _fmt_row(row) -> str:
     errs = row.get("errors") or {}
     e = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
     return (f"{row['family']:>16} N={row['tokens']:>6} {row['impl']:>6}: {row['status'][:60]:<12} "
-            f"fwd {_fmt(row.get('fwd_ms'))} ms  fwd+bwd {_fmt(row.get('fwd_bwd_ms'))} ms  "
+            f"fwd {_fmt(row.get('fwd_ms'))} ms (pred {_fmt(row.get('pred_fwd_ms'))})  "
+            f"fwd+bwd {_fmt(row.get('fwd_bwd_ms'))} ms (pred {_fmt(row.get('pred_fwd_bwd_ms'))})  "
             f"peak {_fmt(row.get('peak_mem_mib'), '.0f')} MiB  [{e}] ref={row.get('reference')}")
 
 

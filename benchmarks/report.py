@@ -6,7 +6,8 @@ Several result files (e.g. one GPU call per family) are merged; they should come
 device. Per lm_head family one PNG with three panels against tokens (log-log): forward time with
 the 2NHV floor, forward+backward time with the 6NHV floor (both at the measured bf16 matmul
 rate), and peak extra memory; one line per implementation (only rows whose status is ``ok``).
-The markdown lists every row, failures included, so nothing is hidden.
+The markdown lists every row, failures included, so nothing is hidden, and, where the runner
+recorded them, the cost model's predicted times beside the measured ones.
 """
 
 from __future__ import annotations
@@ -124,6 +125,29 @@ def _cell(c):
     return cell + ("*" if c.get("notes") else "")
 
 
+def _prediction_table(cases) -> list:
+    """Measured ms beside the cost model's ``pred_*`` ms (rows written by the runner since the
+    cost model landed; older result files have none and get no table)."""
+    rows = [c for c in cases if c.get("pred_fwd_bwd_ms") is not None]
+    if not rows:
+        return []
+    f = (lambda v: "-" if v is None else f"{v:.1f}" if v >= 10 else f"{v:.3g}")
+    rate = rows[0].get("pred_matmul_tflops")
+    bw = rows[0].get("pred_hbm_tbps")
+    out = ["", f"### Measured vs predicted (`benchmarks/cost_model.py` at {rate:.4g} TFLOP/s, {bw:g} TB/s; "
+               "a model, not a measurement)", "",
+           "| family | N | impl | status | target frac | fwd ms | pred_fwd_ms | fwd+bwd ms | pred_fwd_bwd_ms "
+           "| measured / pred |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in rows:
+        meas, pred = c.get("fwd_bwd_ms"), c["pred_fwd_bwd_ms"]
+        ratio = f"{meas / pred:.2f}" if meas is not None and pred else "-"
+        out.append(f"| {c['family']} | {c['tokens']} | {c['impl']} | {c['status'][:30]} | "
+                   f"{c.get('target_frac', '-')} | {f(c.get('fwd_ms'))} | {f(c.get('pred_fwd_ms'))} | "
+                   f"{f(meas)} | {f(pred)} | {ratio} |")
+    return out
+
+
 def table(data: dict) -> str:
     lines = []
     rate = data.get("matmul_bf16_tflops")
@@ -162,6 +186,7 @@ def table(data: dict) -> str:
         lines.append("")
         for impl, ns in notes.items():
             lines.append(f"`*` {impl}: {', '.join(sorted(ns))}.")
+    lines += _prediction_table(data["cases"])
     e2e = data.get("e2e")
     if e2e and e2e.get("paths"):
         lines.append("")

@@ -3,8 +3,9 @@
 Each test first checks the impl's loss, log-probabilities and gradients against the reference
 (:func:`benchmarks.measure.check`, cached per case and impl), then times the call with
 ``benchmark.pedantic`` (synchronised on CUDA, so the host clock covers the device work) and puts
-the peak extra memory (CUDA) and the check's errors in ``extra_info``. A missing peer is skipped
-with its reason; out-of-memory is skipped as ``oom``; a wrong answer fails the test.
+the peak extra memory (CUDA), the check's errors and the cost model's ``pred_ms`` in
+``extra_info``. A missing peer is skipped with its reason; out-of-memory is skipped as ``oom``;
+a wrong answer fails the test.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import cases as C
+from benchmarks import cost_model as CM
 from benchmarks import measure as M
 
 
@@ -44,6 +46,7 @@ def _bench(benchmark, fn, ctx, impl, res, kind):
         impl=impl.name, family=ctx.case.family, tokens=ctx.case.tokens, hidden=ctx.case.hidden,
         vocab=ctx.case.vocab, softcap=impl.softcap, dtype=ctx.case.dtype, notes=impl.notes,
         errors=res["errors"], reference=res["reference"], kind=kind)
+    benchmark.extra_info.update(_prediction(impl, ctx, kind))
     try:
         if device.type == "cuda":
             benchmark.extra_info["peak_mem_mib"] = M.peak_extra_mib(fn, device)
@@ -55,6 +58,20 @@ def _bench(benchmark, fn, ctx, impl, res, kind):
         pytest.skip(f"oom ({ctx.case.id}, {impl.name}, {kind})")
     finally:
         M.free_memory(device)
+
+
+def _prediction(impl, ctx, kind) -> dict:
+    """``pred_ms`` of this kind from the cost model (H100 default rates: pytest-benchmark measures
+    no matmul rate) at the case's own target fraction; ``pred_error`` if the model fails."""
+    case = ctx.case
+    row = {"impl": impl.name, "tokens": case.tokens, "seq": case.seq, "hidden": case.hidden,
+           "vocab": case.vocab, "softcap": impl.softcap, "dtype": case.dtype}
+    try:
+        pred = CM.prediction_fields(row, CM.target_fraction(ctx.labels, C.IGNORE_INDEX))
+    except Exception as exc:  # noqa: BLE001 - a prediction never fails a benchmark
+        return {"pred_error": f"{type(exc).__name__}: {exc}"[:200]}
+    return {"pred_ms": pred["pred_fwd_ms" if kind == "fwd" else "pred_fwd_bwd_ms"],
+            "target_frac": pred["target_frac"]}
 
 
 def test_fwd(benchmark, case, impl, case_pool):

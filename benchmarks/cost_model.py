@@ -1,0 +1,738 @@
+"""Cost model of the SimPO lm_head loss: FLOPs, HBM bytes, atomic bytes and predicted time per pass.
+
+    python -m benchmarks.cost_model --family gemma2-9b --tokens 8192 --target-frac 0.5 [--summary]
+
+For every implementation the benchmarks time (``eager``, ``torch``, ``triton``, ``liger``,
+``cce``) and for the ideal ``floor``, at a shape (``N`` tokens, hidden ``H``, vocabulary ``V``,
+input dtype bytes ``b``, softcap on/off) and a target fraction ``f`` (the share of the ``N``
+positions whose shifted label is not ``-100``; ``M = round(f * N)`` target rows), this module counts,
+per pass:
+
+* ``flops``: matmul FLOPs only (``2 * rows * H * V`` per logits, dH or dW product). Elementwise
+  work (exp, tanh, casts) is counted as the bytes it moves, never as FLOPs: in the unfused
+  backends it is memory-bound, in the fused kernels it is a few operations per logit against
+  ``2H`` matmul FLOPs per logit.
+* ``hbm_bytes``: bytes read from and written to HBM.
+* ``atomic_bytes``: bytes accumulated through atomics or lock-protected read-modify-writes.
+
+Passes: ``fwd`` is the forward without gradient, as the benchmarks time it (``no_grad``);
+``bwd`` is everything ``fwd_bwd`` adds to it (the backward, plus any work a grad-mode forward
+does beyond the no-grad one: Liger forms its gradients inside its forward, CCE adds a logit
+average); ``fwd_bwd`` is their sum.
+
+Time (assumptions, all of them):
+
+* A pass is a sequence of *phases* (one kernel, or a run of kernels of one kind) that run one
+  after another; a phase takes ``max(flops / matmul rate, hbm_bytes / hbm_bw + atomic_bytes /
+  atomic_bw)``: compute and memory overlap inside a kernel, but not across kernel launches, and
+  atomics share the memory system with ordinary traffic, so their terms add. A pass's time is the
+  sum over its phases (for a fused single-kernel pass this is the plain ``max`` rule).
+* Every matmul runs at the one dense rate (default 798 TFLOP/s, the H100's measured cuBLAS bf16
+  rate). Triton tiles and small-M GEMMs run slower than cuBLAS's best in reality: the model is
+  optimistic there, and says so.
+* Atomic payload is charged at ``atomic_bw`` (default: the HBM bandwidth). The adds are executed
+  in L2, but the accumulators (``dW`` is ``V * H * 4`` bytes, 3.7 GB at Gemma-2-9B) are far larger
+  than L2; one byte of payload per byte of HBM bandwidth is a middle estimate between L2-resident
+  reductions (faster) and a line fetch plus write-back per add (slower). It is the least certain
+  number here and the first to calibrate on a GPU (``--atomic-tbps``).
+* cuBLAS GEMMs read each operand from HBM once and write the output once (L2 tile
+  rasterisation); the tiny per-token vectors (lse, targets, grad, partial maxima: ``O(N)`` or
+  ``O(splits * N)`` bytes) are ignored everywhere.
+* Tiled Triton kernels (ours and CCE's) are rastered in groups of token blocks that run together:
+  the weight is read from HBM once per group (its tiles are shared through L2 by the group's
+  token blocks), and a program's second read of its own weight tile (backward) hits L2. An operand
+  that programs re-read tile after tile (each token block's hidden rows, once per vocabulary tile)
+  is read once if its in-flight footprint fits in L2, otherwise on every re-read (a cyclic sweep
+  larger than the cache evicts each line before its reuse).
+* Elementwise PyTorch kernels are unfused: each reads its inputs and writes its output once
+  (reductions such as ``log_softmax`` read their input twice: max/sum, then the write pass).
+
+The per-backend counts, and where they come from in the code, are in the ``_eager``, ``_torch``,
+``_triton``, ``_liger``, ``_cce`` and ``_floor`` docstrings. These are predictions, not
+measurements: ``python -m benchmarks`` prints them beside the measured times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import KW_ONLY, dataclass, fields, replace
+from typing import Any, Iterable, Optional, Sequence
+
+BACKENDS = ("eager", "torch", "triton", "liger", "cce", "floor")
+PASSES = ("fwd", "bwd", "fwd_bwd")
+
+#: H100 SXM defaults: the measured cuBLAS bf16 rate (8192^3), HBM3 bandwidth, L2 size, SM count.
+DEFAULT_MATMUL_TFLOPS = 798.0
+DEFAULT_HBM_TBPS = 3.0
+DEFAULT_L2_BYTES = 50 * 2**20
+DEFAULT_SMS = 132
+
+#: Default target fraction for the CLI: half the positions carry a label. (The benchmarks'
+#: random labels mask 1/8..1/2 of every row as prompt plus some padding: about 0.67; the runner
+#: uses the fraction of the case it measures.)
+DEFAULT_TARGET_FRAC = 0.5
+
+#: Cut Cross-Entropy's backward tiles skipped by gradient filtering (fraction of tiles). 0 by
+#: default: on the benchmarks' random inputs (logit std 5, softcap 30, V=256000) about 0.2% of the
+#: softmax entries exceed its bf16 threshold 2^-12, so a 128x128 tile holds ~30 of them and
+#: virtually none is skipped. On a trained model's peaked distributions most tiles are skipped (CCE's own
+#: autotuning cost model assumes 80%): pass ``cce_filtered_frac`` for that regime.
+DEFAULT_CCE_FILTERED_FRAC = 0.0
+
+# Cut Cross-Entropy launch shapes: its non-autotuned defaults (cut_cross_entropy/tl_autotune.py,
+# forward BLOCK_B=256, BLOCK_V=128; backward BLOCK_B=128, BLOCK_V=128) and its raster group of 8
+# token blocks (GROUP_B in both kernels).
+CCE_FWD_BLOCK_B = 256
+CCE_BWD_BLOCK_B = 128
+CCE_BLOCK_V = 128
+CCE_GROUP_B = 8
+
+FLOAT32_BYTES = 4
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _positive_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One lm_head loss problem.
+
+    Attributes:
+        tokens: ``N``, positions in the batch (``2B`` rows of ``T``).
+        hidden: ``H``. vocab: ``V``.
+        dtype_bytes: bytes per element of hidden states and weight (2: bf16/fp16, 4: fp32).
+        softcap: whether a final-logit softcap is applied (Liger ignores it: it has none).
+        target_frac: share of the ``N`` positions with a target, in ``[0, 1]``.
+        row_len: tokens per sequence (rows are ``max(2, N // row_len)``, as in
+            :func:`benchmarks.cases.make_case`); only Liger's chunking (one pair per chunk) uses it.
+    """
+
+    tokens: int
+    hidden: int
+    vocab: int
+    dtype_bytes: int = 2
+    softcap: bool = True
+    target_frac: float = DEFAULT_TARGET_FRAC
+    row_len: int = 2048
+
+    def __post_init__(self):
+        _positive_int("tokens", self.tokens)
+        _positive_int("hidden", self.hidden)
+        _positive_int("vocab", self.vocab)
+        _positive_int("row_len", self.row_len)
+        if self.dtype_bytes not in (2, 4):
+            raise ValueError(f"dtype_bytes must be 2 (bf16/fp16) or 4 (fp32), got {self.dtype_bytes!r}")
+        if not isinstance(self.softcap, bool):
+            raise ValueError(f"softcap must be a bool (whether a softcap is applied), got {self.softcap!r}")
+        object.__setattr__(self, "target_frac", _fraction("target_frac", self.target_frac))
+
+    @property
+    def target_rows(self) -> int:
+        """``M``: positions with a target (they alone carry gradient)."""
+        return int(round(self.target_frac * self.tokens))
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Rates and sizes of the machine the prediction is for (defaults: one H100 SXM).
+
+    Attributes:
+        matmul_tflops: dense matmul rate, TFLOP/s (every GEMM and tl.dot runs at it).
+        hbm_tbps: HBM bandwidth, TB/s (1e12 bytes per second).
+        atomic_tbps: throughput of atomic payload, TB/s; None: the HBM bandwidth.
+        l2_bytes: L2 capacity available to re-read operands, bytes.
+        sms: streaming multiprocessors (programs resident at once = sms x ctas_per_sm).
+    """
+
+    matmul_tflops: float = DEFAULT_MATMUL_TFLOPS
+    hbm_tbps: float = DEFAULT_HBM_TBPS
+    atomic_tbps: Optional[float] = None
+    l2_bytes: float = DEFAULT_L2_BYTES
+    sms: int = DEFAULT_SMS
+
+    def __post_init__(self):
+        _positive_number("matmul_tflops", self.matmul_tflops)
+        _positive_number("hbm_tbps", self.hbm_tbps)
+        if self.atomic_tbps is not None:
+            _positive_number("atomic_tbps", self.atomic_tbps)
+        if isinstance(self.l2_bytes, bool) or not isinstance(self.l2_bytes, (int, float)) or self.l2_bytes < 0:
+            raise ValueError(f"l2_bytes must be a number >= 0, got {self.l2_bytes!r}")
+        _positive_int("sms", self.sms)
+
+    @property
+    def atomic_bytes_per_s(self) -> float:
+        return (self.hbm_tbps if self.atomic_tbps is None else self.atomic_tbps) * 1e12
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Kernels of one kind that run back to back, ``count`` times (e.g. once per chunk).
+
+    ``flops``, ``hbm_bytes`` and ``atomic_bytes`` are per occurrence.
+    """
+
+    name: str
+    flops: float = 0.0
+    hbm_bytes: float = 0.0
+    _: KW_ONLY  # atomic bytes and count only by name: positionally they are easily swapped
+    atomic_bytes: float = 0.0
+    count: int = 1
+
+    def ms(self, hw: Hardware) -> float:
+        """``count * max(flops / rate, hbm / bw + atomic / atomic_bw)`` in milliseconds."""
+        compute_s = self.flops / (hw.matmul_tflops * 1e12)
+        memory_s = self.hbm_bytes / (hw.hbm_tbps * 1e12) + self.atomic_bytes / hw.atomic_bytes_per_s
+        return self.count * max(compute_s, memory_s) * 1e3
+
+
+@dataclass(frozen=True)
+class PassCost:
+    """One pass: its phases and their totals (FLOPs, bytes) and predicted milliseconds."""
+
+    phases: tuple
+    hw: Hardware
+
+    @property
+    def flops(self) -> float:
+        return sum(p.flops * p.count for p in self.phases)
+
+    @property
+    def hbm_bytes(self) -> float:
+        return sum(p.hbm_bytes * p.count for p in self.phases)
+
+    @property
+    def atomic_bytes(self) -> float:
+        return sum(p.atomic_bytes * p.count for p in self.phases)
+
+    @property
+    def ms(self) -> float:
+        return sum(p.ms(self.hw) for p in self.phases)
+
+
+@dataclass(frozen=True)
+class BackendCost:
+    """Prediction for one backend at one shape: ``fwd``, ``bwd`` and ``fwd_bwd`` passes."""
+
+    backend: str
+    shape: Shape
+    fwd: PassCost
+    bwd: PassCost
+    notes: tuple = ()
+
+    @property
+    def fwd_bwd(self) -> PassCost:
+        return PassCost(self.fwd.phases + self.bwd.phases, self.fwd.hw)
+
+    def pass_cost(self, name: str) -> PassCost:
+        if name not in PASSES:
+            raise ValueError(f"unknown pass {name!r}; expected one of {PASSES}")
+        return getattr(self, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def reread_bytes(once_bytes: float, reads: float, footprint_bytes: float, l2_bytes: float) -> float:
+    """HBM bytes of an operand of ``once_bytes`` that programs read ``reads`` times in all.
+
+    The first read comes from HBM. The later reads hit L2 when the in-flight ``footprint_bytes``
+    fits in ``l2_bytes``, and all miss when it does not: the programs sweep the operand in the same
+    order on every pass, and a cyclic sweep larger than an LRU-like cache evicts each line before
+    its next use (the reason for the raster groups).
+    """
+    if reads <= 1:
+        return once_bytes * reads
+    return once_bytes * (1.0 if footprint_bytes <= l2_bytes else reads)
+
+
+def _chunk_phases(rows: int, chunk: int, make) -> list:
+    """Phases for ``rows`` processed in chunks of ``chunk`` rows: ``make(c, count)`` -> phases."""
+    full, rest = divmod(rows, chunk)
+    out = []
+    if full:
+        out += make(chunk, full)
+    if rest:
+        out += make(rest, 1)
+    return out
+
+
+def _elementwise(name: str, nbytes: float, count: int = 1) -> list:
+    return [Phase(name, hbm_bytes=nbytes, count=count)] if nbytes > 0 else []
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+
+
+def _eager(s: Shape, hw: Hardware) -> BackendCost:
+    """``simpo_kernels/eager.py``: ``F.linear`` in the input dtype, then everything on ``[N, V]``.
+
+    All ``N`` positions (the logit sums for the ``logits/*`` metrics need every position). With
+    ``b`` the input bytes, ``f = 4`` the float32 compute dtype, ``NV`` = elements of the logits:
+
+    forward: GEMM (reads H and W, writes ``b*NV``); ``.to(float32)`` (``(b+f)*NV``, 0 for fp32
+    inputs); softcap ``z/s``, ``tanh``, ``*s`` (three out-of-place passes, ``3 * 2f*NV``);
+    ``log_softmax`` (reads twice, writes once: ``3f*NV``); ``z.sum(-1)`` for the metrics (``f*NV``).
+    Gather and the ``[2B, T]`` objective are ``O(N)``.
+    backward: ``gather`` backward fills a zero ``[N, V]`` float32 (``f*NV``); ``log_softmax``
+    backward (sums grad, then reads grad and output, writes: ``4f*NV``); softcap backward ``*s``
+    (``2f``), ``tanh`` (grad and saved output in, one out: ``3f``), ``/s`` (``2f``); cast back to
+    the input dtype (``(f+b)*NV``); the dH and dW GEMMs each read the ``[N, V]`` gradient.
+    """
+    N, H, V, b, f = s.tokens, s.hidden, s.vocab, s.dtype_bytes, FLOAT32_BYTES
+    NV = N * V
+    upcast = 0 if b == f else (b + f) * NV
+    fwd_elem = upcast + (3 * 2 * f * NV if s.softcap else 0) + 3 * f * NV + f * NV
+    fwd = [Phase("logits GEMM", 2.0 * N * H * V, N * H * b + V * H * b + NV * b)]
+    fwd += _elementwise("upcast, softcap, log_softmax, logit sums [N,V]", fwd_elem)
+    bwd_elem = f * NV + 4 * f * NV + ((2 + 3 + 2) * f * NV if s.softcap else 0) + upcast
+    bwd = _elementwise("gather/log_softmax/softcap backward, cast [N,V]", bwd_elem)
+    bwd += [Phase("dH GEMM", 2.0 * N * H * V, NV * b + V * H * b + N * H * b),
+            Phase("dW GEMM", 2.0 * N * H * V, NV * b + N * H * b + V * H * b)]
+    return BackendCost("eager", s, PassCost(tuple(fwd), hw), PassCost(tuple(bwd), hw),
+                       ("full [N,V] logits: float32 passes dominate the bytes; no target skipping",))
+
+
+def torch_chunk_size(s: Shape) -> int:
+    """The chunked backend's default tokens per chunk (``simpo_kernels.chunked.default_chunk_size``,
+    asked at call time so that a change of its budget is followed)."""
+    import torch
+
+    from simpo_kernels import chunked
+
+    dtype = torch.bfloat16 if s.dtype_bytes == 2 else torch.float32
+    return int(chunked.default_chunk_size(s.vocab, s.hidden, dtype))
+
+
+def _torch(s: Shape, hw: Hardware, chunk_size: Optional[int] = None) -> BackendCost:
+    """``simpo_kernels/chunked.py`` on CUDA: chunks of ``C`` tokens (``default_chunk_size``: a
+    256 MiB working set, ~104 tokens at V=256000), float32 chunk logits.
+
+    16-bit inputs take the fast path, ``torch.mm(..., out_dtype=float32)`` on the bf16 weight (no
+    float32 copy of W); float32 inputs use W as is and accumulate dW with an in-place ``addmm_``.
+    Every chunk's GEMM reads all of W (``V*H*b``) from HBM: W does not fit in L2.
+
+    forward, per chunk of ``c`` of the ``N`` tokens: logits GEMM (writes ``4cV``); softcap
+    ``div_``, ``tanh_`` in place and ``t * s`` out of place (``2*8 + 8 = 24`` bytes per logit);
+    ``torch.logsumexp`` (amax read, ``z - max`` out of place, ``exp_`` in place, sum read: 24);
+    ``z.sum(-1)`` (4).
+    backward, over the ``M`` target rows only: zero ``dH`` (``N*H*b``) and a float32 ``dW``
+    (``4VH``); per chunk: the logits GEMM again (recompute) with softcap (24); ``dz`` = ``sub_``,
+    ``exp_``, ``mul_`` in place (24); softcap derivative ``t*t``, ``neg_``, ``add_``, ``dz *=``
+    (8+8+8+12); ``dz.to(b)`` (``4+b``); dH GEMM (reads dz and W); dW GEMM: on the fast path
+    ``acc += torch.mm(...)`` writes a fresh float32 ``[V, H]`` and adds it (``4VH + 12VH`` per
+    chunk: the dominant cost at V=256000), on the fp32 path ``addmm_`` (``8VH``); finally
+    ``dW.to(b)`` (``(4+b)VH``).
+    """
+    N, M, H, V, b, f = s.tokens, s.target_rows, s.hidden, s.vocab, s.dtype_bytes, FLOAT32_BYTES
+    C = torch_chunk_size(s) if chunk_size is None else _positive_int("chunk_size", chunk_size)
+    fast = b == 2
+    W = V * H * b
+    cap = s.softcap
+
+    def fwd_chunk(c, n):
+        return [Phase("chunk logits GEMM", 2.0 * c * H * V, W + c * H * b + c * V * f, count=n),
+                *_elementwise("chunk softcap, logsumexp, sums", ((24 if cap else 0) + 24 + 4) * c * V, n)]
+
+    def bwd_chunk(c, n):
+        dw_acc = (f * V * H + 3 * f * V * H) if fast else 2 * f * V * H
+        elem = ((24 if cap else 0) + 24 + (36 if cap else 0) + (f + b)) * c * V
+        return [Phase("recompute logits GEMM", 2.0 * c * H * V, W + c * H * b + c * V * f, count=n),
+                *_elementwise("chunk softcap, dz, softcap grad, cast", elem, n),
+                Phase("dH GEMM", 2.0 * c * H * V, c * V * b + W + c * H * (f + 2 * b), count=n),
+                Phase("dW GEMM + float32 accumulate", 2.0 * c * H * V, c * V * b + c * H * b + dw_acc, count=n)]
+
+    fwd = _chunk_phases(N, C, fwd_chunk)
+    bwd = _elementwise("zero dH, float32 dW", N * H * b + f * V * H)
+    bwd += _chunk_phases(M, C, bwd_chunk)
+    bwd += _elementwise("dW to input dtype", 0 if b == f else (f + b) * V * H)
+    notes = (f"chunk {C} tokens: W read from HBM {_cdiv(N, C)}x forward, {2 * _cdiv(M, C) if M else 0}x backward",)
+    return BackendCost("torch", s, PassCost(tuple(fwd), hw), PassCost(tuple(bwd), hw), notes)
+
+
+def default_kernel_config():
+    """``KernelConfig()`` of the triton backend, constructed now (its defaults are being tuned)."""
+    try:
+        from simpo_kernels.kernels import KernelConfig
+    except ImportError as exc:
+        raise ValueError(f"triton backend: simpo_kernels.kernels.KernelConfig is not importable ({exc}); "
+                         f"pass kernel_config=") from exc
+    return KernelConfig()
+
+
+def _group_blocks(token_blocks: int, group_n: Optional[int], resident: int) -> int:
+    """Token blocks whose programs run together: a raster group, or (no groups, token block
+    fastest over the whole grid) as many as the resident programs hold."""
+    if group_n:
+        return max(1, min(group_n, token_blocks))
+    return max(1, min(token_blocks, resident))
+
+
+def _triton(s: Shape, hw: Hardware, kernel_config=None) -> BackendCost:
+    """``simpo_kernels/kernels``: ``lse_forward`` and ``logprob_backward``, block sizes from
+    ``KernelConfig`` (defaults read at call time, or ``kernel_config``).
+
+    forward (one kernel, all ``N`` tokens: the metrics need every logit sum): ``2NHV`` FLOPs; W read
+    once per raster group of ``group_n`` token blocks (``ceil(N/block_n / group_n)`` times); each
+    token block re-reads its hidden rows for each of the ``ceil(V/block_v)`` vocabulary tiles, from
+    L2 while a group's rows (``group_n*block_n*H*b``) fit. Nothing of size ``N x V`` is written.
+    backward (``M`` target rows only): zero float32 ``dH [N, H]`` and ``dW [V, H]``; the kernel
+    recomputes each logit tile and contracts ``dz`` twice: ``6MHV`` FLOPs; W read once per group of
+    ``bwd_group_n`` token blocks; per vocabulary tile the hidden rows are read and their float32 dH
+    rows reduced into, from L2 while the group's rows and dH rows fit, else from HBM (``b + 2*4``
+    bytes per element: read h, fetch and write back dH); float32 atomic adds of ``[bwd_block_n, H]`` into dH
+    and ``[bwd_block_v, H]`` into dW per tile: ``M*H*V*(1/bwd_block_v + 1/bwd_block_n)*4`` payload
+    bytes; the dW accumulator lines leave L2 between groups, so each group fetches and writes back
+    ``dW`` (``8VH`` bytes per group), dH rows once; then both cast to the input dtype.
+    Exact gradients (``grad_filter=False``, the default); ``v_splits`` partials are ``O(S*N)``.
+    """
+    cfg = default_kernel_config() if kernel_config is None else kernel_config
+    N, M, H, V, b, f = s.tokens, s.target_rows, s.hidden, s.vocab, s.dtype_bytes, FLOAT32_BYTES
+    bn, bv = cfg.block_n, cfg.block_v
+    bwd_bn, bwd_bv = cfg.bwd_block_n, cfg.bwd_block_v
+    resident = hw.sms * getattr(cfg, "ctas_per_sm", 1)
+    W = V * H * b
+
+    blocks = _cdiv(N, bn)
+    group = _group_blocks(blocks, getattr(cfg, "group_n", None), resident)
+    w_reads = _cdiv(blocks, group)
+    h_bytes = reread_bytes(N * H * b, _cdiv(V, bv), group * bn * H * b, hw.l2_bytes)
+    fwd = [Phase("lse_forward kernel", 2.0 * N * H * V, w_reads * W + h_bytes)]
+
+    bwd = _elementwise("zero float32 dH, dW", N * H * f + V * H * f)
+    notes = [f"fwd: W read {w_reads}x (groups of {group} x {bn}-token blocks)"]
+    if M:
+        bblocks = _cdiv(M, bwd_bn)
+        bgroup = _group_blocks(bblocks, getattr(cfg, "bwd_group_n", None), resident)
+        groups = _cdiv(bblocks, bgroup)
+        # Per vocabulary tile a program reads its hidden rows (twice; the second read hits L2) and
+        # reduces into their float32 dH rows (a line fetch and a write-back when not resident).
+        h_sub = reread_bytes(M * H * (b + 2 * f), _cdiv(V, bwd_bv), bgroup * bwd_bn * H * (b + f), hw.l2_bytes)
+        acc_round_trips = groups * 2 * V * H * f + 2 * M * H * f
+        atomics = M * H * V * (1.0 / bwd_bv + 1.0 / bwd_bn) * f
+        bwd.append(Phase("logprob_backward kernel", 6.0 * M * H * V,
+                         groups * W + h_sub + acc_round_trips, atomic_bytes=atomics))
+        notes.append(f"bwd: W read {groups}x, dW accumulator round trips {groups}x; "
+                     f"tiles {bwd_bn}x{bwd_bv}")
+    bwd += _elementwise("dH, dW to input dtype", 0 if b == f else (f + b) * (N * H + V * H))
+    return BackendCost("triton", s, PassCost(tuple(fwd), hw), PassCost(tuple(bwd), hw), tuple(notes))
+
+
+def liger_chunk_tokens(s: Shape) -> int:
+    """Tokens per Liger chunk: one pair (a chosen and a rejected row) per chunk, its default."""
+    rows = max(2, s.tokens // s.row_len)
+    return 2 * max(1, s.tokens // rows)
+
+
+def _liger(s: Shape, hw: Hardware) -> BackendCost:
+    """Liger-Kernel ``LigerFusedLinearSimPOLoss`` (``chunked_loss/fused_linear_preference.py``).
+
+    Chunks of one pair (``2T`` tokens, all positions: no target skipping). No softcap: it runs
+    without one whatever the shape says. Per chunk of ``c`` tokens:
+    forward: GEMM ``c x V`` in the input dtype (logits written, ``b*cV``); ``log_softmax(logits
+    .float())`` materialised in float32 (reads twice, writes ``4cV``); the logit sum for its
+    metrics (reads ``b*cV``); the gather is ``O(c)``.
+    gradient (``torch.func.grad_and_value`` inside its grad-mode forward, so no recompute; the
+    autograd backward only returns the saved gradients): softmax backward reads the float32
+    log-softmax and writes a ``b``-byte dlogits (gather, log_softmax backward and the cast fused by
+    ``torch.compile``); dH GEMM (reads W); dW GEMM writes a ``[V, H]`` chunk gradient in the weight
+    dtype, then ``grad_weight.add_`` (``3*b*VH``); once: zero ``grad_weight``, concatenate dH.
+    Modelled as DESIGN section 6 describes it; if inductor folds the gather into the reduction and
+    never writes the float32 log-softmax, the forward moves ``8cV`` bytes less.
+    """
+    N, H, V, b, f = s.tokens, s.hidden, s.vocab, s.dtype_bytes, FLOAT32_BYTES
+    C = liger_chunk_tokens(s)
+    W = V * H * b
+
+    def fwd_chunk(c, n):
+        return [Phase("chunk logits GEMM", 2.0 * c * H * V, W + c * H * b + c * V * b, count=n),
+                Phase("float32 log_softmax, logit sum", hbm_bytes=(2 * b + f + b) * c * V, count=n)]
+
+    def bwd_chunk(c, n):
+        return [Phase("softmax backward to dlogits", hbm_bytes=(f + b) * c * V, count=n),
+                Phase("dH GEMM", 2.0 * c * H * V, c * V * b + W + c * H * b, count=n),
+                Phase("dW GEMM + grad_weight.add_", 2.0 * c * H * V, c * V * b + c * H * b + W + 3 * W, count=n)]
+
+    fwd = _chunk_phases(N, C, fwd_chunk)
+    bwd = _elementwise("zero grad_weight, cat dH", W + 2 * N * H * b) + _chunk_phases(N, C, bwd_chunk)
+    notes = [f"chunk {C} tokens (one pair); gradients formed in the forward, no recompute"]
+    if s.softcap:
+        notes.append("runs WITHOUT the softcap (unsupported)")
+    return BackendCost("liger", s, PassCost(tuple(fwd), hw), PassCost(tuple(bwd), hw), tuple(notes))
+
+
+def _cce(s: Shape, hw: Hardware, filtered_frac: float = DEFAULT_CCE_FILTERED_FRAC) -> BackendCost:
+    """Apple Cut Cross-Entropy ``linear_cross_entropy(..., shift=True, reduction="none")``
+    (``cut_cross_entropy/cce_lse_forward.py``, ``cce_backward.py``), learned from its source.
+
+    Only the ``M`` target rows are computed (its ``valids``), forward and backward.
+    forward: one kernel, ``2MHV`` FLOPs, ``256x128`` tiles in raster groups of 8 token blocks (W
+    read once per group); each tile's logsumexp is merged into ``lse`` under a spin lock
+    (``M*ceil(V/128)*8`` lock-protected bytes); then an indexed dot reads the ``M`` hidden rows and
+    the ``M`` target rows of W. A grad-mode forward also atomically adds a per-vocabulary logit
+    average (``ceil(M/256)*V*4`` bytes, charged to ``bwd``).
+    backward: zero dE (``N*H*b``) and dC (``V*H*b``, input dtype); ``128x128`` tiles, groups of 8;
+    every tile recomputes its logits (``2MHV``); a tile whose ``|softmax - onehot|`` is all below
+    ``filter_eps`` (``2^-12`` for bf16) returns early, the others (``1 - filtered_frac``) form dE
+    and dC (``4MHV``) and add them with a lock-protected load-add-store in the input dtype (no
+    float atomics): ``(1-filtered_frac)*M*H*V*(1/128 + 1/128)*2b`` bytes through the locks, dC's
+    lines fetched and written back once per group. Lock contention is not modelled.
+    """
+    N, M, H, V, b, f = s.tokens, s.target_rows, s.hidden, s.vocab, s.dtype_bytes, FLOAT32_BYTES
+    phi = _fraction("cce_filtered_frac", filtered_frac)
+    kept = 1.0 - phi
+    W = V * H * b
+    fwd, bwd = [], []
+    if M:
+        fblocks = _cdiv(M, CCE_FWD_BLOCK_B)
+        fgroup = min(CCE_GROUP_B, fblocks)
+        h_fwd = reread_bytes(M * H * b, _cdiv(V, CCE_BLOCK_V), fgroup * CCE_FWD_BLOCK_B * H * b, hw.l2_bytes)
+        fwd = [Phase("lse forward kernel", 2.0 * M * H * V, _cdiv(fblocks, fgroup) * W + h_fwd,
+                     atomic_bytes=M * _cdiv(V, CCE_BLOCK_V) * 2 * f),
+               Phase("indexed dot (target logits)", hbm_bytes=2 * M * H * b)]
+    bwd += _elementwise("zero dE, dC", N * H * b + W)
+    if M:
+        bblocks = _cdiv(M, CCE_BWD_BLOCK_B)
+        bgroup = min(CCE_GROUP_B, bblocks)
+        groups = _cdiv(bblocks, bgroup)
+        h_bwd = reread_bytes(M * H * b, (1 + kept) * _cdiv(V, CCE_BLOCK_V),
+                             bgroup * CCE_BWD_BLOCK_B * H * 2 * b, hw.l2_bytes)
+        hbm = groups * W + h_bwd + kept * groups * 2 * W + 2 * M * H * b
+        locked = kept * M * H * V * (1.0 / CCE_BLOCK_V + 1.0 / CCE_BWD_BLOCK_B) * 2 * b
+        logit_avg = fblocks * V * f
+        bwd.append(Phase("backward kernel", 2.0 * M * H * V + kept * 4.0 * M * H * V, hbm,
+                         atomic_bytes=locked + logit_avg))
+    notes = (f"filtered tiles {phi:.0%} (cce_filtered_frac); lock-protected bf16 read-add-write, no float atomics",)
+    return BackendCost("cce", s, PassCost(tuple(fwd), hw), PassCost(tuple(bwd), hw), notes)
+
+
+def _floor(s: Shape, hw: Hardware) -> BackendCost:
+    """The ideal: ``2NHV`` FLOPs forward and ``4NHV`` backward (``6NHV`` in all), with the fewest
+    bytes: read H and W in the forward, write dH and dW in the backward (``(N+V)*H*b`` each),
+    one phase per pass, no atomics (DESIGN section 2; ``benchmarks/NOTES.md``)."""
+    N, H, V, b = s.tokens, s.hidden, s.vocab, s.dtype_bytes
+    io = (N + V) * H * b
+    return BackendCost("floor", s, PassCost((Phase("6NHV floor: logits", 2.0 * N * H * V, io),), hw),
+                       PassCost((Phase("6NHV floor: dH, dW", 4.0 * N * H * V, io),), hw),
+                       ("2NHV + 4NHV FLOPs; reads H, W once, writes dH, dW once",))
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def predict(
+    backend: str, shape: Shape, hw: Optional[Hardware] = None, *, kernel_config=None,
+    torch_chunk: Optional[int] = None, cce_filtered_frac: float = DEFAULT_CCE_FILTERED_FRAC,
+) -> BackendCost:
+    """Predicted cost of ``backend`` (one of :data:`BACKENDS`) at ``shape`` on ``hw``.
+
+    Args:
+        kernel_config: a ``simpo_kernels.kernels.KernelConfig`` for ``triton`` (default: its
+            defaults, constructed at call time).
+        torch_chunk: tokens per chunk for ``torch`` (default: the backend's own default).
+        cce_filtered_frac: share of CCE's backward tiles skipped by gradient filtering, in [0, 1].
+
+    Raises:
+        ValueError: unknown backend, or an argument out of range (naming it).
+    """
+    if not isinstance(shape, Shape):
+        raise ValueError(f"shape must be a cost_model.Shape, got {type(shape).__name__}")
+    hw = Hardware() if hw is None else hw
+    _fraction("cce_filtered_frac", cce_filtered_frac)
+    if backend == "eager":
+        return _eager(shape, hw)
+    if backend == "torch":
+        return _torch(shape, hw, torch_chunk)
+    if backend == "triton":
+        return _triton(shape, hw, kernel_config)
+    if backend == "liger":
+        return _liger(shape, hw)
+    if backend == "cce":
+        return _cce(shape, hw, cce_filtered_frac)
+    if backend == "floor":
+        return _floor(shape, hw)
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def predict_all(shape: Shape, hw: Optional[Hardware] = None, backends: Iterable[str] = BACKENDS,
+                **kw) -> dict:
+    """``{backend: BackendCost}`` for ``backends`` (default: all, floor included)."""
+    return {name: predict(name, shape, hw, **kw) for name in backends}
+
+
+def shape_for_family(family: str, tokens: int, target_frac: float = DEFAULT_TARGET_FRAC) -> Shape:
+    """A :class:`Shape` from a ``benchmarks.cases`` family (H, V, softcap, dtype, row length)."""
+    from . import cases as C
+
+    if family not in C.FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {tuple(C.FAMILIES)}")
+    fam = C.FAMILIES[family]
+    return Shape(tokens=tokens, hidden=fam.hidden, vocab=fam.vocab, dtype_bytes=DTYPE_BYTES[fam.dtype],
+                 softcap=fam.softcap is not None, target_frac=target_frac, row_len=fam.row_len)
+
+
+def target_fraction(labels, ignore_index: int = -100) -> float:
+    """Share of the ``2B*T`` positions of ``labels [2B, T]`` that have a target after the shift
+    (position ``t`` predicts ``labels[t+1]``; the last position of a row never does)."""
+    rows, T = labels.shape
+    return float((labels[:, 1:] != ignore_index).sum()) / float(rows * T)
+
+
+def prediction_fields(row: dict, target_frac: float, matmul_tflops: Optional[float] = None,
+                      hbm_tbps: Optional[float] = None) -> dict:
+    """Prediction for a benchmark result row (``impl``, ``tokens``, ``seq``, ``hidden``, ``vocab``,
+    ``softcap`` as applied, ``dtype``): ``{target_frac, pred_fwd_ms, pred_fwd_bwd_ms,
+    pred_matmul_tflops, pred_hbm_tbps}``. ``matmul_tflops`` is the rate measured in the same call
+    where there is one (default: :data:`DEFAULT_MATMUL_TFLOPS`)."""
+    hw = Hardware(matmul_tflops=matmul_tflops or DEFAULT_MATMUL_TFLOPS, hbm_tbps=hbm_tbps or DEFAULT_HBM_TBPS)
+    shape = Shape(tokens=row["tokens"], hidden=row["hidden"], vocab=row["vocab"],
+                  dtype_bytes=DTYPE_BYTES[row["dtype"]], softcap=row.get("softcap") is not None,
+                  target_frac=min(1.0, max(0.0, target_frac)), row_len=row.get("seq") or 2048)
+    cost = predict(row["impl"], shape, hw)
+    return {"target_frac": round(shape.target_frac, 4), "pred_fwd_ms": cost.fwd.ms,
+            "pred_fwd_bwd_ms": cost.fwd_bwd.ms, "pred_matmul_tflops": hw.matmul_tflops,
+            "pred_hbm_tbps": hw.hbm_tbps}
+
+
+# --------------------------------------------------------------------------------------------
+# Tables and CLI
+
+
+def _g(x: float, spec: str) -> str:
+    return format(x, spec)
+
+
+def table_long(costs: dict, passes: Sequence[str] = PASSES) -> str:
+    """Markdown: one row per (backend, pass): TFLOP, HBM GB, atomic GB, ms, ratio to the floor."""
+    floor = costs.get("floor")
+    lines = ["| backend | pass | TFLOP | HBM GB | atomic GB | pred ms | x floor |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name, cost in costs.items():
+        for p in passes:
+            pc = cost.pass_cost(p)
+            ratio = pc.ms / floor.pass_cost(p).ms if floor is not None else float("nan")
+            lines.append(f"| {name} | {p} | {_g(pc.flops / 1e12, '.1f')} | {_g(pc.hbm_bytes / 1e9, '.1f')} | "
+                         f"{_g(pc.atomic_bytes / 1e9, '.1f')} | {_g(pc.ms, '.1f')} | {_g(ratio, '.2f')} |")
+    return "\n".join(lines)
+
+
+def table_summary(costs: dict) -> str:
+    """Markdown: one row per backend: ms per pass, fwd+bwd TFLOP / GB / atomic GB, x floor."""
+    floor = costs.get("floor")
+    lines = ["| backend | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd TFLOP | HBM GB | atomic GB | x 6NHV floor |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, cost in costs.items():
+        t = cost.fwd_bwd
+        ratio = t.ms / floor.fwd_bwd.ms if floor is not None else float("nan")
+        lines.append(f"| {name} | {cost.fwd.ms:.1f} | {cost.bwd.ms:.1f} | {t.ms:.1f} | {t.flops / 1e12:.1f} | "
+                     f"{t.hbm_bytes / 1e9:.1f} | {t.atomic_bytes / 1e9:.1f} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def _parse_kernel_config(text: Optional[str]):
+    if not text:
+        return None
+    cfg = default_kernel_config()
+    known = {f.name for f in fields(cfg)}
+    updates = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in known:
+            raise ValueError(f"--kernel-config: expected NAME=INT with NAME in {sorted(known)}, got {item!r}")
+        updates[key] = int(value)
+    return replace(cfg, **updates)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.cost_model",
+                                 description="Predicted FLOPs, bytes and time per pass of every SimPO "
+                                             "lm_head loss implementation (a model, not a measurement).")
+    ap.add_argument("--family", default="gemma2-9b", help="shape family from benchmarks/cases.py")
+    ap.add_argument("--tokens", type=int, default=8192, help="N, tokens in the batch")
+    ap.add_argument("--target-frac", type=float, default=DEFAULT_TARGET_FRAC,
+                    help="share of positions with a label (default %(default)s)")
+    ap.add_argument("--hidden", type=int, default=None, help="override H")
+    ap.add_argument("--vocab", type=int, default=None, help="override V")
+    ap.add_argument("--dtype-bytes", type=int, default=None, help="override input bytes (2 or 4)")
+    cap = ap.add_mutually_exclusive_group()
+    cap.add_argument("--softcap", dest="softcap", action="store_true", default=None)
+    cap.add_argument("--no-softcap", dest="softcap", action="store_false")
+    ap.add_argument("--backends", default=",".join(BACKENDS), help="comma list of %s" % ",".join(BACKENDS))
+    ap.add_argument("--matmul-tflops", type=float, default=DEFAULT_MATMUL_TFLOPS)
+    ap.add_argument("--hbm-tbps", type=float, default=DEFAULT_HBM_TBPS)
+    ap.add_argument("--atomic-tbps", type=float, default=None, help="atomic payload rate (default: HBM)")
+    ap.add_argument("--l2-mib", type=float, default=DEFAULT_L2_BYTES / 2**20)
+    ap.add_argument("--sms", type=int, default=DEFAULT_SMS)
+    ap.add_argument("--cce-filtered-frac", type=float, default=DEFAULT_CCE_FILTERED_FRAC,
+                    help="share of CCE backward tiles skipped by filtering (default %(default)s)")
+    ap.add_argument("--torch-chunk", type=int, default=None, help="torch backend tokens per chunk")
+    ap.add_argument("--kernel-config", default=None,
+                    help="triton KernelConfig overrides, e.g. bwd_block_n=128,bwd_group_n=16")
+    ap.add_argument("--summary", action="store_true", help="one row per backend (the README table)")
+    args = ap.parse_args(argv)
+
+    try:
+        base = shape_for_family(args.family, args.tokens, args.target_frac)
+        over = {k: v for k, v in (("hidden", args.hidden), ("vocab", args.vocab),
+                                  ("dtype_bytes", args.dtype_bytes), ("softcap", args.softcap)) if v is not None}
+        shape = replace(base, **over)
+        hw = Hardware(matmul_tflops=args.matmul_tflops, hbm_tbps=args.hbm_tbps, atomic_tbps=args.atomic_tbps,
+                      l2_bytes=args.l2_mib * 2**20, sms=args.sms)
+        backends = [b for b in args.backends.split(",") if b]
+        cfg = _parse_kernel_config(args.kernel_config)
+        costs = predict_all(shape, hw, backends, kernel_config=cfg, torch_chunk=args.torch_chunk,
+                            cce_filtered_frac=args.cce_filtered_frac)
+        if "floor" not in costs:
+            costs["floor"] = predict("floor", shape, hw)
+    except ValueError as exc:
+        ap.error(str(exc))
+
+    dtype = {2: "16-bit", 4: "float32"}[shape.dtype_bytes]
+    head = (f"Cost model (predictions, not measurements): {args.family} N={shape.tokens} H={shape.hidden} "
+            f"V={shape.vocab} {dtype}, softcap {'on' if shape.softcap else 'off'}, target fraction "
+            f"{shape.target_frac:g} (M={shape.target_rows} rows with a target).\n"
+            f"Rates: matmul {hw.matmul_tflops:g} TFLOP/s, HBM {hw.hbm_tbps:g} TB/s, atomics "
+            f"{hw.atomic_bytes_per_s / 1e12:g} TB/s, L2 {hw.l2_bytes / 2**20:g} MiB, {hw.sms} SMs; "
+            f"CCE filtered tiles {args.cce_filtered_frac:g}.")
+    body = table_summary(costs) if args.summary else table_long(costs)
+    notes = "\n".join(f"- {name}: {'; '.join(c.notes)}" for name, c in costs.items() if c.notes)
+    text = f"{head}\n\n{body}\n\n{notes}\n"
+    sys.stdout.write(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
