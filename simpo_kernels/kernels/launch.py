@@ -75,7 +75,10 @@ class KernelConfig:
     group_n / bwd_group_n: token blocks per raster group. Programs of one group run together and
     share their hidden rows and weight tiles through L2; without groups the programs in flight
     cover every token block, i.e. all of ``hidden`` (59 MB at the Gemma-2-9B shape, more than the
-    H100's 50 MB L2), re-read from HBM for every vocabulary tile.
+    H100's 50 MB L2), re-read from HBM for every vocabulary tile. 16 blocks: a forward group's
+    hidden rows are 15 MB, a backward group's hidden and float32 dH rows 22 MB, which leaves L2
+    room for the weight and dW tiles streaming past; larger backward groups would stream W and
+    the dW accumulator fewer times, but their working set no longer fits beside them.
     ctas_per_sm: programs of the forward resident per SM, as the compiled kernel's registers and
     shared memory allow (the compile gate checks this number against the sm_90 code).
     logits_block_v / logits_num_warps: the kernels that take given logits.
