@@ -58,6 +58,8 @@ from simpo_kernels.kernels.launch import KernelConfig, Launch, gpu_config, input
 TARGET = GPUTarget("cuda", 90, 32)
 #: The Gemma-2-9B head, one device step of the official recipe (2 pairs x 2048 tokens).
 SHAPE = dict(N=8192, H=3584, V=256000)
+#: Token count and target rows of the ``odd_tokens`` variants (a prompt-heavy batch).
+ODD_TOKENS = dict(N=8189, M=4093)
 H100_SMS = 132
 #: sm_90 limits: dynamic shared memory per block (opt-in), shared memory and registers per SM.
 MAX_SHARED_PER_BLOCK = 227 * 1024
@@ -90,12 +92,15 @@ class Variant:
     softcap: bool = False
     grads: str = "dh+dw"       # dh+dw | dh (frozen weight) | dw (frozen hidden); backward only
     grad_filter: bool = False  # backward only
+    odd_tokens: bool = False   # token and target-row counts not divisible by 16 (see ODD_TOKENS)
 
     @property
     def name(self) -> str:
         parts = [self.dtype, f"bias-{self.bias}", "softcap" if self.softcap else "nocap"]
         if self.kernel == "_logprob_backward_kernel":
             parts += [self.grads, "filter" if self.grad_filter else "exact"]
+        if self.odd_tokens:
+            parts.append("odd-tokens")
         return ".".join(parts)
 
 
@@ -112,6 +117,13 @@ def variants(dtypes: Optional[list[str]] = None) -> Iterator[Variant]:
         for dt in dts:
             if dt != "fp32-tf32":
                 yield Variant(kern, dt)
+    # The JIT specialises ints divisible by 16; real token and target-row counts mostly are not.
+    if "bf16" in dts:
+        for bias, cap in itertools.product(("none", "trainable"), (False, True)):
+            yield Variant("_lse_forward_kernel", "bf16", bias, cap, odd_tokens=True)
+        for bias, cap, grads, filt in itertools.product(("none", "trainable", "frozen"), (False, True),
+                                                        ("dh+dw", "dh", "dw"), (False, True)):
+            yield Variant("_logprob_backward_kernel", "bf16", bias, cap, grads, filt, odd_tokens=True)
 
 
 def build_launch(v: Variant, cfg: Optional[KernelConfig] = None) -> Launch:
@@ -119,6 +131,9 @@ def build_launch(v: Variant, cfg: Optional[KernelConfig] = None) -> Launch:
     dtype, tf32 = DTYPES[v.dtype]
     cfg = cfg or gpu_config(dtype, tf32)
     N, H, V = SHAPE["N"], SHAPE["H"], SHAPE["V"]
+    M = N  # backward rows: every position has a target
+    if v.odd_tokens:
+        N, M = ODD_TOKENS["N"], ODD_TOKENS["M"]
     meta = dict(device="meta")
     hidden = torch.empty((N, H), dtype=dtype, **meta)
     weight = torch.empty((V, H), dtype=dtype, **meta)
@@ -131,8 +146,9 @@ def build_launch(v: Variant, cfg: Optional[KernelConfig] = None) -> Launch:
                                             resident=H100_SMS * cfg.ctas_per_sm)[0]
     if v.kernel == "_logprob_backward_kernel":
         f32 = torch.empty((N,), dtype=torch.float32, **meta)
+        rows = torch.empty((M,), dtype=torch.int64, **meta)
         return logprob_backward.plan_logprob_backward(
-            hidden, weight, bias, targets, targets, f32, f32, softcap, cfg,
+            hidden, weight, bias, rows, targets, f32, f32, softcap, cfg,
             need_dh="dh" in v.grads, need_dw="dw" in v.grads, need_db=v.bias == "trainable",
             filter_eps=2.0 ** -9 if v.grad_filter else None, input_precision=prec)[0]
     logits = torch.empty((N, V), dtype=dtype, **meta)

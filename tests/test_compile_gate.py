@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "benchmarks" / "results" / "compile"
 GPU_IMAGE_TRITON = "3.6.0"
-N_VARIANTS = 16 + 144 + 3 + 3  # forward, backward, logits forward, logits backward
+N_VARIANTS = 16 + 144 + 3 + 3 + 4 + 36  # fwd, bwd, logits fwd, logits bwd, bf16 fwd/bwd at odd token counts
 
 
 def triton36_dir() -> Path:
