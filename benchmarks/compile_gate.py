@@ -55,12 +55,14 @@ from triton.compiler import ASTSource
 from simpo_kernels.kernels import logits_logprob, logprob_backward, lse_forward
 from simpo_kernels.kernels.launch import KernelConfig, Launch, gpu_config, input_precision, interpreting
 
+from .cases import FAMILIES
+from .cost_model import DEFAULT_SMS as H100_SMS
+
 TARGET = GPUTarget("cuda", 90, 32)
 #: The Gemma-2-9B head, one device step of the official recipe (2 pairs x 2048 tokens).
-SHAPE = dict(N=8192, H=3584, V=256000)
+SHAPE = dict(N=8192, H=FAMILIES["gemma2-9b"].hidden, V=FAMILIES["gemma2-9b"].vocab)
 #: Token count and target rows of the ``odd_tokens`` variants (a prompt-heavy batch).
 ODD_TOKENS = dict(N=8189, M=4093)
-H100_SMS = 132
 #: sm_90 limits: dynamic shared memory per block (opt-in), shared memory and registers per SM.
 MAX_SHARED_PER_BLOCK = 227 * 1024
 MAX_SHARED_PER_SM = 228 * 1024

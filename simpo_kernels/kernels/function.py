@@ -45,8 +45,8 @@ def check_dtype(dtype: torch.dtype, device: Optional[torch.device] = None, name:
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"backend='triton' supports float16/bfloat16/float32 {name}, got {dtype}; "
                         f"use backend='torch' or backend='eager' for float64")
-    if interpreting() and interpreter_problem():
-        raise RuntimeError(f"backend='triton' cannot run here: {interpreter_problem()}")
+    if interpreting() and (problem := interpreter_problem()):
+        raise RuntimeError(f"backend='triton' cannot run here: {problem}")
     if dtype == torch.bfloat16 and interpreting():
         raise TypeError(
             f"backend='triton' cannot compute bfloat16 {name} in the Triton interpreter "

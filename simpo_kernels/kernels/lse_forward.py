@@ -24,6 +24,7 @@ so that one group fills the resident programs (:func:`plan_splits`).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -157,6 +158,7 @@ def plan_splits(V: int, block_v: int, max_splits: int) -> tuple[int, int]:
     return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
 
 
+@functools.lru_cache(maxsize=256)  # a few hundred plan_splits calls: once per shape, not per step
 def auto_splits(V: int, block_v: int, n_token_blocks: int, group_n: int, resident: int) -> int:
     """Vocabulary splits for ``resident`` programs running at once.
 
