@@ -7,7 +7,9 @@ SimPO loss and the per-row length-normalised log-probabilities (chosen rows firs
 can be checked against the same reference before it is timed.
 
 Implementations:
-    eager, torch, triton   ``simpo_kernels.simpo_loss(backend=...)``
+    eager, torch, triton   ``simpo_kernels.simpo_loss(backend=...)`` (``triton``: ``schedule="auto"``)
+    triton-pairs, triton-vocab, triton-fused
+                           ``simpo_loss(backend="triton", schedule="pairs" | "vocab" | "fused")``
     liger                  Liger-Kernel ``LigerFusedLinearSimPOLoss`` (no softcap support: the row
                            runs without softcap and is marked ``softcap_unsupported``)
     cce                    Apple Cut Cross-Entropy ``linear_cross_entropy(..., reduction="none")``
@@ -30,7 +32,9 @@ BETA = 10.0
 GAMMA_BETA_RATIO = 0.5
 IGNORE_INDEX = -100
 
-IMPLS = ("eager", "torch", "triton", "liger", "cce")
+#: ``triton-<schedule>`` impls: the triton backend with that schedule pinned.
+TRITON_SCHEDULE_IMPLS = {"triton-pairs": "pairs", "triton-vocab": "vocab", "triton-fused": "fused"}
+IMPLS = ("eager", "torch", "triton", *TRITON_SCHEDULE_IMPLS, "liger", "cce")
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ FAMILIES = {
     # The Triton interpreter does no bf16 arithmetic (DESIGN section 5) and is slow: a minuscule
     # float32 shape, run only with TRITON_INTERPRET=1.
     "cpu-interp": Family("cpu-interp", 40, 300, 30.0, "float32", (64,), 16, cpu=True,
-                         impls=("eager", "triton")),
+                         impls=("eager", "triton", *TRITON_SCHEDULE_IMPLS)),
 }
 GPU_FAMILIES = ("gemma2-9b", "gemma2-2b", "llama3-8b")
 CPU_FAMILIES = ("cpu-small", "cpu-small-nocap", "cpu-interp")
@@ -165,7 +169,7 @@ class Unavailable(Exception):
     """The impl cannot run here (missing package, no CUDA, ...): the case is skipped with this reason."""
 
 
-def _simpo_kernels_impl(backend: str, case: Case, device) -> Impl:
+def _simpo_kernels_impl(backend: str, case: Case, device, schedule: str = "auto", name: Optional[str] = None) -> Impl:
     from simpo_kernels import simpo_loss
 
     if backend == "triton":
@@ -180,12 +184,14 @@ def _simpo_kernels_impl(backend: str, case: Case, device) -> Impl:
         except ImportError as exc:
             raise Unavailable(f"simpo_kernels.kernels not importable: {exc}") from None
 
+    kwargs = {} if schedule == "auto" else {"schedule": schedule}
+
     def fn(hidden, weight, labels):
         out = simpo_loss(hidden, weight, labels, beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO,
-                         softcap=case.softcap, ignore_index=IGNORE_INDEX, backend=backend)
+                         softcap=case.softcap, ignore_index=IGNORE_INDEX, backend=backend, **kwargs)
         return out.loss, torch.cat([out.chosen_logps, out.rejected_logps])
 
-    return Impl(backend, fn, case.softcap)
+    return Impl(name or backend, fn, case.softcap)
 
 
 def _liger_impl(case: Case, device) -> Impl:
@@ -244,6 +250,8 @@ def build_impl(name: str, case: Case, device) -> Impl:
         raise Unavailable(f"{name} not run at {case.family}")
     if name in ("eager", "torch", "triton"):
         return _simpo_kernels_impl(name, case, device)
+    if name in TRITON_SCHEDULE_IMPLS:
+        return _simpo_kernels_impl("triton", case, device, TRITON_SCHEDULE_IMPLS[name], name)
     if name == "liger":
         return _liger_impl(case, device)
     if name == "cce":

@@ -16,9 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-IMPL_ORDER = ("eager", "torch", "triton", "liger", "cce")
+IMPL_ORDER = ("eager", "torch", "triton", "triton-pairs", "triton-vocab", "triton-fused", "liger", "cce")
 STYLE = {"eager": ("tab:gray", "o"), "torch": ("tab:blue", "s"), "triton": ("tab:red", "D"),
-         "liger": ("tab:green", "^"), "cce": ("tab:purple", "v")}
+         "triton-pairs": ("tab:orange", "P"), "triton-vocab": ("tab:brown", "X"),
+         "triton-fused": ("tab:pink", "d"), "liger": ("tab:green", "^"), "cce": ("tab:purple", "v")}
 
 
 def load(paths) -> dict:

@@ -103,29 +103,69 @@ def test_missing_peer_is_skipped_with_reason(small_ctx, monkeypatch):
 
 
 def test_triton_impl_wiring_under_the_interpreter(monkeypatch):
-    """With TRITON_INTERPRET=1 and an importable ``simpo_kernels.kernels`` the triton impl runs at
-    the cpu-interp shape (here a stand-in module delegating to the chunked backend, so the
-    wiring is tested whether or not the real kernels have landed on this branch)."""
+    """With TRITON_INTERPRET=1 and an importable ``simpo_kernels.kernels`` the ``triton-fused`` impl
+    runs at the cpu-interp shape (here a stand-in module delegating to the chunked backend, so the
+    wiring of the benchmark machinery is tested apart from the kernels; the real kernels run in
+    :func:`test_triton_impls_in_the_interpreter`)."""
     import sys
     import types
 
     from simpo_kernels import chunked
 
     fake = types.ModuleType("simpo_kernels.kernels")
-    fake.token_logprobs = lambda h, w, b, t, *, softcap, ignore_index: chunked.token_logprobs(
+    fake.token_logprobs = lambda h, w, b, t, *, softcap, ignore_index, **kw: chunked.token_logprobs(
         h, w, b, t, softcap=softcap, ignore_index=ignore_index)
     fake.check_dtype = chunked.check_dtype
+    fake.make_config = lambda device, dtype, options: None  # the row kernels' config (unused by fused)
+    fake.row_kernels = types.ModuleType("simpo_kernels.kernels.row_kernels")
     fake.BACKEND = "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setitem(sys.modules, "simpo_kernels.kernels", fake)
     ctx = M.CaseContext(C.make_case(C.FAMILIES["cpu-interp"], 64), CPU)
-    row = M.run_impl("triton", ctx, target_s=0.0, min_reps=1, max_reps=1)
+    row = M.run_impl("triton-fused", ctx, target_s=0.0, min_reps=1, max_reps=1)
     assert row["status"] == "ok" and row["reference"] == "float64", row
-    assert row["errors"]["dweight"] < 1e-3
-    with pytest.raises(C.Unavailable, match="only at CPU smoke shapes"):
-        C.build_impl("triton", C.make_case(C.FAMILIES["gemma2-9b"], 2048), CPU)
+    assert row["impl"] == "triton-fused" and row["errors"]["dweight"] < 1e-3
+    for name in ("triton", *C.TRITON_SCHEDULE_IMPLS):
+        with pytest.raises(C.Unavailable, match="only at CPU smoke shapes"):
+            C.build_impl(name, C.make_case(C.FAMILIES["gemma2-9b"], 2048), CPU)
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert M.run_impl("triton", ctx)["status"].startswith("skipped:triton backend needs CUDA")
+    for name in ("triton", *C.TRITON_SCHEDULE_IMPLS):
+        assert M.run_impl(name, ctx)["status"].startswith("skipped:triton backend needs CUDA"), name
+
+
+def test_triton_impls_in_the_interpreter():
+    """Every triton impl (``schedule="auto"`` and each schedule pinned) checks out against float64 at
+    the cpu-interp shape with the real kernels in the Triton interpreter. A subprocess: the
+    interpreter must be chosen before ``simpo_kernels.kernels`` is first imported."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import json, torch\n"
+        "from simpo_kernels.kernels.launch import interpreter_problem\n"
+        "from benchmarks import cases as C, measure as M\n"
+        "problem = interpreter_problem()\n"
+        "rows = {}\n"
+        "if problem is None:\n"
+        "    ctx = M.CaseContext(C.make_case(C.FAMILIES['cpu-interp'], 64), torch.device('cpu'))\n"
+        "    for name in ('triton', *C.TRITON_SCHEDULE_IMPLS):\n"
+        "        r = M.run_impl(name, ctx, timing=False)\n"
+        "        rows[name] = [r['status'], r['errors']]\n"
+        "print(json.dumps({'problem': problem, 'rows': rows}))\n")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if out["problem"]:
+        pytest.skip(f"the Triton interpreter cannot run the kernels here: {out['problem']}")
+    assert set(out["rows"]) == {"triton", *C.TRITON_SCHEDULE_IMPLS}
+    for name, (status, errors) in out["rows"].items():
+        assert status == "ok", (name, status, errors)
+        assert errors["dweight"] < 1e-3 and errors["dhidden"] < 1e-3, (name, errors)
 
 
 def test_float32_reference_matches_float64(small_ctx):

@@ -1,7 +1,8 @@
 """Public API: :func:`simpo_loss` and :func:`simpo_loss_from_logits`.
 
-Each call validates its inputs, shifts the labels, asks the chosen backend for per-token
-log-probabilities and logit sums, and applies :func:`simpo_kernels.objective.simpo_objective`.
+Each call validates its inputs, shifts the labels, resolves the backend and its schedule
+(:mod:`simpo_kernels.schedules`), which computes per-token log-probabilities and logit sums of
+the target positions, and applies :func:`simpo_kernels.objective.simpo_objective`.
 
 Guarantees every backend shares, enforced here once:
 
@@ -18,7 +19,8 @@ Guarantees every backend shares, enforced here once:
 Backends:
     ``"eager"``  the reference: materialises the logits (the spec).
     ``"torch"``  chunked PyTorch, any device, never more than one chunk of logits.
-    ``"triton"`` fused Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+    ``"triton"`` Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``): the ``pairs`` and
+                 ``vocab`` schedules (cuBLAS matmuls + Triton row kernels) or ``fused``.
     ``"auto"``   ``"triton"`` for CUDA tensors when Triton is importable, else ``"torch"``.
 """
 
@@ -32,7 +34,9 @@ from typing import Optional, Union
 import torch
 
 from . import chunked, eager
-from .objective import SimPOOutput, shift_targets, simpo_objective
+from .objective import LOGIT_METRICS, SimPOOutput, shift_targets, simpo_objective
+from .schedules import (TargetLayout, check_memory_budget, check_schedule_name, default_memory_budget,
+                        resolve_schedule, run_schedule, run_schedule_triton)
 from .validation import check_hidden_inputs, check_logits_inputs, check_options
 
 BACKENDS = ("auto", "eager", "torch", "triton")
@@ -69,21 +73,28 @@ def _resolve_backend(backend: str, device: torch.device):
     return _triton_module()
 
 
-def check_backend(backend: str, device: Union[str, torch.device], dtype: torch.dtype) -> str:
-    """Raise the error :func:`simpo_loss` would raise for ``backend`` with inputs of ``dtype`` on
-    ``device`` (ValueError: backend unavailable there; TypeError: dtype unsupported by it), before
-    any data exists; returns the resolved backend name. The trainer calls it at start-up."""
+def check_backend(backend: str, device: Union[str, torch.device], dtype: torch.dtype,
+                  schedule: str = "auto") -> str:
+    """Raise the error :func:`simpo_loss` would raise for ``backend`` (and ``schedule``) with inputs
+    of ``dtype`` on ``device`` (ValueError: backend or schedule unavailable there; TypeError: dtype
+    unsupported by it), before any data exists; returns the resolved backend name. The trainer
+    calls it at start-up."""
     device = torch.device(device)
     impl = _resolve_backend(backend, device)
     impl.check_dtype(dtype, device)
+    check_schedule_name(impl.BACKEND, schedule)
     return impl.BACKEND
 
 
-def _backend_options(impl, backend: str, chunk_size: Optional[int], grad_filter) -> dict:
-    """Validate the backend-specific keywords and keep those the resolved backend takes."""
+def _check_chunk_size(chunk_size: Optional[int]) -> None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def _backend_options(impl, backend: str, chunk_size: Optional[int], grad_filter) -> dict:
+    """Validate the backend-specific keywords of :func:`simpo_loss_from_logits`."""
+    _check_chunk_size(chunk_size)
     kwargs = {"chunk_size": chunk_size} if impl is chunked else {}
     if grad_filter is not False:
         if impl is chunked or impl is eager:
@@ -91,6 +102,17 @@ def _backend_options(impl, backend: str, chunk_size: Optional[int], grad_filter)
                              f"always exact); got backend={backend!r} resolving to {impl.__name__}")
         kwargs["grad_filter"] = grad_filter
     return kwargs
+
+
+def _schedule_options(schedule: str, backend: str, chunk_size: Optional[int], grad_filter) -> None:
+    """``chunk_size`` belongs to the ``tokens`` schedule and ``grad_filter`` to ``fused``."""
+    _check_chunk_size(chunk_size)
+    if chunk_size is not None and schedule != "tokens":
+        raise ValueError(f"chunk_size is an option of the torch backend's 'tokens' schedule; this call runs "
+                         f"backend={backend!r} schedule={schedule!r} (its chunks follow memory_budget)")
+    if grad_filter is not False and schedule != "fused":
+        raise ValueError("grad_filter is an option of backend='triton' with schedule='fused' only (the other "
+                         f"schedules are always exact); this call runs backend={backend!r} schedule={schedule!r}")
 
 
 class _PoisonGradients(torch.autograd.Function):
@@ -159,6 +181,9 @@ def simpo_loss(
     bias: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    schedule: str = "auto",
+    memory_budget: Optional[int] = None,
+    logit_metrics: str = "exact",
     chunk_size: Optional[int] = None,
     grad_filter: Union[bool, float] = False,
 ) -> SimPOOutput:
@@ -174,8 +199,19 @@ def simpo_loss(
         softcap: final-logit softcap ``s`` (Gemma-2: 30.0) or None.
         bias: optional ``[V]`` lm_head bias.
         backend: ``"auto"``, ``"eager"``, ``"torch"`` or ``"triton"`` (see module docstring).
-        chunk_size: tokens per chunk for the ``"torch"`` backend (default from V and H).
-        grad_filter: ``"triton"`` backend only (a ValueError elsewhere). ``False`` (default): exact
+        schedule: how the logits are chunked and differentiated (:mod:`simpo_kernels.schedules`):
+            ``"pairs"`` (gradients formed in the forward, 6NHV; backward through ``loss`` only),
+            ``"vocab"`` (vocabulary chunks, 8NHV, no atomics), ``"fused"`` (``triton`` only: the
+            fused kernels), ``"tokens"`` (``torch`` only: token chunks). ``"auto"``: by
+            ``memory_budget`` on ``triton``, ``"tokens"`` on ``torch``.
+        memory_budget: bytes of float32 logits scratch a ``pairs``/``vocab`` chunk may take (default:
+            a quarter of free CUDA memory; 256 MiB on CPU).
+        logit_metrics: ``"exact"`` (default): the official ``logits/*`` metrics, every position's
+            logits (a GEMV for prompt positions without softcap, their forward logits with one).
+            ``"targets"``: mean logit over target positions only (free). ``"none"``: not computed
+            (``chosen_logits_mean``/``rejected_logits_mean`` are None).
+        chunk_size: tokens per chunk of the ``"tokens"`` schedule (default from V and H).
+        grad_filter: ``"fused"`` schedule only (a ValueError elsewhere). ``False`` (default): exact
             gradients. ``True``: skip backward tiles whose softmax probabilities are all below the
             input dtype's unit roundoff (and hold no target), as Cut Cross-Entropy does; a float in
             ``(0, 1)`` sets that threshold. An approximation: see ``simpo_kernels.kernels``.
@@ -186,22 +222,36 @@ def simpo_loss(
     opts = check_options(beta=beta, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing,
                          loss_type=loss_type, sft_weight=sft_weight, softcap=softcap)
     softcap = opts.pop("softcap")
+    if not isinstance(logit_metrics, str) or logit_metrics not in LOGIT_METRICS:
+        raise ValueError(f"unknown logit_metrics {logit_metrics!r}; expected one of {LOGIT_METRICS}")
+    check_memory_budget(memory_budget)
     device = _device_of(hidden_states)
     hidden_states, weight, bias = _autocast_inputs(_autocast_dtype(device), hidden_states, weight, bias)
-    rows, T, H, V, finite = check_hidden_inputs(hidden_states, weight, bias, labels, ignore_index)
+    rows, T, H, V, finite, counts = check_hidden_inputs(hidden_states, weight, bias, labels, ignore_index)
     impl = _resolve_backend(backend, device)
-    kwargs = _backend_options(impl, backend, chunk_size, grad_filter)
     impl.check_dtype(hidden_states.dtype, device)
+    targets = shift_targets(labels.long(), ignore_index)
+    layout = TargetLayout.build(targets, counts, ignore_index)
+    budget = memory_budget if memory_budget is not None else default_memory_budget(device)
+    sched = resolve_schedule(impl.BACKEND, schedule, device, layout, V, budget)
+    if impl is eager:
+        _backend_options(impl, backend, chunk_size, grad_filter)
+    else:
+        _schedule_options(sched, impl.BACKEND, chunk_size, grad_filter)
     if not finite:
         hidden_states, weight, bias = _poison_gradients(hidden_states, weight, bias)
-    targets = shift_targets(labels.long(), ignore_index)
     with _no_autocast(device):
-        token_logps, logit_sums = impl.token_logprobs(
-            hidden_states.reshape(rows * T, H), weight, bias, targets.reshape(-1),
-            softcap=softcap, ignore_index=ignore_index, **kwargs)
-        return simpo_objective(
-            token_logps.view(rows, T), targets, logit_sums.view(rows, T), V,
-            ignore_index=ignore_index, inputs_finite=finite, **opts)
+        if impl is eager:  # the spec: every position's logits, materialised
+            token_logps, logit_sums = eager.token_logprobs(
+                hidden_states.reshape(rows * T, H), weight, bias, targets.reshape(-1),
+                softcap=softcap, ignore_index=ignore_index)
+            return simpo_objective(token_logps.view(rows, T), targets, logit_sums.view(rows, T), V,
+                                   ignore_index=ignore_index, inputs_finite=finite,
+                                   logit_metrics=logit_metrics, **opts)
+        run = run_schedule if impl is chunked else run_schedule_triton
+        return run(impl, sched, hidden_states.reshape(rows * T, H), weight, bias, targets, layout,
+                   softcap=softcap, budget=budget, opts=opts, ignore_index=ignore_index,
+                   logit_metrics=logit_metrics, finite=finite, chunk_size=chunk_size, grad_filter=grad_filter)
 
 
 def simpo_loss_from_logits(

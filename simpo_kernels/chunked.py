@@ -7,15 +7,16 @@ logits (for the metrics). Backward recomputes each chunk's logits and forms
     dL/dz_t = g_t * (onehot(y_t) - softmax(z_t)) * (1 - (z_t / s)^2)      (softcap s, capped z_t)
 
 where ``g_t`` is the upstream gradient of token ``t``'s log-probability, then accumulates
-``dH = dz W`` and ``dW = dz^T H`` (float32 accumulator across chunks). Backward visits only tokens
-with a target (prompt and padding positions have ``g_t = 0``).
+``dH = dz W`` and ``dW = dz^T H`` (float32 accumulator across chunks, accumulated in place). The
+API passes only target positions (target compaction), so backward visits every row it is given.
 
 Precision: chunk logits are float32 for float16/bfloat16/float32 inputs (float64 for float64), so
 float16 logits beyond 65504 are computed correctly (the ``eager`` reference, like ``nn.Linear``,
 overflows there). On CUDA the 16-bit products run on tensor cores with float32 output
 (``torch.mm(..., out_dtype=torch.float32)``); elsewhere, or where that is unavailable, the
 16-bit weight is upcast once per pass (a ``[V, H]`` float32 copy; fine for the small models this
-backend serves on CPU). Nothing the caller passed in is ever written to.
+backend serves on CPU); see :mod:`simpo_kernels.matmul`. Nothing the caller passed in is ever
+written to.
 """
 
 from __future__ import annotations
@@ -25,16 +26,13 @@ from typing import Optional
 import torch
 
 from .eager import compute_dtype
+from .matmul import LinearHead
 from .validation import refuse_double_backward
 
 BACKEND = "torch"
 
 #: Bytes of per-chunk working memory the default chunk size aims for.
 CHUNK_BUDGET_BYTES = 256 * 2**20
-
-_HALF = (torch.float16, torch.bfloat16)
-_MM_OUT_DTYPE: dict = {}  # (device type, dtype) -> whether torch.mm(..., out_dtype=float32) works
-
 
 def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
     """Every float dtype on every device."""
@@ -54,63 +52,6 @@ def default_chunk_size(vocab_size: int, hidden_size: int, dtype: torch.dtype = t
     return int(min(8192, c if c < 8 else c - c % 8))
 
 
-def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
-    key = (device.type, dtype)
-    if key not in _MM_OUT_DTYPE:
-        ok = False
-        if device.type == "cuda":  # cuBLAS only (DESIGN section 8)
-            try:
-                a = torch.ones(16, 16, dtype=dtype, device=device)
-                ok = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-            except (TypeError, RuntimeError, NotImplementedError):
-                ok = False
-        _MM_OUT_DTYPE[key] = ok
-    return _MM_OUT_DTYPE[key]
-
-
-class _Head:
-    """The lm_head operands of one pass, arranged so that every chunk product is float32 (float64).
-
-    ``fast``: 16-bit operands with a float32-output matmul. Otherwise the weight (and each hidden
-    chunk) is used in the compute dtype: unchanged for float32/float64 inputs, an upcast copy for
-    16-bit ones. Never a view that is written to.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], cdtype: torch.dtype):
-        self.cdtype, self.in_dtype = cdtype, weight.dtype
-        self.fast = weight.dtype in _HALF and _mm_out_dtype_works(weight.device, weight.dtype)
-        self.w = weight if self.fast else weight.to(cdtype)
-        self.b = None if bias is None else bias.to(cdtype)
-
-    def operand(self, x: torch.Tensor) -> torch.Tensor:
-        """A chunk (hidden rows or dz) as a matmul operand."""
-        return x.to(self.in_dtype) if self.fast else x.to(self.cdtype)
-
-    def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``a @ b`` of two operands, in the compute dtype."""
-        if self.fast:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        return a @ b
-
-    def addmm_(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-        """``acc += a @ b`` (``acc`` in the compute dtype, a buffer of this backend's own)."""
-        if self.fast:
-            acc += torch.mm(a, b, out_dtype=torch.float32)
-        else:
-            acc.addmm_(a, b)
-
-    def logits(self, h: torch.Tensor, softcap: Optional[float]):
-        """Capped logits of a chunk of hidden rows (a fresh tensor) and ``tanh(z/s)`` (None
-        without softcap)."""
-        z = self.mm(self.operand(h), self.w.t())
-        if self.b is not None:
-            z += self.b
-        if softcap is None:
-            return z, None
-        t = z.div_(softcap).tanh_()  # in place on the fresh buffer: z now holds tanh(z / s)
-        return t * softcap, t
-
-
 class ChunkedLinearLogprob(torch.autograd.Function):
     """(hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]``) -> (logps ``[N]``, logit sums ``[N]``)."""
 
@@ -118,7 +59,7 @@ class ChunkedLinearLogprob(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, softcap, ignore_index, chunk_size):
         N = hidden.shape[0]
         cdtype = compute_dtype(hidden.dtype)
-        head = _Head(weight, bias, cdtype)
+        head = LinearHead(weight, bias, cdtype)
         valid = targets != ignore_index
         safe = torch.where(valid, targets, 0)
         logps = torch.empty(N, dtype=cdtype, device=hidden.device)
@@ -155,18 +96,20 @@ class ChunkedLinearLogprob(torch.autograd.Function):
         if grad_logps is None or not (need_h or need_w or need_b):
             return d_hidden, d_weight, d_bias, None, None, None, None
 
-        head = _Head(weight, bias, cdtype)
+        head = LinearHead(weight, bias, cdtype)
+        # The API hands this backend target positions only (target compaction), so every row is
+        # visited; no nonzero() (a host sync) to find the rows that carry gradient.
         valid = targets != ctx.ignore_index
-        idx = valid.nonzero().squeeze(1)  # only tokens with a target carry gradient
-        g_all = grad_logps.to(cdtype)
-        for s in range(0, idx.numel(), C):
-            rows = idx[s:s + C]
-            h = hidden.index_select(0, rows)
-            g = g_all.index_select(0, rows)
+        g_all = torch.where(valid, grad_logps.to(cdtype), 0.0)
+        safe = torch.where(valid, targets, 0)
+        for s in range(0, hidden.shape[0], C):
+            e = min(hidden.shape[0], s + C)
+            h = hidden[s:e]
+            g = g_all[s:e]
             z, t = head.logits(h, softcap)
             # dz = g * (onehot - softmax), built in place in the fresh logits buffer
-            dz = z.sub_(lse.index_select(0, rows)[:, None]).exp_().mul_(-g[:, None])
-            dz[torch.arange(rows.numel(), device=dz.device), targets.index_select(0, rows)] += g
+            dz = z.sub_(lse[s:e, None]).exp_().mul_(-g[:, None])
+            dz[torch.arange(e - s, device=dz.device), safe[s:e]] += g
             if t is not None:
                 dz.mul_(t.mul_(t).neg_().add_(1.0))  # softcap derivative 1 - tanh^2
             del t
@@ -175,7 +118,7 @@ class ChunkedLinearLogprob(torch.autograd.Function):
             dz_op = head.operand(dz)
             del dz
             if d_hidden is not None:
-                d_hidden.index_copy_(0, rows, head.mm(dz_op, head.w).to(hidden.dtype))
+                d_hidden[s:e] = head.mm(dz_op, head.w)
             if d_weight is not None:
                 head.addmm_(d_weight, dz_op.t(), head.operand(h))
             del dz_op

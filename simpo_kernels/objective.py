@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 LOSS_TYPES = ("sigmoid", "hinge")
+#: How the ``logits/*`` metrics are computed (see :func:`simpo_objective`).
+LOGIT_METRICS = ("exact", "targets", "none")
 
 
 @dataclass
@@ -42,7 +44,9 @@ class SimPOOutput:
         chosen_rewards, rejected_rewards: ``[B]`` ``beta * logps``, detached.
         sft_loss: scalar chosen-row NLL (token mean) when ``sft_weight > 0``, else ``None``.
         chosen_logits_mean, rejected_logits_mean: scalar mean raw (softcapped) logit over the
-            chosen / rejected rows, detached, as the official ``logits/*`` metrics define it.
+            chosen / rejected rows, detached, as the official ``logits/*`` metrics define it
+            (``logit_metrics="exact"``); over their target positions only with
+            ``logit_metrics="targets"``; ``None`` with ``logit_metrics="none"``.
     """
 
     loss: torch.Tensor
@@ -51,8 +55,8 @@ class SimPOOutput:
     rejected_logps: torch.Tensor
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
-    chosen_logits_mean: torch.Tensor
-    rejected_logits_mean: torch.Tensor
+    chosen_logits_mean: Optional[torch.Tensor]
+    rejected_logits_mean: Optional[torch.Tensor]
     sft_loss: Optional[torch.Tensor] = None
     extra: dict = field(default_factory=dict)
 
@@ -72,16 +76,19 @@ METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
 
 def official_metrics(
     *, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor, chosen_logits_mean: torch.Tensor, rejected_logits_mean: torch.Tensor,
-    sft_loss: Optional[torch.Tensor] = None, prefix: str = "",
+    rejected_logps: torch.Tensor, chosen_logits_mean: Optional[torch.Tensor],
+    rejected_logits_mean: Optional[torch.Tensor], sft_loss: Optional[torch.Tensor] = None, prefix: str = "",
 ) -> dict[str, float]:
     """``{prefix + name: value}`` for :data:`METRIC_NAMES` (+ ``sft_loss``), from ``[B]`` rewards and
-    logps and scalar logit means, with one host transfer (this runs on every training step)."""
+    logps and scalar logit means, with one host transfer (this runs on every training step).
+    The ``logits/*`` entries are left out when the logit means are None (``logit_metrics="none"``)."""
     c, r = chosen_rewards.detach(), rejected_rewards.detach()
     values = [c.mean(), r.mean(), (c > r).to(c.dtype).mean(), (c - r).mean(),
-              rejected_logps.detach().mean(), chosen_logps.detach().mean(),
-              rejected_logits_mean.detach(), chosen_logits_mean.detach()]
-    names = list(METRIC_NAMES)
+              rejected_logps.detach().mean(), chosen_logps.detach().mean()]
+    names = list(METRIC_NAMES[:6])
+    if chosen_logits_mean is not None and rejected_logits_mean is not None:
+        values += [rejected_logits_mean.detach(), chosen_logits_mean.detach()]
+        names += list(METRIC_NAMES[6:])
     if sft_loss is not None:
         values.append(sft_loss.detach())
         names.append("sft_loss")
@@ -136,6 +143,7 @@ def simpo_objective(
     sft_weight: float,
     ignore_index: int,
     inputs_finite: bool = True,
+    logit_metrics: str = "exact",
 ) -> SimPOOutput:
     """Apply the SimPO objective to per-position quantities of a ``[2B, T]`` batch.
 
@@ -149,6 +157,10 @@ def simpo_objective(
             backend that skips prompt positions never sees a NaN there, so without this a
             non-finite input could give a finite loss. (The gradients are poisoned by the caller,
             :mod:`simpo_kernels.api`.)
+        logit_metrics: ``"exact"``: the official ``logits/*`` metrics, the mean logit over every
+            position of the chosen / rejected rows (``logit_sums`` must hold every position).
+            ``"targets"``: the mean over target positions only (only those entries of
+            ``logit_sums`` are read). ``"none"``: no logit metrics (``logit_sums`` is not read).
     """
     if not inputs_finite:
         token_logps = token_logps + float("nan")
@@ -168,17 +180,26 @@ def simpo_objective(
     loss = losses.mean()
 
     sft_loss = None
-    logit_sums = logit_sums.detach()
     if sft_weight > 0.0:
         # nn.CrossEntropyLoss over the chosen rows: mean of -l_t over their unmasked tokens.
         sft_loss = -token_logps[:B].sum() / counts[:B].sum()
         loss = loss + sft_weight * sft_loss
+
+    chosen_logits_mean = rejected_logits_mean = None
+    if logit_metrics == "exact":
+        logit_sums = logit_sums.detach()
         # The official trainer reassigns the chosen logits to their shifted view [:, :-1] before
         # logging them, so with an SFT term logits/chosen excludes the last position.
-        chosen_logits_mean = logit_sums[:B, : T - 1].sum() / (B * (T - 1) * vocab_size)
-    else:
-        chosen_logits_mean = logit_sums[:B].sum() / (B * T * vocab_size)
-    rejected_logits_mean = logit_sums[B:].sum() / (B * T * vocab_size)
+        Tc = T - 1 if sft_weight > 0.0 else T
+        chosen_logits_mean = logit_sums[:B, :Tc].sum() / (B * Tc * vocab_size)
+        rejected_logits_mean = logit_sums[B:].sum() / (B * T * vocab_size)
+    elif logit_metrics == "targets":
+        # Target positions only (the last position is never one, so the SFT shift changes nothing).
+        sums = torch.where(mask, logit_sums.detach(), 0.0)
+        chosen_logits_mean = sums[:B].sum() / (counts[:B].sum() * vocab_size)
+        rejected_logits_mean = sums[B:].sum() / (counts[B:].sum() * vocab_size)
+    elif logit_metrics != "none":  # validated earlier
+        raise ValueError(f"unknown logit_metrics {logit_metrics!r}; expected one of {LOGIT_METRICS}")
 
     return SimPOOutput(
         loss=loss,
@@ -191,3 +212,42 @@ def simpo_objective(
         rejected_logits_mean=rejected_logits_mean,
         sft_loss=sft_loss,
     )
+
+
+def sequence_logp_grads(
+    chosen_sums: torch.Tensor, chosen_counts: torch.Tensor,
+    rejected_sums: torch.Tensor, rejected_counts: torch.Tensor,
+    *, num_pairs: int, chosen_tokens: int, beta: float, gamma_beta_ratio: float,
+    label_smoothing: float, loss_type: str, sft_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``d loss / d l_t`` for the tokens of ``b`` pairs, where ``loss`` is :func:`simpo_objective`'s.
+
+    The gradient is pair-local: every target token ``t`` of a sequence gets the same value,
+
+        chosen:   dL/da_c / n_c - sft_weight / chosen_tokens
+        rejected: dL/da_r / n_r
+
+    with ``a = sum_t l_t / n`` the length-normalised log-probability, ``dL/da`` the derivative of
+    ``simpo_head(...)[0].sum() / num_pairs`` (taken by autograd through :func:`simpo_head`, so the
+    head has one definition) and ``chosen_tokens`` the batch's total number of chosen targets (the
+    SFT term's normaliser). This is what lets the ``pairs`` schedule form exact gradients in the
+    forward, a chunk of whole pairs at a time.
+
+    Args:
+        chosen_sums, rejected_sums: ``[b]`` sums of the target log-probabilities of each sequence.
+        chosen_counts, rejected_counts: ``[b]`` their numbers of target tokens (same dtype).
+        num_pairs: ``B``, the batch's number of pairs. chosen_tokens: see above.
+
+    Returns:
+        ``(g_chosen [b], g_rejected [b])``: the per-token gradient of each sequence.
+    """
+    with torch.enable_grad():
+        a_c = (chosen_sums / chosen_counts).detach().requires_grad_(True)
+        a_r = (rejected_sums / rejected_counts).detach().requires_grad_(True)
+        losses, _, _ = simpo_head(a_c, a_r, beta=beta, gamma_beta_ratio=gamma_beta_ratio,
+                                  label_smoothing=label_smoothing, loss_type=loss_type)
+        g_c, g_r = torch.autograd.grad(losses.sum() / num_pairs, (a_c, a_r))
+    g_c = g_c / chosen_counts
+    if sft_weight > 0.0:
+        g_c = g_c - sft_weight / chosen_tokens
+    return g_c, g_r / rejected_counts

@@ -3,7 +3,10 @@
 A wrong loss that trains silently is the worst failure this library can have, so every
 malformed input is rejected with a ValueError/TypeError naming the problem and the offending row
 or shape. The label checks need one small host sync (per-row flags and counts, and the inputs'
-finiteness flag, in a single transfer); that is negligible next to the ``N x V`` matmul they guard.
+finiteness flag, in a single transfer). It must stay: an error can only be raised from the host,
+and the per-row target counts it brings back let every schedule size its compaction
+(``nonzero_static``) and its chunks without a second sync. It is negligible next to the
+``N x V`` matmul it guards.
 """
 
 from __future__ import annotations
@@ -72,11 +75,13 @@ def _check_float(name: str, t: torch.Tensor) -> None:
 
 
 def check_labels(labels: torch.Tensor, rows: int, T: int, vocab_size: int, ignore_index: int,
-                 finite: Optional[torch.Tensor] = None) -> bool:
+                 finite: Optional[torch.Tensor] = None) -> tuple[bool, list[int]]:
     """Labels: integer ``[rows, T]``, ids in ``[0, V)`` or ``ignore_index``, >= 1 target per row.
 
-    ``finite`` (a 0-dim bool tensor from :func:`all_finite`) rides along in the same host transfer;
-    the return value is its Python bool (True when not given).
+    ``finite`` (a 0-dim bool tensor from :func:`all_finite`) rides along in the same host transfer.
+    Returns its Python bool (True when not given) and the number of target tokens of each row
+    (``labels[:, 1:] != ignore_index``), which the schedules use to compact and chunk the batch
+    without another host sync.
     """
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
@@ -105,7 +110,7 @@ def check_labels(labels: torch.Tensor, rows: int, T: int, vocab_size: int, ignor
         raise ValueError(
             f"row {empty[0]} has no target token (labels[:, 1:] are all ignore_index={ignore_index}); "
             f"rows without targets: {empty[:8]}{'...' if len(empty) > 8 else ''}")
-    return bool(stats[-1])
+    return bool(stats[-1]), counts
 
 
 def check_pair_rows(rows: int, what: str) -> None:
@@ -118,9 +123,10 @@ def check_pair_rows(rows: int, what: str) -> None:
 def check_hidden_inputs(
     hidden_states: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     labels: torch.Tensor, ignore_index: int,
-) -> tuple[int, int, int, int, bool]:
-    """Returns ``(rows, T, H, V, inputs_finite)``; ``inputs_finite`` is False when any element of
-    hidden states, weight or bias is NaN or infinite (found in the labels' host transfer)."""
+) -> tuple[int, int, int, int, bool, list[int]]:
+    """Returns ``(rows, T, H, V, inputs_finite, target_counts)``; ``inputs_finite`` is False when
+    any element of hidden states, weight or bias is NaN or infinite (found in the labels' host
+    transfer); ``target_counts[r]`` is row ``r``'s number of target tokens."""
     _check_float("hidden_states", hidden_states)
     _check_float("weight", weight)
     if hidden_states.dim() != 3:
@@ -147,8 +153,8 @@ def check_hidden_inputs(
     devices = {t.device for t in (hidden_states, weight, labels, bias) if isinstance(t, torch.Tensor)}
     if len(devices) > 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
-    finite = check_labels(labels, rows, T, V, ignore_index, all_finite(hidden_states, weight, bias))
-    return rows, T, H, V, finite
+    finite, counts = check_labels(labels, rows, T, V, ignore_index, all_finite(hidden_states, weight, bias))
+    return rows, T, H, V, finite, counts
 
 
 def check_logits_inputs(logits: torch.Tensor, labels: torch.Tensor,
@@ -163,7 +169,7 @@ def check_logits_inputs(logits: torch.Tensor, labels: torch.Tensor,
         raise ValueError(f"empty vocabulary: logits shape {list(logits.shape)}")
     if isinstance(labels, torch.Tensor) and labels.device != logits.device:
         raise ValueError(f"logits ({logits.device}) and labels ({labels.device}) must be on one device")
-    finite = check_labels(labels, rows, T, V, ignore_index, all_finite(logits))
+    finite, _ = check_labels(labels, rows, T, V, ignore_index, all_finite(logits))
     return rows, T, V, finite
 
 

@@ -1,6 +1,7 @@
 """The compile gate (``benchmarks/compile_gate.py``): every Triton kernel at every configuration its
 launcher can choose compiles for sm_90 without spills, within shared memory, with wgmma, without
-ordered atomics or GPU-scope fences in loops, with the Triton CI installs and with triton 3.6 (the
+ordered atomics or GPU-scope fences in loops, with a CTA barrier between the loads and the stores of
+the in-place 16-bit gradient row kernel, with the Triton CI installs and with triton 3.6 (the
 GPU image's); the committed JSON under ``benchmarks/results/compile/`` is what the code compiles to;
 and the gate fails on deliberately bad configurations.
 
@@ -25,7 +26,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "benchmarks" / "results" / "compile"
 GPU_IMAGE_TRITON = "3.6.0"
-N_VARIANTS = 16 + 144 + 3 + 3 + 4 + 36  # fwd, bwd, logits fwd, logits bwd, bf16 fwd/bwd at odd token counts
+# fwd, bwd, logits fwd, logits bwd, bf16 fwd/bwd at odd token counts, then the row kernels: one
+# record per distinct JIT specialisation of their ROW_LAYOUTS (the rest are listed under `covers`)
+N_VARIANTS = 16 + 144 + 3 + 3 + 4 + 36 + 28 + 32
 
 
 def triton36_dir() -> Path:
@@ -105,6 +108,25 @@ def test_gate_covers_every_launcher_choice(gate_runs, which):
     for r in records:
         if r["kernel"] == "_logprob_backward_kernel":
             assert r["sass"]["REDG"] > 0 and r["sass"]["ATOMG"] == 0 and r["sass"]["CCTL"] == 0, r["variant"]
+    # The row kernels: every flag both ways, every layout and dtype compiled or covered by an
+    # identical specialisation, and the 16-bit gradient in place behind a barrier in its loop.
+    from benchmarks.compile_gate import ROW_LAYOUTS
+
+    for kernel, flags in {"_row_stats_kernel": ("HAS_BIAS", "HAS_SOFTCAP"),
+                          "_logprob_grad_kernel": ("HAS_BIAS", "HAS_SOFTCAP", "IN_PLACE")}.items():
+        recs = [r for r in records if r["kernel"] == kernel]
+        for flag in flags:
+            assert {r["constexprs"][flag] for r in recs} == {True, False}, (kernel, flag)
+        names = {r["variant"] for r in recs} | {c for r in recs for c in r["covers"]}
+        assert {n.split(".")[-1] for n in names} == set(ROW_LAYOUTS), kernel
+        assert {n.split(".")[0] for n in names} == {"bf16", "fp16", "fp32-ieee"}, kernel
+        assert all(r["ptx_ordered_atomics"] == 0 and r["sass"]["ATOMG"] == 0 for r in recs), kernel
+    for r in records:
+        if r["kernel"] == "_logprob_grad_kernel":
+            in_place = r["variant"].split(".")[0] in ("bf16", "fp16")
+            assert r["constexprs"]["IN_PLACE"] == in_place, r["variant"]
+            if in_place:
+                assert r["cta_barriers"]["in_loops"] >= 1 and r["cta_barriers"]["unfenced_stores"] == 0, r
 
 
 @pytest.mark.parametrize("which", ["ci", "3.6"])
@@ -112,7 +134,7 @@ def test_committed_json_is_what_the_code_compiles_to(gate_runs, which):
     """The JSON under benchmarks/results/compile/ is current: a kernel or config change must come
     with its regenerated JSON (``python -m benchmarks.compile_gate --out benchmarks/results/compile``
     under each Triton), so review sees the compiled effect as a diff."""
-    from benchmarks.compile_gate import FACTS
+    from benchmarks.compile_gate import facts
 
     records = gate_runs[which][1]
     version = records[0]["triton"]
@@ -126,10 +148,11 @@ def test_committed_json_is_what_the_code_compiles_to(gate_runs, which):
     for r in records:
         path = d / f"{r['kernel']}.json"
         committed = json.loads(path.read_text())["variants"].get(r["variant"]) if path.exists() else None
-        fresh = json.loads(json.dumps({k: r[k] for k in FACTS}))
+        fresh = json.loads(json.dumps(facts(r)))
         if committed != fresh:
-            diff = {k: (committed or {}).get(k, "<missing>") for k in FACTS if (committed or {}).get(k) != fresh[k]}
-            stale.append(f"{r['kernel']} {r['variant']}: committed {diff} vs fresh { {k: fresh[k] for k in diff} }")
+            keys = sorted(set(fresh) | set(committed or {}))
+            diff = {k: (committed or {}).get(k, "<missing>") for k in keys if (committed or {}).get(k) != fresh.get(k)}
+            stale.append(f"{r['kernel']} {r['variant']}: committed {diff} vs fresh { {k: fresh.get(k) for k in diff} }")
     assert not stale, (f"{len(stale)} stale records in {d}; regenerate with "
                        f"python -m benchmarks.compile_gate --out {COMMITTED}\n" + "\n".join(stale[:10]))
 
@@ -153,11 +176,60 @@ def test_gate_fails_a_bad_config(args, expected):
     assert len(records) == 1 and any(expected in v for v in records[0]["violations"]), records
 
 
-def test_gate_catches_an_ordered_atomic_in_a_loop():
+@pytest.fixture(scope="module")
+def selftest_run() -> tuple[int, list[dict], str]:
+    return finish(gate(["--only", "none", "--selftest"]))
+
+
+def test_gate_catches_an_ordered_atomic_in_a_loop(selftest_run):
     """The self-test probe (a default acq_rel ``tl.atomic_add`` in a loop) fails on both counts."""
-    rc, records, err = finish(gate(["--only", "none", "--selftest"]))
+    rc, records, err = selftest_run
     assert rc == 0 and records == [], err[-3000:]  # caught: the gate reports it and stays green
     assert "acq_rel/acquire/release atomics in the PTX" in err and "GPU-scope MEMBAR inside loops" in err, err
+
+
+def test_gate_catches_an_in_place_gradient_without_its_barrier(selftest_run):
+    """The bf16 gradient written over its float32 logits, compiled with ``IN_PLACE=False`` (no
+    ``tl.debug_barrier``): the stores are not ordered after the other warps' loads, and the gate says so."""
+    rc, records, err = selftest_run
+    assert rc == 0 and records == [], err[-3000:]
+    line = next((ln for ln in err.splitlines() if "without its barrier" in ln), "")
+    assert "global stores not ordered after the step's loads by a CTA barrier" in line, err
+    assert "(0 BAR.SYNC in loops)" in line, line
+
+
+def test_unfenced_store_detection():
+    """Walking back from each global store through its loop (and around it), a CTA barrier must
+    come before any global load."""
+    from benchmarks.compile_gate import unfenced_stores
+
+    fenced = """
+        /*0100*/              @!P3 LDG.E.128 R12, desc[UR24][R28.64] ;
+        /*0110*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0120*/                   FMUL R4, R12, R13 ;
+        /*0130*/              @!P3 STG.E.128 desc[UR24][R4.64], R16 ;
+        /*0140*/               @P0 BRA 0x100 ;
+        /*0150*/                   EXIT ;
+"""
+    assert unfenced_stores(fenced) == 0
+    assert unfenced_stores(fenced.replace("BAR.SYNC.DEFER_BLOCKING 0x0", "NOP")) == 1
+    # a barrier before the loads does not order this step's loads before its stores
+    early = """
+        /*0100*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0110*/              @!P3 LDG.E.128 R12, desc[UR24][R28.64] ;
+        /*0120*/              @!P3 STG.E.U16 desc[UR24][R4.64], R16 ;
+        /*0130*/              @!P3 STG.E.U16 desc[UR24][R4.64+0x200], R17 ;
+        /*0140*/               @P0 BRA 0x100 ;
+"""
+    assert unfenced_stores(early) == 2
+    # a load after the stores (the next step's, pipelined) must meet the barrier going around the loop
+    wrapped = """
+        /*0100*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0110*/              @!P3 STG.E.128 desc[UR24][R4.64], R16 ;
+        /*0120*/              @!P3 LDG.E.128 R12, desc[UR24][R28.64] ;
+        /*0130*/               @P0 BRA 0x100 ;
+"""
+    assert unfenced_stores(wrapped) == 0
 
 
 def test_loop_detection_on_both_listing_styles():

@@ -21,6 +21,14 @@ from simpo_kernels import api, simpo_loss, simpo_loss_from_logits
 from .reference import reference_from_logits, reference_simpo, rel_err
 
 BACKENDS = ["eager", "torch", "triton"]  # triton runs in the interpreter on CPU (conftest)
+#: "backend:schedule" for the hidden-state path: every schedule of every backend.
+SCHEDULED = ["eager", "torch:tokens", "torch:pairs", "torch:vocab", "triton:fused", "triton:pairs", "triton:vocab"]
+
+
+def kw(spec: str) -> dict:
+    """``"triton:pairs"`` -> ``{"backend": "triton", "schedule": "pairs"}``."""
+    backend, _, schedule = spec.partition(":")
+    return {"backend": backend, "schedule": schedule or "auto"}
 OPTS = dict(beta=2.5, gamma_beta_ratio=0.3, sft_weight=0.5)
 
 
@@ -64,14 +72,14 @@ def test_from_logits_backward_leaves_logits_untouched(backend, dtype):
 
 # -- 3. a strided bias gave a wrong loss on backend="triton" -----------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SCHEDULED)
 def test_strided_bias(backend):
     hidden, weight, _, labels = batch()
     base = torch.randn(2 * weight.shape[0], dtype=torch.float32, requires_grad=True)
     bias = base[::2]  # the caller's strided view (a clone would be contiguous)
     assert bias.stride(0) == 2
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    out = simpo_loss(h, w, labels, bias=bias, softcap=30.0, backend=backend, **OPTS)
+    out = simpo_loss(h, w, labels, bias=bias, softcap=30.0, **kw(backend), **OPTS)
     out.loss.backward()
     ref, (rh, rw, rb) = reference(hidden, weight, bias, labels, softcap=30.0)
     assert rel_err(out.loss, ref["loss"]) < 1e-5
@@ -97,14 +105,14 @@ def test_triton_interpreter_refuses_bfloat16():
 # -- 5. double backward: silently first-order (triton) or an unrelated error (torch) ------------
 
 def _hvp(backend, path):
-    hidden, weight, bias, labels = batch(dtype=torch.float64 if backend != "triton" else torch.float32)
+    hidden, weight, bias, labels = batch(dtype=torch.float64 if not backend.startswith("triton") else torch.float32)
     v = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(5), dtype=hidden.dtype)
     h = hidden.clone().requires_grad_()
     if path == "hidden":
-        loss = simpo_loss(h, weight, labels, bias=bias, softcap=5.0, backend=backend, **OPTS).loss
+        loss = simpo_loss(h, weight, labels, bias=bias, softcap=5.0, **kw(backend), **OPTS).loss
     else:
         logits = h @ weight.T + bias
-        loss = simpo_loss_from_logits(logits, labels, backend=backend, **OPTS).loss
+        loss = simpo_loss_from_logits(logits, labels, backend=kw(backend)["backend"], **OPTS).loss
     g, = torch.autograd.grad(loss, h, create_graph=True)
     hv, = torch.autograd.grad((g * v).sum(), h)
     return hv, (hidden, weight, bias, labels, v)
@@ -122,10 +130,13 @@ def test_double_backward_eager_matches_reference(path):
     assert rel_err(hv, ref_hv) < 1e-10
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("path", ["hidden", "logits"])
+HVP_CASES = [(b, "hidden") for b in SCHEDULED[1:]] + [("torch", "logits"), ("triton", "logits")]
+
+
+@pytest.mark.parametrize("backend,path", HVP_CASES, ids=[f"{b}-{p}" for b, p in HVP_CASES])
 def test_double_backward_refused_clearly(backend, path):
-    with pytest.raises(RuntimeError, match=f"backend='{backend}' does not support double backward.*"
+    name = kw(backend)["backend"]
+    with pytest.raises(RuntimeError, match=f"backend='{name}' does not support double backward.*"
                                            f"backend='eager'"):
         _hvp(backend, path)
 
@@ -196,7 +207,7 @@ def test_autocast_cuda(backend):
 # -- 7. non-finite inputs: finite gradients on the torch/triton backends --------------------------
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets the NaN
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SCHEDULED)
 @pytest.mark.parametrize("where", ["prompt_hidden", "pad_hidden", "target_hidden", "weight", "bias"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_input_poisons_loss_and_every_gradient(backend, where, value):
@@ -212,7 +223,7 @@ def test_non_finite_input_poisons_loss_and_every_gradient(backend, where, value)
     else:
         bias[5] = value
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    out = simpo_loss(*leaves[:2], labels, bias=leaves[2], softcap=30.0, backend=backend, **OPTS)
+    out = simpo_loss(*leaves[:2], labels, bias=leaves[2], softcap=30.0, **kw(backend), **OPTS)
     out.loss.backward()
     assert torch.isnan(out.loss) and torch.isnan(out.losses).all()
     assert torch.isnan(out.chosen_logps).all() and torch.isnan(out.rejected_rewards).all()
@@ -249,7 +260,7 @@ def test_finite_inputs_add_no_poison_node():
 
 # -- 8. float16 logits beyond 65504: NaN on the torch backend ------------------------------------
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", SCHEDULED[1:])
 def test_float16_logits_beyond_float16_range(backend):
     g = torch.Generator().manual_seed(2)
     hidden = (torch.randn(4, 7, 12, generator=g) * 100).half()
@@ -258,7 +269,7 @@ def test_float16_logits_beyond_float16_range(backend):
     ref_logits = hidden.double() @ weight.double().T
     assert ref_logits.abs().max() > 65504  # the case: logits a float16 cannot hold
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    out = simpo_loss(h, w, labels, backend=backend, **OPTS)
+    out = simpo_loss(h, w, labels, **kw(backend), **OPTS)
     out.loss.backward()
     ref, (rh, rw, _) = reference(hidden, weight, None, labels)
     assert torch.isfinite(out.loss)
@@ -297,8 +308,10 @@ def test_non_real_options_refused(value):
         simpo_loss(hidden, weight, labels, beta=value, backend="torch")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("path", ["hidden", "logits"])
+COMPILE_CASES = [(b, "hidden") for b in SCHEDULED] + [(b, "logits") for b in BACKENDS]
+
+
+@pytest.mark.parametrize("backend,path", COMPILE_CASES, ids=[f"{b}-{p}" for b, p in COMPILE_CASES])
 def test_torch_compile(backend, path):
     """torch.compile of a training step calling simpo_loss: same loss and gradients. (triton failed
     inside dynamo's fake-tensor tracing of the interpreter; its entry points now run outside the
@@ -308,7 +321,7 @@ def test_torch_compile(backend, path):
 
     def step(h, w, b):
         if path == "hidden":
-            return simpo_loss(h, w, labels, bias=b, softcap=30.0, backend=backend, **OPTS).loss
+            return simpo_loss(h, w, labels, bias=b, softcap=30.0, **kw(backend), **OPTS).loss
         return simpo_loss_from_logits(h @ w.T + b, labels, backend=backend, **OPTS).loss
 
     compiled = torch.compile(step)

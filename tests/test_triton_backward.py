@@ -54,7 +54,7 @@ def test_backward_matches_reference(case, dtype):
     name, B, T, H, V, prefix, softcap, bias, scale = case
     hidden, weight, b, labels = make_batch(B, T, H, V, dtype, prefix=prefix, bias=bias, scale=scale, seed=1)
     h, w, bb = _leaves(hidden, weight, b)
-    out = simpo_loss(h, w, labels, bias=bb, softcap=softcap, backend="triton", **OPTIONS)
+    out = simpo_loss(h, w, labels, bias=bb, softcap=softcap, backend="triton", schedule="fused", **OPTIONS)
     out.loss.backward()
     ref, (rh, rw, rb) = reference_with_grads(hidden, weight, b, labels, softcap=softcap, options=OPTIONS)
     check(f"bwd/{name}/{dtype}", "loss", out.loss, ref["loss"], TOL[dtype]["fwd"])
@@ -74,7 +74,7 @@ def test_backward_matches_reference(case, dtype):
 def test_frozen_weight_skips_dw(spy):
     hidden, weight, b, labels = make_batch(2, 7, 17, 60, torch.float32, prefix=2, bias=True, scale=5.0)
     h, w, bb = _leaves(hidden, weight, b, need_w=False)
-    simpo_loss(h, w, labels, bias=bb, softcap=30.0, backend="triton", **OPTIONS).loss.backward()
+    simpo_loss(h, w, labels, bias=bb, softcap=30.0, backend="triton", schedule="fused", **OPTIONS).loss.backward()
     assert w.grad is None
     (_, kwargs, (dh, dw, db)), = spy
     assert kwargs["need_dw"] is False and dw is None  # no dW accumulator, COMPUTE_DW constexpr False
@@ -87,7 +87,7 @@ def test_frozen_weight_skips_dw(spy):
 def test_frozen_hidden_skips_dh(spy):
     hidden, weight, _, labels = make_batch(1, 9, 17, 60, torch.float32, prefix=3, scale=3.0)
     h, w, _ = _leaves(hidden, weight, None, need_h=False)
-    simpo_loss(h, w, labels, softcap=5.0, backend="triton", **OPTIONS).loss.backward()
+    simpo_loss(h, w, labels, softcap=5.0, backend="triton", schedule="fused", **OPTIONS).loss.backward()
     assert h.grad is None
     (_, kwargs, (dh, dw, db)), = spy
     assert kwargs["need_dh"] is False and dh is None and db is None
@@ -96,15 +96,19 @@ def test_frozen_hidden_skips_dh(spy):
 
 
 def test_only_target_tokens_are_launched(spy):
-    """Prompt/padding positions (g = 0) are not part of the backward grid."""
+    """Prompt/padding positions (g = 0) never reach the backward: the API compacts the target rows
+    (``hidden[targets]``) and the backward launches every compacted row."""
     hidden, weight, _, labels = make_batch(1, 12, 17, 40, torch.float32, prefix=8)
     h, w, _ = _leaves(hidden, weight, None)
-    simpo_loss(h, w, labels, backend="triton").loss.backward()
+    simpo_loss(h, w, labels, backend="triton", schedule="fused").loss.backward()
     (args, kwargs, _), = spy
-    rows = args[3]  # logprob_backward(hidden, weight, bias, rows, ...)
+    hid, rows, tgt = args[0], args[3], args[4]  # logprob_backward(hidden, weight, bias, rows, targets, ...)
     targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1).reshape(-1)
-    assert torch.equal(rows.cpu(), (targets != -100).nonzero().squeeze(1).cpu())
-    assert rows.numel() < labels.numel()
+    valid = targets != -100
+    assert hid.shape[0] == int(valid.sum()) < labels.numel()
+    assert torch.equal(hid.detach().cpu(), hidden.reshape(-1, 17)[valid.to(hidden.device)].cpu())
+    assert torch.equal(tgt.cpu(), targets[valid].cpu())
+    assert torch.equal(rows.cpu(), torch.arange(hid.shape[0]))
     assert kwargs["filter_eps"] is None  # exact mode by default
 
 
@@ -149,7 +153,7 @@ def test_grad_filter_is_close_and_skips(dtype, grad_filter):
     grads = {}
     for mode in (False, grad_filter):
         h, w, bb = _leaves(hidden, weight, b)
-        simpo_loss(h, w, labels, bias=bb, backend="triton", grad_filter=mode, **OPTIONS).loss.backward()
+        simpo_loss(h, w, labels, bias=bb, backend="triton", schedule="fused", grad_filter=mode, **OPTIONS).loss.backward()
         grads[mode] = (h.grad, w.grad, bb.grad)
     ref, rgrads = reference_with_grads(hidden, weight, b, labels, softcap=None, options=OPTIONS)
     for nm, exact, filt, r in zip(("d_hidden", "d_weight", "d_bias"), grads[False], grads[grad_filter], rgrads):
@@ -164,7 +168,7 @@ def test_grad_filter_needs_triton_backend():
         with pytest.raises(ValueError, match="grad_filter"):
             simpo_loss(hidden, weight, labels, backend=backend, grad_filter=True)
     with pytest.raises(ValueError, match="grad_filter must be"):
-        simpo_loss(hidden, weight, labels, backend="triton", grad_filter=2.0)
+        simpo_loss(hidden, weight, labels, backend="triton", schedule="fused", grad_filter=2.0)
 
 
 def test_random_shapes_and_blocks():

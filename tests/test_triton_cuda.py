@@ -24,14 +24,17 @@ CASES = [  # (name, B, T, H, V, prefix, softcap, bias, scale)
 OPTIONS = dict(beta=10.0, gamma_beta_ratio=0.5, sft_weight=0.2)
 
 
+@pytest.mark.parametrize("schedule", ["fused", "pairs", "vocab"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_cuda_fused_vs_reference(case, dtype):
+def test_cuda_schedule_vs_reference(case, dtype, schedule):
     name, B, T, H, V, prefix, softcap, bias, scale = case
     hidden, weight, b, labels = make_batch(B, T, H, V, dtype, prefix=prefix, bias=bias, scale=scale)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     bb = None if b is None else b.clone().requires_grad_()
-    out = simpo_loss(h, w, labels, bias=bb, softcap=softcap, backend="triton", **OPTIONS)
+    # a budget that gives the pairs and vocab schedules several chunks
+    out = simpo_loss(h, w, labels, bias=bb, softcap=softcap, backend="triton", schedule=schedule,
+                     memory_budget=T * V * 4 + 1, **OPTIONS)
     out.loss.backward()
     torch.cuda.synchronize()
     ref, (rh, rw, rb) = reference_with_grads(hidden, weight, b, labels, softcap=softcap, options=OPTIONS)
@@ -66,5 +69,5 @@ def test_auto_picks_triton_on_cuda(monkeypatch):
     real = fn.LinearLogprobFunction.apply
     monkeypatch.setattr(fn.LinearLogprobFunction, "apply", lambda *a: calls.append(1) or real(*a))
     hidden, weight, _, labels = make_batch(1, 5, 32, 100, torch.bfloat16)
-    simpo_loss(hidden, weight, labels, backend="auto")
+    simpo_loss(hidden, weight, labels, backend="auto", schedule="fused")
     assert calls

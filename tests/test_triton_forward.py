@@ -34,7 +34,7 @@ def test_forward_matches_reference(case, dtype):
     name, B, T, H, V, prefix, softcap, bias, scale = case
     hidden, weight, b, labels = make_batch(B, T, H, V, dtype, prefix=prefix, bias=bias, scale=scale)
     with poison_uninitialized():
-        out = simpo_loss(hidden, weight, labels, bias=b, softcap=softcap, backend="triton", **OPTIONS)
+        out = simpo_loss(hidden, weight, labels, bias=b, softcap=softcap, backend="triton", schedule="fused", **OPTIONS)
     ref, _ = reference_with_grads(hidden, weight, b, labels, softcap=softcap, options=OPTIONS)
     tol = TOL[dtype]["fwd"]
     for key in FORWARD_KEYS:
@@ -47,7 +47,7 @@ def test_forward_sft_and_hinge(sft_weight):
     hidden, weight, b, labels = make_batch(2, 8, 19, 70, torch.float32, prefix=2, seed=3, scale=4.0)
     opts = dict(beta=1.5, gamma_beta_ratio=0.1, loss_type="hinge")
     opts["sft_weight"] = sft_weight
-    out = simpo_loss(hidden, weight, labels, softcap=30.0, backend="triton", **opts)
+    out = simpo_loss(hidden, weight, labels, softcap=30.0, backend="triton", schedule="fused", **opts)
     ref, _ = reference_with_grads(hidden, weight, None, labels, softcap=30.0, options=opts)
     check(f"fwd/hinge_sft{sft_weight}", "loss", out.loss, ref["loss"], 1e-5)
     check(f"fwd/hinge_sft{sft_weight}", "chosen_logits_mean", out.chosen_logits_mean,

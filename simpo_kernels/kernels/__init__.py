@@ -2,12 +2,12 @@
 
 Named ``kernels`` (not ``triton``) so that it never shadows the ``triton`` package. Files, one per
 pass: :mod:`.lse_forward` (forward from hidden states), :mod:`.logprob_backward` (its backward),
-:mod:`.logits_logprob` (both passes from given logits), :mod:`.function` (autograd glue),
+:mod:`.row_kernels` (both passes from given logits), :mod:`.function` (autograd glue),
 :mod:`.launch` (tile shapes per dtype and the launch record the compile gate compiles). Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (which must
 be set before this package is imported).
 """
 
 from .function import BACKEND, check_dtype, token_logprobs, token_logprobs_from_logits
-from .launch import KernelConfig
+from .launch import KernelConfig, make_config
 
-__all__ = ["BACKEND", "KernelConfig", "check_dtype", "token_logprobs", "token_logprobs_from_logits"]
+__all__ = ["BACKEND", "KernelConfig", "check_dtype", "make_config", "token_logprobs", "token_logprobs_from_logits"]

@@ -5,7 +5,7 @@ Two ``torch.autograd.Function`` classes wrap the kernels:
 * :class:`LinearLogprobFunction`: ``(hidden [N, H], weight [V, H], bias [V] | None)`` ->
   ``(logps [N], logit_sums [N])`` via :mod:`.lse_forward` and :mod:`.logprob_backward`.
 * :class:`LogitsLogprobFunction`: ``(logits [N, V])`` -> the same two outputs via
-  :mod:`.logits_logprob`.
+  :mod:`.row_kernels`.
 
 The SimPO head (:mod:`simpo_kernels.objective`) is ordinary autograd on ``[2B, T]`` tensors; the
 per-token upstream gradient ``g = dL/dlogps`` it hands to ``backward`` is the only thing the
@@ -33,7 +33,7 @@ from typing import Optional, Union
 import torch
 
 from ..validation import refuse_double_backward
-from . import logits_logprob, logprob_backward, lse_forward
+from . import row_kernels, logprob_backward, lse_forward
 from .launch import input_precision, interpreter_problem, interpreting, make_config, resident_programs
 
 BACKEND = "triton"
@@ -102,7 +102,9 @@ class LinearLogprobFunction(torch.autograd.Function):
         if grad_logps is None or not (need_h or need_w or need_b):
             return (None, None, None) + nones
         g = torch.where(targets != ctx.ignore_index, grad_logps.to(torch.float32), 0.0).contiguous()
-        rows = g.nonzero().squeeze(1)  # tokens without gradient (prompt, padding) are not launched
+        # The API hands this schedule target positions only (target compaction), so every row is
+        # launched; no nonzero() (a host sync) to drop rows without gradient.
+        rows = torch.arange(g.shape[0], device=g.device)
         dh, dw, db = logprob_backward.logprob_backward(
             hidden, weight, bias, rows, targets, lse, g, ctx.softcap, ctx.cfg,
             need_dh=need_h, need_dw=need_w, need_db=need_b and bias is not None,
@@ -120,7 +122,7 @@ class LogitsLogprobFunction(torch.autograd.Function):
     def forward(ctx, logits, targets, ignore_index, cfg):
         logits = _unit_stride(logits)
         targets = targets.contiguous()
-        lse, tgt, sums = logits_logprob.logits_forward(logits, targets, cfg)
+        lse, tgt, sums = row_kernels.logits_forward(logits, targets, cfg)
         valid = targets != ignore_index
         ctx.save_for_backward(logits, targets, lse)
         ctx.ignore_index, ctx.cfg = ignore_index, cfg
@@ -134,7 +136,7 @@ class LogitsLogprobFunction(torch.autograd.Function):
             return None, None, None, None
         logits, targets, lse = ctx.saved_tensors
         g = torch.where(targets != ctx.ignore_index, grad_logps.to(torch.float32), 0.0).contiguous()
-        d_logits = logits_logprob.logits_backward(logits, targets, lse, g, ctx.cfg)
+        d_logits = row_kernels.logits_backward(logits, targets, lse, g, ctx.cfg)
         return d_logits, None, None, None
 
 

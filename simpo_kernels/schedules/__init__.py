@@ -1,0 +1,188 @@
+"""Schedules: how the ``N x V`` logits are formed, reduced and differentiated, chunk by chunk.
+
+===========  ==========  =============================================  ==============================
+schedule     FLOPs       scratch (n = target tokens)                    backends
+===========  ==========  =============================================  ==============================
+``pairs``    6nHV        one chunk of whole pairs' float32 logits       ``triton`` (row kernels), ``torch``
+                         + float32 ``[V, H]`` dW accumulator
+``vocab``    8nHV        ``[n, chunk]`` float32 logits + ``[n, H]``      ``triton`` (row kernels), ``torch``
+                         float32 dH; dW written once per chunk
+``fused``    8nHV        float32 dH/dW accumulators (atomics)           ``triton`` (fused kernels)
+``tokens``   8nHV        ``[chunk_size, V]`` float32 logits + float32   ``torch``
+                         ``[V, H]`` dW accumulator
+===========  ==========  =============================================  ==============================
+
+Each lives in one file (:mod:`.pairs`, :mod:`.vocab`; ``fused`` is :mod:`simpo_kernels.kernels`,
+``tokens`` is :mod:`simpo_kernels.chunked`) with its autograd glue beside it. :mod:`.common` holds
+target compaction and the row operations they share.
+
+``schedule="auto"``: on the ``triton`` backend, the first schedule of the preference order whose
+smallest chunk fits ``memory_budget``; the order is the measured one when a table for the device is
+committed in ``measured.json`` (``{device name: [schedules, fastest first]}``), else
+``pairs, vocab, fused`` (fewest FLOPs first). On the ``torch`` backend, ``tokens``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Optional
+
+import torch
+
+from .. import chunked
+from ..eager import compute_dtype
+from ..matmul import LinearHead
+from ..objective import SimPOOutput, simpo_objective
+from . import pairs, vocab
+from .common import TargetLayout, TorchRows, TritonRows, chunked_forward_stats, other_logit_sums, vocab_chunk
+
+SCHEDULES = {"triton": ("pairs", "vocab", "fused"), "torch": ("tokens", "pairs", "vocab"), "eager": ()}
+#: Preference order without a measured table: fewest FLOPs first.
+DEFAULT_ORDER = ("pairs", "vocab", "fused")
+#: Default memory budget for the logits scratch on CPU (and the floor on CUDA).
+CPU_BUDGET_BYTES = 256 * 2**20
+MEASURED_TABLE = os.path.join(os.path.dirname(__file__), "measured.json")
+
+__all__ = ["SCHEDULES", "TargetLayout", "TorchRows", "TritonRows", "check_memory_budget", "check_schedule_name",
+           "default_memory_budget", "resolve_schedule", "run_schedule", "run_schedule_triton"]
+
+
+@functools.lru_cache(maxsize=None)
+def measured_order(device_name: str, path: str = MEASURED_TABLE) -> Optional[tuple[str, ...]]:
+    """The committed fastest-first schedule order for ``device_name``, or None."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        table = json.load(f)
+    order = table.get(device_name)
+    if order is None:
+        return None
+    bad = [s for s in order if s not in DEFAULT_ORDER]
+    if bad:
+        raise ValueError(f"{path}: unknown schedules {bad} for {device_name!r}")
+    return tuple(order)
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes of logits scratch a schedule may use: a quarter of the free device memory on CUDA
+    (at least :data:`CPU_BUDGET_BYTES`), :data:`CPU_BUDGET_BYTES` elsewhere."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(CPU_BUDGET_BYTES, free // 4)
+    return CPU_BUDGET_BYTES
+
+
+def check_memory_budget(memory_budget) -> None:
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                      or memory_budget < 1):
+        raise ValueError(f"memory_budget must be a positive int (bytes) or None, got {memory_budget!r}")
+
+
+def fits(schedule: str, layout: TargetLayout, V: int, budget: int) -> bool:
+    """Whether ``schedule``'s smallest chunk of float32 logits fits ``budget`` bytes."""
+    if schedule == "pairs":
+        B = layout.rows // 2
+        largest = max(layout.counts[p] + layout.counts[B + p] for p in range(B))
+        return largest * V * 4 <= budget
+    if schedule == "vocab":
+        return layout.num_targets * min(V, 128) * 4 <= budget
+    return True
+
+
+def check_schedule_name(backend: str, schedule: str) -> None:
+    """ValueError unless ``schedule`` is ``"auto"`` or one of the (resolved) ``backend``'s schedules."""
+    names = SCHEDULES[backend]
+    if not isinstance(schedule, str) or schedule not in ("auto",) + names:
+        if backend == "eager":
+            raise ValueError(f"backend='eager' has no schedules (it materialises the logits); got "
+                             f"schedule={schedule!r}, expected 'auto'")
+        raise ValueError(f"unknown schedule {schedule!r} for backend={backend!r}; expected 'auto' or one of {names}")
+
+
+def resolve_schedule(backend: str, schedule: str, device: torch.device, layout: TargetLayout, V: int,
+                     budget: int) -> str:
+    """The schedule to run (``"auto"`` resolved); ValueError for one the backend lacks."""
+    check_schedule_name(backend, schedule)
+    if schedule != "auto" or backend == "eager":
+        return schedule
+    if backend == "torch":
+        return "tokens"
+    order = None
+    if device.type == "cuda":
+        order = measured_order(torch.cuda.get_device_name(device))
+    for name in order or DEFAULT_ORDER:
+        if fits(name, layout, V, budget):
+            return name
+    return "fused"
+
+
+@torch.compiler.disable  # Triton launches (and the interpreter) cannot be traced by dynamo
+def run_schedule_triton(*args, **kwargs) -> SimPOOutput:
+    """:func:`run_schedule`, outside any ``torch.compile`` graph."""
+    return run_schedule(*args, **kwargs)
+
+
+def run_schedule(impl, sched: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 targets: torch.Tensor, layout: TargetLayout, *, softcap, budget: int, opts: dict, ignore_index: int,
+                 logit_metrics: str, finite: bool, chunk_size: Optional[int], grad_filter) -> SimPOOutput:
+    """Run schedule ``sched`` of backend module ``impl`` on the target positions of ``hidden``.
+
+    Args:
+        impl: :mod:`simpo_kernels.chunked` or :mod:`simpo_kernels.kernels`. sched: a resolved schedule.
+        hidden: ``[2B * T, H]``; weight ``[V, H]``; bias ``[V]`` or None. targets: ``[2B, T]`` shifted
+            labels; layout: their :class:`TargetLayout`. opts: the checked SimPO options.
+
+    Returns:
+        The :class:`SimPOOutput` of :func:`simpo_objective` (``pairs``: of its own Function).
+    """
+    if bias is not None and bias.stride(0) != 1:  # the row kernels index the bias with unit stride
+        bias = bias.contiguous()
+    rows, T = targets.shape
+    N, V = rows * T, weight.shape[0]
+    cdtype = compute_dtype(hidden.dtype)
+    rows_op = None
+    if sched in ("pairs", "vocab"):
+        rows_op = TorchRows() if impl is chunked else TritonRows(impl.make_config(hidden.device, hidden.dtype, {}))
+
+    def forward_sums(h: torch.Tensor) -> torch.Tensor:
+        """Logit sums of metric-only rows, by this schedule's forward (no gradient)."""
+        none = torch.full((h.shape[0],), -1, dtype=torch.long, device=h.device)
+        if sched == "tokens":
+            return chunked.token_logprobs(h, weight.detach(), None if bias is None else bias.detach(), none,
+                                          softcap=softcap, ignore_index=-1, chunk_size=chunk_size)[1]
+        if sched == "fused":
+            return impl.token_logprobs(h, weight.detach(), None if bias is None else bias.detach(), none,
+                                       softcap=softcap, ignore_index=-1)[1]
+        head = LinearHead(weight.detach(), None, cdtype)
+        b = None if bias is None else bias.detach()
+        return chunked_forward_stats(head, rows_op, h, b, none, softcap, vocab_chunk(h.shape[0], V, budget))[2]
+
+    other_sums = None
+    if logit_metrics == "exact" and layout.num_targets < N:
+        pos = layout.others()
+        other_sums = torch.zeros(N, dtype=cdtype, device=hidden.device).index_copy_(
+            0, pos, other_logit_sums(hidden, weight, bias, pos, softcap, cdtype, forward_sums))
+
+    if sched == "pairs":
+        options = dict(opts, ignore_index=ignore_index)
+        return pairs.simpo_loss_pairs(hidden, weight, bias, targets, layout, softcap=softcap, rows_op=rows_op,
+                                               memory_budget=budget, options=options, logit_metrics=logit_metrics,
+                                               other_sums=other_sums, finite=finite)
+    h_t = hidden.index_select(0, layout.idx)
+    tgt_t = layout.targets.index_select(0, layout.idx)
+    if sched == "tokens":
+        logps_t, sums_t = chunked.token_logprobs(h_t, weight, bias, tgt_t, softcap=softcap, ignore_index=-1,
+                                                 chunk_size=chunk_size)
+    elif sched == "fused":
+        logps_t, sums_t = impl.token_logprobs(h_t, weight, bias, tgt_t, softcap=softcap, ignore_index=-1,
+                                              grad_filter=grad_filter)
+    else:
+        logps_t, sums_t = vocab.token_logprobs(h_t, weight, bias, tgt_t, softcap=softcap, rows_op=rows_op,
+                                                        memory_budget=budget)
+    token_logps = torch.zeros(N, dtype=logps_t.dtype, device=hidden.device).index_copy(0, layout.idx, logps_t)
+    sums = torch.zeros(N, dtype=cdtype, device=hidden.device) if other_sums is None else other_sums
+    sums = sums.index_copy(0, layout.idx, sums_t.detach().to(cdtype))
+    return simpo_objective(token_logps.view(rows, T), targets, sums.view(rows, T), V, ignore_index=ignore_index,
+                           inputs_finite=finite, logit_metrics=logit_metrics, **opts)
