@@ -1,12 +1,15 @@
 """Cost model of the SimPO lm_head loss: FLOPs, HBM bytes, atomic bytes and predicted time per pass.
 
     python -m benchmarks.cost_model --family gemma2-9b --tokens 8192 --target-frac 0.5 [--summary]
+        [--logit-metrics exact|targets|none] [--memory-budget BYTES]
+    python -m benchmarks.cost_model --logit-metrics-table --schedules-table [--out FILE.md]
 
-For every implementation the benchmarks time (``eager``, ``torch``, ``triton``, ``liger``,
-``cce``) and for the ideal ``floor``, at a shape (``N`` tokens, hidden ``H``, vocabulary ``V``,
-input dtype bytes ``b``, softcap on/off) and a target fraction ``f`` (the share of the ``N``
-positions whose shifted label is not ``-100``; ``M = round(f * N)`` target rows), this module counts,
-per pass:
+For every implementation the benchmarks time (``eager``; ``torch``, its ``tokens`` schedule;
+``triton``, i.e. ``schedule="auto"``, and each triton schedule pinned: ``triton-pairs``,
+``triton-vocab``, ``triton-fused``; the peers ``liger`` and ``cce``) and for the ideal ``floor``,
+at a shape (``N`` tokens, hidden ``H``, vocabulary ``V``, input dtype bytes ``b``, softcap on/off)
+and a target fraction ``f`` (the share of the ``N`` positions whose shifted label is not ``-100``;
+``M = round(f * N)`` target rows), this module counts, per pass:
 
 * ``flops``: matmul FLOPs only (``2 * rows * H * V`` per logits, dH or dW product). Elementwise
   work (exp, tanh, casts) is counted as the bytes it moves, never as FLOPs: in the unfused
@@ -17,8 +20,20 @@ per pass:
 
 Passes: ``fwd`` is the forward without gradient, as the benchmarks time it (``no_grad``);
 ``bwd`` is everything ``fwd_bwd`` adds to it (the backward, plus any work a grad-mode forward
-does beyond the no-grad one: Liger forms its gradients inside its forward, CCE adds a logit
-average); ``fwd_bwd`` is their sum.
+does beyond the no-grad one: Liger and the ``pairs`` schedule form their gradients inside the
+forward, CCE adds a logit average); ``fwd_bwd`` is their sum.
+
+Target compaction (every path of this library but ``eager``, ``simpo_kernels/api.py``
+``_compacted``): only the ``M`` target rows get log-probabilities and gradients; their hidden rows
+are gathered (``index_select``, ``2*M*H*b`` bytes) and dH is scattered back to ``[N, H]``. The other
+``N - M`` rows matter only to the ``logits/*`` metrics, by ``logit_metrics``: ``"exact"`` (the
+default) computes their logit sums, one read of W plus a GEMV without a softcap, a forward-only
+pass of the schedule over their logits (``2*(N-M)*H*V`` FLOPs) with one; ``"targets"`` and
+``"none"`` cost nothing extra (:func:`_metric_rows`). ``eager``, ``liger``, ``cce`` and ``floor``
+ignore ``logit_metrics`` (``floor`` stays the dense ``6NHV`` of DESIGN section 2; the
+schedule table divides by ``6MHV`` instead). The ``pairs`` and ``vocab`` chunks follow
+``memory_budget`` (default :data:`DEFAULT_MEMORY_BUDGET`) through the library's own chunking
+functions, imported at call time.
 
 Time (assumptions, all of them):
 
@@ -48,20 +63,41 @@ Time (assumptions, all of them):
   (reductions such as ``log_softmax`` read their input twice: max/sum, then the write pass).
 
 The per-backend counts, and where they come from in the code, are in the ``_eager``, ``_torch``,
-``_triton``, ``_liger``, ``_cce`` and ``_floor`` docstrings. These are predictions, not
-measurements: ``python -m benchmarks`` prints them beside the measured times.
+``_pairs``, ``_vocab``, ``_fused``, ``_liger``, ``_cce`` and ``_floor`` docstrings (``triton`` is
+the one of ``_pairs``/``_vocab``/``_fused`` that :func:`auto_schedule` picks). These are
+predictions, not measurements: ``python -m benchmarks`` prints them beside the measured times.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 from dataclasses import KW_ONLY, dataclass, fields, replace
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterable, Optional, Sequence
 
-BACKENDS = ("eager", "torch", "triton", "liger", "cce", "floor")
+#: ``triton`` is what ``simpo_loss(backend="triton")`` runs (``schedule="auto"``, resolved as the
+#: library does: :func:`auto_schedule`); ``triton-<schedule>`` pins a schedule; ``torch`` is the
+#: torch backend's ``tokens`` schedule.
+BACKENDS = ("eager", "torch", "triton", "triton-pairs", "triton-vocab", "triton-fused", "liger", "cce", "floor")
+#: The triton backend's schedules (``simpo_kernels.schedules.SCHEDULES["triton"]``) and their model names.
+TRITON_SCHEDULES = {"pairs": "triton-pairs", "vocab": "triton-vocab", "fused": "triton-fused"}
+#: Every modelled schedule -> its backend name here (``tokens``: the torch backend).
+SCHEDULE_BACKENDS = {**TRITON_SCHEDULES, "tokens": "torch"}
 PASSES = ("fwd", "bwd", "fwd_bwd")
+LOGIT_METRICS = ("exact", "targets", "none")
+DEFAULT_LOGIT_METRICS = "exact"
+
+#: Bytes of float32 logits a ``pairs``/``vocab`` chunk may take (``simpo_loss(memory_budget=)``).
+#: The library's default is a quarter of the free CUDA memory at call time (at least 256 MiB): on an
+#: 80 GB H100 holding only a benchmark's inputs that is ~19 GiB, in a training step beside the
+#: model's weights, optimizer state and activations far less. 8 GiB stands for the latter; at the
+#: Gemma-2-9B shape it still holds every target row's logits up to N=16384 at half targets
+#: (4096 x 256000 x 4 B = 4.2 GB per 8192 tokens), so costs there barely depend on it.
+DEFAULT_MEMORY_BUDGET = 8 * 2**30
 
 #: H100 SXM defaults: the measured cuBLAS bf16 rate (8192^3), HBM3 bandwidth, L2 size, SM count.
 DEFAULT_MATMUL_TFLOPS = 798.0
@@ -244,6 +280,10 @@ class BackendCost:
     fwd: PassCost
     bwd: PassCost
     notes: tuple = ()
+    #: Peak scratch the path allocates beyond its inputs, the gathered target rows and the returned
+    #: gradients (input dtype), in bytes, and what it is; None where not modelled (eager, peers).
+    scratch_bytes: Optional[float] = None
+    scratch: str = ""
 
     @property
     def fwd_bwd(self) -> PassCost:
@@ -324,6 +364,144 @@ def _eager(s: Shape, hw: Hardware) -> BackendCost:
                        ("full [N,V] logits: float32 passes dominate the bytes; no target skipping",))
 
 
+# --------------------------------------------------------------------------------------------
+# What the compacted paths share: target rows, metric-only rows, the library's own chunking
+
+
+def _logit_metrics(value: Any) -> str:
+    if not isinstance(value, str) or value not in LOGIT_METRICS:
+        raise ValueError(f"logit_metrics must be one of {LOGIT_METRICS}, got {value!r}")
+    return value
+
+
+def _memory_budget(value: Any) -> int:
+    """``memory_budget`` in bytes; None: :data:`DEFAULT_MEMORY_BUDGET`."""
+    return DEFAULT_MEMORY_BUDGET if value is None else _positive_int("memory_budget", value)
+
+
+def _schedules():
+    """``simpo_kernels.schedules`` with its ``common`` and ``pairs`` modules, imported at call time:
+    the model follows the library's chunking rules rather than copying them."""
+    try:
+        from simpo_kernels import schedules
+        from simpo_kernels.schedules import common, pairs
+    except ImportError as exc:
+        raise ValueError(f"simpo_kernels.schedules is not importable ({exc})") from exc
+    return schedules, common, pairs
+
+
+def target_layout(s: Shape) -> SimpleNamespace:
+    """A stand-in for ``simpo_kernels.schedules.TargetLayout`` at ``s``: ``max(2, N // row_len)``
+    rows (rounded down to even: chosen rows, then rejected, as :func:`benchmarks.cases.make_case`
+    lays them out) with the ``M`` targets spread evenly (the first ``M mod rows`` rows get one
+    more). Only what the chunking rules read is filled: ``rows``, ``T``, ``counts``,
+    ``num_targets``."""
+    rows = max(2, s.tokens // s.row_len)
+    rows -= rows % 2
+    base, extra = divmod(s.target_rows, rows)
+    counts = [base + (1 if r < extra else 0) for r in range(rows)]
+    return SimpleNamespace(rows=rows, T=s.tokens // rows, counts=counts, num_targets=s.target_rows)
+
+
+def pair_chunk_rows(s: Shape, memory_budget: Optional[int] = None) -> list:
+    """Target rows of each ``pairs`` chunk: ``simpo_kernels.schedules.pairs.pair_chunks`` (whole
+    pairs, as many as fit ``memory_budget`` bytes of float32 logits, at least one) on
+    :func:`target_layout`."""
+    budget = _memory_budget(memory_budget)
+    _, _, pairs = _schedules()
+    lay = target_layout(s)
+    B = lay.rows // 2
+    return [sum(lay.counts[p0:p1]) + sum(lay.counts[B + p0:B + p1])
+            for p0, p1 in pairs.pair_chunks(lay, budget, s.vocab * FLOAT32_BYTES)]
+
+
+def vocab_chunk_columns(rows: int, vocab: int, memory_budget: Optional[int] = None) -> int:
+    """Vocabulary columns per chunk of ``rows`` float32 logit rows under ``memory_budget``
+    (``simpo_kernels.schedules.common.vocab_chunk``)."""
+    _, common, _ = _schedules()
+    return int(common.vocab_chunk(rows, vocab, _memory_budget(memory_budget)))
+
+
+def auto_schedule(s: Shape, memory_budget: Optional[int] = None) -> str:
+    """The schedule ``simpo_loss(backend="triton", schedule="auto")`` runs at ``s``: the first of
+    ``simpo_kernels.schedules.DEFAULT_ORDER`` (pairs, vocab, fused) whose smallest chunk ``fits``
+    ``memory_budget``. On a device listed in a committed ``schedules/measured.json`` the library
+    uses that device's measured order instead; the model does not know the device and ignores it."""
+    budget = _memory_budget(memory_budget)
+    schedules, _, _ = _schedules()
+    lay = target_layout(s)
+    for name in schedules.DEFAULT_ORDER:
+        if schedules.fits(name, lay, s.vocab, budget):
+            return name
+    return "fused"
+
+
+def _sized_phases(sizes: Sequence[int], make) -> list:
+    """Phases for chunks of the given sizes, in order: each run of equal sizes is one
+    ``make(size, count)``; empty chunks cost nothing."""
+    out = []
+    for size, run in itertools.groupby(sizes):
+        n = sum(1 for _ in run)
+        if size:
+            out += make(size, n)
+    return out
+
+
+def _vocab_sizes(vocab: int, cols: int) -> list:
+    full, rest = divmod(vocab, cols)
+    return [cols] * full + ([rest] if rest else [])
+
+
+def _gather_rows(s: Shape, rows: int, what: str) -> list:
+    """``hidden.index_select(0, idx)``: ``rows`` hidden rows read and written once."""
+    return _elementwise(f"gather {what} hidden rows (index_select)", 2 * rows * s.hidden * s.dtype_bytes)
+
+
+def _scatter_dh(s: Shape) -> list:
+    """Backward of the target-row gather (autograd's ``index_select`` backward): a zero ``[N, H]``
+    dH in the input dtype, then ``index_add_`` of the ``M`` rows (reads them, read-modify-writes
+    their destinations)."""
+    N, M, H, b = s.tokens, s.target_rows, s.hidden, s.dtype_bytes
+    return _elementwise("dH scatter to [N, H] (index_select backward)", N * H * b + 3 * M * H * b)
+
+
+def _metric_rows(s: Shape, logit_metrics: str, forward) -> list:
+    """Logit sums of the ``O = N - M`` metric-only rows (prompt, padding, each row's last position:
+    ``simpo_kernels.schedules.common.other_logit_sums``), with ``logit_metrics="exact"`` only;
+    ``"targets"`` and ``"none"`` cost nothing (the target rows' sums come with their statistics).
+
+    Both cases gather the rows first (``2*O*H*b``). Without a softcap the sum of a row's logits is
+    ``h . sum_v W_v``: ``W.sum(0)`` in float32 (one read of W, ``V*H*b``), the rows upcast to float32
+    (``(b+4)*O*H``, 16-bit inputs) and a GEMV (``2*O*H`` FLOPs). With a softcap every logit is
+    needed: ``forward(O)``, the schedule's own no-grad forward over those rows (``2*O*H*V`` FLOPs).
+    """
+    O = s.tokens - s.target_rows
+    if logit_metrics != "exact" or O == 0:
+        return []
+    H, V, b, f = s.hidden, s.vocab, s.dtype_bytes, FLOAT32_BYTES
+    out = _gather_rows(s, O, "metric-only")
+    if s.softcap:
+        return out + forward(O)
+    return out + [Phase("metric rows: W.sum(0) in float32", hbm_bytes=V * H * b + H * f),
+                  *_elementwise("metric rows: upcast to float32", 0 if b == f else (b + f) * O * H),
+                  Phase("metric rows: GEMV h . sum_v W_v", 2.0 * O * H, O * H * f + H * f)]
+
+
+def _vocab_forward(s: Shape, rows: int, memory_budget: int, what: str) -> list:
+    """``chunked_forward_stats`` over ``rows`` rows (``schedules/common.py``): per vocabulary chunk
+    of ``c = vocab_chunk(rows, V, budget)`` columns, cuBLAS ``z = h W[chunk]^T`` (``2*rows*H*c``
+    FLOPs; reads the chunk of W and the rows, writes ``4*rows*c``), then the ``row_stats`` kernel
+    (reads z once). The online merge (logaddexp, sums) is ``O(rows)``."""
+    H, V, b, f = s.hidden, s.vocab, s.dtype_bytes, FLOAT32_BYTES
+
+    def make(c, n):
+        return [Phase(f"{what}: logits GEMM [rows, chunk] (cuBLAS, float32 out)", 2.0 * rows * H * c,
+                      c * H * b + rows * H * b + rows * c * f, count=n),
+                Phase(f"{what}: row_stats kernel", hbm_bytes=rows * c * f, count=n)]
+
+    return _sized_phases(_vocab_sizes(V, vocab_chunk_columns(rows, V, memory_budget)), make)
+
+
 def torch_chunk_size(s: Shape) -> int:
     """The chunked backend's default tokens per chunk (``simpo_kernels.chunked.default_chunk_size``,
     asked at call time so that a change of its budget is followed)."""
@@ -335,50 +513,166 @@ def torch_chunk_size(s: Shape) -> int:
     return int(chunked.default_chunk_size(s.vocab, s.hidden, dtype))
 
 
-def _torch(s: Shape, hw: Hardware, chunk_size: Optional[int] = None) -> BackendCost:
-    """``simpo_kernels/chunked.py`` on CUDA: chunks of ``C`` tokens (``default_chunk_size``: a
-    256 MiB working set, ~104 tokens at V=256000), float32 chunk logits.
+def _tokens_forward(s: Shape, rows: int, C: int, what: str) -> list:
+    """``ChunkedLinearLogprob.forward`` over ``rows`` rows in chunks of ``C``: per chunk of ``c``,
+    the logits GEMM (reads all of W, writes ``4cV``); softcap ``div_``, ``tanh_`` in place and ``t * s``
+    out of place (``2*8 + 8 = 24`` bytes per logit); ``torch.logsumexp`` (amax read, ``z - max`` out of
+    place, ``exp_`` in place, sum read: 24); ``z.sum(-1)`` (4)."""
+    H, V, b, f = s.hidden, s.vocab, s.dtype_bytes, FLOAT32_BYTES
+    W = V * H * b
+    elem = ((24 if s.softcap else 0) + 24 + 4)
 
-    16-bit inputs take the fast path, ``torch.mm(..., out_dtype=float32)`` on the bf16 weight (no
-    float32 copy of W); float32 inputs use W as is and accumulate dW with an in-place ``addmm_``.
+    def make(c, n):
+        return [Phase(f"{what}: chunk logits GEMM", 2.0 * c * H * V, W + c * H * b + c * V * f, count=n),
+                *_elementwise(f"{what}: chunk softcap, logsumexp, sums", elem * c * V, n)]
+
+    return _chunk_phases(rows, C, make)
+
+
+def _torch(s: Shape, hw: Hardware, chunk_size: Optional[int] = None,
+           logit_metrics: str = DEFAULT_LOGIT_METRICS) -> BackendCost:
+    """``simpo_kernels/chunked.py`` on CUDA, the ``tokens`` schedule: the ``M`` target rows
+    (gathered by ``api._compacted``) in chunks of ``C`` tokens (``default_chunk_size``: a 256 MiB
+    working set, ~104 tokens at V=256000), float32 chunk logits from ``torch.mm(...,
+    out_dtype=float32)`` on the 16-bit weight (``simpo_kernels/matmul.py``; no float32 copy of W).
     Every chunk's GEMM reads all of W (``V*H*b``) from HBM: W does not fit in L2.
 
-    forward, per chunk of ``c`` of the ``N`` tokens: logits GEMM (writes ``4cV``); softcap
-    ``div_``, ``tanh_`` in place and ``t * s`` out of place (``2*8 + 8 = 24`` bytes per logit);
-    ``torch.logsumexp`` (amax read, ``z - max`` out of place, ``exp_`` in place, sum read: 24);
-    ``z.sum(-1)`` (4).
-    backward, over the ``M`` target rows only: zero ``dH`` (``N*H*b``) and a float32 ``dW``
-    (``4VH``); per chunk: the logits GEMM again (recompute) with softcap (24); ``dz`` = ``sub_``,
-    ``exp_``, ``mul_`` in place (24); softcap derivative ``t*t``, ``neg_``, ``add_``, ``dz *=``
-    (8+8+8+12); ``dz.to(b)`` (``4+b``); dH GEMM (reads dz and W); dW GEMM: on the fast path
-    ``acc += torch.mm(...)`` writes a fresh float32 ``[V, H]`` and adds it (``4VH + 12VH`` per
-    chunk: the dominant cost at V=256000), on the fp32 path ``addmm_`` (``8VH``); finally
-    ``dW.to(b)`` (``(4+b)VH``).
+    forward: metric-only rows (``logit_metrics``, :func:`_metric_rows`; with a softcap the same
+    chunked forward over them); gather the target rows (``2*M*H*b``); the chunked forward over them
+    (:func:`_tokens_forward`: 52 bytes per logit with softcap, 28 without).
+    backward (``M`` rows): zero ``dH [M, H]`` (input dtype, ``M*H*b``) and a float32 ``dW`` (``4VH``);
+    per chunk: the logits GEMM again (recompute) with softcap (24); ``dz`` = ``sub_``, ``exp_``,
+    ``mul_`` in place (24); softcap derivative ``t*t``, ``neg_``, ``add_``, ``dz *=`` (8+8+8+12);
+    ``dz.to(b)`` (``4+b``; none for float32); dH GEMM (reads dz and W, writes ``4cH``) and its copy
+    into ``dH`` rows (``(4+b)cH``); dW ``torch.addmm(acc, dz^T, h, out_dtype=float32, out=acc)`` in
+    place (reads and writes the float32 ``[V, H]`` accumulator: ``8VH`` per chunk, the dominant
+    cost at V=256000); finally ``dW.to(b)`` (``(4+b)VH``) and the dH scatter to ``[N, H]``.
     """
     N, M, H, V, b, f = s.tokens, s.target_rows, s.hidden, s.vocab, s.dtype_bytes, FLOAT32_BYTES
     C = torch_chunk_size(s) if chunk_size is None else _positive_int("chunk_size", chunk_size)
-    fast = b == 2
     W = V * H * b
     cap = s.softcap
-
-    def fwd_chunk(c, n):
-        return [Phase("chunk logits GEMM", 2.0 * c * H * V, W + c * H * b + c * V * f, count=n),
-                *_elementwise("chunk softcap, logsumexp, sums", ((24 if cap else 0) + 24 + 4) * c * V, n)]
+    cast = 0 if b == f else f + b
 
     def bwd_chunk(c, n):
-        dw_acc = (f * V * H + 3 * f * V * H) if fast else 2 * f * V * H
-        elem = ((24 if cap else 0) + 24 + (36 if cap else 0) + (f + b)) * c * V
+        elem = ((24 if cap else 0) + 24 + (36 if cap else 0) + cast) * c * V
         return [Phase("recompute logits GEMM", 2.0 * c * H * V, W + c * H * b + c * V * f, count=n),
                 *_elementwise("chunk softcap, dz, softcap grad, cast", elem, n),
-                Phase("dH GEMM", 2.0 * c * H * V, c * V * b + W + c * H * (f + 2 * b), count=n),
-                Phase("dW GEMM + float32 accumulate", 2.0 * c * H * V, c * V * b + c * H * b + dw_acc, count=n)]
+                Phase("dH GEMM", 2.0 * c * H * V, c * V * b + W + c * H * f, count=n),
+                *_elementwise("dH rows into dH (copy, input dtype)", (f + b) * c * H, n),
+                Phase("dW addmm into float32 [V, H] (in place)", 2.0 * c * H * V,
+                      c * V * b + c * H * b + 2 * f * V * H, count=n)]
 
-    fwd = _chunk_phases(N, C, fwd_chunk)
-    bwd = _elementwise("zero dH, float32 dW", N * H * b + f * V * H)
+    fwd = _metric_rows(s, logit_metrics, lambda O: _tokens_forward(s, O, C, "metric rows"))
+    fwd += _gather_rows(s, M, "target") + _tokens_forward(s, M, C, "targets")
+    bwd = _elementwise("zero dH [M, H], float32 dW", M * H * b + f * V * H)
     bwd += _chunk_phases(M, C, bwd_chunk)
+    bwd += _elementwise("dW to input dtype", 0 if b == f else (f + b) * V * H) + _scatter_dh(s)
+    notes = (f"schedule 'tokens', chunk {C} tokens: W read from HBM {_cdiv(M, C) if M else 0}x forward "
+             f"(+{_cdiv(N - M, C) if logit_metrics == 'exact' and cap and N > M else 0}x metric rows), "
+             f"{2 * _cdiv(M, C) if M else 0}x backward",)
+    scratch = min(C, max(M, 1)) * V * (2 * f + b) + f * V * H
+    return BackendCost("torch", s, PassCost(tuple(fwd), hw), PassCost(tuple(bwd), hw), notes,
+                       scratch, f"one chunk's logits working set [{C}, V] (2 float32 + 1 input-dtype buffers) "
+                                f"+ float32 [V, H] dW accumulator")
+
+
+def _pairs(s: Shape, hw: Hardware, memory_budget: Optional[int] = None,
+           logit_metrics: str = DEFAULT_LOGIT_METRICS) -> BackendCost:
+    """``simpo_kernels/schedules/pairs.py`` with the Triton row kernels (``TritonRows``): chunks of
+    whole pairs (:func:`pair_chunk_rows`: as many pairs' target rows as fit ``memory_budget`` bytes
+    of float32 logits), every gradient formed in the (grad-mode) forward, logits never recomputed.
+
+    forward (no grad; metric-only rows first: :func:`_metric_rows` with :func:`_vocab_forward`, the
+    schedule's ``forward_sums``), per chunk of ``c`` target rows: ``index_select`` of its hidden
+    rows (``2cHb``); cuBLAS ``z = H_c W^T`` (``2cHV`` FLOPs; reads W and the rows, writes ``4cV``);
+    ``row_stats`` kernel (reads z once). The SimPO head of the chunk's pairs is ``O(c)``.
+    backward (everything a grad-mode call adds): zero ``dH [N, H]`` (input dtype) and a float32
+    ``dW [V, H]``; per chunk: ``logprob_grad`` kernel reads z and writes ``dz`` in the input dtype
+    over it (``(4+b)cV``); ``dH = dz W`` (cuBLAS, reads dz and W, writes ``4cH``), cast to the input
+    dtype and ``index_copy_`` into dH (``(4+b)cH + 2bcH``); ``dW += dz^T H_c`` (cuBLAS addmm into the
+    float32 accumulator: ``8VH`` per chunk); then ``dW`` to the input dtype (``(4+b)VH``). The
+    autograd backward only scales the stored gradients in place by the upstream scalar (``mul_``:
+    ``2NHb + 2VHb``). ``6MHV`` FLOPs (``2MHV`` forward), no atomics, no recompute.
+    """
+    N, M, H, V, b, f = s.tokens, s.target_rows, s.hidden, s.vocab, s.dtype_bytes, FLOAT32_BYTES
+    budget = _memory_budget(memory_budget)
+    W = V * H * b
+    sizes = pair_chunk_rows(s, budget) if M else []
+
+    def fwd_chunk(c, n):
+        return [Phase("gather chunk hidden rows (index_select)", hbm_bytes=2 * c * H * b, count=n),
+                Phase("logits GEMM (cuBLAS, float32 out)", 2.0 * c * H * V, W + c * H * b + c * V * f, count=n),
+                Phase("row_stats kernel", hbm_bytes=c * V * f, count=n)]
+
+    def bwd_chunk(c, n):
+        return [Phase("logprob_grad kernel (dz over z, input dtype)", hbm_bytes=c * V * (f + b), count=n),
+                Phase("dH GEMM (cuBLAS, float32 out)", 2.0 * c * H * V, c * V * b + W + c * H * f, count=n),
+                Phase("dH rows to input dtype, index_copy_", hbm_bytes=(f + b) * c * H + 2 * b * c * H, count=n),
+                Phase("dW addmm into float32 [V, H]", 2.0 * c * H * V, c * V * b + c * H * b + 2 * f * V * H,
+                      count=n)]
+
+    fwd = _metric_rows(s, logit_metrics, lambda O: _vocab_forward(s, O, budget, "metric rows"))
+    fwd += _sized_phases(sizes, fwd_chunk)
+    bwd = _elementwise("zero dH [N, H], float32 dW [V, H]", N * H * b + f * V * H)
+    bwd += _sized_phases(sizes, bwd_chunk)
     bwd += _elementwise("dW to input dtype", 0 if b == f else (f + b) * V * H)
-    notes = (f"chunk {C} tokens: W read from HBM {_cdiv(N, C)}x forward, {2 * _cdiv(M, C) if M else 0}x backward",)
-    return BackendCost("torch", s, PassCost(tuple(fwd), hw), PassCost(tuple(bwd), hw), notes)
+    bwd += _elementwise("backward: scale stored dH, dW by the upstream grad (mul_)", 2 * N * H * b + 2 * V * H * b)
+    largest = max(sizes, default=0)
+    notes = (f"schedule 'pairs': {len(sizes)} chunk(s) of <= {largest} target rows under a "
+             f"{budget / 2**30:g} GiB budget; W read {len(sizes)}x forward, {2 * len(sizes)}x for dH/dW",)
+    scratch = max(largest * V * f + f * V * H, _metric_scratch(s, logit_metrics, budget))
+    return BackendCost("triton-pairs", s, PassCost(tuple(fwd), hw), PassCost(tuple(bwd), hw), notes, scratch,
+                       "largest chunk's float32 logits (dz written over them) + float32 [V, H] dW "
+                       "accumulator; dH, dW held from forward to backward")
+
+
+def _metric_scratch(s: Shape, logit_metrics: str, budget: int) -> float:
+    """Float32 logits of the metric-only rows' vocabulary-chunked forward (exact + softcap)."""
+    O = s.tokens - s.target_rows
+    if logit_metrics != "exact" or not s.softcap or O == 0:
+        return 0.0
+    return O * vocab_chunk_columns(O, s.vocab, budget) * FLOAT32_BYTES
+
+
+def _vocab(s: Shape, hw: Hardware, memory_budget: Optional[int] = None,
+           logit_metrics: str = DEFAULT_LOGIT_METRICS) -> BackendCost:
+    """``simpo_kernels/schedules/vocab.py`` with the Triton row kernels: the ``M`` target rows
+    (gathered), the vocabulary in chunks of ``c = vocab_chunk(M, V, budget)`` columns.
+
+    forward: metric-only rows (:func:`_metric_rows`, with :func:`_vocab_forward` over them); gather
+    the target rows (``2MHb``); :func:`_vocab_forward` over them (``2MHV`` FLOPs).
+    backward: zero a float32 ``dH [M, H]`` (``4MH``); per chunk: recompute ``z`` (cuBLAS, ``2MHc``
+    FLOPs, writes ``4Mc``); ``logprob_grad`` writes dz over it in the input dtype (``(4+b)Mc``);
+    ``dW[chunk] = dz^T H`` straight into the input-dtype ``dW`` (``torch.mm(..., out=)``: written once,
+    ``bcH``; no float32 ``[V, H]`` accumulator, no atomics); ``dH += dz W[chunk]`` (cuBLAS addmm into
+    the float32 ``[M, H]`` accumulator: ``8MH`` per chunk); then dH to the input dtype and the dH
+    scatter to ``[N, H]``. ``8MHV`` FLOPs (the recompute is ``2MHV``).
+    """
+    M, H, V, b, f = s.target_rows, s.hidden, s.vocab, s.dtype_bytes, FLOAT32_BYTES
+    budget = _memory_budget(memory_budget)
+    cols = vocab_chunk_columns(M, V, budget) if M else V
+    sizes = _vocab_sizes(V, cols) if M else []
+
+    def bwd_chunk(c, n):
+        return [Phase("recompute logits GEMM [M, chunk]", 2.0 * M * H * c, c * H * b + M * H * b + M * c * f, count=n),
+                Phase("logprob_grad kernel (dz over z, input dtype)", hbm_bytes=M * c * (f + b), count=n),
+                Phase("dW[chunk] = dz^T H (written once, input dtype)", 2.0 * M * H * c,
+                      M * c * b + M * H * b + c * H * b, count=n),
+                Phase("dH += dz W[chunk] (float32 addmm)", 2.0 * M * H * c, M * c * b + c * H * b + 2 * f * M * H,
+                      count=n)]
+
+    fwd = _metric_rows(s, logit_metrics, lambda O: _vocab_forward(s, O, budget, "metric rows"))
+    if M:
+        fwd += _gather_rows(s, M, "target") + _vocab_forward(s, M, budget, "targets")
+    bwd = _elementwise("zero float32 dH [M, H]", f * M * H)
+    bwd += _sized_phases(sizes, bwd_chunk)
+    bwd += _elementwise("dH to input dtype", 0 if b == f else (f + b) * M * H) + _scatter_dh(s)
+    notes = (f"schedule 'vocab': {len(sizes)} vocabulary chunk(s) of {cols} columns under a "
+             f"{budget / 2**30:g} GiB budget; dW written once, no atomics",)
+    scratch = max(M * cols * f + f * M * H, _metric_scratch(s, logit_metrics, budget))
+    return BackendCost("triton-vocab", s, PassCost(tuple(fwd), hw), PassCost(tuple(bwd), hw), notes, scratch,
+                       "float32 logits [M, chunk] (dz written over them) + float32 [M, H] dH accumulator")
 
 
 def default_kernel_config():
@@ -399,39 +693,52 @@ def _group_blocks(token_blocks: int, group_n: Optional[int], resident: int) -> i
     return max(1, min(token_blocks, resident))
 
 
-def _triton(s: Shape, hw: Hardware, kernel_config=None) -> BackendCost:
-    """``simpo_kernels/kernels``: ``lse_forward`` and ``logprob_backward``, block sizes from
-    ``KernelConfig`` (defaults read at call time, or ``kernel_config``).
+def _fused_forward(s: Shape, hw: Hardware, cfg, rows: int, what: str) -> tuple:
+    """One ``lse_forward`` launch over ``rows`` rows: ``(phases, W reads, group)``."""
+    H, V, b = s.hidden, s.vocab, s.dtype_bytes
+    if not rows:
+        return [], 0, 0
+    bn, bv = cfg.block_n, cfg.block_v
+    resident = hw.sms * getattr(cfg, "ctas_per_sm", 1)
+    blocks = _cdiv(rows, bn)
+    group = _group_blocks(blocks, getattr(cfg, "group_n", None), resident)
+    w_reads = _cdiv(blocks, group)
+    h_bytes = reread_bytes(rows * H * b, _cdiv(V, bv), group * bn * H * b, hw.l2_bytes)
+    return [Phase(f"{what}: lse_forward kernel", 2.0 * rows * H * V, w_reads * V * H * b + h_bytes)], w_reads, group
 
-    forward (one kernel, all ``N`` tokens: the metrics need every logit sum): ``2NHV`` FLOPs; W read
-    once per raster group of ``group_n`` token blocks (``ceil(N/block_n / group_n)`` times); each
-    token block re-reads its hidden rows for each of the ``ceil(V/block_v)`` vocabulary tiles, from
-    L2 while a group's rows (``group_n*block_n*H*b``) fit. Nothing of size ``N x V`` is written.
-    backward (``M`` target rows only): zero float32 ``dH [N, H]`` and ``dW [V, H]``; the kernel
-    recomputes each logit tile and contracts ``dz`` twice: ``6MHV`` FLOPs; W read once per group of
-    ``bwd_group_n`` token blocks; per vocabulary tile the hidden rows are read and their float32 dH
-    rows reduced into, from L2 while the group's rows and dH rows fit, else from HBM (``b + 2*4``
-    bytes per element: read h, fetch and write back dH); float32 atomic adds of ``[bwd_block_n, H]`` into dH
-    and ``[bwd_block_v, H]`` into dW per tile: ``M*H*V*(1/bwd_block_v + 1/bwd_block_n)*4`` payload
-    bytes; the dW accumulator lines leave L2 between groups, so each group fetches and writes back
-    ``dW`` (``8VH`` bytes per group), dH rows once; then both cast to the input dtype.
-    Exact gradients (``grad_filter=False``, the default); ``v_splits`` partials are ``O(S*N)``.
+
+def _fused(s: Shape, hw: Hardware, kernel_config=None, logit_metrics: str = DEFAULT_LOGIT_METRICS) -> BackendCost:
+    """``simpo_kernels/kernels`` (schedule ``fused``): ``lse_forward`` and ``logprob_backward`` on
+    the ``M`` gathered target rows, block sizes from ``KernelConfig`` (defaults read at call time,
+    or ``kernel_config``).
+
+    forward: metric-only rows (:func:`_metric_rows`; with a softcap a second ``lse_forward`` launch
+    over them); gather the target rows (``2MHb``); one kernel, ``2MHV`` FLOPs; W read once per
+    raster group of ``group_n`` token blocks (``ceil(M/block_n / group_n)`` times); each token block
+    re-reads its hidden rows for each of the ``ceil(V/block_v)`` vocabulary tiles, from L2 while a
+    group's rows (``group_n*block_n*H*b``) fit. Nothing of size ``M x V`` is written.
+    backward: zero float32 ``dH [M, H]`` and ``dW [V, H]``; the kernel recomputes each logit tile and
+    contracts ``dz`` twice: ``6MHV`` FLOPs; W read once per group of ``bwd_group_n`` token blocks;
+    per vocabulary tile the hidden rows are read and their float32 dH rows reduced into, from L2
+    while the group's rows and dH rows fit, else from HBM (``b + 2*4`` bytes per element: read h,
+    fetch and write back dH); float32 atomic adds of ``[bwd_block_n, H]`` into dH and
+    ``[bwd_block_v, H]`` into dW per tile: ``M*H*V*(1/bwd_block_v + 1/bwd_block_n)*4`` payload bytes;
+    the dW accumulator lines leave L2 between groups, so each group fetches and writes back ``dW``
+    (``8VH`` bytes per group), dH rows once; then both cast to the input dtype and dH scattered to
+    ``[N, H]``. Exact gradients (``grad_filter=False``, the default); ``v_splits`` partials are
+    ``O(S*M)``.
     """
     cfg = default_kernel_config() if kernel_config is None else kernel_config
-    N, M, H, V, b, f = s.tokens, s.target_rows, s.hidden, s.vocab, s.dtype_bytes, FLOAT32_BYTES
-    bn, bv = cfg.block_n, cfg.block_v
+    M, H, V, b, f = s.target_rows, s.hidden, s.vocab, s.dtype_bytes, FLOAT32_BYTES
     bwd_bn, bwd_bv = cfg.bwd_block_n, cfg.bwd_block_v
     resident = hw.sms * getattr(cfg, "ctas_per_sm", 1)
     W = V * H * b
 
-    blocks = _cdiv(N, bn)
-    group = _group_blocks(blocks, getattr(cfg, "group_n", None), resident)
-    w_reads = _cdiv(blocks, group)
-    h_bytes = reread_bytes(N * H * b, _cdiv(V, bv), group * bn * H * b, hw.l2_bytes)
-    fwd = [Phase("lse_forward kernel", 2.0 * N * H * V, w_reads * W + h_bytes)]
-
-    bwd = _elementwise("zero float32 dH, dW", N * H * f + V * H * f)
-    notes = [f"fwd: W read {w_reads}x (groups of {group} x {bn}-token blocks)"]
+    fwd = _metric_rows(s, logit_metrics, lambda O: _fused_forward(s, hw, cfg, O, "metric rows")[0])
+    main, w_reads, group = _fused_forward(s, hw, cfg, M, "targets")
+    fwd += (_gather_rows(s, M, "target") + main) if M else []
+    bwd = _elementwise("zero float32 dH [M, H], dW [V, H]", M * H * f + V * H * f)
+    notes = [f"schedule 'fused': fwd W read {w_reads}x (groups of {group} x {cfg.block_n}-token blocks)"]
     if M:
         bblocks = _cdiv(M, bwd_bn)
         bgroup = _group_blocks(bblocks, getattr(cfg, "bwd_group_n", None), resident)
@@ -443,10 +750,10 @@ def _triton(s: Shape, hw: Hardware, kernel_config=None) -> BackendCost:
         atomics = M * H * V * (1.0 / bwd_bv + 1.0 / bwd_bn) * f
         bwd.append(Phase("logprob_backward kernel", 6.0 * M * H * V,
                          groups * W + h_sub + acc_round_trips, atomic_bytes=atomics))
-        notes.append(f"bwd: W read {groups}x, dW accumulator round trips {groups}x; "
-                     f"tiles {bwd_bn}x{bwd_bv}")
-    bwd += _elementwise("dH, dW to input dtype", 0 if b == f else (f + b) * (N * H + V * H))
-    return BackendCost("triton", s, PassCost(tuple(fwd), hw), PassCost(tuple(bwd), hw), tuple(notes))
+        notes.append(f"bwd: W read {groups}x, dW accumulator round trips {groups}x; tiles {bwd_bn}x{bwd_bv}")
+    bwd += _elementwise("dH, dW to input dtype", 0 if b == f else (f + b) * (M * H + V * H)) + _scatter_dh(s)
+    return BackendCost("triton-fused", s, PassCost(tuple(fwd), hw), PassCost(tuple(bwd), hw), tuple(notes),
+                       f * (M * H + V * H), "float32 dH [M, H] and dW [V, H] accumulators (atomics); no logits")
 
 
 def liger_chunk_tokens(s: Shape) -> int:
@@ -555,14 +862,19 @@ def _floor(s: Shape, hw: Hardware) -> BackendCost:
 def predict(
     backend: str, shape: Shape, hw: Optional[Hardware] = None, *, kernel_config=None,
     torch_chunk: Optional[int] = None, cce_filtered_frac: float = DEFAULT_CCE_FILTERED_FRAC,
+    logit_metrics: str = DEFAULT_LOGIT_METRICS, memory_budget: Optional[int] = None,
 ) -> BackendCost:
     """Predicted cost of ``backend`` (one of :data:`BACKENDS`) at ``shape`` on ``hw``.
 
     Args:
-        kernel_config: a ``simpo_kernels.kernels.KernelConfig`` for ``triton`` (default: its
-            defaults, constructed at call time).
+        kernel_config: a ``simpo_kernels.kernels.KernelConfig`` for the ``fused`` schedule
+            (default: its defaults, constructed at call time).
         torch_chunk: tokens per chunk for ``torch`` (default: the backend's own default).
         cce_filtered_frac: share of CCE's backward tiles skipped by gradient filtering, in [0, 1].
+        logit_metrics: ``simpo_loss(logit_metrics=)``: ``"exact"`` (default), ``"targets"`` or
+            ``"none"``; what the ``N - M`` metric-only rows cost (our compacted paths only).
+        memory_budget: ``simpo_loss(memory_budget=)`` in bytes, for the ``pairs``/``vocab`` chunks
+            and the ``auto`` choice (default :data:`DEFAULT_MEMORY_BUDGET`).
 
     Raises:
         ValueError: unknown backend, or an argument out of range (naming it).
@@ -571,12 +883,24 @@ def predict(
         raise ValueError(f"shape must be a cost_model.Shape, got {type(shape).__name__}")
     hw = Hardware() if hw is None else hw
     _fraction("cce_filtered_frac", cce_filtered_frac)
+    mode = _logit_metrics(logit_metrics)
+    budget = _memory_budget(memory_budget)
     if backend == "eager":
         return _eager(shape, hw)
     if backend == "torch":
-        return _torch(shape, hw, torch_chunk)
+        return _torch(shape, hw, torch_chunk, mode)
     if backend == "triton":
-        return _triton(shape, hw, kernel_config)
+        sched = auto_schedule(shape, budget)
+        cost = predict(TRITON_SCHEDULES[sched], shape, hw, kernel_config=kernel_config, logit_metrics=mode,
+                       memory_budget=budget)
+        note = f"schedule='auto' -> {sched!r} (first of pairs, vocab, fused that fits the memory budget)"
+        return replace(cost, backend="triton", notes=(note,) + cost.notes)
+    if backend == "triton-pairs":
+        return _pairs(shape, hw, budget, mode)
+    if backend == "triton-vocab":
+        return _vocab(shape, hw, budget, mode)
+    if backend == "triton-fused":
+        return _fused(shape, hw, kernel_config, mode)
     if backend == "liger":
         return _liger(shape, hw)
     if backend == "cce":
@@ -615,7 +939,9 @@ def prediction_fields(row: dict, target_frac: float, matmul_tflops: Optional[flo
     """Prediction for a benchmark result row (``impl``, ``tokens``, ``seq``, ``hidden``, ``vocab``,
     ``softcap`` as applied, ``dtype``): ``{target_frac, pred_fwd_ms, pred_fwd_bwd_ms,
     pred_matmul_tflops, pred_hbm_tbps}``. ``matmul_tflops`` is the rate measured in the same call
-    where there is one (default: :data:`DEFAULT_MATMUL_TFLOPS`)."""
+    where there is one (default: :data:`DEFAULT_MATMUL_TFLOPS`). The benchmarks call
+    ``simpo_loss`` with ``logit_metrics="exact"`` and the default memory budget (a quarter of free
+    memory, modelled as :data:`DEFAULT_MEMORY_BUDGET`)."""
     hw = Hardware(matmul_tflops=matmul_tflops or DEFAULT_MATMUL_TFLOPS, hbm_tbps=hbm_tbps or DEFAULT_HBM_TBPS)
     shape = Shape(tokens=row["tokens"], hidden=row["hidden"], vocab=row["vocab"],
                   dtype_bytes=DTYPE_BYTES[row["dtype"]], softcap=row.get("softcap") is not None,
@@ -624,6 +950,23 @@ def prediction_fields(row: dict, target_frac: float, matmul_tflops: Optional[flo
     return {"target_frac": round(shape.target_frac, 4), "pred_fwd_ms": cost.fwd.ms,
             "pred_fwd_bwd_ms": cost.fwd_bwd.ms, "pred_matmul_tflops": hw.matmul_tflops,
             "pred_hbm_tbps": hw.hbm_tbps}
+
+
+def target_floor_flops(shape: Shape) -> float:
+    """``6MHV``: logits, dH and dW of the target rows only, the floor once targets are compacted
+    (without any metric-only row)."""
+    return 6.0 * shape.target_rows * shape.hidden * shape.vocab
+
+
+def logit_metrics_extra(backend: str, shape: Shape, hw: Optional[Hardware] = None,
+                        logit_metrics: str = "exact", **kw) -> dict:
+    """What ``logit_metrics`` adds over ``"none"`` to ``backend``'s forward+backward at ``shape``:
+    ``{flops, hbm_bytes, ms}`` (differences of two predictions; the metric rows are phases of
+    their own, so the time difference is exactly theirs)."""
+    with_ = predict(backend, shape, hw, logit_metrics=logit_metrics, **kw).fwd_bwd
+    without = predict(backend, shape, hw, logit_metrics="none", **kw).fwd_bwd
+    return {"flops": with_.flops - without.flops, "hbm_bytes": with_.hbm_bytes - without.hbm_bytes,
+            "ms": with_.ms - without.ms, "base_ms": without.ms}
 
 
 # --------------------------------------------------------------------------------------------
@@ -661,6 +1004,113 @@ def table_summary(costs: dict) -> str:
     return "\n".join(lines)
 
 
+def _rates(hw: Hardware) -> str:
+    return (f"{hw.matmul_tflops:g} TFLOP/s, {hw.hbm_tbps:g} TB/s HBM, atomics "
+            f"{hw.atomic_bytes_per_s / 1e12:g} TB/s")
+
+
+def _shape_text(s: Shape) -> str:
+    dtype = {2: "16-bit", 4: "float32"}[s.dtype_bytes]
+    return f"N={s.tokens}, H={s.hidden}, V={s.vocab}, {dtype}"
+
+
+def _tflop(x: float) -> str:
+    return "0" if x == 0 else f"{x / 1e12:.1f}" if x >= 1e11 else f"{x / 1e12:.1e}"
+
+
+def logit_metrics_table(shape: Shape, hw: Optional[Hardware] = None, *,
+                        schedules: Sequence[str] = tuple(SCHEDULE_BACKENDS), **kw) -> str:
+    """Markdown: the extra forward+backward cost of each ``logit_metrics`` mode over ``"none"``, with
+    the softcap on and off (``shape.softcap`` is replaced), per schedule where it differs."""
+    hw = Hardware() if hw is None else hw
+    M, O = shape.target_rows, shape.tokens - shape.target_rows
+    lines = [f"Extra cost of `logit_metrics` at {_shape_text(shape)}, target fraction {shape.target_frac:g} "
+             f"(M={M} target rows, N-M={O} metric-only rows), forward+backward, predicted at {_rates(hw)} "
+             f"(`benchmarks/cost_model.py`; a model, not a measurement):", "",
+             "| softcap | logit_metrics | schedule | extra TFLOP | extra HBM GB | extra ms | + vs `none` | what |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for cap in (True, False):
+        s = replace(shape, softcap=cap)
+        cap_text = "30" if cap else "none"
+        for mode in LOGIT_METRICS:
+            if mode != "exact":
+                names, what = ["all"], ("target rows' own logit sums (already computed)" if mode == "targets"
+                                        else "nothing (metrics are None)")
+            elif cap:
+                names, what = list(schedules), "forward-only pass over the metric rows' logits (the schedule's own)"
+            else:
+                names, what = ["all"], "gather rows, W.sum(0) (one read of W), GEMV"
+            for name in names:
+                backend = SCHEDULE_BACKENDS[schedules[0] if name == "all" else name]
+                e = logit_metrics_extra(backend, s, hw, mode, **kw)
+                pct = 100.0 * e["ms"] / e["base_ms"] if e["base_ms"] else 0.0
+                lines.append(f"| {cap_text} | {mode} | {name} | {_tflop(e['flops'])} | {e['hbm_bytes'] / 1e9:.2f} | "
+                             f"{e['ms']:.2f} | {pct:.0f}% | {what} |")
+    lines += ["", "`+ vs none`: the extra time over the schedule's own forward+backward with "
+                  "`logit_metrics=\"none\"`. `targets` and `none` cost nothing: the target rows' logit sums come "
+                  "with their statistics. Without a softcap every schedule takes the same closed form "
+                  "(`sum_v z_v = h . sum_v W_v`); `eager` always materialises every position's logits and "
+                  "pays nothing extra for any mode."]
+    return "\n".join(lines)
+
+
+def schedules_table(shape: Shape, fracs: Sequence[float] = (0.5, 0.4), hw: Optional[Hardware] = None, *,
+                    schedules: Sequence[str] = tuple(SCHEDULE_BACKENDS), logit_metrics: str = DEFAULT_LOGIT_METRICS,
+                    memory_budget: Optional[int] = None, **kw) -> str:
+    """Markdown: per schedule and target fraction, forward+backward FLOPs as a multiple of ``6MHV``,
+    peak scratch, predicted fwd / bwd / fwd+bwd ms (and fwd+bwd with ``logit_metrics="targets"``)."""
+    hw = Hardware() if hw is None else hw
+    budget = _memory_budget(memory_budget)
+    lines = [f"Schedules at {_shape_text(shape)}, softcap {'30' if shape.softcap else 'none'}, "
+             f"`logit_metrics=\"{logit_metrics}\"`, memory budget {budget / 2**30:g} GiB, predicted at "
+             f"{_rates(hw)} (`benchmarks/cost_model.py`; a model, not a measurement):", "",
+             "| schedule | backend | f | M | fwd+bwd TFLOP | x 6MHV | scratch GB | fwd ms | bwd ms | fwd+bwd ms "
+             "| fwd+bwd ms, `targets` |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    what = {}
+    for frac in fracs:
+        s = replace(shape, target_frac=frac)
+        floor = target_floor_flops(s)
+        for name in schedules:
+            backend = SCHEDULE_BACKENDS[name]
+            c = predict(backend, s, hw, logit_metrics=logit_metrics, memory_budget=budget, **kw)
+            t = predict(backend, s, hw, logit_metrics="targets", memory_budget=budget, **kw).fwd_bwd
+            what[name] = c.scratch
+            api = f"`{backend.split('-')[0]}`" + (f", `schedule=\"{name}\"`" if name != "tokens" else "")
+            lines.append(f"| {name} | {api} | {frac:g} | {s.target_rows} | {c.fwd_bwd.flops / 1e12:.1f} | "
+                         f"{c.fwd_bwd.flops / floor:.2f} | {c.scratch_bytes / 1e9:.2f} | {c.fwd.ms:.1f} | "
+                         f"{c.bwd.ms:.1f} | {c.fwd_bwd.ms:.1f} | {t.ms:.1f} |")
+        lines.append(f"| 6MHV floor | - | {frac:g} | {s.target_rows} | {floor / 1e12:.1f} | 1.00 | - | "
+                     f"{floor / 3 / (hw.matmul_tflops * 1e9):.1f} | {floor * 2 / 3 / (hw.matmul_tflops * 1e9):.1f} | "
+                     f"{floor / (hw.matmul_tflops * 1e9):.1f} | {floor / (hw.matmul_tflops * 1e9):.1f} |")
+    auto = auto_schedule(replace(shape, target_frac=fracs[0]), budget)
+    lines += ["", "Scratch (peak bytes beyond the inputs, the gathered target rows and the returned "
+                  "input-dtype gradients; with `exact` + softcap the metric rows' forward chunk is "
+                  "transient, before the main pass, and counts only if larger):"]
+    lines += [f"- {name}: {text}" for name, text in what.items()]
+    lines += ["- `bwd` is everything a grad-mode call adds to the no-grad forward: for `pairs` that is "
+              "mostly work done inside the forward (it forms dH and dW there; its backward only scales them).",
+              "- FLOPs count matmuls only; `x 6MHV` > 1 comes from the recompute (`vocab`, `fused`, "
+              "`tokens`: 8MHV) and, with `exact` + softcap, the metric rows' forward (2(N-M)HV).",
+              f"- `simpo_loss(backend=\"triton\")` (schedule `auto`) picks `{auto}` here."]
+    return "\n".join(lines)
+
+
+def schedules_markdown(hw: Optional[Hardware] = None, *, family: str = "gemma2-9b", tokens: int = 8192,
+                       metrics_frac: float = 0.4, fracs: Sequence[float] = (0.5, 0.4), **kw) -> str:
+    """Both tables at a family's shape (default: the Gemma-2-9B head, N=8192) as one markdown
+    document: ``benchmarks/results/schedules_predicted.md``, and what ``--logit-metrics-table
+    --schedules-table`` prints. ``kw``: :func:`predict` options (``memory_budget``, ...)."""
+    base = shape_for_family(family, tokens, metrics_frac)
+    cmd = (f"python -m benchmarks.cost_model --family {family} --tokens {tokens} --logit-metrics-table "
+           f"--schedules-table --out benchmarks/results/schedules_predicted.md")
+    return "\n".join([
+        f"# Predicted cost of the schedules and of `logit_metrics` ({family})", "",
+        f"Predictions of `benchmarks/cost_model.py`, not measurements. Regenerate with `{cmd}`.", "",
+        "## `logit_metrics`", "", logit_metrics_table(base, hw, **kw), "",
+        "## Schedules", "", schedules_table(replace(base, softcap=True), fracs, hw, **kw), ""])
+
+
 def _parse_kernel_config(text: Optional[str]):
     if not text:
         return None
@@ -682,8 +1132,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                                              "lm_head loss implementation (a model, not a measurement).")
     ap.add_argument("--family", default="gemma2-9b", help="shape family from benchmarks/cases.py")
     ap.add_argument("--tokens", type=int, default=8192, help="N, tokens in the batch")
-    ap.add_argument("--target-frac", type=float, default=DEFAULT_TARGET_FRAC,
-                    help="share of positions with a label (default %(default)s)")
+    ap.add_argument("--target-frac", type=float, default=None,
+                    help=f"share of positions with a label (default {DEFAULT_TARGET_FRAC}; the tables: "
+                         f"0.4 for --logit-metrics-table, 0.5 and 0.4 for --schedules-table)")
     ap.add_argument("--hidden", type=int, default=None, help="override H")
     ap.add_argument("--vocab", type=int, default=None, help="override V")
     ap.add_argument("--dtype-bytes", type=int, default=None, help="override input bytes (2 or 4)")
@@ -691,6 +1142,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     cap.add_argument("--softcap", dest="softcap", action="store_true", default=None)
     cap.add_argument("--no-softcap", dest="softcap", action="store_false")
     ap.add_argument("--backends", default=",".join(BACKENDS), help="comma list of %s" % ",".join(BACKENDS))
+    ap.add_argument("--logit-metrics", default=DEFAULT_LOGIT_METRICS, choices=LOGIT_METRICS,
+                    help="simpo_loss(logit_metrics=): what the metric-only rows cost (default %(default)s)")
+    ap.add_argument("--memory-budget", type=int, default=DEFAULT_MEMORY_BUDGET, metavar="BYTES",
+                    help="simpo_loss(memory_budget=) for the pairs/vocab chunks and the auto schedule "
+                         "(default %(default)s = 8 GiB)")
     ap.add_argument("--matmul-tflops", type=float, default=DEFAULT_MATMUL_TFLOPS)
     ap.add_argument("--hbm-tbps", type=float, default=DEFAULT_HBM_TBPS)
     ap.add_argument("--atomic-tbps", type=float, default=None, help="atomic payload rate (default: HBM)")
@@ -702,36 +1158,69 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     ap.add_argument("--kernel-config", default=None,
                     help="triton KernelConfig overrides, e.g. bwd_block_n=128,bwd_group_n=16")
     ap.add_argument("--summary", action="store_true", help="one row per backend (the README table)")
+    ap.add_argument("--logit-metrics-table", action="store_true",
+                    help="the extra cost of each logit_metrics mode, softcap on and off, per schedule")
+    ap.add_argument("--schedules-table", action="store_true",
+                    help="FLOPs, scratch and predicted ms per schedule (softcap on)")
+    ap.add_argument("--out", default=None, metavar="FILE.md", help="also write the printed text to FILE.md")
     args = ap.parse_args(argv)
 
     try:
-        base = shape_for_family(args.family, args.tokens, args.target_frac)
-        over = {k: v for k, v in (("hidden", args.hidden), ("vocab", args.vocab),
-                                  ("dtype_bytes", args.dtype_bytes), ("softcap", args.softcap)) if v is not None}
-        shape = replace(base, **over)
         hw = Hardware(matmul_tflops=args.matmul_tflops, hbm_tbps=args.hbm_tbps, atomic_tbps=args.atomic_tbps,
                       l2_bytes=args.l2_mib * 2**20, sms=args.sms)
-        backends = [b for b in args.backends.split(",") if b]
         cfg = _parse_kernel_config(args.kernel_config)
-        costs = predict_all(shape, hw, backends, kernel_config=cfg, torch_chunk=args.torch_chunk,
-                            cce_filtered_frac=args.cce_filtered_frac)
-        if "floor" not in costs:
-            costs["floor"] = predict("floor", shape, hw)
+        budget = _memory_budget(args.memory_budget)
+        over = {k: v for k, v in (("hidden", args.hidden), ("vocab", args.vocab),
+                                  ("dtype_bytes", args.dtype_bytes), ("softcap", args.softcap)) if v is not None}
+        plain = not over and args.target_frac is None and args.logit_metrics == DEFAULT_LOGIT_METRICS
+        if args.logit_metrics_table and args.schedules_table and plain:
+            text = schedules_markdown(hw, family=args.family, tokens=args.tokens, kernel_config=cfg,
+                                      torch_chunk=args.torch_chunk, memory_budget=budget)
+        elif args.logit_metrics_table or args.schedules_table:
+            kw = dict(kernel_config=cfg, torch_chunk=args.torch_chunk, memory_budget=budget)
+            parts = []
+            if args.logit_metrics_table:
+                frac = 0.4 if args.target_frac is None else args.target_frac
+                base = replace(shape_for_family(args.family, args.tokens, frac), **over)
+                parts.append(logit_metrics_table(base, hw, **kw))
+            if args.schedules_table:
+                fracs = (0.5, 0.4) if args.target_frac is None else (args.target_frac,)
+                base = replace(shape_for_family(args.family, args.tokens, fracs[0]), **over)
+                if args.softcap is None:
+                    base = replace(base, softcap=True)
+                parts.append(schedules_table(base, fracs, hw, logit_metrics=args.logit_metrics, **kw))
+            text = "\n\n".join(parts) + "\n"
+        else:
+            frac = DEFAULT_TARGET_FRAC if args.target_frac is None else args.target_frac
+            shape = replace(shape_for_family(args.family, args.tokens, frac), **over)
+            backends = [b for b in args.backends.split(",") if b]
+            costs = predict_all(shape, hw, backends, kernel_config=cfg, torch_chunk=args.torch_chunk,
+                                cce_filtered_frac=args.cce_filtered_frac, logit_metrics=args.logit_metrics,
+                                memory_budget=budget)
+            if "floor" not in costs:
+                costs["floor"] = predict("floor", shape, hw)
+            text = _report(args, shape, hw, costs, budget)
     except ValueError as exc:
         ap.error(str(exc))
 
+    sys.stdout.write(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return text
+
+
+def _report(args, shape: Shape, hw: Hardware, costs: dict, budget: int) -> str:
     dtype = {2: "16-bit", 4: "float32"}[shape.dtype_bytes]
     head = (f"Cost model (predictions, not measurements): {args.family} N={shape.tokens} H={shape.hidden} "
             f"V={shape.vocab} {dtype}, softcap {'on' if shape.softcap else 'off'}, target fraction "
-            f"{shape.target_frac:g} (M={shape.target_rows} rows with a target).\n"
+            f"{shape.target_frac:g} (M={shape.target_rows} rows with a target); logit_metrics "
+            f"{args.logit_metrics!r}, memory budget {budget / 2**30:g} GiB.\n"
             f"Rates: matmul {hw.matmul_tflops:g} TFLOP/s, HBM {hw.hbm_tbps:g} TB/s, atomics "
             f"{hw.atomic_bytes_per_s / 1e12:g} TB/s, L2 {hw.l2_bytes / 2**20:g} MiB, {hw.sms} SMs; "
             f"CCE filtered tiles {args.cce_filtered_frac:g}.")
     body = table_summary(costs) if args.summary else table_long(costs)
     notes = "\n".join(f"- {name}: {'; '.join(c.notes)}" for name, c in costs.items() if c.notes)
-    text = f"{head}\n\n{body}\n\n{notes}\n"
-    sys.stdout.write(text)
-    return text
+    return f"{head}\n\n{body}\n\n{notes}\n"
 
 
 if __name__ == "__main__":

@@ -29,13 +29,161 @@ def test_family_shape():
 
 
 @pytest.mark.parametrize("frac", [0.0, 0.25, 0.5, 1.0])
-def test_triton_flops_by_construction(frac):
+def test_fused_flops_by_construction(frac):
     s = gemma(target_frac=frac)
     M = round(frac * N)
-    c = CM.predict("triton", s)
-    assert c.fwd.flops == 2.0 * N * H * V  # every position: the metrics need all logit sums
+    c = CM.predict("triton-fused", s)
+    # exact metrics with a softcap: the target rows' forward plus the metric-only rows' forward
+    assert c.fwd.flops == 2.0 * M * H * V + 2.0 * (N - M) * H * V == 2.0 * N * H * V
     assert c.bwd.flops == 3 * 2.0 * M * H * V  # recompute + dH + dW on target rows only
-    assert c.fwd_bwd.flops == 2.0 * N * H * V + 2.0 * M * H * V * 3
+    t = CM.predict("triton-fused", s, logit_metrics="targets")
+    assert t.fwd.flops == 2.0 * M * H * V and t.fwd_bwd.flops == 8.0 * M * H * V
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.25, 0.4, 0.5, 1.0])
+@pytest.mark.parametrize("mode", ["targets", "none"])
+def test_schedule_flops_by_construction(frac, mode):
+    s = gemma(target_frac=frac)
+    M = round(frac * N)
+    pairs = CM.predict("triton-pairs", s, logit_metrics=mode)
+    assert pairs.fwd_bwd.flops == 6.0 * M * H * V == CM.target_floor_flops(s)  # the floor: no recompute
+    assert pairs.fwd.flops == 2.0 * M * H * V and pairs.bwd.flops == 4.0 * M * H * V
+    for name in ("triton-vocab", "triton-fused", "torch"):
+        c = CM.predict(name, s, logit_metrics=mode)
+        assert c.fwd_bwd.flops == 8.0 * M * H * V, name  # the recompute costs 2MHV
+        assert c.fwd.flops == 2.0 * M * H * V, name
+
+
+def test_pairs_and_vocab_have_no_atomics_fused_has():
+    for frac in (0.25, 0.5, 1.0):
+        for name in ("triton-pairs", "triton-vocab", "torch"):
+            c = CM.predict(name, gemma(target_frac=frac))
+            assert c.fwd_bwd.atomic_bytes == 0, name
+            assert all(p.atomic_bytes == 0 for p in c.fwd_bwd.phases), name
+        assert CM.predict("triton-fused", gemma(target_frac=frac)).bwd.atomic_bytes > 0
+
+
+def _budget_for_vocab_chunks(M, cols):
+    """A memory budget whose vocab chunk over ``M`` rows is ``cols`` columns (a multiple of 128)."""
+    return M * cols * 4
+
+
+def test_vocab_writes_dw_once_pairs_accumulates_per_chunk():
+    s = gemma(target_frac=0.5)
+    M, b = s.target_rows, 2
+    one = CM.predict("triton-vocab", s, logit_metrics="none")
+    for cols in (256000, 64000, 25600, 1024):
+        budget = _budget_for_vocab_chunks(M, cols)
+        assert CM.vocab_chunk_columns(M, V, budget) == cols
+        k = -(-V // cols)
+        c = CM.predict("triton-vocab", s, logit_metrics="none", memory_budget=budget)
+        dw = [p for p in c.bwd.phases if p.name.startswith("dW[chunk]")]
+        # each chunk's dW GEMM reads dz [M, c] and the target rows, and writes its c rows of dW
+        written = sum(p.count * p.hbm_bytes for p in dw) - (M * V * b + k * M * H * b)
+        assert written == pytest.approx(V * H * b, rel=1e-12)  # dW written once, in the input dtype
+        # more chunks only re-read the target rows (recompute, dW) and round-trip the [M, H] float32
+        # dH accumulator: nothing of size [V, H] per chunk
+        extra = c.bwd.hbm_bytes - one.bwd.hbm_bytes
+        assert extra == pytest.approx((k - 1) * (2 * M * H * b + 2 * M * H * 4), rel=1e-12)
+        assert c.fwd_bwd.flops == one.fwd_bwd.flops == 8.0 * M * H * V
+    # pairs: each chunk of pairs reads and writes the whole float32 [V, H] dW accumulator
+    p1 = CM.predict("triton-pairs", s, logit_metrics="none")
+    assert CM.pair_chunk_rows(s) == [M]  # 8 GiB hold every pair here
+    per_pair = CM.pair_chunk_rows(s, memory_budget=2048 * V * 4)
+    assert per_pair == [2048, 2048] and sum(per_pair) == M
+    p2 = CM.predict("triton-pairs", s, logit_metrics="none", memory_budget=2048 * V * 4)
+    acc = sum(p.count * p.hbm_bytes for p in p2.bwd.phases if p.name.startswith("dW addmm"))
+    assert acc == pytest.approx(2 * (2048 * V * b + 2048 * H * b + 2 * V * H * 4), rel=1e-12)
+    assert p2.bwd.hbm_bytes - p1.bwd.hbm_bytes == pytest.approx(V * H * b + 2 * V * H * 4, rel=1e-12)
+    assert p2.fwd_bwd.flops == p1.fwd_bwd.flops
+
+
+def test_pair_chunks_follow_the_memory_budget():
+    s = gemma(tokens=32768, target_frac=0.5)  # 8 pairs of 2 x 2048 x 0.5 = 2048 target rows
+    rows = CM.pair_chunk_rows(s)  # 8 GiB: 4 pairs (8.4 GB of float32 logits) per chunk
+    assert rows == [8192, 8192]
+    c = CM.predict("triton-pairs", s)
+    gemms = [p for p in c.fwd.phases if p.name.startswith("logits GEMM")]
+    assert sum(p.count for p in gemms) == 2  # W read once per chunk
+    assert CM.pair_chunk_rows(s, memory_budget=1) == [2048] * 8  # a pair that does not fit: alone
+    assert c.scratch_bytes == 8192 * V * 4 + V * H * 4
+    with pytest.raises(ValueError, match="memory_budget"):
+        CM.predict("triton-pairs", s, memory_budget=0)
+
+
+@pytest.mark.parametrize("name", ["torch", "triton", "triton-pairs", "triton-vocab", "triton-fused"])
+@pytest.mark.parametrize("frac", [0.25, 0.4, 0.5])
+def test_logit_metrics_costs(name, frac):
+    s = gemma(target_frac=frac)
+    O = N - s.target_rows
+    none = CM.predict(name, s, logit_metrics="none")
+    targets = CM.predict(name, s, logit_metrics="targets")
+    exact = CM.predict(name, s)  # the default
+    for p in CM.PASSES:  # targets and none add nothing at all
+        a, b = targets.pass_cost(p), none.pass_cost(p)
+        assert (a.flops, a.hbm_bytes, a.atomic_bytes, a.ms) == (b.flops, b.hbm_bytes, b.atomic_bytes, b.ms)
+    # exact + softcap: a forward-only pass over the metric-only rows, nothing in the backward
+    assert exact.fwd_bwd.flops - none.fwd_bwd.flops == 2.0 * O * H * V
+    assert exact.bwd.hbm_bytes == none.bwd.hbm_bytes and exact.bwd.flops == none.bwd.flops
+    e = CM.logit_metrics_extra(name, s)
+    assert e["flops"] == 2.0 * O * H * V and e["ms"] > 0
+    assert CM.logit_metrics_extra(name, s, logit_metrics="targets") == {
+        "flops": 0.0, "hbm_bytes": 0.0, "ms": 0.0, "base_ms": none.fwd_bwd.ms}
+    # exact without softcap: W.sum(0) (one read of W) and a GEMV, whatever the schedule
+    nc = replace(s, softcap=False)
+    x = CM.logit_metrics_extra(name, nc)
+    assert x["flops"] == 2.0 * O * H
+    gather_and_gemv = 2 * O * H * 2 + O * H * (2 + 4) + O * H * 4 + 2 * H * 4
+    assert x["hbm_bytes"] == pytest.approx(V * H * 2 + gather_and_gemv, rel=1e-12)
+    assert x["ms"] < e["ms"] / 5
+
+
+def test_eager_and_peers_ignore_logit_metrics():
+    for name in ("eager", "liger", "cce", "floor"):
+        a, b = CM.predict(name, gemma()), CM.predict(name, gemma(), logit_metrics="none")
+        assert (a.fwd_bwd.flops, a.fwd_bwd.hbm_bytes, a.fwd_bwd.ms) == (b.fwd_bwd.flops, b.fwd_bwd.hbm_bytes,
+                                                                       b.fwd_bwd.ms), name
+    with pytest.raises(ValueError, match="logit_metrics must be one of"):
+        CM.predict("triton-pairs", gemma(), logit_metrics="all")
+
+
+def test_compaction_scales_with_target_rows():
+    # nothing but metric rows, and with "targets" nothing at all: no matmul
+    for name in ("torch", "triton-pairs", "triton-vocab", "triton-fused"):
+        empty = CM.predict(name, gemma(target_frac=0.0), logit_metrics="targets")
+        assert empty.fwd_bwd.flops == 0 and empty.fwd_bwd.atomic_bytes == 0, name
+        # the matmul work of the target rows is linear in M
+        f1, f2 = (CM.predict(name, gemma(target_frac=f), logit_metrics="none").fwd_bwd.flops for f in (0.25, 0.5))
+        assert f2 == 2 * f1, name
+
+
+def test_auto_schedule_follows_the_library():
+    s = gemma()
+    assert CM.auto_schedule(s) == "pairs"
+    auto, pairs = CM.predict("triton", s), CM.predict("triton-pairs", s)
+    assert auto.backend == "triton" and "'auto' -> 'pairs'" in auto.notes[0]
+    assert (auto.fwd.ms, auto.bwd.ms, auto.fwd_bwd.hbm_bytes) == (pairs.fwd.ms, pairs.bwd.ms, pairs.fwd_bwd.hbm_bytes)
+    # one pair's 2048 target rows of float32 logits (2.1 GB) do not fit 1 GiB: vocab's 128 columns do
+    assert CM.auto_schedule(s, memory_budget=2**30) == "vocab"
+    assert CM.predict("triton", s, memory_budget=2**30).fwd_bwd.flops == CM.predict(
+        "triton-vocab", s, memory_budget=2**30).fwd_bwd.flops
+    assert CM.auto_schedule(s, memory_budget=1024) == "fused"
+
+
+def test_scratch_bytes():
+    s = gemma(target_frac=0.5)
+    M = s.target_rows
+    t = dict(logit_metrics="targets")
+    assert CM.predict("triton-pairs", s, **t).scratch_bytes == M * V * 4 + V * H * 4
+    assert CM.predict("triton-vocab", s, **t).scratch_bytes == M * V * 4 + M * H * 4
+    budget = _budget_for_vocab_chunks(M, 1024)
+    assert CM.predict("triton-vocab", s, memory_budget=budget, **t).scratch_bytes == M * 1024 * 4 + M * H * 4
+    assert CM.predict("triton-fused", s, **t).scratch_bytes == (M * H + V * H) * 4
+    assert CM.predict("torch", s, torch_chunk=100, **t).scratch_bytes == 100 * V * (4 + 4 + 2) + V * H * 4
+    # exact + softcap at f=0.4: the metric rows (4915) outnumber the targets (3277)
+    s4 = gemma(target_frac=0.4)
+    assert CM.predict("triton-vocab", s4).scratch_bytes == (N - s4.target_rows) * V * 4
+    assert CM.predict("eager", s).scratch_bytes is None
 
 
 def test_floor_is_6nhv_with_fewest_bytes():
@@ -46,15 +194,15 @@ def test_floor_is_6nhv_with_fewest_bytes():
     assert abs(c.fwd_bwd.flops / 1e12 - 45.1) < 0.05  # benchmarks/NOTES.md
 
 
-def test_triton_atomic_bytes_follow_the_formula():
+def test_fused_atomic_bytes_follow_the_formula():
     s = gemma()
     M = s.target_rows
     cfg = CM.default_kernel_config()  # the defaults as they are now (being retuned)
-    got = CM.predict("triton", s).bwd.atomic_bytes
+    got = CM.predict("triton-fused", s).bwd.atomic_bytes
     assert got == pytest.approx(M * H * V * (1 / cfg.bwd_block_v + 1 / cfg.bwd_block_n) * 4, rel=1e-12)
-    assert CM.predict("triton", s).fwd.atomic_bytes == 0
+    assert CM.predict("triton-fused", s).fwd.atomic_bytes == 0
     other = replace(cfg, bwd_block_n=128, bwd_block_v=64)
-    got = CM.predict("triton", s, kernel_config=other).bwd.atomic_bytes
+    got = CM.predict("triton-fused", s, kernel_config=other).bwd.atomic_bytes
     assert got == pytest.approx(M * H * V * (1 / 64 + 1 / 128) * 4, rel=1e-12)
 
 
@@ -63,7 +211,7 @@ def test_the_cost_model_reads_kernel_config_at_call_time(monkeypatch):
 
     base = K.KernelConfig()
     monkeypatch.setattr(K, "KernelConfig", lambda: replace(base, bwd_block_n=256, bwd_block_v=256))
-    got = CM.predict("triton", gemma()).bwd.atomic_bytes
+    got = CM.predict("triton-fused", gemma()).bwd.atomic_bytes
     assert got == pytest.approx(4096 * H * V * (2 / 256) * 4, rel=1e-12)
 
 
@@ -71,19 +219,24 @@ def test_bytes_scale():
     # eager: every [N, V] pass is linear in N, the weight traffic is fixed: bytes are affine in N
     b1, b2, b3 = (CM.predict("eager", gemma(tokens=n)).fwd_bwd.hbm_bytes for n in (2048, 4096, 6144))
     assert b2 - b1 == pytest.approx(b3 - b2, rel=1e-12) and b2 - b1 > 0
-    # torch: each chunk of C tokens reads all of W once and moves 56 bytes per float32 logit
+    # torch: the M = 2C gathered target rows in chunks of C tokens; each chunk reads all of W once
+    # and moves 56 bytes per float32 logit
     C = 128
-    s = gemma(tokens=4 * C)
+    s = gemma(tokens=4 * C)  # target fraction 0.5: M = 2C target rows, 2C metric-only rows
     W = V * H * 2
     per_chunk = W + C * H * 2 + C * V * 4 + (24 + 24 + 4) * C * V
-    assert CM.predict("torch", s, torch_chunk=C).fwd.hbm_bytes == pytest.approx(4 * per_chunk, rel=1e-12)
+    gather = 2 * (2 * C) * H * 2
+    targets = CM.predict("torch", s, torch_chunk=C, logit_metrics="targets").fwd.hbm_bytes
+    assert targets == pytest.approx(2 * per_chunk + gather, rel=1e-12)
+    # exact + softcap: the same chunked forward over the 2C metric-only rows
+    assert CM.predict("torch", s, torch_chunk=C).fwd.hbm_bytes == pytest.approx(2 * targets, rel=1e-12)
     nocap = replace(s, softcap=False)
-    assert CM.predict("torch", s, torch_chunk=C).fwd.hbm_bytes - CM.predict(
-        "torch", nocap, torch_chunk=C).fwd.hbm_bytes == pytest.approx(4 * 24 * C * V, rel=1e-12)
+    assert targets - CM.predict("torch", nocap, torch_chunk=C, logit_metrics="targets").fwd.hbm_bytes == (
+        pytest.approx(2 * 24 * C * V, rel=1e-12))
     # liger computes every position; triton's atomics and cce's work follow the target rows
     lig = [CM.predict("liger", gemma(target_frac=f)).fwd_bwd for f in (0.25, 1.0)]
     assert lig[0].hbm_bytes == lig[1].hbm_bytes and lig[0].flops == lig[1].flops
-    at = [CM.predict("triton", gemma(target_frac=f)).bwd.atomic_bytes for f in (0.25, 0.5)]
+    at = [CM.predict("triton-fused", gemma(target_frac=f)).bwd.atomic_bytes for f in (0.25, 0.5)]
     assert at[1] == pytest.approx(2 * at[0], rel=1e-12)
     # fp32 inputs: the floor's bytes double
     assert CM.predict("floor", gemma(dtype_bytes=4)).fwd_bwd.hbm_bytes == 2 * CM.predict(
@@ -112,17 +265,20 @@ def test_time_is_the_max_rule_per_phase():
     hw = CM.Hardware(matmul_tflops=500.0, hbm_tbps=2.0, atomic_tbps=4.0)
     p = CM.Phase("x", flops=1e12, hbm_bytes=3e9, atomic_bytes=8e9, count=3)
     assert p.ms(hw) == pytest.approx(3 * max(1e12 / 500e12, 3e9 / 2e12 + 8e9 / 4e12) * 1e3)
-    # a fused single-kernel pass: exactly max(flops / rate, bytes / bw)
-    fwd = CM.predict("triton", gemma(), hw).fwd
-    assert len(fwd.phases) == 1
-    assert fwd.ms == pytest.approx(max(fwd.flops / 500e12, fwd.hbm_bytes / 2e12) * 1e3, rel=1e-12)
+    # a fused kernel: exactly max(flops / rate, bytes / bw); a pass: the sum over its phases
+    fwd = CM.predict("triton-fused", gemma(), hw, logit_metrics="targets").fwd
+    kernel = [p for p in fwd.phases if "lse_forward" in p.name]
+    assert len(kernel) == 1 and len(fwd.phases) == 2  # the target-row gather, then the kernel
+    k = kernel[0]
+    assert k.ms(hw) == pytest.approx(max(k.flops / 500e12, k.hbm_bytes / 2e12) * 1e3, rel=1e-12)
+    assert fwd.ms == pytest.approx(sum(q.ms(hw) for q in fwd.phases), rel=1e-12)
     # an unfused pass: the sum of each phase's max, never the max of the totals
     eager = CM.predict("eager", gemma(), hw).fwd_bwd
     assert eager.ms == pytest.approx(sum(q.ms(hw) for q in eager.phases), rel=1e-12)
     assert eager.ms > max(eager.flops / 500e12, eager.hbm_bytes / 2e12) * 1e3
     # atomics default to the HBM bandwidth; faster atomics shorten the triton backward
-    slow = CM.predict("triton", gemma()).bwd.ms
-    fast = CM.predict("triton", gemma(), CM.Hardware(atomic_tbps=12.0)).bwd.ms
+    slow = CM.predict("triton-fused", gemma()).bwd.ms
+    fast = CM.predict("triton-fused", gemma(), CM.Hardware(atomic_tbps=12.0)).bwd.ms
     assert fast < slow
     assert CM.Hardware().atomic_bytes_per_s == 3.0e12
 
@@ -146,6 +302,49 @@ def test_cli_lists_every_backend(capsys):
                        "--kernel-config", "bwd_block_n=128"])
     for name in CM.BACKENDS:
         assert f"| {name} |" in summary
+    assert "logit_metrics 'exact', memory budget 8 GiB" in summary
+
+
+def _row(text, first):
+    return next(line for line in text.splitlines() if line.startswith(first))
+
+
+def test_cli_logit_metrics_and_memory_budget(capsys):
+    args = ["--backends", "triton-pairs,triton-vocab", "--summary"]
+    exact, none = CM.main(args), CM.main(args + ["--logit-metrics", "none"])
+    # pairs at f=0.5: fwd+bwd TFLOP 8MHV with the metric rows' forward, 6MHV without
+    assert _row(exact, "| triton-pairs |").split("|")[5].strip() == "30.1"
+    assert _row(none, "| triton-pairs |").split("|")[5].strip() == "22.5"
+    small = CM.main(args + ["--memory-budget", str(2**20)])
+    assert "1 vocabulary chunk(s)" in exact and "vocabulary chunk(s) of 128 columns" not in exact
+    assert "memory budget 0.000976562 GiB" in small
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        CM.main(["--memory-budget", "0"])
+    assert "memory_budget must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        CM.main(["--logit-metrics", "all"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cli_tables(tmp_path):
+    out = tmp_path / "t.md"
+    text = CM.main(["--logit-metrics-table", "--schedules-table", "--out", str(out)])
+    assert out.read_text() == text
+    assert "target fraction 0.4 (M=3277 target rows, N-M=4915 metric-only rows)" in text
+    for mode in CM.LOGIT_METRICS:
+        assert f"| 30 | {mode} |" in text and f"| none | {mode} |" in text
+    for sched in ("pairs", "vocab", "fused", "tokens"):
+        assert f"| 30 | exact | {sched} | 9.0 |" in text  # 2 * 4915 * H * V = 9.0 TFLOP
+        assert _row(text, f"| {sched} |").split("|")[3].strip() == "0.5"
+    assert "| 30 | targets | all | 0 | 0.00 | 0.00 | 0% |" in text
+    pairs = [line for line in text.splitlines() if line.startswith("| pairs |")]
+    assert [line.split("|")[6].strip() for line in pairs] == ["1.33", "1.50"]  # x 6MHV at f=0.5, 0.4
+    vocab = [line for line in text.splitlines() if line.startswith("| vocab |")]
+    assert [line.split("|")[6].strip() for line in vocab] == ["1.67", "1.83"]
+    assert "picks `pairs` here" in text
+    md = CM.schedules_markdown()
+    assert md.startswith("# Predicted cost") and "## Schedules" in md and "## `logit_metrics`" in md
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -200,6 +399,11 @@ def test_prediction_fields_for_a_result_row():
     p = CM.prediction_fields(row, 0.67, matmul_tflops=700.0)
     assert p["pred_matmul_tflops"] == 700.0 and p["target_frac"] == 0.67
     assert 0 < p["pred_fwd_ms"] < p["pred_fwd_bwd_ms"]
+    from benchmarks import cases as C
+
+    for impl in C.IMPLS:  # every impl the benchmarks time has a model under its own name
+        q = CM.prediction_fields({**row, "impl": impl, "softcap": 30.0}, 0.67)
+        assert 0 < q["pred_fwd_ms"] < q["pred_fwd_bwd_ms"], impl
     with pytest.raises(ValueError, match="unknown backend"):
         CM.prediction_fields({**row, "impl": "wrong"}, 0.5)
 
