@@ -99,8 +99,19 @@ class SimPOConfig(TrainingArguments):
     loss_backend: str = field(default="auto", metadata={
         "help": "simpo_kernels backend: auto, eager, torch or triton.",
         "choices": ["auto", "eager", "torch", "triton"]})
+    loss_schedule: str = field(default="auto", metadata={
+        "help": "simpo_kernels schedule: auto, pairs (gradients formed in the forward), vocab "
+                "(vocabulary chunks), fused (triton) or tokens (torch).",
+        "choices": ["auto", "pairs", "vocab", "fused", "tokens"]})
+    loss_memory_budget: Optional[int] = field(default=None, metadata={
+        "help": "Bytes of float32 logits scratch per chunk of the pairs/vocab schedules "
+                "(default: a quarter of free GPU memory; 256 MiB on CPU)."})
+    logit_metrics: str = field(default="exact", metadata={
+        "help": "logits/* metrics: exact (official: every position), targets (target positions "
+                "only, free) or none.",
+        "choices": ["exact", "targets", "none"]})
     loss_chunk_size: Optional[int] = field(default=None, metadata={
-        "help": "Tokens per chunk of the torch backend."})
+        "help": "Tokens per chunk of the torch backend's tokens schedule."})
     plot: bool = field(default=True, metadata={
         "help": "Write training_curves.png (reward accuracy and margins) to output_dir."})
 
@@ -242,7 +253,8 @@ def check_loss_backend(model_args: ModelArguments, training_args: SimPOConfig) -
     else:
         dtype = torch.float32
     try:
-        check_backend(training_args.loss_backend, "cpu" if on_cpu else "cuda", dtype)
+        check_backend(training_args.loss_backend, "cpu" if on_cpu else "cuda", dtype,
+                      schedule=training_args.loss_schedule)
     except (TypeError, ValueError, RuntimeError) as exc:
         where = "CPU" if on_cpu else "CUDA"
         raise ConfigError(f"loss_backend {training_args.loss_backend} cannot run this configuration "

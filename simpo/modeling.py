@@ -83,7 +83,8 @@ def _simpo_forward(self, input_ids=None, attention_mask=None, labels=None, *, si
         label_smoothing=opts["label_smoothing"], loss_type=opts["loss_type"],
         sft_weight=opts["sft_weight"], softcap=getattr(self.config, "final_logit_softcapping", None),
         bias=bias, ignore_index=opts["ignore_index"], backend=opts["backend"],
-        chunk_size=opts["chunk_size"],
+        schedule=opts["schedule"], memory_budget=opts["memory_budget"],
+        logit_metrics=opts["logit_metrics"], chunk_size=opts["chunk_size"],
     )
     return SimPOModelOutput(
         loss=out.loss,
@@ -100,7 +101,8 @@ def _simpo_forward(self, input_ids=None, attention_mask=None, labels=None, *, si
 def attach_simpo_head(model: torch.nn.Module, *, beta: float, gamma_beta_ratio: float,
                       label_smoothing: float = 0.0, loss_type: str = "sigmoid",
                       sft_weight: float = 0.0, ignore_index: int = -100, backend: str = "auto",
-                      chunk_size: Optional[int] = None) -> torch.nn.Module:
+                      chunk_size: Optional[int] = None, schedule: str = "auto",
+                      memory_budget: Optional[int] = None, logit_metrics: str = "exact") -> torch.nn.Module:
     """Patch ``model.forward`` (this instance only) to compute SimPO when called with ``simpo=True``.
 
     Idempotent: patching again only updates the options.
@@ -110,7 +112,8 @@ def attach_simpo_head(model: torch.nn.Module, *, beta: float, gamma_beta_ratio: 
     model._simpo_options = dict(
         beta=float(beta), gamma_beta_ratio=float(gamma_beta_ratio),
         label_smoothing=float(label_smoothing), loss_type=loss_type, sft_weight=float(sft_weight),
-        ignore_index=int(ignore_index), backend=backend, chunk_size=chunk_size)
+        ignore_index=int(ignore_index), backend=backend, chunk_size=chunk_size, schedule=schedule,
+        memory_budget=memory_budget, logit_metrics=logit_metrics)
     if not getattr(model, "_simpo_patched", False):
         model._simpo_original_forward = model.forward
         model.forward = types.MethodType(_simpo_forward, model)

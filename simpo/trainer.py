@@ -40,8 +40,8 @@ def metrics_from_outputs(outputs, prefix: str = "") -> dict[str, float]:
     return official_metrics(
         chosen_rewards=outputs["chosen_rewards"], rejected_rewards=outputs["rejected_rewards"],
         chosen_logps=outputs["chosen_logps"], rejected_logps=outputs["rejected_logps"],
-        chosen_logits_mean=outputs["chosen_logits_mean"],
-        rejected_logits_mean=outputs["rejected_logits_mean"],
+        chosen_logits_mean=outputs.get("chosen_logits_mean"),
+        rejected_logits_mean=outputs.get("rejected_logits_mean"),
         sft_loss=outputs.get("sft_loss"), prefix=prefix)
 
 
@@ -60,7 +60,8 @@ class SimPOTrainer(Trainer):
             model, beta=args.beta, gamma_beta_ratio=args.gamma_beta_ratio,
             label_smoothing=args.label_smoothing, loss_type=args.loss_type,
             sft_weight=args.sft_weight, ignore_index=args.label_pad_token_id,
-            backend=args.loss_backend, chunk_size=args.loss_chunk_size)
+            backend=args.loss_backend, chunk_size=args.loss_chunk_size, schedule=args.loss_schedule,
+            memory_budget=args.loss_memory_budget, logit_metrics=args.logit_metrics)
         if args.disable_dropout:
             disable_dropout(model)
         if args.remove_unused_columns:
@@ -105,7 +106,8 @@ class SimPOTrainer(Trainer):
 
     def _metric_keys(self, train_eval: str) -> list[str]:
         prefix = "eval_" if train_eval == "eval" else ""
-        names = list(METRIC_NAMES) + (["sft_loss"] if self.args.sft_weight > 0 else [])
+        names = [n for n in METRIC_NAMES if self.args.logit_metrics != "none" or not n.startswith("logits/")]
+        names += ["sft_loss"] if self.args.sft_weight > 0 else []
         return [prefix + n for n in names]
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:

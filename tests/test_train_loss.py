@@ -38,16 +38,18 @@ def _args(tmp_path, **kw):
     return SimPOConfig(**base)
 
 
-@pytest.mark.parametrize("opts", [
-    dict(beta=10.0, gamma_beta_ratio=0.5),
-    dict(beta=2.0, gamma_beta_ratio=0.25, label_smoothing=0.1, sft_weight=0.7),
-    dict(beta=2.5, gamma_beta_ratio=0.3, loss_type="hinge"),
+@pytest.mark.parametrize("opts,schedule", [
+    (dict(beta=10.0, gamma_beta_ratio=0.5), "auto"),
+    (dict(beta=2.0, gamma_beta_ratio=0.25, label_smoothing=0.1, sft_weight=0.7), "auto"),
+    (dict(beta=2.5, gamma_beta_ratio=0.3, loss_type="hinge"), "auto"),
+    (dict(beta=10.0, gamma_beta_ratio=0.5, sft_weight=0.3), "pairs"),
+    (dict(beta=2.0, gamma_beta_ratio=0.25, label_smoothing=0.1), "vocab"),
 ])
-def test_trainer_loss_and_metrics_equal_official_path(tiny, tmp_path, opts):
+def test_trainer_loss_and_metrics_equal_official_path(tiny, tmp_path, opts, schedule):
     raw, tok, model = tiny
     model = copy.deepcopy(model)
     assert model.config.final_logit_softcapping == 30.0
-    args = _args(tmp_path, **opts)
+    args = _args(tmp_path, loss_schedule=schedule, loss_memory_budget=20000, **opts)
     ds = prepare_dataset(raw, tok, args)
     trainer = SimPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     batch = trainer.data_collator([ds[i] for i in range(6)])
@@ -112,13 +114,15 @@ def test_eval_metrics_use_eval_prefix_and_window_average(tiny, tmp_path):
     assert not trainer._stored_metrics["eval"]  # consumed by log
 
 
-def test_gradient_accumulation_scaling(tiny, tmp_path):
+@pytest.mark.parametrize("schedule", ["auto", "pairs"])
+def test_gradient_accumulation_scaling(tiny, tmp_path, schedule):
     """One step of 4 pairs == two accumulated micro-batches of 2 pairs: same logged loss, same
-    update (SGD, so the update is the gradient itself)."""
+    update (SGD, so the update is the gradient itself). With ``pairs`` the upstream gradient of
+    each micro-batch's loss is 1/2: the stored gradients must be scaled by it."""
     raw, tok, model = tiny
     results = []
     for per_device, accum in ((4, 1), (2, 2)):
-        args = _args(tmp_path / f"{per_device}", per_device_train_batch_size=per_device,
+        args = _args(tmp_path / f"{per_device}", per_device_train_batch_size=per_device, loss_schedule=schedule,
                      gradient_accumulation_steps=accum, max_steps=1, learning_rate=0.5,
                      optim="sgd", lr_scheduler_type="constant", logging_steps=1,
                      max_grad_norm=0.0, beta=2.0, gamma_beta_ratio=0.5)
@@ -157,3 +161,25 @@ def test_patched_forward_keeps_ordinary_behaviour(tiny):
     assert m._simpo_options["beta"] == 3.0
     with pytest.raises(ValueError, match="labels"):
         m(input_ids=ids, simpo=True)
+
+
+@pytest.mark.parametrize("mode", ["targets", "none"])
+def test_logit_metrics_option_reaches_the_logs(tiny, tmp_path, mode):
+    """--logit_metrics targets logs the mean logit over target positions; none logs no logits/*."""
+    raw, tok, model = tiny
+    args = _args(tmp_path, loss_schedule="pairs", logit_metrics=mode, beta=2.0, gamma_beta_ratio=0.5)
+    ds = prepare_dataset(raw, tok, args)
+    trainer = SimPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=ds, processing_class=tok)
+    batch = trainer.data_collator([ds[i] for i in range(4)])
+    trainer.compute_loss(trainer.model, batch)
+    stored = {k: v[-1] for k, v in trainer._stored_metrics["train"].items()}
+    keys = trainer._metric_keys("train")
+    if mode == "none":
+        assert not any(k.startswith("logits/") for k in list(stored) + keys)
+        return
+    logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    mask = batch["labels"][:, 1:] != -100
+    B = logits.shape[0] // 2
+    for name, rows in (("logits/chosen", slice(0, B)), ("logits/rejected", slice(B, 2 * B))):
+        want = logits[rows, :-1][mask[rows]].mean().item()
+        assert stored[name] == pytest.approx(want, rel=1e-5, abs=1e-5), name

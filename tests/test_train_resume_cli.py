@@ -131,6 +131,11 @@ def test_loss_backend_that_cannot_run_is_refused_before_any_work(monkeypatch):
     for flags in ([], ["--torch_dtype", "float16"], ["--torch_dtype", "float32"]):
         parse_args(["--loss_backend", "triton", "--use_cpu", "true", *flags])
     parse_args(["--loss_backend", "torch", "--use_cpu", "true", "--bf16", "true"])
+    parse_args(["--loss_backend", "torch", "--loss_schedule", "pairs", "--use_cpu", "true"])
+    with pytest.raises(ConfigError, match="unknown schedule 'fused' for backend='torch'"):
+        parse_args(["--loss_backend", "torch", "--loss_schedule", "fused", "--use_cpu", "true"])
+    with pytest.raises(ConfigError, match="backend='eager' has no schedules"):
+        parse_args(["--loss_backend", "eager", "--loss_schedule", "vocab", "--use_cpu", "true"])
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ConfigError, match="needs CUDA tensors"):
         parse_args(["--loss_backend", "triton", "--use_cpu", "true"])
