@@ -126,6 +126,9 @@ ROW_LAYOUTS = {
     # the vocab schedule with a 100-column chunk (vocab_chunk() rounds to 128 only above 128)
     "narrow": dict(n=ODD_TOKENS["M"], V=SHAPE["V"], Vc=100, v0=7 * 100),
 }
+#: ``_row_stats_kernel`` on given logits (``simpo_loss_from_logits``): the ``[N, V]`` logits of the
+#: input dtype at :data:`SHAPE`, no bias, no softcap.
+LOGITS_LAYOUT = "logits"
 #: Layouts compiled for every dtype; the rest (rarer) for bf16 only, as ``odd_tokens`` is.
 ROW_LAYOUTS_ALL_DTYPES = ("pairs", "vocab", "vocab-last", "odd-vocab")
 
@@ -156,18 +159,19 @@ class Variant:
 
 
 def variants(dtypes: Optional[list[str]] = None) -> Iterator[Variant]:
-    """Every configuration of every kernel (the forward has no gradient flags; the logits kernels
-    have no bias, softcap or tf32 choice)."""
+    """Every configuration of every kernel (the forward has no gradient flags; the given-logits
+    kernels have no bias, softcap or tf32 choice)."""
     dts = dtypes or list(DTYPES)
     for dt, bias, cap in itertools.product(dts, ("none", "trainable"), (False, True)):
         yield Variant("_lse_forward_kernel", dt, bias, cap)
     for dt, bias, cap, grads, filt in itertools.product(dts, ("none", "trainable", "frozen"), (False, True),
                                                         ("dh+dw", "dh", "dw"), (False, True)):
         yield Variant("_logprob_backward_kernel", dt, bias, cap, grads, filt)
-    for kern in ("_logits_forward_kernel", "_logits_backward_kernel"):
-        for dt in dts:
-            if dt != "fp32-tf32":
-                yield Variant(kern, dt)
+    for dt in dts:
+        if dt != "fp32-tf32":
+            # given logits: their forward is the row-statistics kernel on the logits themselves
+            yield Variant("_row_stats_kernel", dt, layout=LOGITS_LAYOUT)
+            yield Variant("_logits_backward_kernel", dt)
     # The JIT specialises ints divisible by 16; real token and target-row counts mostly are not.
     if "bf16" in dts:
         for bias, cap in itertools.product(("none", "trainable"), (False, True)):
@@ -211,8 +215,6 @@ def build_launch(v: Variant, cfg: Optional[KernelConfig] = None) -> Launch:
             need_dh="dh" in v.grads, need_dw="dw" in v.grads, need_db=v.bias == "trainable",
             filter_eps=2.0 ** -9 if v.grad_filter else None, input_precision=prec)[0]
     logits = torch.empty((N, V), dtype=dtype, **meta)
-    if v.kernel == "_logits_forward_kernel":
-        return row_kernels.plan_logits_forward(logits, targets, cfg)[0]
     f32 = torch.empty((N,), dtype=torch.float32, **meta)
     return row_kernels.plan_logits_backward(logits, targets, f32, f32, cfg)[0]
 
@@ -226,6 +228,10 @@ def build_row_launch(v: Variant, cfg: KernelConfig) -> Launch:
     in-place aliasing the schedules really launch.
     """
     dtype = DTYPES[v.dtype][0]
+    if v.layout == LOGITS_LAYOUT:  # simpo_loss_from_logits: [N, V] logits of the input dtype
+        logits = torch.empty((SHAPE["N"], SHAPE["V"]), dtype=dtype, device="meta")
+        targets = torch.empty((SHAPE["N"],), dtype=torch.int64, device="meta")
+        return row_kernels.plan_row_stats(logits, None, targets, 0, None, cfg)[0]
     lay = ROW_LAYOUTS[v.layout]
     n, Vc, v0 = lay["n"], lay["Vc"], lay["v0"]
     meta = dict(device="meta")

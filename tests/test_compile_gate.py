@@ -26,9 +26,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "benchmarks" / "results" / "compile"
 GPU_IMAGE_TRITON = "3.6.0"
-# fwd, bwd, logits fwd, logits bwd, bf16 fwd/bwd at odd token counts, then the row kernels: one
-# record per distinct JIT specialisation of their ROW_LAYOUTS (the rest are listed under `covers`)
-N_VARIANTS = 16 + 144 + 3 + 3 + 4 + 36 + 28 + 32
+# fwd, bwd, given-logits bwd, bf16 fwd/bwd at odd token counts, then the row kernels: one record
+# per distinct JIT specialisation of their ROW_LAYOUTS and, for row statistics, of given logits
+# (the rest are listed under `covers`: float32 given logits compile as the float32 `pairs` chunk)
+N_VARIANTS = 16 + 144 + 3 + 4 + 36 + 30 + 32
 
 
 def triton36_dir() -> Path:
@@ -110,7 +111,7 @@ def test_gate_covers_every_launcher_choice(gate_runs, which):
             assert r["sass"]["REDG"] > 0 and r["sass"]["ATOMG"] == 0 and r["sass"]["CCTL"] == 0, r["variant"]
     # The row kernels: every flag both ways, every layout and dtype compiled or covered by an
     # identical specialisation, and the 16-bit gradient in place behind a barrier in its loop.
-    from benchmarks.compile_gate import ROW_LAYOUTS
+    from benchmarks.compile_gate import LOGITS_LAYOUT, ROW_LAYOUTS
 
     for kernel, flags in {"_row_stats_kernel": ("HAS_BIAS", "HAS_SOFTCAP"),
                           "_logprob_grad_kernel": ("HAS_BIAS", "HAS_SOFTCAP", "IN_PLACE")}.items():
@@ -118,7 +119,9 @@ def test_gate_covers_every_launcher_choice(gate_runs, which):
         for flag in flags:
             assert {r["constexprs"][flag] for r in recs} == {True, False}, (kernel, flag)
         names = {r["variant"] for r in recs} | {c for r in recs for c in r["covers"]}
-        assert {n.split(".")[-1] for n in names} == set(ROW_LAYOUTS), kernel
+        # row statistics also run on given logits (simpo_loss_from_logits)
+        extra = {LOGITS_LAYOUT} if kernel == "_row_stats_kernel" else set()
+        assert {n.split(".")[-1] for n in names} == set(ROW_LAYOUTS) | extra, kernel
         assert {n.split(".")[0] for n in names} == {"bf16", "fp16", "fp32-ieee"}, kernel
         assert all(r["ptx_ordered_atomics"] == 0 and r["sass"]["ATOMG"] == 0 for r in recs), kernel
     for r in records:

@@ -122,7 +122,7 @@ class LogitsLogprobFunction(torch.autograd.Function):
     def forward(ctx, logits, targets, ignore_index, cfg):
         logits = _unit_stride(logits)
         targets = targets.contiguous()
-        lse, tgt, sums = row_kernels.logits_forward(logits, targets, cfg)
+        lse, tgt, sums = row_kernels.row_stats(logits, None, targets, 0, None, cfg)
         valid = targets != ignore_index
         ctx.save_for_backward(logits, targets, lse)
         ctx.ignore_index, ctx.cfg = ignore_index, cfg

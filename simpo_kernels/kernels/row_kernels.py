@@ -1,27 +1,22 @@
 """Row kernels: one program per token row streams a row of logits in ``BLOCK_V`` chunks.
 
-Two serve the schedules that form logits by matmul (``pairs``, ``vocab``), on a float32 chunk of
-raw logits ``h W[v0:v1]^T`` (no bias, no softcap: both are applied here, in registers):
-
-* :func:`row_stats`: per row, the chunk's logsumexp, target logit and logit sum of the capped
-  logits ``c = s tanh((z + b) / s)``. A vocabulary chunk's statistics merge with the others'
-  online (``lse = logaddexp``, sums add).
+* :func:`row_stats`: per row, the logsumexp, target logit and logit sum of the capped logits
+  ``c = s tanh((z + b) / s)`` of a chunk ``z`` (float32 or the input dtype, upcast in registers;
+  bias and softcap optional). It serves the schedules that form logits by matmul (``pairs``,
+  ``vocab``: a float32 chunk of raw logits ``h W[v0:v1]^T``, whose statistics merge online with the
+  other vocabulary chunks': ``lse = logaddexp``, sums add) and, without bias or softcap, logits the
+  caller already holds (``simpo_loss_from_logits``: one read of the logits, no float32 copy).
 * :func:`logprob_grad`: per row, ``dz = g (onehot(y) - exp(c - lse)) (1 - tanh^2)``, written in the
   matmul operand dtype, in place over the float32 logits (see the kernel for why that is safe).
+* :func:`logits_backward`: given logits' gradient. A 2-D grid (rows x vocabulary chunks) writes
 
-Two serve logits the caller already holds (``simpo_loss_from_logits``):
+      d_logits[n, v] = g_n * (onehot(y_n)[v] - exp(z[n, v] - lse_n))
 
-Forward: one program per token row streams the row once in ``BLOCK_V`` chunks, upcasting each
-chunk to float32 in registers, and keeps the online logsumexp, the target logit and the logit
-sum: one read of the logits, no float32 copy of them.
+  straight in the logits' dtype. Rows with ``g_n == 0`` (prompt, padding, ignored targets) store
+  zeros without reading the logits.
 
-Backward: a 2-D grid (rows x vocabulary chunks) writes
-
-    d_logits[n, v] = g_n * (onehot(y_n)[v] - exp(z[n, v] - lse_n))
-
-straight in the logits' dtype. Rows with ``g_n == 0`` (prompt, padding, ignored targets) store
-zeros without reading the logits. Both passes are memory-bound: one read (plus one write in
-backward) of the ``[N, V]`` tensor is the floor, and that is what they do.
+All are memory-bound: one read (plus one write for a gradient) of the logits is the floor, and
+that is what they do.
 """
 
 from __future__ import annotations
@@ -38,6 +33,20 @@ _OPTIONAL = {"HAS_BIAS": lambda args: args["b_ptr"] is not None,
              "HAS_SOFTCAP": lambda args: args["softcap"] is not None}
 
 
+@triton.jit
+def capped_chunk(z_row, b_ptr, v, v0, mask, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Columns ``v`` of a row of raw logits, in float32, plus bias, capped: ``(c, tanh(x / s))``
+    (the second is ``c`` itself without softcap, unused then). Masked lanes hold finite garbage."""
+    x = tl.load(z_row + v, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(b_ptr + v0 + v, mask=mask, other=0.0).to(tl.float32)
+    t = x
+    if HAS_SOFTCAP:
+        t = softcap_tanh(x / softcap)
+        x = softcap * t
+    return x, t
+
+
 @triton.heuristics(_OPTIONAL)
 @triton.jit
 def _row_stats_kernel(
@@ -45,10 +54,10 @@ def _row_stats_kernel(
     BLOCK_V: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     row = tl.program_id(0)
-    base = z_ptr + row.to(tl.int64) * stride_z
+    z_row = z_ptr + row.to(tl.int64) * stride_z
     target = tl.load(tgt_ptr + row) - v0  # column in this chunk; outside [0, Vc) when elsewhere or ignored
     offs = tl.arange(0, BLOCK_V)
-    # Per-lane running statistics, reduced across lanes once at the end.
+    # Per-lane running statistics, reduced across lanes once at the end (fewer reductions in the loop).
     run_max = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
     run_sum_exp = tl.zeros([BLOCK_V], dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -56,14 +65,12 @@ def _row_stats_kernel(
     for start in range(0, Vc, BLOCK_V):
         v = start + offs
         mask = v < Vc
-        x = tl.load(base + v, mask=mask, other=0.0)
-        if HAS_BIAS:
-            x += tl.load(b_ptr + v0 + v, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            x = softcap * softcap_tanh(x / softcap)
+        x, _ = capped_chunk(z_row, b_ptr, v, v0, mask, softcap, HAS_BIAS, HAS_SOFTCAP)
         z = tl.where(mask, x, float("-inf"))
         new_max = tl.maximum(run_max, z)
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no exp(-inf - -inf)
+        # Lanes still at -inf (the final partial chunk, or a chunk of -inf logits) must not compute
+        # exp(-inf - -inf) = nan.
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
         run_sum_exp = run_sum_exp * tl.exp(run_max - safe_max) + tl.exp(z - safe_max)
         run_max = new_max
         run_sum += tl.where(mask, x, 0.0)
@@ -91,12 +98,7 @@ def _logprob_grad_kernel(
     for start in range(0, Vc, BLOCK_V):
         v = start + offs
         mask = v < Vc
-        x = tl.load(z_row + v, mask=mask, other=0.0)
-        if HAS_BIAS:
-            x += tl.load(b_ptr + v0 + v, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            t = softcap_tanh(x / softcap)
-            x = softcap * t
+        x, t = capped_chunk(z_row, b_ptr, v, v0, mask, softcap, HAS_BIAS, HAS_SOFTCAP)
         dz = g * (tl.where(v == target, 1.0, 0.0) - tl.exp(x - lse))
         if HAS_SOFTCAP:
             dz = dz * (1.0 - t * t)
@@ -107,39 +109,6 @@ def _logprob_grad_kernel(
             # barrier makes every warp's loads of this step complete before any warp stores.
             tl.debug_barrier()
         tl.store(dz_row + v, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _logits_forward_kernel(
-    z_ptr, tgt_ptr, lse_out, t_out, sum_out, V, stride_z,
-    BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0)
-    base = z_ptr + row.to(tl.int64) * stride_z
-    target = tl.load(tgt_ptr + row)
-    offs = tl.arange(0, BLOCK_V)
-    # Per-lane running statistics; reduced across lanes once at the end (fewer reductions in the loop).
-    run_max = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
-    run_sum_exp = tl.zeros([BLOCK_V], dtype=tl.float32)
-    run_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
-    run_tgt = tl.zeros([BLOCK_V], dtype=tl.float32)
-    for start in range(0, V, BLOCK_V):
-        v = start + offs
-        mask = v < V
-        z = tl.load(base + v, mask=mask, other=float("-inf")).to(tl.float32)
-        new_max = tl.maximum(run_max, z)
-        # Lanes still at -inf (only possible in the final partial chunk, or a chunk of -inf logits)
-        # must not compute exp(-inf - -inf) = nan.
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum_exp = run_sum_exp * tl.exp(run_max - safe_max) + tl.exp(z - safe_max)
-        run_max = new_max
-        run_sum += tl.where(mask, z, 0.0)
-        run_tgt += tl.where(v == target, z, 0.0)
-    row_max = tl.max(run_max, axis=0)
-    total = tl.sum(run_sum_exp * tl.exp(run_max - row_max), axis=0)
-    tl.store(lse_out + row, row_max + tl.log(total))
-    tl.store(t_out + row, tl.sum(run_tgt, axis=0))
-    tl.store(sum_out + row, tl.sum(run_sum, axis=0))
 
 
 @triton.jit
@@ -160,25 +129,6 @@ def _logits_backward_kernel(
         target = tl.load(tgt_ptr + row)
         dz = g * (tl.where(v == target, 1.0, 0.0) - tl.exp(z - lse))
         tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-
-
-def plan_logits_forward(logits: torch.Tensor, targets: torch.Tensor, cfg: KernelConfig) -> tuple[Launch, torch.Tensor]:
-    """The forward launch and its NaN-poisoned ``[3, N]`` float32 output (lse, target logit, sum)."""
-    N, V = logits.shape
-    out = torch.full((3, N), float("nan"), dtype=torch.float32, device=logits.device)
-    launch = Launch(_logits_forward_kernel, (N,),
-                    dict(z_ptr=logits, tgt_ptr=targets, lse_out=out[0], t_out=out[1], sum_out=out[2], V=V,
-                         stride_z=logits.stride(0), BLOCK_V=cfg.logits_block_v),
-                    dict(num_warps=cfg.logits_num_warps))
-    return launch, out
-
-
-def logits_forward(logits: torch.Tensor, targets: torch.Tensor, cfg: KernelConfig):
-    """``[N, V]`` logits (unit column stride), ``[N]`` int64 targets -> float32 ``(lse, target_logit, sum)``."""
-    launch, out = plan_logits_forward(logits, targets, cfg)
-    if logits.shape[0]:
-        launch.run()
-    return out[0], out[1], out[2]
 
 
 def plan_logits_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
@@ -217,10 +167,10 @@ def plan_row_stats(z: torch.Tensor, bias, targets: torch.Tensor, v0: int, softca
 
 
 def row_stats(z: torch.Tensor, bias, targets: torch.Tensor, v0: int, softcap, cfg: KernelConfig):
-    """Statistics of a chunk of raw logits.
+    """Statistics of a chunk of raw logits (or of given logits: no bias, no softcap, ``v0 = 0``).
 
     Args:
-        z: ``[n, Vc]`` float32 raw logits ``h W[v0:v0+Vc]^T`` (unit column stride).
+        z: ``[n, Vc]`` raw logits ``h W[v0:v0+Vc]^T``, float32 or 16-bit (unit column stride).
         bias: the full ``[V]`` bias or None (read at ``v0 + j``).
         targets: ``[n]`` int64 target ids (any id outside ``[v0, v0 + Vc)``, e.g. -1, adds nothing).
         v0: the chunk's first vocabulary id. softcap: float or None.
