@@ -41,6 +41,8 @@ from .common import TargetLayout, TorchRows, TritonRows, chunked_forward_stats, 
 SCHEDULES = {"triton": ("pairs", "vocab", "fused"), "torch": ("tokens", "pairs", "vocab"), "eager": ()}
 #: Preference order without a measured table: fewest FLOPs first.
 DEFAULT_ORDER = ("pairs", "vocab", "fused")
+#: The narrowest vocabulary chunk ``auto`` accepts for the ``vocab`` schedule.
+AUTO_MIN_VOCAB_CHUNK = 128
 #: Default memory budget for the logits scratch on CPU (and the floor on CUDA).
 CPU_BUDGET_BYTES = 256 * 2**20
 MEASURED_TABLE = os.path.join(os.path.dirname(__file__), "measured.json")
@@ -87,7 +89,9 @@ def fits(schedule: str, layout: TargetLayout, V: int, budget: int) -> bool:
         largest = max(layout.counts[p] + layout.counts[B + p] for p in range(B))
         return largest * V * 4 <= budget
     if schedule == "vocab":
-        return layout.num_targets * min(V, 128) * 4 <= budget
+        # auto takes no chunk under AUTO_MIN_VOCAB_CHUNK columns (a sea of thin matmuls; fused is
+        # better there); schedule="vocab" itself goes down to 16 (see vocab_chunk)
+        return layout.num_targets * min(V, AUTO_MIN_VOCAB_CHUNK) * 4 <= budget
     return True
 
 

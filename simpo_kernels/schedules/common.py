@@ -78,21 +78,26 @@ class TorchRows:
         t = torch.tanh(x / softcap)
         return t * softcap, t
 
+    @staticmethod
+    def _target_column(targets, v0: int, width: int):
+        """Each row's target column in the chunk (0 when outside it) and whether it is inside."""
+        local = targets - v0
+        inside = (local >= 0) & (local < width)
+        return torch.where(inside, local, 0), inside
+
     def stats(self, z, bias, targets, v0: int, softcap):
         """``[n, Vc]`` raw logits -> ``(lse, target logit, logit sum)`` of the capped chunk."""
         c, _ = self._capped(z, bias, v0, softcap)
-        local = targets - v0
-        inside = (local >= 0) & (local < z.shape[1])
-        tgt = c.gather(1, torch.where(inside, local, 0)[:, None]).squeeze(1)
+        col, inside = self._target_column(targets, v0, z.shape[1])
+        tgt = c.gather(1, col[:, None]).squeeze(1)
         return torch.logsumexp(c, dim=-1), torch.where(inside, tgt, 0.0), c.sum(-1)
 
     def grad(self, z, bias, targets, lse, g, v0: int, softcap, dtype):
         """``dz = g (onehot - p) (1 - tanh^2)`` of the chunk, in ``dtype``."""
         c, t = self._capped(z, bias, v0, softcap)
         dz = torch.exp(c - lse[:, None]).mul_(-g[:, None])
-        local = targets - v0
-        inside = (local >= 0) & (local < z.shape[1])
-        dz[torch.arange(z.shape[0], device=z.device), torch.where(inside, local, 0)] += torch.where(inside, g, 0.0)
+        col, inside = self._target_column(targets, v0, z.shape[1])
+        dz[torch.arange(z.shape[0], device=z.device), col] += torch.where(inside, g, 0.0)
         if t is not None:
             dz.mul_(1.0 - t * t)
         return dz.to(dtype)

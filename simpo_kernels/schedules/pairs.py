@@ -36,8 +36,6 @@ from ..objective import SimPOOutput, sequence_logp_grads, simpo_objective
 from ..validation import refuse_double_backward
 from .common import TargetLayout
 
-SCHEDULE = "pairs"
-
 _OUTPUTS = ("loss", "losses", "chosen_logps", "rejected_logps", "sft_loss", "chosen_rewards", "rejected_rewards",
             "chosen_logits_mean", "rejected_logits_mean")
 _DIFFERENTIABLE = 5  # the first five outputs carry autograd history

@@ -28,8 +28,6 @@ from ..matmul import LinearHead
 from ..validation import refuse_double_backward
 from .common import chunked_forward_stats, vocab_chunk
 
-SCHEDULE = "vocab"
-
 
 class VocabLinearLogprob(torch.autograd.Function):
     """``(hidden [n, H], weight [V, H], bias [V] | None, targets [n])`` -> ``(logps [n], logit_sums [n])``.
@@ -65,7 +63,7 @@ class VocabLinearLogprob(torch.autograd.Function):
 
 
 def _backward(hidden, weight, bias, targets, lse, grad_logps, softcap, rows_op, chunk, need_h, need_w, need_b):
-    cdtype = lse.dtype if lse.dtype == torch.float64 else torch.float32
+    cdtype = compute_dtype(hidden.dtype)
     head = LinearHead(weight, bias, cdtype)
     g = torch.where(targets >= 0, grad_logps.to(cdtype), 0.0)
     V = weight.shape[0]
