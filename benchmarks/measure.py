@@ -4,7 +4,7 @@ Method (/work/.library/device/METHOD.md):
 - **Correct first.** Every (case, impl) is run once forward+backward and its loss, per-row
   log-probabilities and the gradients of hidden states and weight are compared with a reference by
   relative norm error ``|a - b| / |b|`` (:data:`TOLERANCES`). The reference is the float64
-  ``tests/reference.py`` on CPU; on CUDA the ``eager`` backend on float32 copies of the inputs
+  ``tests/reference.py`` (chunked: :func:`float64_reference`) on CPU; on CUDA the ``eager`` backend on float32 copies of the inputs
   with full-precision (non-tf32) matmuls, or the chunked ``torch`` backend in float32 where that
   does not fit in memory (both ~1e-6 from float64, far below the bf16 tolerances, so every impl,
   eager included, is judged against the exact value). A mismatch is reported as
@@ -143,24 +143,27 @@ def _fwd(impl_fn, hidden, weight, labels):
         return impl_fn(hidden.detach(), weight.detach(), labels)
 
 
+#: float64 logits per chunk of the chunked reference: 256 Mi elements (2 GiB), ~1000 tokens at V=256000.
+REFERENCE_CHUNK_ELEMENTS = 1 << 28
+
+
+def float64_reference(hidden, weight, labels, softcap, *, beta: float = C.BETA,
+                      gamma_beta_ratio: float = C.GAMMA_BETA_RATIO) -> dict:
+    """The exact float64 loss, per-row log-probs (chosen first), dL/dhidden and dL/dweight, on the
+    inputs' device, chunk by chunk (``tests/reference.py: reference_simpo_chunked``, which the test
+    suite holds to the full-logits float64 reference): it fits at the Gemma-2-9B shape on one GPU."""
+    from tests.reference import reference_simpo_chunked
+
+    chunk = max(1, REFERENCE_CHUNK_ELEMENTS // weight.shape[0])
+    out = reference_simpo_chunked(hidden, weight, labels, softcap=softcap, beta=beta,
+                                  gamma_beta_ratio=gamma_beta_ratio, ignore_index=C.IGNORE_INDEX,
+                                  chunk_tokens=chunk)
+    return {"kind": "float64", "loss": out["loss"], "logps": torch.cat([out["chosen_logps"], out["rejected_logps"]]),
+            "dh": out["dhidden"], "dw": out["dweight"]}
+
+
 def _float64_reference(case: C.Case, hidden, weight, labels, softcap):
-    try:
-        from tests.reference import reference_simpo
-    except ImportError:  # not run from the project root: the eager path in float64 instead
-        reference_simpo = None
-    h = hidden.detach().to(torch.float64).requires_grad_(True)
-    w = weight.detach().to(torch.float64).requires_grad_(True)
-    if reference_simpo is not None:
-        out = reference_simpo(h, w, labels, softcap=softcap, beta=C.BETA,
-                              gamma_beta_ratio=C.GAMMA_BETA_RATIO)
-        loss, logps = out["loss"], torch.cat([out["chosen_logps"], out["rejected_logps"]])
-    else:
-        from simpo_kernels import simpo_loss
-        out = simpo_loss(h, w, labels, beta=C.BETA, gamma_beta_ratio=C.GAMMA_BETA_RATIO,
-                         softcap=softcap, backend="eager")
-        loss, logps = out.loss, torch.cat([out.chosen_logps, out.rejected_logps])
-    dh, dw = torch.autograd.grad(loss, (h, w))
-    return {"kind": "float64", "loss": loss.detach(), "logps": logps.detach(), "dh": dh, "dw": dw}
+    return float64_reference(hidden, weight, labels, softcap)
 
 
 def _float32_reference(backend, case, hidden, weight, labels, softcap):

@@ -115,6 +115,18 @@ def _schedule_options(schedule: str, backend: str, chunk_size: Optional[int], gr
                          f"schedules are always exact); this call runs backend={backend!r} schedule={schedule!r}")
 
 
+def _check_kernel_options(kernel_options: Optional[dict], impl, backend: str) -> None:
+    """``kernel_options`` is a dict, and only for the triton backend (its fields are checked where
+    the configuration is made: TypeError for an unknown field, ValueError for a bad value)."""
+    if kernel_options is None:
+        return
+    if not isinstance(kernel_options, dict):
+        raise TypeError(f"kernel_options must be a dict of KernelConfig fields, got {type(kernel_options).__name__}")
+    if kernel_options and (impl is chunked or impl is eager):
+        raise ValueError(f"kernel_options is an option of backend='triton' only; got backend={backend!r} "
+                         f"resolving to {impl.__name__}")
+
+
 class _PoisonGradients(torch.autograd.Function):
     """Identity in forward; in backward every gradient is NaN. Inserted only for non-finite inputs,
     so that no backend (the chunked and fused ones skip prompt positions) ever hands an optimizer a
@@ -186,6 +198,7 @@ def simpo_loss(
     logit_metrics: str = "exact",
     chunk_size: Optional[int] = None,
     grad_filter: Union[bool, float] = False,
+    kernel_options: Optional[dict] = None,
 ) -> SimPOOutput:
     """SimPO loss straight from the final hidden states and the lm_head weight.
 
@@ -215,6 +228,9 @@ def simpo_loss(
             gradients. ``True``: skip backward tiles whose softmax probabilities are all below the
             input dtype's unit roundoff (and hold no target), as Cut Cross-Entropy does; a float in
             ``(0, 1)`` sets that threshold. An approximation: see ``simpo_kernels.kernels``.
+        kernel_options: ``triton`` backend only: :class:`simpo_kernels.kernels.KernelConfig` fields
+            (tiles, warps, stages, raster groups, splits, atomic semantics) over the defaults and
+            the committed measured table (``simpo_kernels/tuned``); for benchmarks and tuning.
 
     Returns:
         :class:`SimPOOutput`; ``loss`` is differentiable w.r.t. hidden states, weight and bias.
@@ -238,6 +254,7 @@ def simpo_loss(
         _backend_options(impl, backend, chunk_size, grad_filter)
     else:
         _schedule_options(sched, impl.BACKEND, chunk_size, grad_filter)
+    _check_kernel_options(kernel_options, impl, backend)
     if not finite:
         hidden_states, weight, bias = _poison_gradients(hidden_states, weight, bias)
     with _no_autocast(device):
@@ -251,7 +268,8 @@ def simpo_loss(
         run = run_schedule if impl is chunked else run_schedule_triton
         return run(impl, sched, hidden_states.reshape(rows * T, H), weight, bias, targets, layout,
                    softcap=softcap, budget=budget, opts=opts, ignore_index=ignore_index,
-                   logit_metrics=logit_metrics, finite=finite, chunk_size=chunk_size, grad_filter=grad_filter)
+                   logit_metrics=logit_metrics, finite=finite, chunk_size=chunk_size, grad_filter=grad_filter,
+                   kernel_options=dict(kernel_options or {}))
 
 
 def simpo_loss_from_logits(

@@ -26,15 +26,7 @@ def reference_from_logits(logits, labels, *, beta=2.0, gamma_beta_ratio=0.25, la
     per_token = torch.gather(lg.log_softmax(-1), dim=2, index=lab.unsqueeze(2)).squeeze(2)
     all_logps = (per_token * loss_mask).sum(-1) / loss_mask.sum(-1)
     chosen_logps, rejected_logps = all_logps[:B], all_logps[B:]
-    # simpo_loss (official)
-    z = (chosen_logps - rejected_logps) - gamma_beta_ratio
-    if loss_type == "sigmoid":
-        losses = (-F.logsigmoid(beta * z) * (1 - label_smoothing)
-                  - F.logsigmoid(-beta * z) * label_smoothing)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * z)
-    else:
-        raise ValueError(loss_type)
+    losses = _simpo_losses(chosen_logps, rejected_logps, beta, gamma_beta_ratio, label_smoothing, loss_type)
     loss = losses.mean()
     chosen_logits, rejected_logits = all_logits[:B], all_logits[B:]
     out = {}
@@ -54,6 +46,17 @@ def reference_from_logits(logits, labels, *, beta=2.0, gamma_beta_ratio=0.25, la
     return out
 
 
+def _simpo_losses(chosen_logps, rejected_logps, beta, gamma_beta_ratio, label_smoothing, loss_type):
+    """The official ``simpo_loss`` per pair."""
+    z = (chosen_logps - rejected_logps) - gamma_beta_ratio
+    if loss_type == "sigmoid":
+        return (-F.logsigmoid(beta * z) * (1 - label_smoothing)
+                - F.logsigmoid(-beta * z) * label_smoothing)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * z)
+    raise ValueError(loss_type)
+
+
 def reference_logits(hidden, weight, bias=None, softcap=None):
     """Float64 logits ``[2B, T, V]`` with the Gemma-2 softcap, differentiable."""
     z = hidden.to(torch.float64) @ weight.to(torch.float64).T
@@ -67,6 +70,70 @@ def reference_logits(hidden, weight, bias=None, softcap=None):
 def reference_simpo(hidden, weight, labels, *, bias=None, softcap=None, **options):
     """Float64 SimPO from hidden states ``[2B, T, H]`` and weight ``[V, H]``."""
     return reference_from_logits(reference_logits(hidden, weight, bias, softcap), labels, **options)
+
+
+def reference_simpo_chunked(hidden, weight, labels, *, bias=None, softcap=None, beta=2.0, gamma_beta_ratio=0.25,
+                            label_smoothing=0.0, loss_type="sigmoid", sft_weight=0.0, ignore_index=-100,
+                            chunk_tokens=1024):
+    """:func:`reference_simpo` and its gradients in float64 without a ``[2B, T, V]`` tensor: the
+    float64 reference at shapes where the full logits do not fit (Gemma-2-9B on one GPU).
+
+    Runs on the inputs' device, ``chunk_tokens`` target positions at a time, in two passes over the
+    target positions only (the loss does not depend on the others):
+
+    1. no gradient: float64 logits (bias, softcap), ``log_softmax``, the target's log-probability;
+       per-row sums and counts;
+    2. the head (:func:`_simpo_losses`, the SFT term as the mean negative log-probability of the
+       chosen rows' targets) by autograd on the per-row sums gives ``dL/dsum`` per row; then per
+       chunk the same logits with autograd, backpropagated with those weights into dH rows and the
+       float64 ``dW`` (and ``dbias``) accumulators.
+
+    Returns a float64 dict: ``loss``, ``losses``, ``chosen_logps``, ``rejected_logps`` (and
+    ``sft_loss`` when ``sft_weight > 0``), ``dhidden [2B, T, H]``, ``dweight [V, H]``, ``dbias``.
+    """
+    R, T, H = hidden.shape
+    B = R // 2
+    dev = hidden.device
+    h64 = hidden.detach().reshape(R * T, H).to(torch.float64)
+    w64 = weight.detach().to(torch.float64).requires_grad_(True)
+    b64 = None if bias is None else bias.detach().to(torch.float64).requires_grad_(True)
+    tgt = torch.full((R, T), ignore_index, dtype=torch.long, device=dev)
+    tgt[:, :-1] = labels[:, 1:]
+    tgt = tgt.reshape(-1)
+    idx = (tgt != ignore_index).nonzero().squeeze(1)
+    row_of = idx // T
+
+    def target_logps(h, y, w, b):
+        return reference_logits(h, w, b, softcap).log_softmax(-1).gather(1, y[:, None]).squeeze(1)
+
+    sums = torch.zeros(R, dtype=torch.float64, device=dev)
+    with torch.no_grad():
+        for s in range(0, idx.numel(), chunk_tokens):
+            i = idx[s:s + chunk_tokens]
+            sums.index_add_(0, row_of[s:s + chunk_tokens], target_logps(h64[i], tgt[i], w64, b64))
+    counts = torch.zeros(R, dtype=torch.float64, device=dev).index_add_(
+        0, row_of, torch.ones_like(row_of, dtype=torch.float64))
+    sums.requires_grad_(True)
+    logps = sums / counts
+    losses = _simpo_losses(logps[:B], logps[B:], beta, gamma_beta_ratio, label_smoothing, loss_type)
+    loss = losses.mean()
+    out = {}
+    if sft_weight > 0:
+        sft = -sums[:B].sum() / counts[:B].sum()
+        loss = sft_weight * sft + loss
+        out["sft_loss"] = sft.detach()
+    (g_sums,) = torch.autograd.grad(loss, sums)
+    dh = torch.zeros_like(h64)
+    for s in range(0, idx.numel(), chunk_tokens):
+        i = idx[s:s + chunk_tokens]
+        h = h64[i].requires_grad_(True)
+        (target_logps(h, tgt[i], w64, b64) * g_sums[row_of[s:s + chunk_tokens]]).sum().backward()
+        dh.index_copy_(0, i, h.grad)
+    out.update(loss=loss.detach(), losses=losses.detach(), chosen_logps=logps[:B].detach(),
+               rejected_logps=logps[B:].detach(), dhidden=dh.view(R, T, H),
+               dweight=w64.grad if w64.grad is not None else torch.zeros_like(w64),
+               dbias=None if b64 is None else b64.grad)
+    return out
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

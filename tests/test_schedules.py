@@ -257,13 +257,12 @@ def test_auto_schedule_follows_budget_and_measured_table(tmp_path):
         resolve_schedule("triton", "tokens", cpu, layout, V, 1)
     with pytest.raises(ValueError, match="unknown schedule 'fused' for backend='torch'"):
         resolve_schedule("torch", "fused", cpu, layout, V, 1)
-    table = tmp_path / "measured.json"
-    table.write_text('{"NVIDIA H100 80GB HBM3": ["vocab", "pairs", "fused"]}')
-    assert measured_order("NVIDIA H100 80GB HBM3", str(table)) == ("vocab", "pairs", "fused")
-    assert measured_order("other GPU", str(table)) is None
-    table.write_text('{"X": ["tokens"]}')
-    with pytest.raises(ValueError, match="unknown schedules"):
-        measured_order("X", str(table))
+    (tmp_path / "nvidia-h100-80gb-hbm3.json").write_text('{"schedule_order": ["vocab", "pairs", "fused"]}')
+    assert measured_order("NVIDIA H100 80GB HBM3", str(tmp_path)) == ("vocab", "pairs", "fused")
+    assert measured_order("other GPU", str(tmp_path)) is None
+    (tmp_path / "x.json").write_text('{"schedule_order": ["tokens"]}')
+    with pytest.raises(ValueError, match="schedule_order"):
+        measured_order("X", str(tmp_path))
 
 
 @pytest.mark.parametrize("kwargs, exc, msg", [

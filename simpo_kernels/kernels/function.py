@@ -156,7 +156,8 @@ def token_logprobs(
         options: :class:`KernelConfig` fields (block sizes, splits, warps) to override defaults.
     """
     check_dtype(hidden.dtype, hidden.device, "hidden states")
-    cfg = make_config(hidden.device, hidden.dtype, options)
+    cfg = make_config(hidden.device, hidden.dtype, options, schedule="fused",
+                      shape=(hidden.shape[0], hidden.shape[1], weight.shape[0]))
     eps = filter_threshold(grad_filter, hidden.dtype)
     return LinearLogprobFunction.apply(hidden, weight, bias, targets.long(),
                                        None if softcap is None else float(softcap),

@@ -81,7 +81,11 @@ class KernelConfig:
     the dW accumulator fewer times, but their working set no longer fits beside them.
     ctas_per_sm: programs of the forward resident per SM, as the compiled kernel's registers and
     shared memory allow (the compile gate checks this number against the sm_90 code).
-    logits_block_v / logits_num_warps: the kernels that take given logits.
+    logits_block_v / logits_num_warps: the row kernels (given logits, and the ``pairs``/``vocab``
+    schedules' chunks).
+    atomic_sem: the backward's float32 atomic adds, ``"relaxed"`` (plain ``REDG``) or ``"acq_rel"``
+    (Triton's default: a GPU-scope fence and an L1 invalidation around each add), kept selectable
+    so that the GPU campaign can measure that cost; nothing needs the ordering.
     """
 
     block_n: int = 128
@@ -100,6 +104,7 @@ class KernelConfig:
     bwd_group_n: int = 16
     logits_block_v: int = 4096
     logits_num_warps: int = 8
+    atomic_sem: str = "relaxed"
 
 
 #: TF32 (``allow_tf32`` on): wgmma on float32 operands, which take twice the shared memory per
@@ -119,6 +124,7 @@ INTERPRETER_CONFIG = KernelConfig(block_n=16, block_v=32, block_h=16, num_warps=
                                   bwd_num_warps=4, bwd_num_stages=1, bwd_group_n=2,
                                   logits_block_v=64, logits_num_warps=4)
 
+ATOMIC_SEMANTICS = ("relaxed", "acq_rel")
 _OPTION_NAMES = frozenset(KernelConfig.__dataclass_fields__)
 _POW2_FIELDS = ("block_n", "block_v", "block_h", "bwd_block_n", "bwd_block_v", "bwd_block_h", "logits_block_v")
 _POSITIVE_FIELDS = ("num_warps", "num_stages", "group_n", "ctas_per_sm", "bwd_num_warps", "bwd_num_stages",
@@ -132,8 +138,12 @@ def gpu_config(dtype: torch.dtype, allow_tf32: bool) -> KernelConfig:
     return KernelConfig()
 
 
-def make_config(device: torch.device, dtype: torch.dtype, options: dict) -> KernelConfig:
-    """Default config for the device and dtype, overridden by any ``KernelConfig`` field in ``options``."""
+def make_config(device: torch.device, dtype: torch.dtype, options: dict, *, schedule: Optional[str] = None,
+                shape: Optional[tuple[int, int, int]] = None) -> KernelConfig:
+    """The launch configuration: the defaults for the device and dtype, then the measured table's
+    entry for ``schedule`` at ``shape = (tokens, hidden, vocab)`` when both are given and a table
+    for this GPU is committed (:mod:`simpo_kernels.tuned`), then any ``KernelConfig`` field in
+    ``options`` (the caller's word is last)."""
     unknown = set(options) - _OPTION_NAMES
     if unknown:
         raise TypeError(f"unknown triton backend option(s) {sorted(unknown)}; known: {sorted(_OPTION_NAMES)}")
@@ -141,7 +151,21 @@ def make_config(device: torch.device, dtype: torch.dtype, options: dict) -> Kern
         cfg = INTERPRETER_CONFIG
     else:
         cfg = gpu_config(dtype, torch.backends.cuda.matmul.allow_tf32)
-    cfg = replace(cfg, **options)
+    if schedule is not None and shape is not None:
+        from ..tuned import table_path, tuned_options
+
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        tuned = tuned_options(name, schedule, str(dtype).replace("torch.", ""), *shape)
+        if tuned:
+            try:
+                cfg = _checked(replace(cfg, **tuned))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{table_path(name)}: entry for {schedule!r}: {exc}") from None
+    return _checked(replace(cfg, **options))
+
+
+def _checked(cfg: KernelConfig) -> KernelConfig:
+    """``cfg`` if every field is in range, else ValueError naming the field."""
     for name in _POW2_FIELDS:
         b = getattr(cfg, name)
         if not isinstance(b, int) or isinstance(b, bool) or b < 16 or b & (b - 1):
@@ -150,6 +174,8 @@ def make_config(device: torch.device, dtype: torch.dtype, options: dict) -> Kern
         b = getattr(cfg, name)
         if not isinstance(b, int) or isinstance(b, bool) or b < 1:
             raise ValueError(f"{name} must be a positive int, got {b!r}")
+    if cfg.atomic_sem not in ATOMIC_SEMANTICS:
+        raise ValueError(f"atomic_sem must be one of {ATOMIC_SEMANTICS}, got {cfg.atomic_sem!r}")
     if not isinstance(cfg.v_splits, int) or isinstance(cfg.v_splits, bool) or cfg.v_splits < 0:
         raise ValueError(f"v_splits must be an int >= 0 (0: automatic), got {cfg.v_splits!r}")
     return cfg

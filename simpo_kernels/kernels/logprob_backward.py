@@ -18,6 +18,8 @@ not fixed, so results are reproducible only to float32 rounding. The adds are ``
 is commutative and nothing reads an accumulator before the kernel ends, so no ordering is needed,
 and the default ``acq_rel`` costs a ``MEMBAR.ALL.GPU`` and an L1 invalidation (``CCTL.IVALL``)
 around every atomic on sm_90; relaxed adds compile to plain ``REDG`` reductions.
+(``KernelConfig.atomic_sem="acq_rel"`` selects the default semantics, for the campaign's
+microbenchmark of that cost; the compile gate refuses it.)
 
 Raster: 1-D grid in groups of ``GROUP_N`` token blocks times all vocabulary tiles, token block
 fastest (:func:`.lse_forward.grouped_pid`): the programs in flight touch ``GROUP_N`` blocks of
@@ -65,7 +67,7 @@ def _logprob_backward_kernel(
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     FILTER: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ATOMIC_SEM: tl.constexpr,
 ):
     pid_n, pid_v = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
 
@@ -94,7 +96,7 @@ def _logprob_backward_kernel(
         do_tile = (tl.max(tl.max(p, axis=1), axis=0) >= filter_eps) | (tl.sum(hit.to(tl.int32)) > 0)
     if do_tile:
         if COMPUTE_DB:
-            tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
+            tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem=ATOMIC_SEM)
         dz_in = dz.to(h_ptr.dtype.element_ty)
         offs_h = tl.arange(0, BLOCK_H)
         for k in range(0, H, BLOCK_H):
@@ -105,13 +107,13 @@ def _logprob_backward_kernel(
                             mask=mask_v[:, None] & mask_h[None, :], other=0.0)
                 dh = tl.dot(dz_in, w, input_precision=INPUT_PRECISION)
                 tl.atomic_add(dh_ptr + rows[:, None].to(tl.int64) * stride_dh + kh[None, :], dh,
-                              mask=mask_n[:, None] & mask_h[None, :], sem="relaxed")
+                              mask=mask_n[:, None] & mask_h[None, :], sem=ATOMIC_SEM)
             if COMPUTE_DW:
                 h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + kh[None, :],
                             mask=mask_n[:, None] & mask_h[None, :], other=0.0)
                 dw = tl.dot(tl.trans(dz_in), h, input_precision=INPUT_PRECISION)
                 tl.atomic_add(dw_ptr + offs_v[:, None].to(tl.int64) * stride_dw + kh[None, :], dw,
-                              mask=mask_v[:, None] & mask_h[None, :], sem="relaxed")
+                              mask=mask_v[:, None] & mask_h[None, :], sem=ATOMIC_SEM)
 
 
 def plan_logprob_backward(
@@ -134,7 +136,7 @@ def plan_logprob_backward(
              stride_h=hidden.stride(0), stride_w=weight.stride(0),
              stride_dh=H if dh is None else dh.stride(0), stride_dw=H if dw is None else dw.stride(0),
              BLOCK_N=cfg.bwd_block_n, BLOCK_V=cfg.bwd_block_v, BLOCK_H=cfg.bwd_block_h, GROUP_N=cfg.bwd_group_n,
-             INPUT_PRECISION=input_precision),
+             INPUT_PRECISION=input_precision, ATOMIC_SEM=cfg.atomic_sem),
         dict(num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages))
     return launch, dh, dw, db
 

@@ -18,15 +18,12 @@ target compaction and the row operations they share.
 
 ``schedule="auto"``: on the ``triton`` backend, the first schedule of the preference order whose
 smallest chunk fits ``memory_budget``; the order is the measured one when a table for the device is
-committed in ``measured.json`` (``{device name: [schedules, fastest first]}``), else
-``pairs, vocab, fused`` (fewest FLOPs first). On the ``torch`` backend, ``tokens``.
+committed under ``simpo_kernels/tuned/`` (its ``schedule_order``, written by the GPU campaign's
+``check`` call), else ``pairs, vocab, fused`` (fewest FLOPs first). On the ``torch`` backend, ``tokens``.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import os
 from typing import Optional
 
 import torch
@@ -35,6 +32,7 @@ from .. import chunked
 from ..eager import compute_dtype
 from ..matmul import LinearHead
 from ..objective import SimPOOutput, simpo_objective
+from ..tuned import schedule_order
 from . import pairs, vocab
 from .common import TargetLayout, TorchRows, TritonRows, chunked_forward_stats, other_logit_sums, vocab_chunk
 
@@ -45,26 +43,14 @@ DEFAULT_ORDER = ("pairs", "vocab", "fused")
 AUTO_MIN_VOCAB_CHUNK = 128
 #: Default memory budget for the logits scratch on CPU (and the floor on CUDA).
 CPU_BUDGET_BYTES = 256 * 2**20
-MEASURED_TABLE = os.path.join(os.path.dirname(__file__), "measured.json")
 
 __all__ = ["SCHEDULES", "TargetLayout", "TorchRows", "TritonRows", "check_memory_budget", "check_schedule_name",
            "default_memory_budget", "resolve_schedule", "run_schedule", "run_schedule_triton"]
 
 
-@functools.lru_cache(maxsize=None)
-def measured_order(device_name: str, path: str = MEASURED_TABLE) -> Optional[tuple[str, ...]]:
-    """The committed fastest-first schedule order for ``device_name``, or None."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        table = json.load(f)
-    order = table.get(device_name)
-    if order is None:
-        return None
-    bad = [s for s in order if s not in DEFAULT_ORDER]
-    if bad:
-        raise ValueError(f"{path}: unknown schedules {bad} for {device_name!r}")
-    return tuple(order)
+def measured_order(device_name: str, directory: Optional[str] = None) -> Optional[tuple[str, ...]]:
+    """The committed fastest-first schedule order for ``device_name`` (:mod:`simpo_kernels.tuned`), or None."""
+    return schedule_order(device_name, directory)
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -130,7 +116,8 @@ def run_schedule_triton(*args, **kwargs) -> SimPOOutput:
 
 def run_schedule(impl, sched: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  targets: torch.Tensor, layout: TargetLayout, *, softcap, budget: int, opts: dict, ignore_index: int,
-                 logit_metrics: str, finite: bool, chunk_size: Optional[int], grad_filter) -> SimPOOutput:
+                 logit_metrics: str, finite: bool, chunk_size: Optional[int], grad_filter,
+                 kernel_options: Optional[dict] = None) -> SimPOOutput:
     """Run schedule ``sched`` of backend module ``impl`` on the target positions of ``hidden``.
 
     Args:
@@ -144,11 +131,13 @@ def run_schedule(impl, sched: str, hidden: torch.Tensor, weight: torch.Tensor, b
     if bias is not None and bias.stride(0) != 1:  # the row kernels index the bias with unit stride
         bias = bias.contiguous()
     rows, T = targets.shape
-    N, V = rows * T, weight.shape[0]
+    N, V, H = rows * T, weight.shape[0], weight.shape[1]
     cdtype = compute_dtype(hidden.dtype)
+    kernel_options = kernel_options or {}
     rows_op = None
     if sched in ("pairs", "vocab"):
-        rows_op = TorchRows() if impl is chunked else TritonRows(impl.make_config(hidden.device, hidden.dtype, {}))
+        rows_op = TorchRows() if impl is chunked else TritonRows(impl.make_config(
+            hidden.device, hidden.dtype, kernel_options, schedule=sched, shape=(layout.num_targets, H, V)))
 
     def forward_sums(h: torch.Tensor) -> torch.Tensor:
         """Logit sums of metric-only rows, by this schedule's forward (no gradient)."""
@@ -158,7 +147,7 @@ def run_schedule(impl, sched: str, hidden: torch.Tensor, weight: torch.Tensor, b
                                           softcap=softcap, ignore_index=-1, chunk_size=chunk_size)[1]
         if sched == "fused":
             return impl.token_logprobs(h, weight.detach(), None if bias is None else bias.detach(), none,
-                                       softcap=softcap, ignore_index=-1)[1]
+                                       softcap=softcap, ignore_index=-1, **kernel_options)[1]
         head = LinearHead(weight.detach(), None, cdtype)
         b = None if bias is None else bias.detach()
         return chunked_forward_stats(head, rows_op, h, b, none, softcap, vocab_chunk(h.shape[0], V, budget))[2]
@@ -181,7 +170,7 @@ def run_schedule(impl, sched: str, hidden: torch.Tensor, weight: torch.Tensor, b
                                                  chunk_size=chunk_size)
     elif sched == "fused":
         logps_t, sums_t = impl.token_logprobs(h_t, weight, bias, tgt_t, softcap=softcap, ignore_index=-1,
-                                              grad_filter=grad_filter)
+                                              grad_filter=grad_filter, **kernel_options)
     else:
         logps_t, sums_t = vocab.token_logprobs(h_t, weight, bias, tgt_t, softcap=softcap, rows_op=rows_op,
                                                         memory_budget=budget)
