@@ -81,7 +81,9 @@ def parse_args(argv=None):
                     help=f"comma list of {','.join(C.FAMILIES)} (default: GPU families on CUDA, "
                          "CPU smoke families on CPU)")
     ap.add_argument("--tokens", default=None, help="comma list of token counts (GPU families)")
-    ap.add_argument("--impls", default=",".join(C.IMPLS), help="comma list of impls")
+    ap.add_argument("--impls", default=",".join(C.IMPLS),
+                    help=f"comma list of impls (default {','.join(C.IMPLS)}; also "
+                         f"{','.join(C.VARIANT_IMPLS)})")
     ap.add_argument("--quick", action="store_true",
                     help="fewer cases and repetitions (CUDA: gemma2-9b at N=2048,8192)")
     ap.add_argument("--e2e", action="store_true", help="also run the end-to-end training step")
@@ -114,16 +116,7 @@ def main(argv=None) -> Path:
     t_start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
-    # Liger compiles one function per shape (mark_dynamic); let dynamo keep them all.
-    try:
-        import torch._dynamo as dynamo
-
-        for knob in ("cache_size_limit", "recompile_limit"):
-            if hasattr(dynamo.config, knob):
-                setattr(dynamo.config, knob, max(64, getattr(dynamo.config, knob)))
-    except Exception:  # noqa: BLE001
-        pass
-
+    raise_dynamo_cache_limits()
 
     if args.families:
         families = [f for f in args.families.split(",") if f]
@@ -137,9 +130,9 @@ def main(argv=None) -> Path:
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else (
         [2048, 8192] if args.quick and cuda else None)
     impls = [i for i in args.impls.split(",") if i]
-    bad = [i for i in impls if i not in C.IMPLS]
+    bad = [i for i in impls if i not in C.ALL_IMPLS]
     if bad:
-        raise SystemExit(f"unknown impls {bad}; known: {C.IMPLS}")
+        raise SystemExit(f"unknown impls {bad}; known: {C.ALL_IMPLS}")
     if args.list:
         for case in C.cases_for(families, tokens):
             wanted = [i for i in impls if i in C.FAMILIES[case.family].impls]
@@ -215,7 +208,7 @@ def main(argv=None) -> Path:
                     row.update(_prediction(row, ctx, result["matmul_bf16_tflops"] if cuda else None))
                     result["cases"].append(row)
                     _dump(path, result)
-                    print(_fmt_row(row), flush=True)
+                    print(fmt_row(row), flush=True)
             finally:
                 ctx.close()
 
@@ -249,25 +242,45 @@ def main(argv=None) -> Path:
     return path
 
 
-def _prediction(row: dict, ctx, matmul_tflops) -> dict:
-    """The cost model's times for this row (``benchmarks/cost_model.py``), at the case's own target
-    fraction and the matmul rate measured in this call (CUDA; the H100 default elsewhere). A
-    failure of the model never costs a measurement: it is recorded as ``pred_error``."""
+def raise_dynamo_cache_limits() -> None:
+    """Liger compiles one function per shape (mark_dynamic); let dynamo keep them all."""
+    try:
+        import torch._dynamo as dynamo
+
+        for knob in ("cache_size_limit", "recompile_limit"):
+            if hasattr(dynamo.config, knob):
+                setattr(dynamo.config, knob, max(64, getattr(dynamo.config, knob)))
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def prediction(row: dict, labels, matmul_tflops) -> dict:
+    """The cost model's times for a result ``row`` (``benchmarks/cost_model.py``) at the target
+    fraction of ``labels`` (the case's own) and the matmul rate measured in this call (CUDA; None:
+    the H100 default). A peer variant (``cce-nofilter``) is predicted by its base's model
+    (:func:`benchmarks.cases.cost_backend`). A failure of the model never costs a measurement: it
+    is recorded as ``pred_error``."""
     from . import cost_model
 
     try:
-        frac = cost_model.target_fraction(ctx.labels, C.IGNORE_INDEX)
-        return cost_model.prediction_fields(row, frac, matmul_tflops=matmul_tflops)
+        frac = cost_model.target_fraction(labels, C.IGNORE_INDEX)
+        return cost_model.prediction_fields({**row, "impl": C.cost_backend(row["impl"])}, frac,
+                                            matmul_tflops=matmul_tflops)
     except Exception as exc:  # noqa: BLE001 - an unknown impl, a kernels module mid-edit, ...
         return {"pred_fwd_ms": None, "pred_fwd_bwd_ms": None,
                 "pred_error": f"{type(exc).__name__}: {exc}"[:200]}
+
+
+def _prediction(row: dict, ctx, matmul_tflops) -> dict:
+    return prediction(row, ctx.labels, matmul_tflops)
 
 
 def _fmt(v, spec=".2f"):
     return "-" if v is None else format(v, spec)
 
 
-def _fmt_row(row) -> str:
+def fmt_row(row) -> str:
+    """One progress line for a result row (printed after each case)."""
     errs = row.get("errors") or {}
     e = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
     return (f"{row['family']:>16} N={row['tokens']:>6} {row['impl']:>6}: {row['status'][:60]:<12} "

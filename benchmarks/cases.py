@@ -13,7 +13,18 @@ Implementations:
     liger                  Liger-Kernel ``LigerFusedLinearSimPOLoss`` (no softcap support: the row
                            runs without softcap and is marked ``softcap_unsupported``)
     cce                    Apple Cut Cross-Entropy ``linear_cross_entropy(..., reduction="none")``
-                           per-token losses + a SimPO head written here
+                           per-token losses + a SimPO head written here; its default gradient
+                           filtering (``filter_eps="high"``)
+    cce-nofilter           the same with gradient filtering off (``filter_eps=None``)
+
+``IMPLS`` are the impls the runner and the pytest suites time by default, each modelled by
+``benchmarks/cost_model.py`` under its own name; ``VARIANT_IMPLS`` are variants of a peer, run on
+request (``--impls``) and by the campaign's ``bench`` call, and predicted with their base's model
+(:func:`cost_backend`). ``ALL_IMPLS`` is both.
+
+Input layouts (``Family.layout``): ``random`` (every family but the ``-uf`` ones: a random prompt
+prefix of 1/8 to 1/2 of each row, every third row padded) and ``ultrafeedback`` (a realistic
+preference batch, about 40% of the positions are targets: :func:`make_labels`).
 """
 
 from __future__ import annotations
@@ -35,6 +46,16 @@ IGNORE_INDEX = -100
 #: ``triton-<schedule>`` impls: the triton backend with that schedule pinned.
 TRITON_SCHEDULE_IMPLS = {"triton-pairs": "pairs", "triton-vocab": "vocab", "triton-fused": "fused"}
 IMPLS = ("eager", "torch", "triton", *TRITON_SCHEDULE_IMPLS, "liger", "cce")
+#: Peer variants -> the impl whose cost model predicts them (CCE's model assumes no filtered tiles
+#: by default, which is what ``filter_eps=None`` guarantees).
+VARIANT_IMPLS = {"cce-nofilter": "cce"}
+ALL_IMPLS = (*IMPLS, *VARIANT_IMPLS)
+LAYOUTS = ("random", "ultrafeedback")
+
+
+def cost_backend(impl: str) -> str:
+    """The ``benchmarks.cost_model`` backend that predicts ``impl``."""
+    return VARIANT_IMPLS.get(impl, impl)
 
 
 @dataclass(frozen=True)
@@ -47,26 +68,38 @@ class Family:
     tokens: tuple
     row_len: int  # tokens per row; a case with fewer than 2 full rows uses 2 rows of N/2
     cpu: bool = False  # a small shape meant for CPU smoke runs
-    impls: tuple = IMPLS  # which impls the family is meant for
+    impls: tuple = ALL_IMPLS  # which impls the family is meant for
+    layout: str = "random"  # how labels are laid out (LAYOUTS; make_labels)
 
 
 #: GPU families: the real lm_head shapes (DESIGN section 2), rows of 2048 tokens
 #: (N=2048 is 2 rows of 1024: SimPO needs an even row count).
 GPU_TOKENS = (2048, 4096, 8192, 16384, 32768)
 FAMILIES = {
-    "gemma2-9b": Family("gemma2-9b", 3584, 256000, 30.0, "bfloat16", GPU_TOKENS, 2048),
+    # 65536 tokens (32 rows of 2048) at the target shape only: the campaign's bench call measures it.
+    "gemma2-9b": Family("gemma2-9b", 3584, 256000, 30.0, "bfloat16", (*GPU_TOKENS, 65536), 2048),
+    # The target shape on a realistic batch: UltraFeedback-like lengths, ~40% of positions targets.
+    "gemma2-9b-uf": Family("gemma2-9b-uf", 3584, 256000, 30.0, "bfloat16", GPU_TOKENS, 2048,
+                           layout="ultrafeedback"),
     "gemma2-2b": Family("gemma2-2b", 2304, 256000, 30.0, "bfloat16", GPU_TOKENS, 2048),
     "llama3-8b": Family("llama3-8b", 4096, 128256, None, "bfloat16", GPU_TOKENS, 2048),
     # CPU smoke shapes (CI): small enough that the float64 reference is instant. V and H are not
     # multiples of any block size on purpose.
     "cpu-small": Family("cpu-small", 64, 1000, 30.0, "bfloat16", (256,), 64, cpu=True,
-                        impls=("eager", "torch", "liger", "cce")),
+                        impls=("eager", "torch", "liger", "cce", "cce-nofilter")),
     "cpu-small-nocap": Family("cpu-small-nocap", 64, 1000, None, "bfloat16", (256,), 64, cpu=True,
-                              impls=("eager", "torch", "liger", "cce")),
+                              impls=("eager", "torch", "liger", "cce", "cce-nofilter")),
+    "cpu-small-uf": Family("cpu-small-uf", 64, 1000, 30.0, "bfloat16", (256,), 64, cpu=True,
+                           impls=("eager", "torch", "liger", "cce", "cce-nofilter"),
+                           layout="ultrafeedback"),
     # The Triton interpreter does no bf16 arithmetic (DESIGN section 5) and is slow: a minuscule
     # float32 shape, run only with TRITON_INTERPRET=1.
     "cpu-interp": Family("cpu-interp", 40, 300, 30.0, "float32", (64,), 16, cpu=True,
                          impls=("eager", "triton", *TRITON_SCHEDULE_IMPLS)),
+    # Smaller still (about 4x faster under the interpreter): the campaign's dry run, which must
+    # take every triton schedule through check and timing within a minute on two cores.
+    "cpu-interp-tiny": Family("cpu-interp-tiny", 16, 130, 30.0, "float32", (32,), 8, cpu=True,
+                              impls=("eager", "triton", *TRITON_SCHEDULE_IMPLS)),
 }
 GPU_FAMILIES = ("gemma2-9b", "gemma2-2b", "llama3-8b")
 CPU_FAMILIES = ("cpu-small", "cpu-small-nocap", "cpu-interp")
@@ -82,6 +115,7 @@ class Case:
     tokens: int
     rows: int
     seq: int
+    layout: str = "random"
 
     @property
     def id(self) -> str:
@@ -107,7 +141,7 @@ def make_case(family: Family, tokens: int) -> Case:
     if rows % 2 or tokens % rows:
         raise ValueError(f"{family.name}: {tokens} tokens do not split into an even number of rows")
     return Case(family.name, family.hidden, family.vocab, family.softcap, family.dtype, tokens,
-                rows, tokens // rows)
+                rows, tokens // rows, family.layout)
 
 
 def cases_for(families, tokens=None) -> list[Case]:
@@ -133,8 +167,7 @@ def make_inputs(case: Case, device, seed: int = 0):
     """Random ``hidden [2B,T,H]``, ``weight [V,H]`` and ``labels [2B,T]`` (never zeros).
 
     Logits ``h . w`` have a standard deviation of about 5, so the Gemma-2 softcap of 30 bends the
-    tails. Each row masks a random prompt prefix (1/8 to 1/2 of the row) with -100; every third
-    row also has trailing padding, so lengths differ between chosen and rejected rows.
+    tails. The labels follow the case's layout (:func:`make_labels`).
     """
     device = torch.device(device)
     R, T, H, V = case.rows, case.seq, case.hidden, case.vocab
@@ -142,7 +175,41 @@ def make_inputs(case: Case, device, seed: int = 0):
     gd = torch.Generator(device=device).manual_seed(seed)  # draw the big tensors where they live
     hidden = torch.randn(R, T, H, generator=gd, device=device).to(dt)
     weight = torch.randn(V, H, generator=gd, device=device).mul_(5.0 / H ** 0.5).to(dt)
+    return hidden, weight, make_labels(case, seed).to(device)
+
+
+def make_labels(case: Case, seed: int = 0) -> torch.Tensor:
+    """The ``[2B, T]`` labels of ``case`` (on the CPU; cheap, so a plan can know its target fraction
+    before any input exists), by ``case.layout``:
+
+    ``random``: each row masks a random prompt prefix (1/8 to 1/2 of the row) with -100; every
+    third row also has trailing padding, so lengths differ between chosen and rejected rows
+    (about 2/3 of the positions are targets).
+
+    ``ultrafeedback``: a padded batch of UltraFeedback-like preference pairs: chosen row ``i`` and
+    rejected row ``B+i`` share one prompt of 50-54% of the row (masked); their responses take
+    40% of the row on average, one longer and one shorter by up to 6% of the row (which one at
+    random), then right padding (masked, 0-16% of the row). 40% of the positions are targets
+    (to the rounding of ``0.4 T``), as in a batch padded to its longest pair.
+    """
+    R, T, V = case.rows, case.seq, case.vocab
     g = torch.Generator().manual_seed(seed + 1)
+    if case.layout == "ultrafeedback":
+        def u() -> float:
+            return float(torch.rand((), generator=g))
+
+        labels = torch.full((R, T), IGNORE_INDEX, dtype=torch.long)
+        B, base = R // 2, max(2, round(0.40 * T))
+        for i in range(B):
+            p = max(1, int(T * (0.50 + 0.04 * u())))
+            d = int(T * 0.06 * u())
+            lengths = (base + d, base - d) if u() < 0.5 else (base - d, base + d)
+            for r, n in zip((i, B + i), lengths):
+                n = max(2, min(T - p, n))
+                labels[r, p:p + n] = torch.randint(0, V, (n,), generator=g)
+        return labels
+    if case.layout != "random":
+        raise ValueError(f"unknown layout {case.layout!r}; expected one of {LAYOUTS}")
     labels = torch.randint(0, V, (R, T), generator=g)
     for r in range(R):
         p = int(torch.randint(T // 8, T // 2 + 1, (1,), generator=g))
@@ -150,7 +217,7 @@ def make_inputs(case: Case, device, seed: int = 0):
         if r % 3 == 2:
             pad = int(torch.randint(1, max(2, T // 8), (1,), generator=g))
             labels[r, T - pad:] = IGNORE_INDEX
-    return hidden, weight, labels.to(device)
+    return labels
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,27 +287,32 @@ def _liger_impl(case: Case, device) -> Impl:
     return Impl("liger", fn, None, notes)
 
 
-def _cce_impl(case: Case, device) -> Impl:
+def _cce_impl(case: Case, device, name: str = "cce") -> Impl:
     try:
         from cut_cross_entropy import linear_cross_entropy
     except ImportError as exc:
         raise Unavailable(f"cut-cross-entropy not installed ({exc})") from None
     # CCE's own kernels are Triton for CUDA; on CPU its torch.compile fallback exercises the same
     # wiring (shift, ignore_index, per-token losses, the SimPO head) but is not the CCE kernel.
+    # ``cce`` keeps its default gradient filtering (backward tiles whose |softmax - onehot| is all
+    # below filter_eps="high", 2^-12 for bf16, are skipped); ``cce-nofilter`` turns it off
+    # (filter_eps=None: every tile forms its gradients). The torch_compile fallback has no filter.
     impl = "cce" if device.type == "cuda" else "torch_compile"
     notes = [] if impl == "cce" else ["torch_compile_fallback"]
+    kwargs = {} if impl != "cce" else {"filter_eps": None} if name == "cce-nofilter" else {"filter_eps": "high"}
     B = case.rows // 2
 
     def fn(hidden, weight, labels):
         # shift=True: output [2B, T-1], entry t is -log p(labels[t+1] | h_t), 0 where ignored.
         nll = linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX,
-                                   softcap=case.softcap, reduction="none", shift=True, impl=impl)
+                                   softcap=case.softcap, reduction="none", shift=True, impl=impl,
+                                   **kwargs)
         mask = (labels[:, 1:] != IGNORE_INDEX).to(nll.dtype)
         logps = -(nll * mask).sum(-1) / mask.sum(-1)
         u = BETA * (logps[:B] - logps[B:] - GAMMA_BETA_RATIO)
         return -F.logsigmoid(u).mean(), logps
 
-    return Impl("cce", fn, case.softcap, notes)
+    return Impl(name, fn, case.softcap, notes)
 
 
 def build_impl(name: str, case: Case, device) -> Impl:
@@ -254,6 +326,6 @@ def build_impl(name: str, case: Case, device) -> Impl:
         return _simpo_kernels_impl("triton", case, device, TRITON_SCHEDULE_IMPLS[name], name)
     if name == "liger":
         return _liger_impl(case, device)
-    if name == "cce":
-        return _cce_impl(case, device)
-    raise ValueError(f"unknown impl {name!r}; expected one of {IMPLS}")
+    if name in ("cce", "cce-nofilter"):
+        return _cce_impl(case, device, name)
+    raise ValueError(f"unknown impl {name!r}; expected one of {ALL_IMPLS}")

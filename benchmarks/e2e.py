@@ -11,6 +11,8 @@ Loss paths:
                      backend "eager": log_softmax + gather on the materialised logits)
     triton / torch   decoder hidden states (``model.model(...)``) -> ``simpo_loss(h, lm_head.weight,
                      labels, softcap=30, backend=...)``: no logits
+    triton-<sched>   the same with ``schedule=<sched>`` pinned (``triton-pairs``, ``triton-vocab``,
+    torch-<sched>    ``triton-fused``, ``torch-pairs``, ...); plain ``triton``/``torch``: ``auto``
 
 Reported per path: step time (median), tokens/s, peak memory, and the largest batch (pairs) that
 fits in GPU memory (doubling, then bisection; OOM-safe). On CPU, ``tiny=True`` runs the same code
@@ -32,7 +34,8 @@ from .cases import BETA, GAMMA_BETA_RATIO, IGNORE_INDEX
 from .measure import MIB, free_memory, is_oom, sync
 
 
-def gemma2_2b_config(tiny: bool = False):
+def gemma2_2b_config(tiny: bool = False, **overrides):
+    """The Gemma-2-2B config (``tiny``: a 2-layer toy); ``overrides`` replace dims (``vocab_size=256``)."""
     from transformers import Gemma2Config
 
     dims = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
@@ -42,6 +45,7 @@ def gemma2_2b_config(tiny: bool = False):
         dims = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                     query_pre_attn_scalar=32)
+    dims.update(overrides)
     cfg = Gemma2Config(**dims, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
                        tie_word_embeddings=True, sliding_window=4096, use_cache=False,
                        attn_implementation="eager")
@@ -81,18 +85,29 @@ def make_batch(cfg, pairs: int, seq: int, device, seed: int = 0):
     return ids.to(device), torch.ones_like(ids).to(device), labels.to(device)
 
 
+def split_path(path: str) -> tuple:
+    """``"triton-fused"`` -> ``("triton", "fused")``; ``"triton"`` -> ``("triton", "auto")``."""
+    backend, _, schedule = path.partition("-")
+    if backend not in ("eager", "torch", "triton") or (backend == "eager" and schedule):
+        raise ValueError(f"unknown e2e path {path!r}; expected eager, torch[-<schedule>] or "
+                         f"triton[-<schedule>]")
+    return backend, schedule or "auto"
+
+
 def loss_of(model, batch, path: str):
     from simpo_kernels import simpo_loss, simpo_loss_from_logits
 
+    backend, schedule = split_path(path)
     ids, mask, labels = batch
-    if path == "eager":
+    if backend == "eager":
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return simpo_loss_from_logits(logits, labels, beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO,
                                       backend="eager").loss
     hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     return simpo_loss(hidden, model.lm_head.weight, labels, beta=BETA,
                       gamma_beta_ratio=GAMMA_BETA_RATIO,
-                      softcap=model.config.final_logit_softcapping, backend=path).loss
+                      softcap=model.config.final_logit_softcapping, backend=backend,
+                      schedule=schedule).loss
 
 
 def train_step(model, opt, batch, path: str) -> float:
@@ -120,62 +135,90 @@ def try_step(model, opt, cfg, pairs, seq, path, device) -> bool:
     return ok
 
 
-def largest_batch(model, opt, cfg, seq, path, device, max_pairs: int) -> dict:
-    """Largest number of pairs whose step fits: double from 1, then bisect. ``capped`` when even
-    ``max_pairs`` fit (always so on CPU, which has no memory limit here)."""
-    lo, hi, trials = 0, None, []
-    p = 1
-    while p <= max_pairs:
-        ok = try_step(model, opt, cfg, p, seq, path, device)
-        trials.append((p, ok))
-        if not ok:
-            hi = p
-            break
-        lo = p
-        p *= 2
-    if hi is None and lo < max_pairs and lo * 2 > max_pairs:
-        ok = try_step(model, opt, cfg, max_pairs, seq, path, device)
-        trials.append((max_pairs, ok))
-        lo, hi = (max_pairs, None) if ok else (lo, max_pairs)
-    while hi is not None and hi - lo > 1:
-        mid = (lo + hi) // 2
-        ok = try_step(model, opt, cfg, mid, seq, path, device)
-        trials.append((mid, ok))
-        lo, hi = (mid, hi) if ok else (lo, mid)
-    return {"max_pairs": lo, "capped": hi is None, "cap": max_pairs, "trials": trials}
+class BatchSearch:
+    """The largest number of pairs whose step fits: double from ``known_fit`` (from 1 when 0), then
+    bisect; ``max_pairs`` caps it. Drive it with ``while (p := s.next()) is not None: s.record(p, ok)``
+    (each trial may be its own timed, guarded step); :meth:`result` at any point gives the best known
+    batch (``complete`` False when the search was stopped before it converged)."""
+
+    def __init__(self, max_pairs: int, known_fit: int = 0):
+        self.cap = int(max_pairs)
+        self.lo = min(int(known_fit), self.cap)  # largest known to fit
+        self.hi = None  # smallest known not to fit
+        self.trials = []
+
+    def next(self):
+        """The next batch to try, or None when the search is done."""
+        if self.hi is None:
+            return None if self.lo >= self.cap else min(self.cap, 2 * self.lo if self.lo else 1)
+        return (self.lo + self.hi) // 2 if self.hi - self.lo > 1 else None
+
+    def record(self, pairs: int, ok: bool) -> None:
+        self.trials.append((pairs, bool(ok)))
+        if ok:
+            self.lo = max(self.lo, pairs)
+        else:
+            self.hi = pairs if self.hi is None else min(self.hi, pairs)
+
+    def result(self) -> dict:
+        return {"max_pairs": self.lo, "capped": self.hi is None and self.lo >= self.cap,
+                "cap": self.cap, "upper": self.hi, "complete": self.next() is None,
+                "trials": list(self.trials)}
 
 
-def run_path(model, opt, cfg, path, *, pairs, seq, device, steps, search, max_pairs) -> dict:
+def largest_batch(model, opt, cfg, seq, path, device, max_pairs: int, known_fit: int = 0) -> dict:
+    """Largest number of pairs whose step fits: double from 1 (or from ``known_fit``), then bisect.
+    ``capped`` when even ``max_pairs`` fit (always so on CPU, which has no memory limit here)."""
+    search = BatchSearch(max_pairs, known_fit)
+    while (p := search.next()) is not None:
+        search.record(p, try_step(model, opt, cfg, p, seq, path, device))
+    return search.result()
+
+
+def measure_step(model, opt, cfg, path, *, pairs, seq, device, steps, seed: int = 0) -> dict:
+    """Step time of ``path`` at ``pairs`` x ``seq``: one warm-up step (optimizer state, kernels,
+    autotuning; its loss is ``first_loss``, on the weights the model was built with), then the median
+    of ``steps`` timed steps; peak memory (CUDA) over the last. OOM propagates (the caller decides)."""
     device = torch.device(device)
     out = {"path": path, "pairs": pairs, "seq": seq, "tokens": 2 * pairs * seq, "status": "ok",
            "step_ms": None, "tokens_per_s": None, "peak_mem_mib": None, "step_extra_mib": None}
-    try:
-        batch = make_batch(cfg, pairs, seq, device)
-        train_step(model, opt, batch, path)  # warm-up: optimizer state, kernels, autotuning
+    batch = make_batch(cfg, pairs, seq, device, seed=seed)
+    t0 = time.perf_counter()
+    out["first_loss"] = train_step(model, opt, batch, path)
+    sync(device)
+    out["warmup_ms"] = (time.perf_counter() - t0) * 1e3
+    times = []
+    base = 0
+    for i in range(steps):
+        if device.type == "cuda" and i == steps - 1:
+            free_memory(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        out["loss"] = train_step(model, opt, batch, path)
         sync(device)
-        times = []
-        for i in range(steps):
-            if device.type == "cuda" and i == steps - 1:
-                free_memory(device)
-                base = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
-            out["loss"] = train_step(model, opt, batch, path)
-            sync(device)
-            times.append((time.perf_counter() - t0) * 1e3)
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device)
-            out["peak_mem_mib"] = peak / MIB
-            out["step_extra_mib"] = (peak - base) / MIB
+        times.append((time.perf_counter() - t0) * 1e3)
+    if device.type == "cuda" and steps:
+        peak = torch.cuda.max_memory_allocated(device)
+        out["peak_mem_mib"] = peak / MIB
+        out["step_extra_mib"] = (peak - base) / MIB
+    if times:
         times.sort()
         out["step_ms"] = times[len(times) // 2]
         out["step_ms_all"] = times
         out["tokens_per_s"] = out["tokens"] / (out["step_ms"] * 1e-3)
+    return out
+
+
+def run_path(model, opt, cfg, path, *, pairs, seq, device, steps, search, max_pairs) -> dict:
+    device = torch.device(device)
+    try:
+        out = measure_step(model, opt, cfg, path, pairs=pairs, seq=seq, device=device, steps=steps)
     except Exception as exc:  # noqa: BLE001
         if not is_oom(exc):
             raise
-        out["status"] = "oom"
-    batch = None
+        out = {"path": path, "pairs": pairs, "seq": seq, "tokens": 2 * pairs * seq, "status": "oom",
+               "step_ms": None, "tokens_per_s": None, "peak_mem_mib": None, "step_extra_mib": None}
     opt.zero_grad(set_to_none=True)
     free_memory(device)
     if search:
@@ -188,12 +231,16 @@ def default_paths(device) -> list:
 
 
 def run_e2e(device, *, paths=None, pairs: int = 2, seq: int = 2048, tiny: bool = False,
-            steps: int = 3, search: bool = True, max_pairs: int = 64, log=print) -> dict:
+            steps: int = 3, search: bool = True, max_pairs: int = 64, dtype=torch.bfloat16,
+            log=print) -> dict:
+    """Every path on one model (the optimizer state carries over between paths); results at the end.
+    The GPU campaign's ``train-step`` call (:mod:`benchmarks.campaign.train_step`) runs the same
+    pieces as separate time-guarded steps, a fresh model per path."""
     device = torch.device(device)
     paths = list(paths or default_paths(device))
     cfg = gemma2_2b_config(tiny)
     t0 = time.perf_counter()
-    model = build_model(cfg, device)
+    model = build_model(cfg, device, dtype=dtype)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=8e-7, foreach=True)
     result = {"model": "gemma2-2b-shaped" + (" (tiny)" if tiny else ""), "params": n_params,
@@ -201,7 +248,8 @@ def run_e2e(device, *, paths=None, pairs: int = 2, seq: int = 2048, tiny: bool =
                   "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "head_dim",
                   "final_logit_softcapping", "attn_logit_softcapping", "tie_word_embeddings")},
-              "dtype": "bfloat16", "optimizer": "AdamW (bf16 params, no fp32 master copy)",
+              "dtype": str(dtype).replace("torch.", ""),
+              "optimizer": "AdamW (params' dtype, no fp32 master copy)",
               "gradient_checkpointing": True, "attn_implementation": "eager",
               "build_s": time.perf_counter() - t0, "paths": []}
     log(f"e2e: {result['model']}, {n_params / 1e9:.3f}B params, built in {result['build_s']:.1f}s")
@@ -223,19 +271,22 @@ def run_e2e(device, *, paths=None, pairs: int = 2, seq: int = 2048, tiny: bool =
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--paths", default=None, help="comma list of eager,torch,triton")
+    ap.add_argument("--paths", default=None,
+                    help="comma list of eager,torch,triton (or triton-pairs, triton-fused, ...)")
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--max-pairs", type=int, default=None)
     ap.add_argument("--no-search", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="toy config (default on CPU)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="parameters' dtype (float32 for triton paths under TRITON_INTERPRET=1)")
     args = ap.parse_args(argv)
     tiny = args.tiny or args.device == "cpu"
     res = run_e2e(args.device, paths=args.paths.split(",") if args.paths else None,
                   pairs=args.pairs, seq=args.seq or (64 if tiny else 2048), tiny=tiny,
                   steps=args.steps, search=not args.no_search,
-                  max_pairs=args.max_pairs or (4 if tiny else 64))
+                  max_pairs=args.max_pairs or (4 if tiny else 64), dtype=getattr(torch, args.dtype))
     print(json.dumps(res, indent=1))
 
 

@@ -1,6 +1,14 @@
 """Render benchmark results (JSON from ``python -m benchmarks``) as PNG plots + a markdown table.
 
     python -m benchmarks.report RESULTS.json [MORE.json ...] [--out DIR]
+    python -m benchmarks.report benchmarks/results/<date>-<gpu>/*.json --readme README.md
+
+A result file is either the runner's (``cases``) or a campaign call's (``python -m
+benchmarks.campaign``, :func:`from_campaign`): ``bench.json`` (its rows of kind ``case`` are the
+cases), ``train-step.json`` (the end-to-end table) and ``check.json`` (cuBLAS rates and the
+exactness table); any of them can be merged. ``--readme`` rewrites the block between
+``<!-- perf:begin -->`` and ``<!-- perf:end -->`` of a README with the tables and links to the
+plots, so the top-level performance table is always regenerated from the committed JSON.
 
 Several result files (e.g. one GPU call per family) are merged; they should come from the same
 device. Per lm_head family one PNG with three panels against tokens (log-log): forward time with
@@ -16,17 +24,50 @@ import argparse
 import json
 from pathlib import Path
 
-IMPL_ORDER = ("eager", "torch", "triton", "triton-pairs", "triton-vocab", "triton-fused", "liger", "cce")
+IMPL_ORDER = ("eager", "torch", "triton", "triton-pairs", "triton-vocab", "triton-fused", "liger", "cce",
+              "cce-nofilter")
 STYLE = {"eager": ("tab:gray", "o"), "torch": ("tab:blue", "s"), "triton": ("tab:red", "D"),
          "triton-pairs": ("tab:orange", "P"), "triton-vocab": ("tab:brown", "X"),
-         "triton-fused": ("tab:pink", "d"), "liger": ("tab:green", "^"), "cce": ("tab:purple", "v")}
+         "triton-fused": ("tab:pink", "d"), "liger": ("tab:green", "^"), "cce": ("tab:purple", "v"),
+         "cce-nofilter": ("tab:cyan", ">")}
+
+
+def from_campaign(data: dict) -> dict:
+    """A campaign call's JSON (``steps`` rows, the environment under ``env``) in the runner's
+    schema: the rows of kind ``case`` (one per (case, impl), skipped ones included) are the
+    ``cases``; other steps (matmul rate, inputs and references) stay out of the table."""
+    env = data.get("env") or {}
+    out = {"schema": data.get("schema"), "device": env.get("device"),
+           "device_type": env.get("device_type"), "torch": env.get("torch"),
+           "triton": env.get("triton"), "commit": env.get("commit"), "date": data.get("date"),
+           "matmul_bf16_tflops": data.get("matmul_bf16_tflops"), "call": data.get("call"),
+           "dry_run": data.get("dry_run"),
+           "cases": [dict(s) for s in data.get("steps", []) if s.get("kind") == "case"]}
+    if data.get("call") == "train-step" and data.get("summary"):
+        model = data.get("model") or {}
+        out["e2e"] = {"model": model.get("name"), "dtype": model.get("dtype"),
+                      "paths": [dict(p, peak_mem_mib=None if p.get("peak_gib") is None else p["peak_gib"] * 1024)
+                                for p in data["summary"]]}
+    if data.get("call") == "check":
+        out["check"] = {"gemm": [s for s in data.get("steps", []) if s.get("kind") == "gemm"],
+                        "exact": [s for s in data.get("steps", []) if s.get("kind") == "exact"],
+                        "shape": data.get("shape"), "tuned": data.get("tuned")}
+    return out
+
+
+def read(path) -> dict:
+    """One result file, in the runner's schema (campaign files converted by :func:`from_campaign`)."""
+    data = json.loads(Path(path).read_text())
+    if "cases" not in data and "steps" in data:
+        data = from_campaign(data)
+    return data
 
 
 def load(paths) -> dict:
     """Merge result files: device info from the first, ``cases`` concatenated, ``e2e`` kept."""
     merged = None
     for p in paths:
-        data = json.loads(Path(p).read_text())
+        data = read(p)
         if merged is None:
             merged = dict(data)
             merged["cases"] = list(data.get("cases", []))
@@ -39,8 +80,9 @@ def load(paths) -> dict:
         merged["sources"].append(str(p))
         if merged.get("matmul_bf16_tflops") is None:
             merged["matmul_bf16_tflops"] = data.get("matmul_bf16_tflops")
-        if "e2e" in data and "e2e" not in merged:
-            merged["e2e"] = data["e2e"]
+        for key in ("e2e", "check"):
+            if key in data and key not in merged:
+                merged[key] = data[key]
     if merged is None:
         raise ValueError("no result files given")
     return merged
@@ -105,12 +147,21 @@ def plot_family(data: dict, family: str, path: Path) -> Path:
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center")
     cap = c0.get("softcap")
     fig.suptitle(f"SimPO lm_head loss, {family}: H={H}, V={V}, {c0['dtype']}, "
-                 f"softcap {cap if cap is not None else 'none'}; {data.get('device')} "
-                 f"(x = out of memory)", fontsize=10)
+                 f"softcap {cap if cap is not None else 'none'}{_layout_text(cases)}; "
+                 f"{data.get('device')} (x = out of memory)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _layout_text(cases) -> str:
+    """``", ultrafeedback layout, target frac 0.40"`` for a non-default input layout, else ``""``."""
+    layout = next((c["layout"] for c in cases if c.get("layout")), "random")
+    if layout == "random":
+        return ""
+    fracs = [c["target_frac"] for c in cases if c.get("target_frac") is not None]
+    return f", {layout} layout" + (f", target frac {fracs[0]:.2f}" if fracs else "")
 
 
 def _cell(c):
@@ -168,8 +219,9 @@ def table(data: dict) -> str:
         c0 = cases[0]
         tokens = sorted({c["tokens"] for c in cases})
         lines.append("")
+        cap = next((c["softcap"] for c in cases if c.get("softcap") is not None), None)
         lines.append(f"### {fam} (H={c0['hidden']}, V={c0['vocab']}, {c0['dtype']}, "
-                     f"softcap {c0['softcap'] if c0['softcap'] is not None else 'none'})")
+                     f"softcap {cap if cap is not None else 'none'}{_layout_text(cases)})")
         lines.append("")
         lines.append("| impl | " + " | ".join(f"N={n}" for n in tokens) + " |")
         lines.append("|---|" + "---|" * len(tokens))
@@ -188,6 +240,7 @@ def table(data: dict) -> str:
         for impl, ns in notes.items():
             lines.append(f"`*` {impl}: {', '.join(sorted(ns))}.")
     lines += _prediction_table(data["cases"])
+    lines += _check_tables(data.get("check"))
     e2e = data.get("e2e")
     if e2e and e2e.get("paths"):
         lines.append("")
@@ -205,6 +258,59 @@ def table(data: dict) -> str:
                          f"{f(p.get('step_ms'))} | {f(p.get('tokens_per_s'), '.0f')} | "
                          f"{f(p.get('peak_mem_mib'), '.0f')} | {big} |")
     return "\n".join(lines) + "\n"
+
+
+def _check_tables(check) -> list:
+    """The ``check`` call's cuBLAS rates and exactness table (relative norm errors against float64)."""
+    if not check:
+        return []
+    f = (lambda v, spec: "-" if v is None else format(v, spec))
+    lines = ["", "### cuBLAS rates (M x N x K)", "", "| GEMM | shape | out dtype | ms | TFLOP/s |", "|---|---|---|---|---|"]
+    for g in check["gemm"]:
+        lines.append(f"| {g['name']} | {g['m']}x{g['n']}x{g['k']} | {g.get('out_dtype')} | "
+                     f"{f(g.get('median_ms'), '.3f')} | {f(g.get('tflops'), '.0f')} |")
+    shape = check.get("shape") or {}
+    lines += ["", f"### Exactness against float64 ({shape.get('family')}, N={shape.get('tokens')}, "
+              f"{shape.get('dtype')}; relative norm errors)", "",
+              "| impl | loss | log-probs | dH | dW | pass | fwd+bwd ms | status |", "|---|---|---|---|---|---|---|---|"]
+    for r in check["exact"]:
+        e = r.get("errors") or {}
+        lines.append(f"| {r['impl']} | {f(e.get('loss'), '.1e')} | {f(e.get('logps'), '.1e')} | "
+                     f"{f(e.get('dhidden'), '.1e')} | {f(e.get('dweight'), '.1e')} | {r.get('passed')} | "
+                     f"{f((r.get('fwd_bwd') or {}).get('median_ms'), '.1f')} | {r['status'][:60]} |")
+    return lines
+
+
+README_BEGIN, README_END = "<!-- perf:begin -->", "<!-- perf:end -->"
+
+
+def readme_block(paths, readme: Path) -> str:
+    """The README's performance block from result files: provenance, tables, links to the plots
+    (``<stem>-<family>.png`` beside the first file, as :func:`render` writes them)."""
+    import os
+
+    paths = [Path(p) for p in paths]
+    data = load(paths)
+    if data.get("dry_run"):
+        raise ValueError(f"{paths[0]} is a dry run: CPU numbers never go into the README")
+    rel = Path(os.path.relpath(paths[0].parent, readme.resolve().parent))
+    stem = next((p.stem for p in paths if read(p).get("cases")), paths[0].stem)
+    head = (f"Measured on **{data.get('device')}** ({data.get('date')}, commit {data.get('commit')}, torch "
+            f"{data.get('torch')}, triton {data.get('triton')}); regenerated from "
+            + ", ".join(f"`{(rel / p.name).as_posix()}`" for p in paths) + " by `python -m benchmarks.report "
+            "... --readme README.md`.")
+    plots = [f"![{fam}]({(rel / f'{stem}-{fam}.png').as_posix()})" for fam in _families(data["cases"])
+             if (paths[0].parent / f"{stem}-{fam}.png").exists()]
+    return "\n".join([README_BEGIN, head, "", table(data).rstrip(), ""] + plots + [README_END])
+
+
+def update_readme(readme: Path, block: str) -> None:
+    """Replace the text between the markers of ``readme`` by ``block`` (ValueError without them)."""
+    text = readme.read_text()
+    i, j = text.find(README_BEGIN), text.find(README_END)
+    if i < 0 or j < i:
+        raise ValueError(f"{readme}: no {README_BEGIN} ... {README_END} block to replace")
+    readme.write_text(text[:i] + block + text[j + len(README_END):])
 
 
 def render(paths, out_dir=None, stem=None) -> str:
@@ -228,7 +334,12 @@ def main(argv=None):
     ap.add_argument("results", nargs="+")
     ap.add_argument("--out", default=None)
     ap.add_argument("--stem", default=None)
+    ap.add_argument("--readme", default=None, help="rewrite this README's performance block instead")
     args = ap.parse_args(argv)
+    if args.readme:
+        update_readme(Path(args.readme), readme_block(args.results, Path(args.readme)))
+        print(f"updated {args.readme}")
+        return
     print(render(args.results, args.out, args.stem))
 
 

@@ -42,7 +42,9 @@ def test_gpu_shapes():
     assert (case.rows, case.seq) == (16, 2048)
     assert abs(C.make_case(C.FAMILIES["gemma2-9b"], 8192).flops_fwd_bwd() / 1e12 - 45.1) < 0.1
     assert C.FAMILIES["llama3-8b"].softcap is None and C.FAMILIES["llama3-8b"].vocab == 128256
-    assert len(C.cases_for(C.GPU_FAMILIES)) == 15
+    assert len(C.cases_for(C.GPU_FAMILIES)) == 16  # 5 token counts each, 65536 at gemma2-9b
+    assert (C.make_case(C.FAMILIES["gemma2-9b"], 65536).rows, C.cases_for(["gemma2-2b"], [65536])) == (32, [])
+    assert [c.tokens for c in C.cases_for(C.CPU_FAMILIES)] == [256, 256, 64]  # CPU smoke unchanged
 
 
 def _wrong(scale_grad):
@@ -97,7 +99,7 @@ def test_missing_peer_is_skipped_with_reason(small_ctx, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "liger_kernel.chunked_loss", None)
     monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)
-    for name in ("liger", "cce"):
+    for name in ("liger", "cce", "cce-nofilter"):
         row = M.run_impl(name, small_ctx)
         assert row["status"].startswith("skipped:") and "not installed" in row["status"], row
 
@@ -192,7 +194,7 @@ def test_peers_wired_like_the_official_objective(small_ctx):
     """Liger (no softcap) and CCE agree with float64 on the no-softcap and softcap cases."""
     for fam in ("cpu-small", "cpu-small-nocap"):
         ctx = M.CaseContext(C.make_case(C.FAMILIES[fam], 256), CPU)
-        for name in ("liger", "cce"):
+        for name in ("liger", "cce", "cce-nofilter"):
             try:
                 impl = C.build_impl(name, ctx.case, CPU)
             except C.Unavailable as exc:
