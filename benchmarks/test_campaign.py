@@ -222,3 +222,21 @@ def test_readme_block_is_regenerated_from_campaign_json(check_dry_run, tmp_path)
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="no <!-- perf:begin -->"):
         report.main([str(results / "check.json"), "--readme", str(readme)])
+
+
+def test_run_sh_runs_a_call_and_keeps_its_log(tmp_path):
+    """The GPU entry point itself (``benchmarks/campaign/run.sh``), on the shortest call's dry run:
+    exit status, the call's JSON and the log under $OUT, the clock started by the script."""
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SIMPO_TUNED_DIR")}
+    env.update(OUT=str(out), SIMPO_WHEELS=str(tmp_path / "no-wheels"), SIMPO_COMMIT="abc123",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    proc = subprocess.run(["bash", "benchmarks/campaign/run.sh", "train-step", "--dry-run", "--no-search"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (out / "train-step.log").read_text()
+    assert "no wheels in" in log and "== train-step (dry run)" in log
+    result = json.loads((out / "train-step.json").read_text())
+    assert result["env"]["commit"] == "abc123" and result["status_counts"].get("ok", 0) > 0
+    assert sorted(p.name for p in out.iterdir()) == ["train-step.json", "train-step.log"]

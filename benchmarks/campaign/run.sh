@@ -12,13 +12,14 @@ export SIMPO_CAMPAIGN_T0=$(date +%s.%N)  # the call's limit counts from here
 call=${1:?usage: run.sh check|bench|train-step [options]}
 shift
 log="$OUT/$call.log"
+wheels=${SIMPO_WHEELS:-.whl}  # the carried wheels (device tool: carry [".whl"])
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 {
-  if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-    python3 -m benchmarks.campaign.wheels --dir .whl --installed || echo "(wheel check failed: see above)"
+  if compgen -G "$wheels/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheels"/*.whl || exit 1
+    python3 -m benchmarks.campaign.wheels --dir "$wheels" --installed || echo "(wheel check failed: see above)"
   else
-    echo "no .whl/: the peers and datasets/deepspeed are missing (run benchmarks/campaign/fetch-wheels here)"
+    echo "no wheels in $wheels: the peers and datasets/deepspeed are missing (run benchmarks/campaign/fetch-wheels here)"
   fi
   timeout --signal=INT --kill-after=10 575 python3 -m benchmarks.campaign "$call" --out "$OUT" "$@"
 } 2>&1 | tee "$log"
