@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import platform
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,37 +24,18 @@ from pathlib import Path
 
 import torch
 
+from simpo_kernels.tuned import slug
+
 from . import cases as C
 from . import measure as M
 
 SCHEMA_VERSION = 1
 
 
-def _commit(explicit=None) -> str:
-    explicit = explicit or os.environ.get("SIMPO_COMMIT")
-    if explicit:
-        return explicit
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
-        if out.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=10,
-                                   cwd=Path(__file__).resolve().parent).stdout.strip()
-            return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def _versions() -> dict:
@@ -158,7 +136,7 @@ def main(argv=None) -> Path:
         "torch": torch.__version__,
         "triton": _versions()["triton"],
         "versions": _versions(),
-        "commit": _commit(args.commit),
+        "commit": M.git_commit(args.commit),
         "date": now.isoformat(timespec="seconds"),
         "host": platform.node(),
         "argv": list(sys.argv[1:] if argv is None else argv),

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import statistics
+import subprocess
 import time
 import traceback
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -348,7 +351,30 @@ def matmul_tflops(device, n: Optional[int] = None, dtype=torch.bfloat16) -> dict
     out = torch.empty(n, n, device=device, dtype=dtype)
     t = time_fn(lambda: torch.matmul(a, b, out=out), device, warmup=3, target_s=1.0,
                 min_reps=10, max_reps=100)
-    del a, b, out
+    a = b = out = None  # free the operands before the caller's next allocation
     free_memory(device)
     return {"tflops": 2.0 * n ** 3 / (t["median_ms"] * 1e-3) / 1e12, "n": n,
             "dtype": str(dtype).replace("torch.", ""), "median_ms": t["median_ms"]}
+
+
+# --------------------------------------------------------------------------------------------
+# Provenance
+
+
+def git_commit(explicit: Optional[str] = None) -> str:
+    """``explicit``, else ``$SIMPO_COMMIT`` (the device machine's copy has no .git), else
+    ``git rev-parse`` (``-dirty`` when tracked files differ from it)."""
+    explicit = explicit or os.environ.get("SIMPO_COMMIT")
+    if explicit:
+        return explicit
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                             timeout=10, cwd=root)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, timeout=10, cwd=root).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"

@@ -67,7 +67,7 @@ def test_schedule_order_from_the_table(tuned_dir):
     ({"schedule_order": ["tokens"]}, "schedule_order"),
     ({"schedule_order": ["fused", "fused"]}, "schedule_order"),
     ({"configs": [entry(schedule="tokens")]}, "unknown schedule"),
-    ({"configs": [entry(blocks=3)]}, "KernelConfig fields"),
+    ({"configs": [dict(entry(), options=[3])]}, "options must be an object"),
     ({"configs": [entry(tokens=0)]}, "tokens must be a positive int"),
     ([1, 2], "JSON object"),
 ])
@@ -76,9 +76,13 @@ def test_bad_tables_are_refused(table, match):
         check_table(table, "t.json")
 
 
-def test_a_bad_value_in_a_table_names_the_file(tuned_dir):
-    tuned_dir({"configs": [entry(block_v=48)]})
-    with pytest.raises(ValueError, match=r"cpu\.json: entry for 'fused': block_v must be a power of two"):
+@pytest.mark.parametrize("options, match", [
+    ({"block_v": 48}, "block_v must be a power of two"),
+    ({"blocks": 3}, r"unknown KernelConfig fields \['blocks'\]"),
+])
+def test_a_bad_entry_in_a_table_names_the_file(tuned_dir, options, match):
+    tuned_dir({"configs": [entry(**options)]})
+    with pytest.raises(ValueError, match=r"cpu\.json: entry for 'fused': " + match):
         make_config(CPU, torch.float32, {}, schedule="fused", shape=(64, 40, 300))
 
 

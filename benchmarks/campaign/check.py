@@ -34,9 +34,11 @@ from typing import Any, Optional
 
 import torch
 
+from simpo_kernels.tuned import slug
+
 from .. import cases as C
 from .. import measure as M
-from .common import Call, fmt, slug, table
+from .common import Call, fmt, table
 
 #: The shape of the exactness check and the sweep: the Gemma-2-9B head at N=8192.
 FAMILY, TOKENS = "gemma2-9b", 8192

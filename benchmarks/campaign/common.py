@@ -23,7 +23,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import subprocess
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+from .. import measure as M
 
 SCHEMA = 1
 #: The device tool's per-command limit is 600 s; each call plans for 540 s and stops 60 s before.
@@ -48,32 +49,10 @@ class DeadlineReached(BaseException):
     measured code cannot swallow it)."""
 
 
-def slug(name: str) -> str:
-    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"`` (file names, table keys)."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return "cpu"
-
-
-def git_commit() -> str:
-    """``$SIMPO_COMMIT`` (the device machine's copy has no .git), else ``git rev-parse``."""
-    if os.environ.get("SIMPO_COMMIT"):
-        return os.environ["SIMPO_COMMIT"]
-    root = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                             timeout=10, cwd=root)
-        if out.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                   text=True, timeout=10, cwd=root).stdout.strip()
-            return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
 
 
 def _package_version(dist: str) -> Optional[str]:
@@ -141,7 +120,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "cublas": _cublas_version() if device.type == "cuda" else None,
-        "commit": git_commit(), "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        "commit": M.git_commit(), "triton_interpret": os.environ.get("TRITON_INTERPRET"),
     }
     for dist in ("triton", "transformers", "accelerate", "datasets", "deepspeed", "trl", "liger-kernel",
                  "cut-cross-entropy", "numpy"):

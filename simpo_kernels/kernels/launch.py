@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tuned import table_path, tuned_options
+
 
 def interpreting() -> bool:
     """True when kernels run in the Triton CPU interpreter (``TRITON_INTERPRET=1``)."""
@@ -152,14 +154,15 @@ def make_config(device: torch.device, dtype: torch.dtype, options: dict, *, sche
     else:
         cfg = gpu_config(dtype, torch.backends.cuda.matmul.allow_tf32)
     if schedule is not None and shape is not None:
-        from ..tuned import table_path, tuned_options
-
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         tuned = tuned_options(name, schedule, str(dtype).replace("torch.", ""), *shape)
         if tuned:
             try:
+                bad = set(tuned) - _OPTION_NAMES
+                if bad:
+                    raise ValueError(f"unknown KernelConfig fields {sorted(bad)}")
                 cfg = _checked(replace(cfg, **tuned))
-            except (TypeError, ValueError) as exc:
+            except ValueError as exc:
                 raise ValueError(f"{table_path(name)}: entry for {schedule!r}: {exc}") from None
     return _checked(replace(cfg, **options))
 
