@@ -63,11 +63,12 @@ def test_steps_are_written_as_they_end_with_their_outcome(tmp_path):
 
 
 def test_the_deadline_interrupts_a_step_and_skips_the_rest(tmp_path):
-    call = Call("unit", tmp_path, CPU, dry_run=True, limit_s=60.6, margin_s=60, argv=[])
+    call = Call("unit", tmp_path, CPU, dry_run=True, limit_s=600, margin_s=60, argv=[])
     t0 = time.monotonic()
+    call.deadline = t0 + 0.5  # half a second left, however long the Call took to set up
 
     def slow(row):
-        while time.monotonic() - t0 < 30:  # would run 30 s; the deadline is under 0.6 s away
+        while time.monotonic() - t0 < 30:  # would run 30 s; the deadline is 0.5 s away
             sum(range(1000))
         row["finished"] = True
 
