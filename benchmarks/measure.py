@@ -165,10 +165,6 @@ def float64_reference(hidden, weight, labels, softcap, *, beta: float = C.BETA,
             "dh": out["dhidden"], "dw": out["dweight"]}
 
 
-def _float64_reference(case: C.Case, hidden, weight, labels, softcap):
-    return float64_reference(hidden, weight, labels, softcap)
-
-
 def _float32_reference(backend, case, hidden, weight, labels, softcap):
     """``backend`` ("eager" or "torch") on float32 copies of the inputs, full-precision matmuls
     (no tf32): error ~1e-6 against float64, far below the bf16 tolerances, and it runs on the GPU.
@@ -221,7 +217,7 @@ class CaseContext:
         args = (self.case, self.hidden, self.weight, self.labels, softcap)
         mode = self.reference_mode
         if mode == "float64" or (mode == "auto" and self.device.type != "cuda"):
-            return _float64_reference(*args)
+            return float64_reference(self.hidden, self.weight, self.labels, softcap)
         backends = ["eager", "torch"]  # eager where it fits, else chunked
         # float32 eager holds ~8 [N, V] float32 buffers (logits, softcap, log-softmax, grads):
         # don't try it where that cannot fit (an OOM attempt costs seconds).

@@ -14,7 +14,8 @@ import torch
 
 from simpo_kernels import simpo_loss
 from simpo_kernels.objective import METRIC_NAMES, sequence_logp_grads, simpo_objective
-from simpo_kernels.schedules import SCHEDULES, measured_order, resolve_schedule
+from simpo_kernels.schedules import SCHEDULES, resolve_schedule
+from simpo_kernels.tuned import schedule_order
 from simpo_kernels.schedules.common import TargetLayout, vocab_chunk
 from simpo_kernels.schedules.pairs import pair_chunks
 from tests.reference import reference_simpo, rel_err
@@ -258,11 +259,11 @@ def test_auto_schedule_follows_budget_and_measured_table(tmp_path):
     with pytest.raises(ValueError, match="unknown schedule 'fused' for backend='torch'"):
         resolve_schedule("torch", "fused", cpu, layout, V, 1)
     (tmp_path / "nvidia-h100-80gb-hbm3.json").write_text('{"schedule_order": ["vocab", "pairs", "fused"]}')
-    assert measured_order("NVIDIA H100 80GB HBM3", str(tmp_path)) == ("vocab", "pairs", "fused")
-    assert measured_order("other GPU", str(tmp_path)) is None
+    assert schedule_order("NVIDIA H100 80GB HBM3", str(tmp_path)) == ("vocab", "pairs", "fused")
+    assert schedule_order("other GPU", str(tmp_path)) is None
     (tmp_path / "x.json").write_text('{"schedule_order": ["tokens"]}')
     with pytest.raises(ValueError, match="schedule_order"):
-        measured_order("X", str(tmp_path))
+        schedule_order("X", str(tmp_path))
 
 
 @pytest.mark.parametrize("kwargs, exc, msg", [

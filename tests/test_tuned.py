@@ -12,8 +12,7 @@ import torch
 
 from simpo_kernels import simpo_loss
 from simpo_kernels.kernels.launch import INTERPRETER_CONFIG, make_config
-from simpo_kernels.schedules import measured_order
-from simpo_kernels.tuned import ENV_DIR, check_table, slug, table_path, tuned_options
+from simpo_kernels.tuned import ENV_DIR, check_table, schedule_order, slug, table_path, tuned_options
 from tests.reference import reference_simpo, rel_err
 from tests.triton_helpers import DEVICE
 
@@ -59,8 +58,8 @@ def test_make_config_follows_the_nearest_entry_and_caller_options_win(tuned_dir)
 
 def test_schedule_order_from_the_table(tuned_dir):
     tuned_dir({"schedule_order": ["fused", "vocab", "pairs"], "configs": []})
-    assert measured_order("cpu") == ("fused", "vocab", "pairs")
-    assert measured_order("NVIDIA H100 80GB HBM3") is None
+    assert schedule_order("cpu") == ("fused", "vocab", "pairs")
+    assert schedule_order("NVIDIA H100 80GB HBM3") is None
 
 
 @pytest.mark.parametrize("table, match", [

@@ -150,9 +150,9 @@ class Inputs:
         self.target_frac = float((self.labels[:, 1:] != C.IGNORE_INDEX).float().mean())
         self.tol_val, self.tol_grad = M.TOLERANCES[self.case.dtype]
         self.target_s = args.target_s or (0.02 if call.dry_run else 0.3)
-        # a dry run times one call (the interpreter takes seconds per call); on the GPU a warm-up
-        # call, then at least 3
-        self.timing = dict(warmup=0, min_reps=1, max_reps=1) if call.dry_run else dict(warmup=1, min_reps=3)
+        # no separate warm-up: every timing follows the check's fwd+bwd call, which compiled the
+        # kernels; a dry run times one call (the interpreter takes seconds per call), the GPU >= 3
+        self.timing = dict(warmup=0, min_reps=1, max_reps=1) if call.dry_run else dict(warmup=0, min_reps=3)
         #: (schedule, options as JSON) -> its variant or sweep row: each configuration is measured once
         self.measured: dict[tuple[str, str], dict] = {}
 
@@ -382,8 +382,7 @@ def readback(call: Call, x: Inputs, tuned: dict[str, Any]) -> None:
     """Write ``tuned`` where the launchers look (a temporary ``$SIMPO_TUNED_DIR``) and check that
     :func:`make_config` and ``schedule="auto"``'s order follow it."""
     from simpo_kernels.kernels.launch import make_config
-    from simpo_kernels.schedules import measured_order
-    from simpo_kernels.tuned import ENV_DIR, table_path
+    from simpo_kernels.tuned import ENV_DIR, schedule_order, table_path
 
     def check_readback(row):
         with tempfile.TemporaryDirectory() as d:
@@ -397,7 +396,7 @@ def readback(call: Call, x: Inputs, tuned: dict[str, Any]) -> None:
                                       shape=(e["tokens"], e["hidden"], e["vocab"]))
                     problems += [f"{e['schedule']}.{k}={getattr(cfg, k)!r}, table {v!r}"
                                  for k, v in e["options"].items() if getattr(cfg, k) != v]
-                order = measured_order(tuned["device"])
+                order = schedule_order(tuned["device"])
                 if tuple(tuned["schedule_order"] or ()) != tuple(order or ()):
                     problems.append(f"schedule order {order} != table {tuned['schedule_order']}")
             finally:

@@ -48,11 +48,6 @@ __all__ = ["SCHEDULES", "TargetLayout", "TorchRows", "TritonRows", "check_memory
            "default_memory_budget", "resolve_schedule", "run_schedule", "run_schedule_triton"]
 
 
-def measured_order(device_name: str, directory: Optional[str] = None) -> Optional[tuple[str, ...]]:
-    """The committed fastest-first schedule order for ``device_name`` (:mod:`simpo_kernels.tuned`), or None."""
-    return schedule_order(device_name, directory)
-
-
 def default_memory_budget(device: torch.device) -> int:
     """Bytes of logits scratch a schedule may use: a quarter of the free device memory on CUDA
     (at least :data:`CPU_BUDGET_BYTES`), :data:`CPU_BUDGET_BYTES` elsewhere."""
@@ -101,7 +96,7 @@ def resolve_schedule(backend: str, schedule: str, device: torch.device, layout: 
         return "tokens"
     order = None
     if device.type == "cuda":
-        order = measured_order(torch.cuda.get_device_name(device))
+        order = schedule_order(torch.cuda.get_device_name(device))
     for name in order or DEFAULT_ORDER:
         if fits(name, layout, V, budget):
             return name
