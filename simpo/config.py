@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -25,8 +26,18 @@ RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = "tiny"
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake of the user's (configuration, data, paths, a busy output_dir): ``simpo-train``
+    prints its message on one line, without a traceback (``--debug`` shows it), and exits with
+    :attr:`exit_code`."""
+
+    exit_code = 1
+
+
+class ConfigError(UserError, ValueError):
     """A recipe or command line that cannot be turned into a configuration."""
+
+    exit_code = 2
 
 
 @dataclass
@@ -49,6 +60,11 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code."})
     tiny_hidden_size: int = field(default=96, metadata={"help": "Embedded tiny model: hidden size."})
     tiny_num_layers: int = field(default=2, metadata={"help": "Embedded tiny model: layers."})
+
+    def __post_init__(self):
+        _check(self.tiny_hidden_size > 0 and self.tiny_hidden_size % 8 == 0, "tiny_hidden_size",
+               self.tiny_hidden_size, "a positive multiple of 8 (4 heads of an even size)")
+        _check(self.tiny_num_layers >= 1, "tiny_num_layers", self.tiny_num_layers, ">= 1")
 
 
 @dataclass
@@ -75,6 +91,22 @@ class DataArguments:
         default=None, metadata={"help": "Keep only the first N training rows."})
     max_eval_samples: Optional[int] = field(
         default=None, metadata={"help": "Keep only the first N evaluation rows."})
+    dataset_shuffle: bool = field(
+        default=True, metadata={"help": "Shuffle the loaded train and eval splits with seed 42 "
+                                        "before the trainer's own sampler, as the official "
+                                        "run_simpo.py (alignment-handbook get_datasets) does."})
+    eval_fraction: float = field(
+        default=0.0, metadata={"help": "Hold out this fraction of the train split (a deterministic "
+                                       "seed-42 split) for evaluation when the data has no eval "
+                                       "split; 0 means no evaluation."})
+
+    def __post_init__(self):
+        _check(1 <= len(self.dataset_splits) <= 2, "dataset_splits", self.dataset_splits,
+               "a train split, then optionally an eval split")
+        _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", self.eval_fraction, "in [0, 1)")
+        for key in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, key, value, ">= 1 (or unset)")
 
 
 @dataclass
@@ -112,10 +144,32 @@ class SimPOConfig(TrainingArguments):
         "choices": ["exact", "targets", "none"]})
     loss_chunk_size: Optional[int] = field(default=None, metadata={
         "help": "Tokens per chunk of the torch backend's tokens schedule."})
+    existing_run: str = field(default="resume", metadata={
+        "help": "What to do with a previous run in output_dir: resume (from its last complete "
+                "checkpoint; refused if SimPO or optimisation settings differ), fresh (move its "
+                "checkpoints aside and start again) or resume_anyway (resume despite different "
+                "settings).",
+        "choices": ["resume", "fresh", "resume_anyway"]})
     plot: bool = field(default=True, metadata={
         "help": "Write training_curves.png (reward accuracy and margins) to output_dir."})
 
+    # which options the command line set (parse_args fills it): explicit requests, e.g. an
+    # --eval_strategy that data without an eval split cannot honour is an error, not ignored
+    command_line_keys: frozenset = field(default=frozenset(), init=False, repr=False)
+
     def __post_init__(self):
+        positive = ("max_length", "max_prompt_length", "per_device_train_batch_size",
+                    "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
+                    "save_steps", "eval_steps", "loss_chunk_size", "loss_memory_budget")
+        for key in positive:
+            value = getattr(self, key)
+            _check(value is None or value > 0, key, value, "> 0")
+        for key in ("learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "sft_weight"):
+            _check(getattr(self, key) >= 0, key, getattr(self, key), ">= 0")
+        _check(self.max_steps == -1 or self.max_steps > 0, "max_steps", self.max_steps,
+               "a positive number of steps, or -1 to train num_train_epochs")
+        _check(self.max_steps > 0 or self.num_train_epochs > 0, "num_train_epochs",
+               self.num_train_epochs, "> 0 when max_steps is -1")
         super().__post_init__()
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than "
@@ -128,6 +182,11 @@ class SimPOConfig(TrainingArguments):
                           sft_weight=float(self.sft_weight))
         except (TypeError, ValueError) as exc:
             raise ConfigError(str(exc)) from exc
+
+
+def _check(ok: bool, key: str, value, accepted: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: must be {accepted}, got {value!r}")
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, SimPOConfig)
@@ -162,63 +221,140 @@ def _field_types():
     return types_
 
 
-def _coerce(name, value, tp):
-    """YAML reads ``8e-7`` (no dot) as a string; turn such scalars into the field's numeric type."""
-    if not isinstance(value, str):
-        return value
-    candidates = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
-    for target in (float, int):
-        if target in candidates:
-            try:
-                return target(value)
-            except ValueError as exc:
-                raise ConfigError(f"{name}: cannot read {value!r} as {target.__name__}") from exc
-    return value
+def _admits(tp, kind: type) -> bool:
+    """Whether a field annotation accepts ``kind`` (``dict`` / ``list``) values as they are."""
+    return any(a is kind or typing.get_origin(a) is kind for a in (typing.get_args(tp) or (tp,)))
 
 
-def _cli_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(ARG_CLASSES, prog="simpo-train", description=__doc__,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _clean_help(text: str) -> str:
+    """reST markup of docstrings (``x``, :class:`x`, `x`) -> plain text for --help."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    return re.sub(r"``?([^`]+)``?", r"\1", text)
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser whose errors are ConfigErrors (no argparse exit, no usage dump) and whose
+    long options are never abbreviated (``--max-step 5`` is an unknown option, not max_steps)."""
+
+    def error(self, message):
+        # "argument --beta: invalid float value: 'x'" -> "beta: invalid float value: 'x'"
+        message = re.sub(r"^argument --([\w-]+)(/--[\w-]+)*: ", lambda m: m.group(1).replace("-", "_")
+                         + ": ", message)
+        raise ConfigError(message)
+
+
+USAGE = "simpo-train [RECIPE] [--key value ...] [--debug]"
+DESCRIPTION = (
+    "Train with SimPO. RECIPE is a YAML file or a packaged recipe name (tiny, gemma-2-9b-it-simpo); "
+    "without one the embedded tiny recipe runs. Every option below can be set in the recipe "
+    "(key: value) and overridden here (--key value); both are read by the same rules. The defaults "
+    "shown are the recipe's. --debug (or SIMPO_DEBUG=1) shows tracebacks of user errors.")
+
+
+def _cli_parser(defaults: Optional[dict] = None) -> _Parser:
+    parser = _Parser(ARG_CLASSES, prog="simpo-train", usage=USAGE, description=DESCRIPTION,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    for action in parser._actions:
+        if action.help:
+            action.help = _clean_help(action.help)
+        if defaults and action.dest in defaults and action.const is not False:
+            action.default = defaults[action.dest]
     return parser
 
 
-def parse_args(argv: Optional[list[str]] = None):
-    """``argv`` (default ``sys.argv[1:]``) -> ``(ModelArguments, DataArguments, SimPOConfig, recipe)``."""
-    import yaml
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    recipe = None
-    if argv and not argv[0].startswith("-"):
-        recipe = argv.pop(0)
-    recipe_path = resolve_recipe(recipe)
-    with open(recipe_path) as f:
-        values = yaml.safe_load(f) or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{recipe_path}: a recipe must be a mapping of option: value")
-
-    # Parse only what was given on the command line: with every default suppressed, the namespace
-    # holds exactly the overrides, typed by HfArgumentParser's rules (bools, lists, choices, ...).
+def _override_parser() -> _Parser:
+    """The CLI parser with every default suppressed: a namespace then holds exactly what was given."""
     parser = _cli_parser()
     for action in parser._actions:
         if action.dest != "help":
             action.default = argparse.SUPPRESS
             action.required = False
-    namespace, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flags = [u for u in unknown if u.startswith("-")] or unknown
-        raise ConfigError(f"unknown option(s) {' '.join(flags)} (see simpo-train --help)")
-    values.update(vars(namespace))
+    return parser
 
-    types_ = _field_types()
+
+def _yaml_scalar(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _read_recipe_values(path: Path, parser: _Parser, types_: dict) -> dict:
+    """The recipe's values, each read by the command line's own rules (``plot: "false"`` is False,
+    ``beta: true`` is an error, choices are checked)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of option: value")
+    raw = _apply_aliases(raw, types_, str(path))
+    bad = sorted(str(k) for k in set(raw) - set(types_))
+    if bad:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(bad)}")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.const is not False}
+    values = {}
+    for key, value in raw.items():
+        tp, action = types_[key], actions[key]
+        optional = type(None) in typing.get_args(tp)
+        many = action.nargs in ("+", "*")
+        if value is None:
+            if not optional:
+                raise ConfigError(f"{path.name}: {key}: null is not allowed here (expects "
+                                  f"{getattr(tp, '__name__', tp)})")
+            values[key] = None
+            continue
+        if isinstance(value, dict) or (isinstance(value, list) and not many):
+            kind = type(value)
+            if not _admits(tp, kind):
+                raise ConfigError(f"{path.name}: {key}: expects a single value, got a {kind.__name__} "
+                                  f"{value!r}")
+            values[key] = value  # e.g. deepspeed / fsdp_config / report_to given inline
+            continue
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, (list, dict)) or v is None for v in items):
+            raise ConfigError(f"{path.name}: {key}: expects a list of plain values, got {value!r}")
+        try:
+            ns = parser.parse_args([action.option_strings[0], *map(_yaml_scalar, items)])
+        except ConfigError as exc:
+            raise ConfigError(f"{path.name}: {exc}") from None
+        values[key] = getattr(ns, key)
+    return values
+
+
+def _apply_aliases(values: dict, types_: dict, where: str) -> dict:
+    values = dict(values)
     for old, new in ALIASES.items():  # older TrainingArguments names used by published recipes
         if old in values and new in types_:
-            if new in values and old in values:
-                raise ConfigError(f"both {old} and its replacement {new} are set")
+            if new in values:
+                raise ConfigError(f"{where}: both {old} and its replacement {new} are set")
             values[new] = values.pop(old)
-    bad = sorted(set(values) - set(types_))
-    if bad:
-        raise ConfigError(f"{recipe_path}: unknown key(s) {', '.join(bad)}")
-    values = {k: _coerce(k, v, types_[k]) for k, v in values.items()}
+    return values
+
+
+def _cli_alias_argv(argv: list[str], types_: dict) -> list[str]:
+    """``--warmup_ratio 0.1`` -> ``--warmup_steps 0.1`` (published recipes' older names)."""
+    out = []
+    for tok in argv:
+        if tok.startswith("--"):
+            name, eq, rest = tok[2:].partition("=")
+            name = name.replace("-", "_")
+            if name in ALIASES and ALIASES[name] in types_ and name not in types_:
+                tok = f"--{ALIASES[name]}{eq}{rest}"
+        out.append(tok)
+    return out
+
+
+def _build(values: dict, where: str):
     outputs = []
     for cls in ARG_CLASSES:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -226,11 +362,55 @@ def parse_args(argv: Optional[list[str]] = None):
             outputs.append(cls(**{k: v for k, v in values.items() if k in names}))
         except ConfigError:
             raise
-        except (TypeError, ValueError) as exc:  # e.g. TrainingArguments' own consistency checks
-            raise ConfigError(f"{recipe_path.name}: {exc}") from exc
-    model_args, data_args, training_args = outputs
+        except (TypeError, ValueError, AttributeError) as exc:  # TrainingArguments' own checks
+            raise ConfigError(f"{where}: {exc}") from exc
+    return outputs
+
+
+def parse_args(argv: Optional[list[str]] = None):
+    """``argv`` (default ``sys.argv[1:]``) -> ``(ModelArguments, DataArguments, SimPOConfig, recipe)``.
+
+    Recipe values and command-line values go through the same argparse types and choices (one set
+    of rules), then the dataclasses' own range and relation checks. Every problem is a
+    :class:`ConfigError` naming the key. ``SimPOConfig.command_line_keys`` records which options
+    the command line set (the trainer treats those as explicit requests).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe = None
+    if argv and not argv[0].startswith("-"):
+        recipe = argv.pop(0)
+    recipe_path = resolve_recipe(recipe)
+    types_ = _field_types()
+    parser = _override_parser()
+    values = _read_recipe_values(recipe_path, parser, types_)
+
+    namespace, unknown = parser.parse_known_args(_cli_alias_argv(argv, types_))
+    if unknown:
+        flags = [u for u in unknown if u.startswith("-")] or unknown
+        raise ConfigError(f"unknown option(s) {' '.join(flags)} (see simpo-train --help)")
+    overrides = vars(namespace)
+    values.update(overrides)
+    try:
+        model_args, data_args, training_args = _build(values, recipe_path.name)
+    except ConfigError as exc:
+        key = str(exc).split(":", 1)[0]
+        if key in values and key not in overrides:  # say where a bad recipe value comes from
+            raise ConfigError(f"{recipe_path.name}: {exc}") from None
+        raise
+    training_args.command_line_keys = frozenset(overrides)
+    _check_relations(values, overrides, training_args, recipe_path.name)
     check_loss_backend(model_args, training_args)
     return model_args, data_args, training_args, recipe_path
+
+
+def _check_relations(values: dict, overrides: dict, args: "SimPOConfig", recipe: str) -> None:
+    """Options asked for on the command line that the recipe's other settings would ignore."""
+    for key, strategy in (("save_steps", "save_strategy"), ("eval_steps", "eval_strategy"),
+                          ("logging_steps", "logging_strategy")):
+        if key in overrides and getattr(args, strategy) == "no":
+            source = "the command line" if strategy in overrides else f"recipe {recipe}"
+            raise ConfigError(f"{key}={overrides[key]:g} has no effect: {strategy} is 'no' (from "
+                              f"{source}); add --{strategy} steps")
 
 
 def check_loss_backend(model_args: ModelArguments, training_args: SimPOConfig) -> None:
@@ -261,8 +441,14 @@ def check_loss_backend(model_args: ModelArguments, training_args: SimPOConfig) -
                           f"({str(dtype).replace('torch.', '')} on {where}): {exc}") from exc
 
 
-def help_text() -> str:
-    return _cli_parser().format_help()
+def help_text(argv: Optional[list[str]] = None) -> str:
+    """``--help``: every option with the effective default of the recipe named first in ``argv``."""
+    recipe = argv[0] if argv and not argv[0].startswith("-") else None
+    types_ = _field_types()
+    path = resolve_recipe(recipe)
+    defaults = _read_recipe_values(path, _override_parser(), types_)
+    text = _cli_parser(defaults).format_help()
+    return text.replace("optional arguments:", "options:") + f"\n(defaults from recipe {path})\n"
 
 
 def env_world_size() -> int:

@@ -192,15 +192,20 @@ def tiny_gemma2_config(vocab_size: int, *, hidden_size: int = 64, num_layers: in
 
 
 def build_tiny_model(tokenizer, *, torch_dtype: Optional[torch.dtype] = None, **config_kwargs):
-    """A freshly initialised tiny ``Gemma2ForCausalLM`` for ``tokenizer`` (respects ZeRO-3 init)."""
-    from transformers import AutoModelForCausalLM
+    """A freshly initialised tiny ``Gemma2ForCausalLM`` for ``tokenizer``.
+
+    Built whole in this process from the current torch RNG state, never under DeepSpeed's
+    ``zero.Init``: ZeRO-3's partitioned init draws the weights in another order (rank 0 fills each
+    gathered module), so the same seed would give a 2-process run other weights than a 1-process
+    run. The model is tiny; DeepSpeed partitions it when its engine is built.
+    """
+    from transformers import Gemma2ForCausalLM
 
     config = tiny_gemma2_config(
         len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id, **config_kwargs)
-    kwargs = {"attn_implementation": "eager"}
+    model = Gemma2ForCausalLM(config)  # the class itself: from_config would enter zero.Init
     if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
-    model = AutoModelForCausalLM.from_config(config, **kwargs)
+        model = model.to(torch_dtype)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight, "untied"
     return model

@@ -185,20 +185,27 @@ def run(model_args, data_args, training_args, recipe_path=None) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .config import ConfigError, parse_args
+    """The ``simpo-train`` command. A user error (configuration, data, paths, a busy output_dir)
+    prints one line ``simpo-train: error: ...`` and returns its exit status (2 for configuration
+    errors, 1 otherwise); ``--debug`` or ``SIMPO_DEBUG=1`` re-raises it with its traceback."""
+    from .config import UserError, help_text, parse_args
 
-    args = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in args):
-        from .config import help_text
-
-        print(help_text())
-        return 0
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("SIMPO_DEBUG", "").lower() not in ("", "0", "false", "no")
+    if "--debug" in args:
+        args = [a for a in args if a != "--debug"]
+        debug = True
     try:
+        if any(a in ("-h", "--help") for a in args):
+            print(help_text(args))
+            return 0
         model_args, data_args, training_args, recipe = parse_args(args)
-    except ConfigError as exc:
-        print(f"simpo-train: error: {exc}", file=sys.stderr)
-        return 2
-    run(model_args, data_args, training_args, recipe)
+        run(model_args, data_args, training_args, recipe)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"simpo-train: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     return 0
 
 

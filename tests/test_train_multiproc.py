@@ -133,3 +133,32 @@ def test_ddp_two_processes_match_one_process(model_dir, single_runs, tmp_path):
     ddp = _two_procs(model_dir, tmp_path, 4, 1)
     assert ddp["world_size"] == 2 and not ddp["deepspeed"]
     _compare(single_runs(4, 2), ddp)
+
+
+def test_cli_default_two_zero3_ranks_start_from_the_one_rank_weights(tmp_path):
+    """The embedded default (model built in code) under `torchrun ... --deepspeed` ZeRO-3 starts
+    from the same weights as in one process: the first two logged losses of 2 ranks x 4 pairs
+    equal those of 1 process x 4 pairs x 2 accumulation steps. Under zero.Init the tiny model was
+    initialised in another order (partitioned, rank 0 per module) and the losses differed."""
+    common = ["--max_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "4",
+              "--eval_strategy", "no", "--plot", "false", "--tiny_hidden_size", "32",
+              "--learning_rate", "1e-2", "--disable_tqdm", "true", "--report_to", "none"]
+    runs = {
+        "one": [sys.executable, "-m", "simpo.train", *common, "--gradient_accumulation_steps", "2",
+                "--output_dir", str(tmp_path / "one")],
+        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(_free_port()), "-m", "simpo.train", *common,
+                "--deepspeed", os.path.join(ROOT, "tests", "zero3_cpu.json"),
+                "--output_dir", str(tmp_path / "two")],
+    }
+    losses = {}
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        with open(tmp_path / name / "trainer_state.json") as f:
+            history = json.load(f)["log_history"]
+        losses[name] = [h["loss"] for h in history if "loss" in h]
+    print("1 rank", losses["one"], "\n2 ZeRO-3 ranks", losses["two"])
+    assert len(losses["one"]) == len(losses["two"]) == 2
+    for a, b in zip(losses["one"], losses["two"]):
+        assert abs(a - b) < TOL
