@@ -65,6 +65,13 @@ class ModelArguments:
         _check(self.tiny_hidden_size > 0 and self.tiny_hidden_size % 8 == 0, "tiny_hidden_size",
                self.tiny_hidden_size, "a positive multiple of 8 (4 heads of an even size)")
         _check(self.tiny_num_layers >= 1, "tiny_num_layers", self.tiny_num_layers, ">= 1")
+        for key in ("model_name_or_path", "tokenizer_name_or_path"):
+            value = getattr(self, key)
+            # an explicit filesystem path (a hub id is "org/name") must exist: say so now, not
+            # after the data has been processed
+            if value and value.startswith(("/", "./", "../", "~")) \
+                    and not os.path.exists(os.path.expanduser(value)):
+                raise ConfigError(f"{key}: no such file or directory: {value}")
 
 
 @dataclass

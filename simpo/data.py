@@ -1,7 +1,11 @@
 """Data pipeline (official SimPO semantics, DESIGN section 3).
 
-1. :func:`load_raw_datasets` loads preference data through ``datasets``: a hub name, a local
-   JSON/JSONL/parquet file, a directory of ``{split}.<ext>`` files, or a path with ``{split}``.
+1. :func:`load_splits` loads preference data through ``datasets`` (a hub name, a local
+   JSON/JSONL/parquet file, a directory of ``{split}.<ext>`` files, or a path with ``{split}``) in
+   the official order: each split shuffled with seed 42, as alignment-handbook's ``get_datasets``.
+   A single file is the train split, with an optional seed-42 held-out eval fraction. Unusable
+   data raises :class:`DataError`: one line naming the file, the split and the line at fault.
+   :func:`load_raw_datasets` is the lower-level loader (file order, no held-out split).
 2. :func:`apply_chat_template` turns a row of the gemma2-ultrafeedback-armorm schema (``chosen`` /
    ``rejected`` as message lists) into three strings: the prompt (all messages but the last,
    through the chat template) and the two responses (the last message alone through the template,
@@ -18,12 +22,24 @@
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import json
 import logging
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import torch
+
+from .config import UserError
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+
+    from .config import DataArguments
 
 logger = logging.getLogger(__name__)
 
@@ -32,61 +48,387 @@ REQUIRED_COLUMNS = ("chosen", "rejected")
 TOKENIZED_COLUMNS = ("chosen_input_ids", "chosen_attention_mask", "chosen_labels",
                      "rejected_input_ids", "rejected_attention_mask", "rejected_labels")
 _FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# a dataset_name ending like this is meant as a local file, even when it does not exist
+_FILE_LIKE_SUFFIXES = (*_FORMATS, ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zst")
+# wrappers whose own message says nothing; the exception they wrap does
+_UNINFORMATIVE_ERRORS = ("DatasetGenerationError",)
+# alignment-handbook mix_datasets: concatenate_datasets(...).shuffle(seed=42) for train and test
+OFFICIAL_SHUFFLE_SEED = 42
+HELDOUT_SEED = 42
+HELDOUT_SPLIT = "heldout"
 
 
 # ----------------------------------------------------------------------------- loading
 
-def _format_of(path: str) -> str:
+class DataError(UserError, ValueError):
+    """Data the user pointed at cannot be used: a missing or unreadable file, malformed JSON or
+    UTF-8 (the message names the file, the split and the line), an empty split, a missing column,
+    a hub dataset that does not load. One line, printed without a traceback by ``simpo-train``."""
+
+
+class LoadedSplits(NamedTuple):
+    """What :func:`load_splits` decided: the train split, the eval split (None: no evaluation) and
+    their names as they appear in messages and logs."""
+
+    train: Dataset
+    eval: Optional[Dataset]
+    train_name: str
+    eval_name: Optional[str]
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """What a scan of a data file found: the 1-based line it is on (None: the whole file)."""
+
+    text: str
+    line: Optional[int] = None
+
+
+def _problem_message(where: str, problem: _Problem) -> str:
+    at = f", line {problem.line}" if problem.line is not None else ""
+    return f"{where}{at}: {problem.text}"
+
+
+def _where_file(path: str, split: str) -> str:
+    return f"data file {path} (split {split!r})"
+
+
+def _where_hub(name: str, config: Optional[str], split: str) -> str:
+    return f"dataset {name!r} (config {config!r}), split {split!r}"
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """The most specific message in ``exc``'s chain, on one line and at most ``limit`` characters.
+
+    ``datasets`` wraps reader failures in a ``DatasetGenerationError`` whose own text says nothing
+    ("An error occurred while generating the dataset"); its cause says what went wrong.
+    """
+    chain, seen, current = [], set(), exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for candidate in chain:
+        if type(candidate).__name__ in _UNINFORMATIVE_ERRORS:
+            continue
+        text = " ".join(line.strip() for line in str(candidate).splitlines() if line.strip())
+        if text:
+            text = f"{type(candidate).__name__}: {text}"
+            return text if len(text) <= limit else text[: limit - 3] + "..."
+    return type(exc).__name__
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "null" if value is None else type(value).__name__
+
+
+def _diagnose_json_file(path: str) -> Optional[_Problem]:
+    """The first problem that keeps ``datasets`` from reading a JSON or JSON Lines file, or None.
+
+    Called only after a load failed, so good data never pays for it. The file is read line by
+    line with strict UTF-8 decoding (invalid bytes are reported with their offset); a file whose
+    first character is ``[`` is one JSON document, anything else is one JSON object per line.
+    """
+    first_char = None
+    records = 0
+    offset = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line_start = offset
+            offset += len(raw)
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw, line_start = raw[len(codecs.BOM_UTF8):], line_start + len(codecs.BOM_UTF8)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return _Problem(f"invalid UTF-8: byte 0x{raw[exc.start]:02x} at byte offset "
+                                f"{line_start + exc.start} of the file (save it as UTF-8)", number)
+            if not text.strip():
+                continue
+            if first_char is None:
+                first_char = text.strip()[0]
+            if first_char == "[":
+                continue  # one JSON document: parsed whole once every line decoded
+            records += 1
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                if records == 1:
+                    # a pretty-printed document also fails on its first line; parsing the whole
+                    # file tells the two apart and locates a document's error
+                    return _diagnose_json_document(path)
+                return _Problem(f"invalid JSON: {exc.msg} (column {exc.colno})", number)
+            if not isinstance(value, dict):
+                return _Problem(f"expected one JSON object per line, got {_json_kind(value)}", number)
+    if first_char is None:
+        return _Problem("no rows: the file holds only blank lines")
+    if first_char == "[":
+        return _diagnose_json_document(path)
+    return None
+
+
+def _diagnose_json_document(path: str) -> Optional[_Problem]:
+    """Problems of a file holding a single JSON document (an array of row objects)."""
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return _Problem(f"invalid JSON: {exc.msg} (column {exc.colno})", exc.lineno)
+    if isinstance(value, list):
+        if not value:
+            return _Problem("no rows: the file holds an empty JSON array")
+        for index, row in enumerate(value):
+            if not isinstance(row, dict):
+                return _Problem(f"row {index + 1} of the JSON array is {_json_kind(row)}, "
+                                f"not an object")
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_json_reader():
+    """Hold back the JSON reader's own error log line while ``datasets`` loads a file: a failure
+    is re-raised as one :class:`DataError` that says the same thing with the line number."""
+    reader_logger = logging.getLogger("datasets.packaged_modules.json.json")
+
+    def drop_errors(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+    reader_logger.addFilter(drop_errors)
+    try:
+        yield
+    finally:
+        reader_logger.removeFilter(drop_errors)
+
+
+def _format_of(path: str, split: str) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in _FORMATS:
-        raise ValueError(f"{path}: unsupported data file type {suffix!r} (use .json, .jsonl or .parquet)")
+        raise DataError(f"{_where_file(path, split)}: unsupported file type {suffix or '(none)'!r} "
+                        f"(use .json, .jsonl or .parquet)")
     return _FORMATS[suffix]
 
 
-def _local_split_files(spec: str, splits: list[str]) -> Optional[dict[str, str]]:
-    """Map each split to a local file, or None if ``spec`` does not name local data."""
+def _check_rows(dataset: Dataset, where: str) -> Dataset:
+    if len(dataset) == 0:
+        raise DataError(f"{where}: no rows")
+    return dataset
+
+
+def _check_columns(dataset: Dataset, where: str) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {missing}; preference data needs 'chosen' and "
+                        f"'rejected' message lists (columns: {dataset.column_names})")
+
+
+def _load_data_file(path: str, split: str) -> Dataset:
+    """One local file as a ``Dataset``; every way it can fail is a one-line :class:`DataError`."""
+    from datasets import load_dataset
+
+    where = _where_file(path, split)
+    fmt = _format_of(path, split)
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{where}: the file is empty")
+    try:
+        with _quiet_json_reader():
+            # one load per file (key "train" whatever the split is called): splits may differ in
+            # schema, which a single multi-split load_dataset call refuses with a CastError
+            dataset = load_dataset(fmt, data_files={"train": path}, split="train")
+            # the JSON reader keeps invalid UTF-8 bytes in string columns and reading such a row
+            # fails later, mid-preprocessing; arrow's full validation finds them now, in C++
+            dataset.data.validate(full=True)
+    except Exception as exc:
+        problem = _diagnose_json_file(path) if fmt == "json" else None
+        if problem is None:
+            problem = _Problem(f"cannot be read: {_one_line(exc)}")
+        raise DataError(_problem_message(where, problem)) from exc
+    return _check_rows(dataset, where)
+
+
+def _load_hub_split(name: str, config: Optional[str], split: str) -> Dataset:
+    from datasets import load_dataset
+
+    where = _where_hub(name, config, split)
+    try:
+        dataset = load_dataset(name, config, split=split)
+    except Exception as exc:
+        raise DataError(f"{where}: cannot be loaded: {_one_line(exc)}") from exc
+    return _check_rows(dataset, where)
+
+
+def _resolve_source(dataset_name: Optional[str]) -> tuple[str, Optional[str]]:
+    """``(spec, layout)``: layout is ``"pattern"`` (a path with ``{split}``), ``"dir"``, ``"file"``,
+    or None for a hub dataset name. A name that can only be a local path but names nothing is an
+    error here rather than a confusing hub lookup."""
+    if dataset_name is None:
+        return str(EMBEDDED_DATA_DIR), "dir"
+    spec = os.path.expanduser(dataset_name)
     if "{split}" in spec:
-        files = {s: spec.format(split=s) for s in splits}
-    elif os.path.isdir(spec):
+        return spec, "pattern"
+    if os.path.isdir(spec):
+        return spec, "dir"
+    if os.path.isfile(spec):
+        return spec, "file"
+    if spec.startswith(("/", "./", "../")) or Path(spec).suffix.lower() in _FILE_LIKE_SUFFIXES:
+        raise DataError(f"data path not found: {dataset_name}")
+    return dataset_name, None
+
+
+def _split_files(spec: str, layout: str, splits: list[str]) -> dict[str, str]:
+    """Each split's local file, checked to exist and to share one supported format."""
+    if layout == "file":
+        files = {splits[0]: spec}
+    elif layout == "pattern":
+        files = {s: spec.replace("{split}", s) for s in splits}
+    else:
         files = {}
         for s in splits:
             found = [str(Path(spec) / f"{s}{ext}") for ext in _FORMATS
                      if (Path(spec) / f"{s}{ext}").is_file()]
             if not found:
-                raise FileNotFoundError(f"{spec}: no {s}.jsonl / {s}.json / {s}.parquet for split {s!r}")
+                present = sorted(p.name for p in Path(spec).iterdir()
+                                 if p.suffix.lower() in _FORMATS and p.is_file())
+                raise DataError(f"{spec}: no {s}.jsonl, {s}.json or {s}.parquet for split {s!r} "
+                                f"(data files there: {', '.join(present) or 'none'})")
             files[s] = found[0]
-    elif os.path.isfile(spec):
-        if len(splits) > 1:
-            raise ValueError(
-                f"{spec} is a single file but splits {splits} were asked for: pass a directory of "
-                f"{{split}}.jsonl files, a path containing '{{split}}', or --dataset_splits train")
-        files = {splits[0]: spec}
-    else:
-        return None
-    for s, f in files.items():
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"data file for split {s!r} not found: {f}")
+    for s, path in files.items():
+        if not os.path.isfile(path):
+            raise DataError(f"data file for split {s!r} not found: {path}")
+    formats = {path: _format_of(path, s) for s, path in files.items()}
+    if len(set(formats.values())) > 1:
+        raise DataError(f"mixed data file types ({', '.join(sorted(formats))}): use one format for "
+                        f"all splits")
     return files
 
 
-def load_raw_datasets(dataset_name: Optional[str], splits: list[str], config: Optional[str] = None):
-    """A ``DatasetDict`` with the requested splits (default data: the shipped tiny set)."""
-    from datasets import DatasetDict, load_dataset
+def _load_sources(spec: str, layout: Optional[str], splits: list[str],
+                  config: Optional[str]) -> dict[str, tuple[Dataset, str]]:
+    """Each split as ``(dataset, where)``, ``where`` naming its file or hub dataset for messages.
+    Every file is located before any is loaded, so a missing one fails fast."""
+    if layout is None:
+        return {s: (_load_hub_split(spec, config, s), _where_hub(spec, config, s)) for s in splits}
+    files = _split_files(spec, layout, splits)
+    return {s: (_load_data_file(path, s), _where_file(path, s)) for s, path in files.items()}
 
-    spec = str(EMBEDDED_DATA_DIR) if dataset_name is None else dataset_name
-    files = _local_split_files(spec, splits)
+
+def load_raw_datasets(dataset_name: Optional[str], splits: list[str],
+                      config: Optional[str] = None) -> DatasetDict:
+    """The requested splits, in file order, as a ``DatasetDict`` (default data: the shipped tiny
+    set). Lower level than :func:`load_splits`: no shuffling, no held-out split, and a single
+    local file serves exactly one split. Raises :class:`DataError` for unusable data."""
+    from datasets import DatasetDict
+
+    spec, layout = _resolve_source(dataset_name)
+    if layout == "file" and len(splits) > 1:
+        raise DataError(f"{spec} is a single file but splits {splits} were asked for: pass a "
+                        f"directory of {{split}}.jsonl files, a path containing '{{split}}', or "
+                        f"--dataset_splits train")
     out = DatasetDict()
-    if files is not None:
-        formats = {_format_of(f) for f in files.values()}
-        if len(formats) != 1:
-            raise ValueError(f"mixed data file types {sorted(formats)}: use one format for all splits")
-        loaded = load_dataset(formats.pop(), data_files=files)
-        for s in splits:
-            out[s] = loaded[s]
-    else:
-        for s in splits:
-            out[s] = load_dataset(spec, config, split=s)
+    for s, (dataset, _) in _load_sources(spec, layout, list(splits), config).items():
+        out[s] = dataset
     return out
+
+
+def _hold_out(train: Dataset, fraction: float, where: str) -> tuple[Dataset, Dataset]:
+    """``(rest, held_out)``: ``ceil(fraction * n)`` rows drawn with seed 42, both parts in file
+    order, so the held-out rows depend only on the data and ``fraction``."""
+    import numpy as np
+
+    n = len(train)
+    n_held = math.ceil(fraction * n)
+    if n_held >= n:
+        raise DataError(f"{where}: eval_fraction {fraction} of {n} row(s) leaves no row to train on")
+    order = np.random.default_rng(HELDOUT_SEED).permutation(n)
+    held, rest = np.sort(order[:n_held]), np.sort(order[n_held:])
+    return train.select(rest.tolist()), train.select(held.tolist())
+
+
+def load_splits(data_args: DataArguments) -> LoadedSplits:
+    """Load the train and (optional) eval split as the official SimPO ``run_simpo.py`` does.
+
+    * ``dataset_name`` is a hub dataset (loaded with ``dataset_config``), a local
+      ``.json``/``.jsonl``/``.parquet`` file, a directory of ``{split}.<ext>`` files, a path
+      containing ``{split}``, or None for the data shipped with the package.
+      ``dataset_splits`` names the train split, then optionally the eval split.
+    * A single local file is the train split whatever ``dataset_splits`` says; there is no eval
+      split unless ``eval_fraction > 0``.
+    * ``eval_fraction > 0`` holds ``ceil(eval_fraction * n)`` train rows out (drawn with seed 42,
+      the same rows on every run) as the eval split ``"heldout"``; it is an error when the data
+      already has an eval split.
+    * Official order: each split is shuffled with ``Dataset.shuffle(seed=42)``, as
+      alignment-handbook's ``mix_datasets`` does (called by ``get_datasets`` in ``run_simpo.py``),
+      before the trainer's own sampler; ``dataset_shuffle=False`` keeps file order.
+    * ``max_train_samples`` / ``max_eval_samples`` then keep the first N rows of that order: with
+      shuffling on, a seed-42 random subset that is a prefix of the full run's data order.
+
+    Raises :class:`DataError` (one line naming the file or dataset, the split and, for malformed
+    JSON, the line) for any data or data option that cannot be used.
+    """
+    splits = list(data_args.dataset_splits or [])
+    if not 1 <= len(splits) <= 2:
+        raise DataError(f"dataset_splits: must name a train split and optionally an eval split, "
+                        f"got {splits!r}")
+    if len(splits) == 2 and splits[0] == splits[1]:
+        raise DataError(f"dataset_splits: the eval split must differ from the train split, "
+                        f"got {splits!r}")
+    fraction = data_args.eval_fraction
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"eval_fraction: must be in [0, 1), got {fraction!r}")
+    for key in ("max_train_samples", "max_eval_samples"):
+        limit = getattr(data_args, key)
+        if limit is not None and limit < 1:
+            raise DataError(f"{key}: must be >= 1 (or unset), got {limit!r}")
+
+    spec, layout = _resolve_source(data_args.dataset_name)
+    train_name, eval_name = splits[0], (splits[1] if len(splits) == 2 else None)
+    if layout == "file":
+        eval_name = None
+        if fraction > 0:
+            logger.info("%s is a single file: it is the %r split; eval_fraction %g of its rows is "
+                        "held out (seed %d) as the eval split %r", spec, train_name, fraction,
+                        HELDOUT_SEED, HELDOUT_SPLIT)
+        else:
+            logger.info("%s is a single file: it is the %r split, no eval split (set "
+                        "--eval_fraction to hold some rows out)", spec, train_name)
+    elif fraction > 0 and eval_name is not None:
+        raise DataError(f"eval_fraction {fraction} holds train rows out for evaluation, but the data "
+                        f"already has the eval split {eval_name!r}: set eval_fraction to 0, or "
+                        f"dataset_splits to [{train_name!r}] alone")
+
+    loaded = _load_sources(spec, layout, [s for s in (train_name, eval_name) if s is not None],
+                           data_args.dataset_config)
+    for dataset, where in loaded.values():
+        _check_columns(dataset, where)
+    train, train_where = loaded[train_name]
+    eval_ds = loaded[eval_name][0] if eval_name is not None else None
+    if fraction > 0:
+        train, eval_ds = _hold_out(train, fraction, train_where)
+        eval_name = HELDOUT_SPLIT
+    elif eval_name is None and layout != "file":
+        logger.info("dataset_splits names no eval split: no evaluation (set --eval_fraction to "
+                    "hold some train rows out)")
+
+    if data_args.dataset_shuffle:
+        train = train.shuffle(seed=OFFICIAL_SHUFFLE_SEED)
+        eval_ds = eval_ds.shuffle(seed=OFFICIAL_SHUFFLE_SEED) if eval_ds is not None else None
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if eval_ds is not None and data_args.max_eval_samples is not None:
+        eval_ds = eval_ds.select(range(min(data_args.max_eval_samples, len(eval_ds))))
+    logger.info("train split %r: %d rows; eval split %s; %s", train_name, len(train),
+                f"{eval_name!r}: {len(eval_ds)} rows" if eval_ds is not None else "none",
+                f"shuffled with seed {OFFICIAL_SHUFFLE_SEED} (official order)"
+                if data_args.dataset_shuffle else "file order")
+    return LoadedSplits(train, eval_ds, train_name, eval_name)
 
 
 # ----------------------------------------------------------------------------- templating
@@ -193,11 +535,11 @@ def tokenize_row(prompt: str, chosen: str, rejected: str, tokenizer, *, max_leng
 
 def prepare_dataset(raw, tokenizer, args, *, auto_insert_empty_system_msg: bool = True,
                     num_proc: Optional[int] = None, split_name: str = "train"):
-    """Validate, template and tokenise a raw preference ``Dataset``; returns the tokenised one."""
-    missing = [c for c in REQUIRED_COLUMNS if c not in raw.column_names]
-    if missing:
-        raise ValueError(f"{split_name} split is missing column(s) {missing}; preference data needs "
-                         f"'chosen' and 'rejected' message lists (columns: {raw.column_names})")
+    """Validate, template and tokenise a raw preference ``Dataset``; returns the tokenised one.
+
+    Rows that cannot be used are dropped with a warning counting them by reason; a missing
+    ``chosen`` / ``rejected`` column, or no usable row at all, raises :class:`DataError`."""
+    _check_columns(raw, f"split {split_name!r}")
     n_before = len(raw)
     problems = [row_problem(r) for r in raw]
     keep = [i for i, p in enumerate(problems) if p is None]
@@ -211,7 +553,8 @@ def prepare_dataset(raw, tokenizer, args, *, auto_insert_empty_system_msg: bool 
                        "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items())))
         raw = raw.select(keep)
     if len(raw) == 0:
-        raise ValueError(f"{split_name} split has no usable rows")
+        raise DataError(f"split {split_name!r}: no usable rows (every row was dropped, see the "
+                        f"warning above)")
 
     def _process(row):
         text = apply_chat_template(row, tokenizer, auto_insert_empty_system_msg)

@@ -87,6 +87,8 @@ def test_recipe_mistakes_are_config_errors_naming_the_key(tmp_path, text, messag
     (["--max_length", "-3"], "max_length: must be > 0, got -3"),
     (["--save_steps", "50"],
      "save_steps=50 has no effect: save_strategy is 'no' (from recipe tiny.yaml); add --save_strategy steps"),
+    (["--model_name_or_path", "/no/such/model"],
+     "model_name_or_path: no such file or directory: /no/such/model"),
     (["--eval_steps", "5", "--eval_strategy", "no"],
      "eval_steps=5 has no effect: eval_strategy is 'no' (from the command line)"),
 ])

@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("datasets")
 
-from simpo.data import (SimPODataCollator, apply_chat_template, load_raw_datasets,  # noqa: E402
-                        prepare_dataset, tokenize_row)
+from simpo.data import (DataError, SimPODataCollator, apply_chat_template,  # noqa: E402
+                        load_raw_datasets, prepare_dataset, tokenize_row)
 from simpo.modeling import build_tiny_tokenizer  # noqa: E402
 
 
@@ -147,7 +147,8 @@ def test_local_loading_variants(tmp_path):
     assert d["test"][0]["chosen"][1]["content"] == "yes"
     with pytest.raises(ValueError, match="single file"):
         load_raw_datasets(str(tmp_path / "train.jsonl"), ["train", "test"])
-    with pytest.raises(FileNotFoundError):
+    # a user's data mistake: one-line DataError (not a FileNotFoundError traceback)
+    with pytest.raises(DataError, match=r"no validation\.jsonl.*split 'validation'"):
         load_raw_datasets(str(tmp_path), ["train", "validation"])
     # parquet through the same code
     import datasets
