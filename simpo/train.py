@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Optional
 
+from .config import UserError
+
 logger = logging.getLogger("simpo.train")
 
 
@@ -42,14 +44,17 @@ def load_tokenizer(model_args, data_args, raw_datasets):
             return build_tiny_tokenizer(texts, **kwargs)
     else:
         path = model_args.tokenizer_name_or_path or model_args.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision,
-                                              trust_remote_code=model_args.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision,
+                                                  trust_remote_code=model_args.trust_remote_code)
+    except OSError as exc:  # not found / no access / not a tokenizer directory
+        raise UserError(f"tokenizer {path!r} cannot be loaded: {_first_line(exc)}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if template is not None:
         tokenizer.chat_template = template
     if tokenizer.chat_template is None:
-        raise ValueError("the tokenizer has no chat template: set chat_template (e.g. 'gemma')")
+        raise UserError(f"tokenizer {path!r} has no chat template: set chat_template (e.g. 'gemma')")
     return tokenizer
 
 
@@ -75,7 +80,16 @@ def load_model(model_args, training_args, tokenizer):
         kwargs["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = dtype
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
-    return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    except OSError as exc:  # not found / no access / missing weights
+        raise UserError(f"model {model_args.model_name_or_path!r} cannot be loaded: "
+                        f"{_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def setup_distributed(training_args) -> None:
@@ -91,61 +105,87 @@ def setup_distributed(training_args) -> None:
             deepspeed.init_distributed(dist_backend=tdist.get_backend())
 
 
-def run(model_args, data_args, training_args, recipe_path=None) -> dict:
-    """Train (and evaluate) as configured; returns the final eval metrics (empty without eval)."""
-    import transformers
-    from accelerate import PartialState
-    from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
+def _claim_output_dir(model_args, data_args, training_args, recipe_path) -> tuple:
+    """Take ``output_dir`` for this run and decide where it starts: on global rank 0 only (the one
+    process that touches the filesystem here), whose outcome, the checkpoint to resume from or
+    the error, every other rank receives, so that all fail or proceed together. Returns
+    ``(lock or None, checkpoint or None)``."""
+    import torch.distributed as dist
 
-    from .data import load_raw_datasets, prepare_dataset
+    from .config import UserError
+    from .run_dir import acquire_run_lock, resolve_start, run_config
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    lock = failure = None
+    outcome = {}
+    if not distributed or dist.get_rank() == 0:
+        try:
+            lock = acquire_run_lock(training_args.output_dir)
+            config = run_config(model_args, data_args, training_args, recipe_path)
+            outcome["checkpoint"] = resolve_start(
+                training_args.output_dir, config, existing_run=training_args.existing_run,
+                resume_from_checkpoint=training_args.resume_from_checkpoint,
+                max_steps=training_args.max_steps)
+        except BaseException as exc:
+            if lock is not None:
+                lock.release()
+            failure = exc
+            outcome = {"error": str(exc), "exit_code": getattr(exc, "exit_code", None)}
+    if distributed:
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0)
+        outcome = box[0]
+    if failure is not None:
+        raise failure
+    if "error" in outcome:
+        if outcome["exit_code"] is None:
+            raise RuntimeError(f"global rank 0 failed while preparing output_dir: {outcome['error']}")
+        error = UserError(outcome["error"])
+        error.exit_code = outcome["exit_code"]
+        raise error
+    return lock, outcome["checkpoint"]
+
+
+def _train_and_save(model_args, data_args, training_args, checkpoint) -> dict:
+    """Load the data and the model, train (from ``checkpoint`` if given), save and evaluate."""
+    from accelerate import PartialState
+    from transformers import IntervalStrategy, set_seed
+
+    from .data import load_splits, prepare_dataset
     from .plotting import plot_training_curves
     from .trainer import SimPOTrainer
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
-    log_level = training_args.get_process_log_level()
-    # our own messages at INFO on the main process (and as configured elsewhere)
-    logging.getLogger("simpo").setLevel(min(log_level, logging.INFO) if training_args.should_log
-                                        else log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    logger.info("recipe %s -> output_dir %s", recipe_path, training_args.output_dir)
-
-    setup_distributed(training_args)
     set_seed(training_args.seed)
-    splits = data_args.dataset_splits
-    if not splits or len(splits) > 2:
-        raise ValueError(f"dataset_splits must name a train split and optionally an eval split, got {splits}")
-    raw = load_raw_datasets(data_args.dataset_name, splits, data_args.dataset_config)
-    for name, limit in ((splits[0], data_args.max_train_samples),
-                        (splits[-1] if len(splits) == 2 else None, data_args.max_eval_samples)):
-        if name is not None and limit is not None:
-            raw[name] = raw[name].select(range(min(limit, len(raw[name]))))
+    loaded = load_splits(data_args)
+    raw = {loaded.train_name: loaded.train}
+    if loaded.eval is not None:
+        raw[loaded.eval_name] = loaded.eval
     logger.info("splits: %s", {k: len(v) for k, v in raw.items()})
+    if loaded.eval is None and training_args.eval_strategy != "no":
+        if "eval_strategy" in training_args.command_line_keys:
+            raise UserError(f"--eval_strategy {training_args.eval_strategy.value} asks for evaluation "
+                            f"but the data has no eval split: set --eval_fraction to hold some "
+                            f"train rows out, or name an eval split in --dataset_splits")
+        # the recipe's evaluation schedule, for data that has nothing to evaluate on
+        logger.info("no eval split: evaluation off (eval_strategy %s -> no)",
+                    training_args.eval_strategy.value)
+        training_args.eval_strategy = IntervalStrategy.NO
 
     tokenizer = load_tokenizer(model_args, data_args, raw)
     with PartialState().local_main_process_first():
         processed = {
-            name: prepare_dataset(raw[name], tokenizer, training_args,
+            name: prepare_dataset(dataset, tokenizer, training_args,
                                   auto_insert_empty_system_msg=data_args.auto_insert_empty_system_msg,
                                   num_proc=data_args.preprocessing_num_workers, split_name=name)
-            for name in splits}
-    train_ds = processed[splits[0]]
-    eval_ds = processed[splits[1]] if len(splits) == 2 else None
-    if eval_ds is None and training_args.eval_strategy != "no":
-        raise ValueError("eval_strategy is set but dataset_splits names no eval split")
+            for name, dataset in raw.items()}
+    train_ds = processed[loaded.train_name]
+    eval_ds = processed[loaded.eval_name] if loaded.eval is not None else None
 
     set_seed(training_args.seed)
     model = load_model(model_args, training_args, tokenizer)
     trainer = SimPOTrainer(model=model, args=training_args, train_dataset=train_ds,
                            eval_dataset=eval_ds, processing_class=tokenizer)
 
-    checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is None and os.path.isdir(training_args.output_dir):
-        # as the official script: pick up the last checkpoint of an interrupted run
-        checkpoint = get_last_checkpoint(training_args.output_dir)
-        if checkpoint is not None:
-            logger.info("resuming from %s", checkpoint)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = dict(result.metrics)
@@ -182,6 +222,48 @@ def run(model_args, data_args, training_args, recipe_path=None) -> dict:
                         f"{eval_metrics.get('eval_rewards/margins', float('nan')):.3f}")
         print(summary, flush=True)
     return eval_metrics
+
+
+def run(model_args, data_args, training_args, recipe_path=None) -> dict:
+    """Train (and evaluate) as configured; returns the final eval metrics (empty without eval).
+
+    Before any data or model is loaded, the run takes ``output_dir`` (its lock; the directory is
+    created and proven writable) and decides where training starts: from the last complete
+    checkpoint of a previous run with the same settings, from step 0 (``existing_run fresh`` moves
+    the previous run aside), or not at all (a busy or unwritable output_dir, or a previous run
+    with other settings, is a :class:`~simpo.config.UserError`). The lock is released at the end.
+    """
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
+    log_level = training_args.get_process_log_level()
+    # our own messages at INFO on the main process (and as configured elsewhere)
+    logging.getLogger("simpo").setLevel(min(log_level, logging.INFO) if training_args.should_log
+                                        else log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logger.info("recipe %s -> output_dir %s", recipe_path, training_args.output_dir)
+
+    setup_distributed(training_args)  # the process group carries rank 0's decision to the others
+    lock, checkpoint = _claim_output_dir(model_args, data_args, training_args, recipe_path)
+    try:
+        metrics = _train_and_save(model_args, data_args, training_args, checkpoint)
+    finally:
+        if lock is not None:
+            lock.release()
+    _close_process_group()
+    return metrics
+
+
+def _close_process_group() -> None:
+    """Every rank done: tear the process group down now, in order, rather than in interpreter-exit
+    destructors, where DeepSpeed's CPU (gloo) stack can abort ("terminate called without an active
+    exception") after all the outputs were written."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -12,6 +12,11 @@ False``, ``loss_is_scaled_for_ga = False``): nothing multiplies the loss by the 
 gradients over processes. The optimizer therefore sees the mean over all pairs of the global batch,
 the same for any split of it into processes x accumulation steps x per-device batch.
 
+Checkpoints. ``_save_checkpoint`` writes each checkpoint into ``output_dir/.simpo-staging/`` and,
+once every process has written its part, adds a completion record and renames it to
+``checkpoint-N`` (:mod:`simpo.run_dir`): a crash during a save never leaves a ``checkpoint-N`` that
+auto-resume would pick up and fail on.
+
 Metrics. Every ``compute_loss`` (train) and ``prediction_step`` (eval) stores the official metrics;
 ``log`` replaces them by their mean over the logging window (``eval_`` prefix in evaluation), as
 the official ``store_metrics`` / ``log`` do, and additionally averages them over processes (the
@@ -21,14 +26,18 @@ official trainer logs rank 0's only).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections import defaultdict
 from typing import Optional
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from simpo_kernels.objective import METRIC_NAMES, official_metrics
 
+from . import run_dir
 from .data import SimPODataCollator
 from .modeling import attach_simpo_head, disable_dropout
 
@@ -73,11 +82,84 @@ class SimPOTrainer(Trainer):
                 pad = processing_class.pad_token_id
             data_collator = SimPODataCollator(pad, args.label_pad_token_id)
         self._stored_metrics = defaultdict(lambda: defaultdict(list))
+        self._staging_parent: Optional[str] = None  # set while a checkpoint is being written
         super().__init__(model=model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
         # The loss is a per-micro-batch mean over pairs: no num_items_in_batch, no x num_processes.
         self.model_accepts_loss_kwargs = False
+
+    # -------------------------------------------------------------- checkpoints
+
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is saved, the base Trainer's checkpoint path (and its rotation, which
+        # then sees only the staging area) lands in the staging area instead of output_dir.
+        if self._staging_parent is not None:
+            return self._staging_parent
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Save ``checkpoint-N`` as the base Trainer does, but into a staging directory renamed to
+        ``checkpoint-N`` only when complete (every process done, completion record written)."""
+        run_root = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_parent = os.path.join(run_root, run_dir.STAGING_DIR_NAME)
+        staging, final = os.path.join(staging_parent, name), os.path.join(run_root, name)
+        if self.args.should_save and os.path.lexists(staging):
+            shutil.rmtree(staging)  # a previous attempt at this step, cut short
+        self.accelerator.wait_for_everyone()  # nobody writes into it before it is cleared
+        self._staging_parent = staging_parent
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_parent = None
+        # every process's files (DeepSpeed shards, per-rank RNG states) are in before the record
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            self._finish_checkpoint(staging, final, run_root)
+        self.accelerator.wait_for_everyone()  # nobody reads checkpoint-N before it exists
+
+    def _finish_checkpoint(self, staging: str, final: str, run_root: str) -> None:
+        if self.state.best_model_checkpoint == staging:
+            # the base Trainer recorded the best checkpoint where it was written, not where it stays
+            self.state.best_model_checkpoint = final
+            self.state.save_to_json(os.path.join(staging, "trainer_state.json"))
+        config = os.path.join(self.args.output_dir, run_dir.RUN_CONFIG_NAME)
+        if os.path.isfile(config):  # the run's settings travel with each of its checkpoints
+            shutil.copyfile(config, os.path.join(staging, run_dir.RUN_CONFIG_NAME))
+        run_dir.write_completion_record(staging, self.state.global_step, self.args.world_size,
+                                        save_only_model=self.args.save_only_model)
+        run_dir.publish_checkpoint(staging, final)
+        # rotation on the real checkpoints (the base Trainer's ran on the staging area)
+        rotate_checkpoints(output_dir=run_root, save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        staging_parent = os.path.dirname(staging)
+        if os.path.isdir(staging_parent) and not os.listdir(staging_parent):
+            os.rmdir(staging_parent)
+
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from a checkpoint that already reached max_steps, the base loop would still take
+        # one optimizer step (it checks for the end only after a step) and save checkpoint-(N+1)
+        # past the requested end: train nothing instead.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # A tied output embedding is not written to a checkpoint (it is the input embedding), so
+        # its key is "missing" on every resume of such a model (Gemma-2 ties lm_head): expected,
+        # not a warning. Any other missing key is still reported by the base Trainer.
+        missing = list(load_result.missing_keys)
+        if missing:
+            params = dict(self.model.named_parameters(remove_duplicate=False))
+            loaded = {id(p) for name, p in params.items() if name not in missing}
+            tied = {name for name in missing if name in params and id(params[name]) in loaded}
+            if tied:
+                load_result = load_result._replace(
+                    missing_keys=[k for k in missing if k not in tied])
+                self.model.tie_weights()
+        super()._issue_warnings_after_load(load_result)
 
     # -------------------------------------------------------------- loss and metrics
 

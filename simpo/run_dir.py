@@ -1,0 +1,687 @@
+"""The output directory of a training run: its lock, its run configuration, and its checkpoints.
+
+A run owns its ``output_dir`` while it holds :data:`LOCK_NAME` (``fcntl.flock``, released by the
+kernel when the process dies, so a crash never leaves the directory locked). It records its
+effective configuration in :data:`RUN_CONFIG_NAME`, so that a later run into the same directory can
+tell whether resuming would mix two configurations in one training curve.
+
+Checkpoints are written into :data:`STAGING_DIR_NAME` (same filesystem), get a completion record
+(:data:`COMPLETION_RECORD_NAME`, written last: every file with its size) and are then renamed to
+``checkpoint-N``: a ``checkpoint-N`` directory is therefore either complete or absent.
+:func:`checkpoint_problems` still checks what a complete checkpoint holds, because checkpoints of
+older runs, copied ones or ones cut by hand have no such guarantee.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import enum
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+import zipfile
+from typing import Any, Optional
+
+from .config import UserError
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".simpo-train.lock"
+RUN_CONFIG_NAME = "simpo_run_config.json"
+COMPLETION_RECORD_NAME = "simpo_checkpoint.json"
+STAGING_DIR_NAME = ".simpo-staging"
+SUPERSEDED_PREFIX = "superseded-"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+# Settings that change what is trained: the loss, the optimisation, the model and the data. A run
+# resumed with any of them changed would continue one training curve with another recipe. Logging,
+# evaluation, saving, output and loss-backend keys (loss_backend, loss_schedule, chunk sizes, ...)
+# are left out on purpose: they change how the run is observed, stored or computed, not what it
+# learns, so a rerun may change them freely.
+COMPARED_KEYS = (
+    # SimPO
+    "beta", "gamma_beta_ratio", "label_smoothing", "loss_type", "sft_weight", "max_length",
+    "max_prompt_length", "truncation_mode", "label_pad_token_id", "padding_value", "disable_dropout",
+    # optimisation
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio",
+    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim",
+    "optim_args", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+    "max_steps", "seed", "data_seed", "bf16", "fp16",
+    # what is trained on
+    "model_name_or_path", "model_revision", "torch_dtype", "tiny_hidden_size", "tiny_num_layers",
+    "dataset_name", "dataset_config", "dataset_splits", "chat_template", "max_train_samples",
+    "dataset_shuffle", "eval_fraction",
+)
+
+# Files a run writes at the top of output_dir (final model, tokenizer, state, results). A fresh
+# run would overwrite them, so ``--existing_run fresh`` moves them aside with the checkpoints;
+# anything else in output_dir is the user's and stays where it is.
+RUN_OUTPUT_NAMES = frozenset({
+    RUN_CONFIG_NAME, "trainer_state.json", "all_results.json", "train_results.json",
+    "eval_results.json", "training_curves.png", "training_args.bin", "config.json",
+    "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "pytorch_model.bin", "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "tokenizer.model",
+    "vocab.json", "merges.txt", "runs",
+})
+_WEIGHT_SHARD_RE = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoint_problems(path: str) -> list[str]:
+    """What the checkpoint directory ``path`` lacks to be resumed from; empty when complete.
+
+    Checked: model weights (a single file, or an index whose shards all exist; or DeepSpeed's
+    ``latest`` + ``global_stepN`` model and optimizer states; or FSDP's directories),
+    ``trainer_state.json`` (valid JSON, ``global_step`` = N of ``checkpoint-N``), ``optimizer.pt`` and
+    ``scheduler.pt`` (unless DeepSpeed or FSDP hold the optimizer), ``rng_state*.pth``,
+    ``training_args.bin``; files cut short where their format tells (safetensors header, zip
+    archives of ``torch.save``). When the directory has a completion record, every file it lists
+    must exist with the recorded size.
+    """
+    if not os.path.isdir(path):
+        return ["it does not exist" if not os.path.exists(path) else "it is not a directory"]
+    problems: list[str] = []
+    record, record_problem = _read_json(os.path.join(path, COMPLETION_RECORD_NAME))
+    if record_problem and os.path.exists(os.path.join(path, COMPLETION_RECORD_NAME)):
+        problems.append(f"{COMPLETION_RECORD_NAME} {record_problem}")
+        record = None
+    if record is not None:
+        problems += _record_problems(path, record)
+    save_only_model = bool(record.get("save_only_model")) if isinstance(record, dict) else False
+    world_size = record.get("world_size", 1) if isinstance(record, dict) else 1
+
+    deepspeed_problems, has_deepspeed = _deepspeed_problems(path, world_size)
+    problems += deepspeed_problems
+    has_fsdp = _has_fsdp(path)
+    problems += _weight_problems(path, has_deepspeed or has_fsdp)
+    problems += _state_problems(path)
+    if not save_only_model:
+        # DeepSpeed keeps the optimizer (and its own scheduler) in global_stepN/, FSDP the
+        # optimizer in optimizer_* next to scheduler.pt
+        expected = () if has_deepspeed else ("scheduler.pt",) if _has_fsdp_optimizer(path) \
+            else ("optimizer.pt", "scheduler.pt")
+        problems += [f"{name} is missing" for name in expected
+                     if not os.path.isfile(os.path.join(path, name))]
+        problems += _rng_problems(path, world_size)
+    if not os.path.isfile(os.path.join(path, "training_args.bin")):
+        problems.append("training_args.bin is missing")
+    problems += _truncation_problems(path)
+    return list(dict.fromkeys(problems))  # a file both missing and listed in the record: once
+
+
+def last_complete_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest ``checkpoint-N`` of ``output_dir`` that :func:`checkpoint_problems` finds
+    complete, or None. Each newer, incomplete one is skipped with a warning saying what it lacks."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(((int(m.group(1)), name) for name in os.listdir(output_dir)
+                    if (m := CHECKPOINT_RE.match(name))
+                    and os.path.isdir(os.path.join(output_dir, name))), reverse=True)
+    for _, name in steps:
+        path = os.path.join(output_dir, name)
+        problems = checkpoint_problems(path)
+        if not problems:
+            return path
+        logger.warning("skipping incomplete checkpoint %s (%s); trying an earlier one", path,
+                       "; ".join(problems))
+    return None
+
+
+def write_completion_record(checkpoint_dir: str, global_step: int, world_size: int,
+                            save_only_model: bool = False) -> dict:
+    """Write the completion record of ``checkpoint_dir``: every file below it with its size. Call
+    it after every process finished writing the checkpoint; it is the checkpoint's last file."""
+    files = {}
+    for root, _, names in os.walk(checkpoint_dir):
+        for name in names:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, checkpoint_dir)
+            if rel != COMPLETION_RECORD_NAME:
+                files[rel.replace(os.sep, "/")] = os.path.getsize(full)
+    record = {"format": 1, "global_step": int(global_step), "world_size": int(world_size),
+              "save_only_model": bool(save_only_model), "written": _utc_now(),
+              "files": dict(sorted(files.items()))}
+    _write_json_atomically(os.path.join(checkpoint_dir, COMPLETION_RECORD_NAME), record)
+    return record
+
+
+def publish_checkpoint(staging: str, final: str) -> None:
+    """Rename the finished checkpoint ``staging`` to ``final`` (one atomic rename on the same
+    filesystem). A ``final`` already there (the same step saved again after resuming from an
+    earlier checkpoint) is replaced."""
+    if not os.path.isdir(staging) and os.path.isdir(final):
+        return  # another node's saving process, sharing this filesystem, published it already
+    replaced = None
+    if os.path.lexists(final):
+        # moved into the staging area first, so that a crash between the two renames leaves it
+        # where the next start cleans up, never half-deleted under its real name
+        replaced = os.path.join(os.path.dirname(staging), "replaced-" + os.path.basename(final))
+        if os.path.lexists(replaced):
+            shutil.rmtree(replaced)
+        os.rename(final, replaced)
+    os.rename(staging, final)
+    _fsync_dir(os.path.dirname(final))
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def remove_leftover_staging(output_dir: str) -> None:
+    """Remove the staging area of a run that stopped while saving a checkpoint (warning)."""
+    staging = os.path.join(output_dir, STAGING_DIR_NAME)
+    if os.path.lexists(staging):
+        left = sorted(os.listdir(staging)) if os.path.isdir(staging) else []
+        logger.warning("removing %s, left by a run that stopped while saving a checkpoint (%s)",
+                       staging, ", ".join(left) or "empty")
+        if os.path.isdir(staging) and not os.path.islink(staging):
+            shutil.rmtree(staging)
+        else:
+            os.unlink(staging)
+
+
+def _record_problems(path: str, record: Any) -> list[str]:
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict):
+        return [f"{COMPLETION_RECORD_NAME} lists no files"]
+    problems = []
+    for rel, size in files.items():
+        full = os.path.join(path, *rel.split("/"))
+        if not os.path.isfile(full):
+            problems.append(f"{rel} is missing")
+        elif os.path.getsize(full) != size:
+            problems.append(f"{rel} has {os.path.getsize(full)} bytes, "
+                            f"{COMPLETION_RECORD_NAME} says {size}")
+    return problems
+
+
+def _deepspeed_problems(path: str, world_size: int) -> tuple[list[str], bool]:
+    """DeepSpeed's part: ``latest`` names a ``global_stepN`` directory holding every rank's model
+    and optimizer states. Returns (problems, whether this is a DeepSpeed checkpoint)."""
+    latest = os.path.join(path, "latest")
+    tags = [d for d in _listdir(path) if re.match(r"^global_step\d+$", d)]
+    if not os.path.isfile(latest):
+        if tags:
+            return ["latest (DeepSpeed's pointer to its global_step directory) is missing"], True
+        return [], False
+    try:
+        with open(latest) as f:
+            tag = f.read().strip()
+    except OSError as exc:
+        return [f"latest cannot be read: {_reason(exc)}"], True
+    tag_dir = os.path.join(path, tag)
+    if not tag or not os.path.isdir(tag_dir):
+        return [f"latest names {tag!r}, which is missing"], True
+    names = _listdir(tag_dir)
+    problems = []
+    for kind in ("model_states", "optim_states"):
+        found = [n for n in names if n.endswith(f"{kind}.pt")]
+        if not found:
+            problems.append(f"{tag}/ holds no *{kind}.pt")
+        elif kind == "optim_states" and len(found) < world_size:
+            problems.append(f"{tag}/ holds {len(found)} *{kind}.pt for {world_size} processes")
+    return problems, True
+
+
+def _has_fsdp(path: str) -> bool:
+    return any(n.startswith("pytorch_model_fsdp") for n in _listdir(path))
+
+
+def _has_fsdp_optimizer(path: str) -> bool:
+    return _has_fsdp(path) and any(n.startswith("optimizer") and n != "optimizer.pt"
+                                   for n in _listdir(path))
+
+
+def _weight_problems(path: str, other_weights: bool) -> list[str]:
+    if any(os.path.isfile(os.path.join(path, n)) for n in _WEIGHT_FILES):
+        return []
+    for index_name in _WEIGHT_INDEXES:
+        index_path = os.path.join(path, index_name)
+        if os.path.isfile(index_path):
+            index, problem = _read_json(index_path)
+            if problem:
+                return [f"{index_name} {problem}"]
+            shards = sorted(set((index.get("weight_map") or {}).values())) if isinstance(index, dict) else []
+            if not shards:
+                return [f"{index_name} lists no weight shards"]
+            return [f"weight shard {s} (listed in {index_name}) is missing" for s in shards
+                    if not os.path.isfile(os.path.join(path, s))]
+    if other_weights:  # DeepSpeed / FSDP hold the weights in their own files
+        return []
+    return ["model weights are missing (no model.safetensors, pytorch_model.bin or sharded index)"]
+
+
+def _state_problems(path: str) -> list[str]:
+    state_path = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state_path):
+        return ["trainer_state.json is missing"]
+    state, problem = _read_json(state_path)
+    if problem:
+        return [f"trainer_state.json {problem}"]
+    match = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+    step = state.get("global_step") if isinstance(state, dict) else None
+    if not isinstance(step, int):
+        return ["trainer_state.json has no global_step"]
+    if match and step != int(match.group(1)):
+        return [f"trainer_state.json says global_step {step}, not {match.group(1)}"]
+    return []
+
+
+def _rng_problems(path: str, world_size: int) -> list[str]:
+    names = set(_listdir(path))
+    if world_size > 1:
+        missing = [f"rng_state_{i}.pth" for i in range(world_size) if f"rng_state_{i}.pth" not in names]
+        return [f"{', '.join(missing)} missing"] if missing else []
+    if not any(re.match(r"^rng_state(_\d+)?\.pth$", n) for n in names):
+        return ["rng_state.pth is missing"]
+    return []
+
+
+def _truncation_problems(path: str) -> list[str]:
+    """Files whose own format shows they were cut short: safetensors (the header gives the data
+    size) and torch.save zip archives (the directory is at the end)."""
+    problems = []
+    for root, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, path)
+            if name.endswith(".safetensors"):
+                if not _safetensors_whole(full):
+                    problems.append(f"{rel} is cut short")
+            elif name.endswith((".pt", ".pth", ".bin")):
+                try:
+                    with open(full, "rb") as f:
+                        zipped = f.read(2) == b"PK"
+                except OSError:
+                    zipped = False
+                if zipped and not zipfile.is_zipfile(full):
+                    problems.append(f"{rel} is cut short")
+    return problems
+
+
+def _safetensors_whole(path: str) -> bool:
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return False
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        return 8 + n + max(ends, default=0) == size
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
+# ----------------------------------------------------------------------------- the lock
+
+@dataclasses.dataclass
+class RunLock:
+    """The lock of an output directory, held by this process (see :func:`acquire_run_lock`)."""
+
+    path: str
+    fd: Optional[int]
+    holder: dict
+    previous_holder: Optional[dict] = None  # a dead run's record, when its lock was taken over
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock (idempotent)."""
+        if self.fd is None:
+            return
+        try:
+            # unlinked while still locked: a run that opened this file meanwhile finds, once it
+            # gets the lock, that the path no longer names it, and starts over on a new file
+            if _names_open_file(self.path, self.fd):
+                os.unlink(self.path)
+        except OSError as exc:
+            logger.warning("could not remove the lock file %s: %s", self.path, _reason(exc))
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+def acquire_run_lock(output_dir: str, command: Optional[list[str]] = None) -> RunLock:
+    """Create ``output_dir`` if needed and take its lock, proving it writable.
+
+    Raises :class:`~simpo.config.UserError` when the directory cannot be created or written, or
+    when another live run holds it (naming that run). A lock file left by a dead run is taken over
+    with a warning naming it.
+    """
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"output_dir {output_dir} is not a directory")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output_dir {output_dir}: {_reason(exc)}") from None
+    path = os.path.join(output_dir, LOCK_NAME)
+    for _ in range(50):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise UserError(f"output_dir {output_dir} is not writable: {_reason(exc)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            busy = exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+            holder = _read_holder(fd, wait=busy) if busy else None
+            os.close(fd)
+            if busy:
+                raise UserError(_busy_message(output_dir, holder)) from None
+            raise UserError(f"cannot lock output_dir {output_dir} ({path}): {_reason(exc)}") from None
+        if _names_open_file(path, fd):
+            break
+        os.close(fd)  # the previous holder removed the file between our open and our lock
+    else:
+        raise UserError(f"cannot lock output_dir {output_dir}: {path} keeps being replaced")
+    previous = _read_holder(fd, wait=False)
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": _utc_now(),
+              "command": list(sys.argv if command is None else command)}
+    try:
+        data = json.dumps(holder).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise UserError(f"output_dir {output_dir} is not writable: {_reason(exc)}") from None
+    if previous is not None:
+        logger.warning("taking over the lock of output_dir %s left by a run that is no longer "
+                       "running (%s)", output_dir, _describe_holder(previous, "started"))
+    return RunLock(path=path, fd=fd, holder=holder, previous_holder=previous)
+
+
+def _read_holder(fd: int, wait: bool) -> Optional[dict]:
+    """The holder record in the lock file; a holder that just took the lock may not have written
+    it yet, hence the short wait when the lock is busy."""
+    deadline = time.monotonic() + (1.0 if wait else 0.0)
+    while True:
+        try:
+            size = os.fstat(fd).st_size
+            raw = os.pread(fd, max(size, 1), 0)
+        except OSError:
+            raw = b""
+        if raw.strip():
+            try:
+                info = json.loads(raw)
+                return info if isinstance(info, dict) else {"content": raw.decode(errors="replace")}
+            except ValueError:
+                if time.monotonic() >= deadline:
+                    return {"content": raw.decode(errors="replace")[:200]}
+        elif time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _describe_holder(holder: Optional[dict], since: str) -> str:
+    if not holder:
+        return "pid unknown: the lock file is empty"
+    if "pid" not in holder:
+        return f"pid unknown: the lock file holds {holder.get('content', holder)!r}"
+    text = f"pid {holder['pid']} on host {holder.get('host', '?')}, {since} {holder.get('since', '?')}"
+    command = holder.get("command")
+    if command:
+        text += f": {' '.join(map(str, command)) if isinstance(command, list) else command}"
+    return text
+
+
+def _busy_message(output_dir: str, holder: Optional[dict]) -> str:
+    return (f"output_dir {output_dir} is in use by another simpo-train run "
+            f"({_describe_holder(holder, 'running since')}). Wait for it to finish (or stop it), "
+            f"or choose another --output_dir")
+
+
+def _names_open_file(path: str, fd: int) -> bool:
+    try:
+        st_path, st_fd = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (st_path.st_dev, st_path.st_ino) == (st_fd.st_dev, st_fd.st_ino)
+
+
+# ----------------------------------------------------------------------------- run configuration
+
+def run_config(model_args: Any, data_args: Any, training_args: Any,
+               recipe_path: Optional[str] = None, command: Optional[list[str]] = None) -> dict:
+    """The effective configuration of a run, JSON-safe: every field of the three argument
+    dataclasses (tokens masked, as ``TrainingArguments.to_dict`` does), the recipe and the
+    command line."""
+    training = training_args.to_dict() if hasattr(training_args, "to_dict") else \
+        {f.name: getattr(training_args, f.name) for f in dataclasses.fields(training_args) if f.init}
+    return {
+        "format": 1,
+        "recipe": None if recipe_path is None else str(recipe_path),
+        "command": list(sys.argv if command is None else command),
+        "written": _utc_now(),
+        "model": _json_safe({f.name: getattr(model_args, f.name) for f in dataclasses.fields(model_args)}),
+        "data": _json_safe({f.name: getattr(data_args, f.name) for f in dataclasses.fields(data_args)}),
+        "training": _json_safe(training),
+    }
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for each of :data:`COMPARED_KEYS` that both configurations record with
+    different values."""
+    before, after = _flatten(old), _flatten(new)
+    return [f"{key}: {_show(before[key])} -> {_show(after[key])}" for key in COMPARED_KEYS
+            if key in before and key in after and before[key] != after[key]]
+
+
+def read_run_config(output_dir: str) -> tuple[Optional[dict], Optional[str]]:
+    """(the previous run's configuration in ``output_dir`` or None, why it cannot be read)."""
+    path = os.path.join(output_dir, RUN_CONFIG_NAME)
+    if not os.path.exists(path):
+        return None, None
+    config, problem = _read_json(path)
+    if problem is None and not isinstance(config, dict):
+        problem = "does not hold a JSON object"
+    return (config, None) if problem is None else (None, problem)
+
+
+def write_run_config(output_dir: str, config: dict) -> str:
+    """Write ``config`` as ``output_dir``'s run configuration; returns its path."""
+    path = os.path.join(output_dir, RUN_CONFIG_NAME)
+    _write_json_atomically(path, config)
+    return path
+
+
+def supersede_previous_run(output_dir: str) -> Optional[str]:
+    """Move a previous run's checkpoints, run configuration, state, results and final model out of
+    the way, into ``output_dir/superseded-<UTC time>/``; other files stay. Returns that directory,
+    or None when there was nothing to move."""
+    if not os.path.isdir(output_dir):
+        return None
+    names = sorted(n for n in os.listdir(output_dir)
+                   if n in RUN_OUTPUT_NAMES or _WEIGHT_SHARD_RE.match(n)
+                   or (CHECKPOINT_RE.match(n) and os.path.isdir(os.path.join(output_dir, n))))
+    if not names:
+        return None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = os.path.join(output_dir, SUPERSEDED_PREFIX + stamp)
+    suffix = 1
+    while os.path.lexists(target):
+        suffix += 1
+        target = os.path.join(output_dir, f"{SUPERSEDED_PREFIX}{stamp}-{suffix}")
+    os.mkdir(target)
+    for name in names:
+        os.rename(os.path.join(output_dir, name), os.path.join(target, name))
+    return target
+
+
+def resolve_start(output_dir: str, config: dict, existing_run: str = "resume",
+                  resume_from_checkpoint: Optional[str] = None, max_steps: int = -1) -> Optional[str]:
+    """Decide how a run starts in ``output_dir`` (call it holding the lock); returns the checkpoint
+    to resume from, or None to start at step 0.
+
+    Removes a crashed save's staging area; compares ``config`` with the previous run's and
+    refuses (:class:`~simpo.config.UserError`) to resume with other settings unless
+    ``existing_run`` is ``resume_anyway``; with ``fresh`` moves the previous run aside
+    (:func:`supersede_previous_run`); checks a given ``resume_from_checkpoint``, or finds the last
+    complete checkpoint; warns when that checkpoint already reached ``max_steps``; finally records
+    ``config`` as the run configuration.
+    """
+    if existing_run not in ("resume", "fresh", "resume_anyway"):
+        raise UserError(f"existing_run: must be resume, fresh or resume_anyway, got {existing_run!r}")
+    remove_leftover_staging(output_dir)
+    checkpoint = None
+    if existing_run == "fresh":
+        if resume_from_checkpoint:
+            raise UserError(f"--existing_run fresh starts again from step 0, but "
+                            f"resume_from_checkpoint is {resume_from_checkpoint}: drop one of them")
+        moved = supersede_previous_run(output_dir)
+        if moved:
+            logger.warning("--existing_run fresh: moved the previous run's checkpoints and outputs "
+                           "into %s", moved)
+    else:
+        if resume_from_checkpoint:
+            problems = checkpoint_problems(resume_from_checkpoint)
+            if problems:
+                raise UserError(f"resume_from_checkpoint {resume_from_checkpoint} cannot be resumed "
+                                f"from: {'; '.join(problems)}")
+            checkpoint = resume_from_checkpoint
+        else:
+            checkpoint = last_complete_checkpoint(output_dir)
+        differences = []
+        # Only a previous run that left something (a checkpoint to resume, final outputs to
+        # overwrite) is protected: one that failed before training (bad data path, ...) is not.
+        if checkpoint is not None or _has_run_outputs(output_dir):
+            previous, unreadable = read_run_config(output_dir)
+            if previous is not None:
+                differences = config_differences(previous, config)
+            if unreadable:
+                differences.append(f"{RUN_CONFIG_NAME}: {unreadable}")
+        if differences and existing_run == "resume":
+            target = f"from {os.path.basename(checkpoint)}" if checkpoint else "in this output_dir"
+            raise UserError(
+                f"output_dir {output_dir} holds a previous run with other settings "
+                f"({'; '.join(differences)}). Rerun with --existing_run fresh to start again (its "
+                f"checkpoints and outputs are moved into {output_dir}/{SUPERSEDED_PREFIX}<time>/), "
+                f"or with --existing_run resume_anyway to continue {target} with the new settings")
+        if differences:
+            logger.warning("--existing_run resume_anyway: continuing with settings that differ "
+                           "from the previous run's: %s", "; ".join(differences))
+    if checkpoint is not None:
+        step = _checkpoint_step(checkpoint)
+        logger.info("resuming from %s (step %s)", checkpoint, step)
+        target = max_steps if max_steps and max_steps > 0 else _checkpoint_max_steps(checkpoint)
+        if step is not None and target and step >= target:
+            logger.warning("%s already completed the %d steps asked for: nothing left to train "
+                           "(raise --max_steps, with --existing_run resume_anyway, to train on)",
+                           os.path.basename(os.path.normpath(checkpoint)), target)
+    write_run_config(output_dir, config)
+    return checkpoint
+
+
+def _has_run_outputs(output_dir: str) -> bool:
+    """Whether a previous run finished here (its final state, results or model are written)."""
+    finished = {"trainer_state.json", "all_results.json", "train_results.json", *_WEIGHT_FILES,
+                *_WEIGHT_INDEXES}
+    return any(n in finished for n in _listdir(output_dir))
+
+
+def _checkpoint_state(checkpoint: str) -> dict:
+    state, problem = _read_json(os.path.join(checkpoint, "trainer_state.json"))
+    return state if problem is None and isinstance(state, dict) else {}
+
+
+def _checkpoint_step(checkpoint: str) -> Optional[int]:
+    step = _checkpoint_state(checkpoint).get("global_step")
+    return step if isinstance(step, int) else None
+
+
+def _checkpoint_max_steps(checkpoint: str) -> Optional[int]:
+    steps = _checkpoint_state(checkpoint).get("max_steps")
+    return steps if isinstance(steps, int) and steps > 0 else None
+
+
+def _flatten(config: dict) -> dict:
+    flat = {}
+    for section in ("model", "data", "training"):
+        values = config.get(section)
+        if isinstance(values, dict):
+            flat.update(values)
+    return flat
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return _json_safe(value.value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _json_safe(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    return str(value)
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def _read_json(path: str) -> tuple[Any, Optional[str]]:
+    try:
+        with open(path) as f:
+            return json.load(f), None
+    except FileNotFoundError:
+        return None, "is missing"
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"cannot be read ({_reason(exc)})"
+    except ValueError as exc:
+        return None, f"is not valid JSON ({exc})"
+
+
+def _write_json_atomically(path: str, value: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # not every filesystem can sync a directory; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
