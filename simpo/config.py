@@ -108,8 +108,9 @@ class DataArguments:
                                        "split; 0 means no evaluation."})
 
     def __post_init__(self):
-        _check(1 <= len(self.dataset_splits) <= 2, "dataset_splits", self.dataset_splits,
-               "a train split, then optionally an eval split")
+        splits = self.dataset_splits
+        _check(1 <= len(splits) <= 2 and len(set(splits)) == len(splits), "dataset_splits", splits,
+               "a train split, then optionally another (eval) split")
         _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", self.eval_fraction, "in [0, 1)")
         for key in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
             value = getattr(self, key)
@@ -405,12 +406,12 @@ def parse_args(argv: Optional[list[str]] = None):
             raise ConfigError(f"{recipe_path.name}: {exc}") from None
         raise
     training_args.command_line_keys = frozenset(overrides)
-    _check_relations(values, overrides, training_args, recipe_path.name)
+    _check_relations(overrides, training_args, recipe_path.name)
     check_loss_backend(model_args, training_args)
     return model_args, data_args, training_args, recipe_path
 
 
-def _check_relations(values: dict, overrides: dict, args: "SimPOConfig", recipe: str) -> None:
+def _check_relations(overrides: dict, args: "SimPOConfig", recipe: str) -> None:
     """Options asked for on the command line that the recipe's other settings would ignore."""
     for key, strategy in (("save_steps", "save_strategy"), ("eval_steps", "eval_strategy"),
                           ("logging_steps", "logging_strategy")):
@@ -455,7 +456,7 @@ def help_text(argv: Optional[list[str]] = None) -> str:
     path = resolve_recipe(recipe)
     defaults = _read_recipe_values(path, _override_parser(), types_)
     text = _cli_parser(defaults).format_help()
-    return text.replace("optional arguments:", "options:") + f"\n(defaults from recipe {path})\n"
+    return text + f"\n(defaults from recipe {path})\n"
 
 
 def env_world_size() -> int:

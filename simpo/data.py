@@ -373,20 +373,9 @@ def load_splits(data_args: DataArguments) -> LoadedSplits:
     Raises :class:`DataError` (one line naming the file or dataset, the split and, for malformed
     JSON, the line) for any data or data option that cannot be used.
     """
-    splits = list(data_args.dataset_splits or [])
-    if not 1 <= len(splits) <= 2:
-        raise DataError(f"dataset_splits: must name a train split and optionally an eval split, "
-                        f"got {splits!r}")
-    if len(splits) == 2 and splits[0] == splits[1]:
-        raise DataError(f"dataset_splits: the eval split must differ from the train split, "
-                        f"got {splits!r}")
+    # the options themselves (split count, eval_fraction range, ...) are DataArguments' checks
+    splits = list(data_args.dataset_splits)
     fraction = data_args.eval_fraction
-    if not 0.0 <= fraction < 1.0:
-        raise DataError(f"eval_fraction: must be in [0, 1), got {fraction!r}")
-    for key in ("max_train_samples", "max_eval_samples"):
-        limit = getattr(data_args, key)
-        if limit is not None and limit < 1:
-            raise DataError(f"{key}: must be >= 1 (or unset), got {limit!r}")
 
     spec, layout = _resolve_source(data_args.dataset_name)
     train_name, eval_name = splits[0], (splits[1] if len(splits) == 2 else None)

@@ -112,7 +112,6 @@ def _claim_output_dir(model_args, data_args, training_args, recipe_path) -> tupl
     ``(lock or None, checkpoint or None)``."""
     import torch.distributed as dist
 
-    from .config import UserError
     from .run_dir import acquire_run_lock, resolve_start, run_config
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -10,7 +10,7 @@ import pytest
 
 datasets = pytest.importorskip("datasets")
 
-from simpo.config import DataArguments, UserError  # noqa: E402
+from simpo.config import ConfigError, DataArguments, UserError  # noqa: E402
 from simpo.data import (DataError, LoadedSplits, load_raw_datasets, load_splits,  # noqa: E402
                         prepare_dataset)
 from simpo.modeling import build_tiny_tokenizer  # noqa: E402
@@ -145,14 +145,13 @@ def test_paths_and_formats(tmp_path):
 
 
 def test_bad_dataset_splits_and_eval_fraction():
-    args = DataArguments()
-    args.dataset_splits = ["train", "test", "extra"]   # past the config check: load_splits rechecks
-    with pytest.raises(DataError, match=r"^dataset_splits: must name a train split"):
-        load_splits(args)
-    args = DataArguments()
-    args.eval_fraction = 1.0
-    with pytest.raises(DataError, match=r"^eval_fraction: must be in \[0, 1\), got 1\.0"):
-        load_splits(args)
+    # refused where the options are made (DataArguments), before load_splits could see them
+    with pytest.raises(ConfigError, match=r"^dataset_splits: must be a train split"):
+        DataArguments(dataset_splits=["train", "test", "extra"])
+    with pytest.raises(ConfigError, match=r"^dataset_splits: must be a train split"):
+        DataArguments(dataset_splits=["train", "train"])
+    with pytest.raises(ConfigError, match=r"^eval_fraction: must be in \[0, 1\), got 1\.0"):
+        DataArguments(eval_fraction=1.0)
 
 
 def test_hub_failure_is_one_line_with_the_cause(monkeypatch):
