@@ -67,9 +67,27 @@ def check_options(
     return out
 
 
+def _refuse_dtensor(name: str, t: torch.Tensor) -> None:
+    # A DTensor here is a shard (FSDP2, tensor parallelism): the kernels would see only this rank's
+    # rows, and `.full_tensor()` would all-gather it outside FSDP2's hooks, so its gradient would
+    # never be reduce-scattered into the sharded parameter. Refuse it rather than guess.
+    if type(t).__name__ != "DTensor":
+        return
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        raise TypeError(
+            f"{name} is a DTensor (placements {list(t.placements)}, global shape {list(t.shape)}): "
+            f"it is still sharded where simpo_loss reads it. Compute the loss inside the forward of "
+            f"the FSDP2 module that holds the lm_head (the root, or a group whose forward has run, "
+            f"such as accelerate's [final norm, lm_head] group), where FSDP2 has all-gathered it; "
+            f"never pass {name}.full_tensor(), whose gradient would not reach the shards")
+
+
 def _check_float(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _refuse_dtensor(name, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
 
@@ -85,6 +103,7 @@ def check_labels(labels: torch.Tensor, rows: int, T: int, vocab_size: int, ignor
     """
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    _refuse_dtensor("labels", labels)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if labels.dim() != 2 or tuple(labels.shape) != (rows, T):

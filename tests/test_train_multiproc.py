@@ -13,59 +13,21 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from tests.multiproc import (ROOT, TOL, WORKER, compare_runs, free_port, run_json, save_tiny_model,
+                             subprocess_env, worker_options)
+
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "train_worker.py")
-TOL = 1e-4
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    import torch
-
-    from simpo.data import load_raw_datasets
-    from simpo.modeling import build_tiny_model, build_tiny_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny_model")
-    raw = load_raw_datasets(None, ["train"])["train"]
-    texts = [m["content"] for c in ("chosen", "rejected") for msgs in raw[c] for m in msgs]
-    tok = build_tiny_tokenizer(texts)
-    torch.manual_seed(0)
-    build_tiny_model(tok, hidden_size=32).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
-
-
-def _run(cmd, out, timeout=400):
-    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    with open(out) as f:
-        return json.load(f)
-
-
-def _common(rows):
-    return ["--rows", str(rows), "--steps", "5", "--lr", "1e-2", "--per_device", "2", "--evaluate"]
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 @pytest.fixture(scope="module")
@@ -76,43 +38,19 @@ def single_runs(model_dir, tmp_path_factory):
     def get(rows, accum):
         if (rows, accum) not in cache:
             d = tmp_path_factory.mktemp(f"single_{rows}_{accum}")
-            cache[rows, accum] = _run(
+            cache[rows, accum] = run_json(
                 [sys.executable, WORKER, str(d / "out.json"), "--work_dir", str(d / "w"),
-                 "--grad_accum", str(accum), "--model_dir", model_dir, *_common(rows)],
+                 "--grad_accum", str(accum), "--model_dir", model_dir, *worker_options(rows)],
                 d / "out.json")
         return cache[rows, accum]
     return get
 
 
 def _two_procs(model_dir, d, rows, accum, *extra):
-    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                 "--master_port", str(_free_port()), WORKER, str(d / "out.json"),
-                 "--work_dir", str(d / "w"), "--grad_accum", str(accum), "--model_dir", model_dir,
-                 *_common(rows), *extra], d / "out.json")
-
-
-def _compare(single, multi):
-    l1 = [h["loss"] for h in single["logs"]]
-    l2 = [h["loss"] for h in multi["logs"]]
-    g1 = [h["grad_norm"] for h in single["logs"]]
-    g2 = [h["grad_norm"] for h in multi["logs"]]
-    print("\n1-proc losses", l1, "\n2-proc losses", l2,
-          "\nmax abs diff", max(abs(a - b) for a, b in zip(l1, l2)),
-          "\neval", single["eval"]["eval_loss"], multi["eval"]["eval_loss"])
-    assert len(l1) == len(l2) == 5
-    assert l1[0] - l1[-1] > 0.1, "the loss should fall at this learning rate"
-    for a, b in zip(l1, l2):
-        assert abs(a - b) < TOL
-    for a, b in zip(g1, g2):
-        assert abs(a - b) < TOL * max(1.0, abs(a))
-    for name in ("rewards/accuracies", "rewards/margins", "logps/chosen", "logits/rejected"):
-        for h1, h2 in zip(single["logs"], multi["logs"]):
-            assert h1[name] == pytest.approx(h2[name], abs=1e-4), name
-    # evaluation after training: loss and every metric averaged over the 2 processes
-    e1, e2 = single["eval"], multi["eval"]
-    for name in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins",
-                 "eval_logps/chosen", "eval_logps/rejected", "eval_logits/chosen"):
-        assert e1[name] == pytest.approx(e2[name], abs=1e-4), name
+    return run_json([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                     "--master_port", str(free_port()), WORKER, str(d / "out.json"),
+                     "--work_dir", str(d / "w"), "--grad_accum", str(accum), "--model_dir", model_dir,
+                     *worker_options(rows), *extra], d / "out.json")
 
 
 @pytest.mark.parametrize("rows,accum", [(4, 1), (8, 2)], ids=["global4-accum1", "global8-accum2"])
@@ -126,13 +64,13 @@ def test_zero3_two_processes_match_one_process(model_dir, single_runs, tmp_path,
     # ZeRO-3 really partitions the (tied) lm_head: outside a forward each rank holds a [0] shard
     assert zero3["lm_head_shape_outside_forward"] == [0]
     assert single["lm_head_shape_outside_forward"][0] > 0
-    _compare(single, zero3)
+    compare_runs(single, zero3)
 
 
 def test_ddp_two_processes_match_one_process(model_dir, single_runs, tmp_path):
     ddp = _two_procs(model_dir, tmp_path, 4, 1)
     assert ddp["world_size"] == 2 and not ddp["deepspeed"]
-    _compare(single_runs(4, 2), ddp)
+    compare_runs(single_runs(4, 2), ddp)
 
 
 def test_cli_default_two_zero3_ranks_start_from_the_one_rank_weights(tmp_path):
@@ -147,13 +85,13 @@ def test_cli_default_two_zero3_ranks_start_from_the_one_rank_weights(tmp_path):
         "one": [sys.executable, "-m", "simpo.train", *common, "--gradient_accumulation_steps", "2",
                 "--output_dir", str(tmp_path / "one")],
         "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(_free_port()), "-m", "simpo.train", *common,
+                "--master_port", str(free_port()), "-m", "simpo.train", *common,
                 "--deepspeed", os.path.join(ROOT, "tests", "zero3_cpu.json"),
                 "--output_dir", str(tmp_path / "two")],
     }
     losses = {}
     for name, cmd in runs.items():
-        proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
+        proc = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
         finished = (tmp_path / name / "trainer_state.json").is_file()
         # DeepSpeed's CPU stack rarely aborts in C++ teardown after every output was written
         # (README); that is not what this test is about
