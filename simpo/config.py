@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import re
 import sys
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Optional
 
 from transformers import HfArgumentParser, TrainingArguments
+
+logger = logging.getLogger("simpo.config")
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = "tiny"
@@ -240,6 +243,17 @@ def _clean_help(text: str) -> str:
     return re.sub(r"``?([^`]+)``?", r"\1", text)
 
 
+def _fsdp_value(text: str):
+    """``fsdp``: true/false as every other switch; any other text is TrainingArguments' own
+    (FSDP1-era option strings, which it checks)."""
+    word = text.strip().lower()
+    if word in ("true", "yes", "1"):
+        return True
+    if word in ("false", "no", "0", ""):
+        return None
+    return text
+
+
 class _Parser(HfArgumentParser):
     """HfArgumentParser whose errors are ConfigErrors (no argparse exit, no usage dump) and whose
     long options are never abbreviated (``--max-step 5`` is an unknown option, not max_steps)."""
@@ -265,6 +279,8 @@ def _cli_parser(defaults: Optional[dict] = None) -> _Parser:
     for action in parser._actions:
         if action.help:
             action.help = _clean_help(action.help)
+        if action.dest == "fsdp":  # `--fsdp true` / `fsdp: true` as well as a bare `--fsdp`
+            action.type = _fsdp_value
         if defaults and action.dest in defaults and action.const is not False:
             action.default = defaults[action.dest]
     return parser
@@ -407,6 +423,7 @@ def parse_args(argv: Optional[list[str]] = None):
         raise
     training_args.command_line_keys = frozenset(overrides)
     _check_relations(overrides, training_args, recipe_path.name)
+    resolve_fsdp_options(training_args)
     check_loss_backend(model_args, training_args)
     return model_args, data_args, training_args, recipe_path
 
@@ -419,6 +436,42 @@ def _check_relations(overrides: dict, args: "SimPOConfig", recipe: str) -> None:
             source = "the command line" if strategy in overrides else f"recipe {recipe}"
             raise ConfigError(f"{key}={overrides[key]:g} has no effect: {strategy} is 'no' (from "
                               f"{source}); add --{strategy} steps")
+
+
+def fsdp_requested(args: "SimPOConfig") -> bool:
+    """Whether this run asks for FSDP: ``--fsdp`` / ``fsdp_config``, or an ``accelerate launch``
+    config with ``distributed_type: FSDP`` (which reaches the processes as ``ACCELERATE_USE_FSDP``)."""
+    return args.fsdp_plugin_args is not None or _env_flag("ACCELERATE_USE_FSDP")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_fsdp_options(args: "SimPOConfig") -> None:
+    """FSDP with DeepSpeed is an error. FSDP's own activation checkpointing (``fsdp_config``
+    ``activation_checkpointing``, or ``fsdp_activation_checkpointing`` in an accelerate config) and
+    the Trainer's ``gradient_checkpointing`` recompute the same activations, and the Trainer refuses
+    both: the one a recipe sets is turned off in favour of FSDP's (which skips a redundant
+    all-gather in backward); both asked for on the command line is an error."""
+    if not fsdp_requested(args):
+        return
+    if args.deepspeed:
+        raise ConfigError("FSDP and DeepSpeed were both asked for: choose one (drop --deepspeed, or "
+                          "--fsdp / fsdp_config / the accelerate FSDP config)")
+    plugin_args = args.fsdp_plugin_args
+    if plugin_args is not None:
+        fsdp_checkpointing = bool(plugin_args.get("activation_checkpointing", False))
+    else:
+        fsdp_checkpointing = _env_flag("FSDP_ACTIVATION_CHECKPOINTING")
+    if not (fsdp_checkpointing and args.activation_checkpointing):
+        return
+    keys = {"activation_checkpointing", "gradient_checkpointing"} & set(args.command_line_keys)
+    if keys:
+        raise ConfigError(f"--{sorted(keys)[0]} true and FSDP's activation_checkpointing both "
+                          f"recompute activations: keep one")
+    logger.info("FSDP's activation checkpointing replaces the recipe's gradient_checkpointing")
+    args.activation_checkpointing = args.gradient_checkpointing = False
 
 
 def check_loss_backend(model_args: ModelArguments, training_args: SimPOConfig) -> None:

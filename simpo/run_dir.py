@@ -106,6 +106,7 @@ def checkpoint_problems(path: str) -> list[str]:
     deepspeed_problems, has_deepspeed = _deepspeed_problems(path, world_size)
     problems += deepspeed_problems
     has_fsdp = _has_fsdp(path)
+    problems += _fsdp_problems(path) if has_fsdp else []
     problems += _weight_problems(path, has_deepspeed or has_fsdp)
     problems += _state_problems(path)
     if not save_only_model:
@@ -116,7 +117,9 @@ def checkpoint_problems(path: str) -> list[str]:
         problems += [f"{name} is missing" for name in expected
                      if not os.path.isfile(os.path.join(path, name))]
         problems += _rng_problems(path, world_size)
-    if not os.path.isfile(os.path.join(path, "training_args.bin")):
+    # the base Trainer writes training_args.bin with the model's own files, which FSDP's sharded
+    # checkpoints do not have (pytorch_model_fsdp_*/ instead)
+    if not has_fsdp and not os.path.isfile(os.path.join(path, "training_args.bin")):
         problems.append("training_args.bin is missing")
     problems += _truncation_problems(path)
     return list(dict.fromkeys(problems))  # a file both missing and listed in the record: once
@@ -236,6 +239,37 @@ def _deepspeed_problems(path: str, world_size: int) -> tuple[list[str], bool]:
 
 def _has_fsdp(path: str) -> bool:
     return any(n.startswith("pytorch_model_fsdp") for n in _listdir(path))
+
+
+def _fsdp_problems(path: str) -> list[str]:
+    """FSDP's sharded (torch.distributed.checkpoint) directories, ``pytorch_model_fsdp_*/`` and
+    ``optimizer_*/``: the ``.metadata`` file (written last, once every rank's shards are in) must
+    read, and every byte range it records must lie in an existing shard file."""
+    problems = []
+    for name in _listdir(path):
+        full = os.path.join(path, name)
+        if not (name.startswith(("pytorch_model_fsdp", "optimizer_")) and os.path.isdir(full)):
+            continue
+        if not os.path.isfile(os.path.join(full, ".metadata")):
+            problems.append(f"{name}/.metadata is missing")  # written last by a complete save
+            continue
+        try:
+            from torch.distributed.checkpoint import FileSystemReader
+
+            storage = FileSystemReader(full).read_metadata().storage_data
+        except Exception as exc:  # unpickling a damaged file can raise nearly anything
+            problems.append(f"{name}/.metadata cannot be read: {(_reason(exc).splitlines() or [''])[0]}")
+            continue
+        ends: dict[str, int] = {}
+        for info in storage.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+        for rel, end in sorted(ends.items()):
+            shard = os.path.join(full, rel)
+            if not os.path.isfile(shard):
+                problems.append(f"{name}/{rel} is missing")
+            elif os.path.getsize(shard) < end:
+                problems.append(f"{name}/{rel} is cut short ({os.path.getsize(shard)} of {end} bytes)")
+    return problems
 
 
 def _has_fsdp_optimizer(path: str) -> bool:

@@ -38,6 +38,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from simpo_kernels.objective import METRIC_NAMES, official_metrics
 
 from . import run_dir
+from .config import ConfigError
 from .data import SimPODataCollator
 from .modeling import attach_simpo_head, disable_dropout
 
@@ -88,6 +89,72 @@ class SimPOTrainer(Trainer):
                          processing_class=processing_class, **kwargs)
         # The loss is a per-micro-batch mean over pairs: no num_items_in_batch, no x num_processes.
         self.model_accepts_loss_kwargs = False
+
+    # -------------------------------------------------------------- FSDP on CPU ranks
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if not self.is_fsdp_enabled:
+            self._enable_fsdp_on_cpu_ranks()
+
+    def _enable_fsdp_on_cpu_ranks(self) -> None:
+        """Run FSDP2 on CPU ranks when FSDP was asked for.
+
+        accelerate turns FSDP on only for accelerator devices; on CPU ranks it quietly trains with
+        DDP instead (every rank holding the whole model). ``fully_shard`` itself runs on CPU over
+        gloo, so where FSDP was asked for (``--fsdp`` / ``fsdp_config``, or an accelerate launch
+        config with ``distributed_type: FSDP``) and the processes are CPU ranks, this switches
+        accelerate's state to FSDP: the Trainer's FSDP2 wrapping, sharded checkpoints and loading
+        then run exactly as on GPUs.
+        """
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+        from accelerate.utils.environment import parse_flag_from_env
+
+        plugin_args = self.args.fsdp_plugin_args
+        if plugin_args is None and not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+            return
+        state = self.accelerator.state
+        if state.distributed_type != DistributedType.MULTI_CPU:
+            logger.warning("FSDP was asked for, but accelerate runs %s (%d process(es)): nothing "
+                           "is sharded", state.distributed_type.value, self.args.world_size)
+            return
+        # without trainer arguments, the plugin reads accelerate launch's FSDP_* variables
+        plugin = FullyShardedDataParallelPlugin(**(plugin_args or {}))
+        if plugin.fsdp_version != 2:
+            raise ConfigError(f"FSDP on CPU ranks runs FSDP2 only; this run asks for FSDP"
+                              f"{plugin.fsdp_version} (set fsdp_config version 2, or fsdp_version: 2 "
+                              f"in the accelerate config)")
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
+        state.distributed_type = DistributedType.FSDP
+        # as accelerate records it on GPUs: every later AcceleratorState() copies it from here
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.is_fsdp_enabled = True
+        logger.info("FSDP2 on %d CPU ranks over %s", self.args.world_size,
+                    self.accelerator.state.backend)
+        # the base class checked these before FSDP was on
+        if plugin.activation_checkpointing and self.args.activation_checkpointing:
+            raise ConfigError("FSDP's activation_checkpointing and the Trainer's "
+                              "activation_checkpointing both recompute activations: keep one")
+        if self.args.save_only_model and ("SHARDED_STATE_DICT" in str(plugin.state_dict_type)
+                                          or self.args.load_best_model_at_end):
+            raise ConfigError("save_only_model cannot be used with FSDP's SHARDED_STATE_DICT or "
+                              "with load_best_model_at_end")
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """As the base Trainer's, except that under FSDP with sharded checkpoints the model a run
+        leaves in ``output_dir`` is still a whole Hugging Face model (``model.safetensors``); the
+        base class would write nothing there. Checkpoints keep FSDP's sharded files."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        if _internal_call or plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+            return super().save_model(output_dir, _internal_call)
+        state_dict = self.accelerator.get_state_dict(self.model)  # collective: on every rank
+        self._save(output_dir if output_dir is not None else self.args.output_dir,
+                   state_dict=state_dict)
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save")
 
     # -------------------------------------------------------------- checkpoints
 

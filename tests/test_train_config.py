@@ -136,3 +136,42 @@ def test_help_shows_the_recipes_effective_defaults_without_markup():
     assert "``" not in text and ":class:" not in text and ":obj:" not in text
     assert "defaults from recipe" in text and "gemma-2-9b-it-simpo.yaml" in text
     assert "--existing_run" in text and "--eval_fraction" in text and "--debug" in text
+
+
+FSDP2_JSON = os.path.join(ROOT, "configs", "fsdp", "fsdp2.json")
+
+
+def test_fsdp_activation_checkpointing_replaces_the_recipes_gradient_checkpointing(tmp_path):
+    """configs/fsdp/fsdp2.json turns FSDP's activation checkpointing on; the published recipe sets
+    gradient_checkpointing, which the Trainer refuses next to it: the recipe's is turned off."""
+    recipe = _recipe(tmp_path, "gradient_checkpointing: true\n")
+    _, _, args, _ = parse_args([recipe])
+    assert args.activation_checkpointing is True  # without FSDP it stays
+    _, _, args, _ = parse_args([recipe, "--fsdp", "true", "--fsdp_config", FSDP2_JSON])
+    assert args.fsdp_plugin_args["activation_checkpointing"] is True
+    assert args.activation_checkpointing is False and args.gradient_checkpointing is False
+
+
+def test_fsdp_activation_checkpointing_from_accelerate_launch_env(tmp_path, monkeypatch):
+    """accelerate launch --config_file configs/accelerate/fsdp2.yaml reaches the processes as
+    ACCELERATE_USE_FSDP / FSDP_ACTIVATION_CHECKPOINTING."""
+    recipe = _recipe(tmp_path, "gradient_checkpointing: true\n")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    _, _, args, _ = parse_args([recipe])
+    assert args.activation_checkpointing is False
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "false")
+    _, _, args, _ = parse_args([recipe])
+    assert args.activation_checkpointing is True
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--gradient_checkpointing", "true"],
+     "--gradient_checkpointing true and FSDP's activation_checkpointing both recompute"),
+    (["--deepspeed", os.path.join(ROOT, "tests", "zero3_cpu.json")],
+     "FSDP and DeepSpeed were both asked for"),
+])
+def test_fsdp_conflicts_are_config_errors(tmp_path, extra, message):
+    with pytest.raises(ConfigError) as err:
+        parse_args([_recipe(tmp_path, ""), "--fsdp", "true", "--fsdp_config", FSDP2_JSON, *extra])
+    assert message in str(err.value)

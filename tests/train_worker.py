@@ -19,6 +19,9 @@ def main():
     p.add_argument("--model_dir", required=True)
     p.add_argument("--work_dir", required=True)
     p.add_argument("--deepspeed", default=None)
+    p.add_argument("--fsdp", default=None, metavar="FSDP_CONFIG_JSON",
+                   help="train under FSDP with this fsdp_config (a JSON file)")
+    p.add_argument("--resume", default=None, help="checkpoint directory to resume from")
     p.add_argument("--per_device", type=int, default=2)
     p.add_argument("--grad_accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=4)
@@ -43,7 +46,7 @@ def main():
         gradient_accumulation_steps=a.grad_accum, learning_rate=a.lr, lr_scheduler_type="constant",
         logging_steps=1, save_strategy="steps" if a.save_steps else "no",
         save_steps=a.save_steps or 500, report_to="none", use_cpu=True, seed=0,
-        data_seed=0, deepspeed=a.deepspeed, beta=2.0, gamma_beta_ratio=0.5, max_length=64,
+        data_seed=0, deepspeed=a.deepspeed, fsdp=bool(a.fsdp), fsdp_config=a.fsdp, beta=2.0, gamma_beta_ratio=0.5, max_length=64,
         max_prompt_length=32, disable_tqdm=True, dataloader_num_workers=0,
         per_device_eval_batch_size=2)
     setup_distributed(args)  # torch.distributed + deepspeed.comm before a ZeRO-3 from_pretrained
@@ -52,8 +55,16 @@ def main():
     ds = prepare_dataset(raw, tok, args)
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, attn_implementation="eager")
     trainer = SimPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-    trainer.train()
-    head_shape = list(trainer.model.get_output_embeddings().weight.shape)  # outside any forward
+    trainer.train(resume_from_checkpoint=a.resume)
+    head = trainer.model.get_output_embeddings().weight  # outside any forward
+    local = head.to_local() if hasattr(head, "to_local") else head  # an FSDP2 DTensor: this rank's rows
+    head_shapes = [None] * args.world_size
+    if args.world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_gather_object(head_shapes, list(local.shape))
+    else:
+        head_shapes = [list(local.shape)]
     eval_metrics = trainer.evaluate(eval_dataset=ds) if a.evaluate else {}
     if trainer.is_world_process_zero():
         from simpo.run_dir import checkpoint_problems
@@ -64,7 +75,11 @@ def main():
         with open(a.out, "w") as f:
             json.dump({"world_size": args.world_size, "logs": logs,
                        "deepspeed": trainer.is_deepspeed_enabled,
-                       "lm_head_shape_outside_forward": head_shape,
+                       "fsdp": trainer.is_fsdp_enabled,
+                       "lm_head_is_dtensor": type(head).__name__ == "DTensor",
+                       "lm_head_shape_outside_forward": head_shapes[0],
+                       "lm_head_shapes_by_rank": head_shapes,
+                       "vocab_size": trainer.model.config.vocab_size,
                        "eval": eval_metrics,
                        "checkpoint_problems": {n: checkpoint_problems(os.path.join(a.work_dir, n))
                                                for n in checkpoints}}, f)
