@@ -449,11 +449,12 @@ def _env_flag(name: str) -> bool:
 
 
 def resolve_fsdp_options(args: "SimPOConfig") -> None:
-    """FSDP with DeepSpeed is an error. FSDP's own activation checkpointing (``fsdp_config``
-    ``activation_checkpointing``, or ``fsdp_activation_checkpointing`` in an accelerate config) and
-    the Trainer's ``gradient_checkpointing`` recompute the same activations, and the Trainer refuses
-    both: the one a recipe sets is turned off in favour of FSDP's (which skips a redundant
-    all-gather in backward); both asked for on the command line is an error."""
+    """FSDP with DeepSpeed is an error, and so is FSDP1 without a GPU (only FSDP2 runs on CPU
+    ranks). FSDP's own activation checkpointing (``fsdp_config`` ``activation_checkpointing``, or
+    ``fsdp_activation_checkpointing`` in an accelerate config) and the Trainer's
+    ``gradient_checkpointing`` recompute the same activations, and the Trainer refuses both: the
+    one a recipe sets is turned off in favour of FSDP's (which skips a redundant all-gather in
+    backward); both asked for on the command line is an error."""
     if not fsdp_requested(args):
         return
     if args.deepspeed:
@@ -462,8 +463,15 @@ def resolve_fsdp_options(args: "SimPOConfig") -> None:
     plugin_args = args.fsdp_plugin_args
     if plugin_args is not None:
         fsdp_checkpointing = bool(plugin_args.get("activation_checkpointing", False))
+        version = str(plugin_args.get("fsdp_version", 2))
     else:
         fsdp_checkpointing = _env_flag("FSDP_ACTIVATION_CHECKPOINTING")
+        version = os.environ.get("FSDP_VERSION", "1")  # accelerate's own default
+    import torch
+
+    if version != "2" and (args.use_cpu or not torch.cuda.is_available()):
+        raise ConfigError(f"FSDP on CPU ranks runs FSDP2 only; this run asks for FSDP{version} (set "
+                          f"fsdp_config version 2, or fsdp_version: 2 in the accelerate config)")
     if not (fsdp_checkpointing and args.activation_checkpointing):
         return
     keys = {"activation_checkpointing", "gradient_checkpointing"} & set(args.command_line_keys)

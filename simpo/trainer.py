@@ -96,6 +96,23 @@ class SimPOTrainer(Trainer):
         super().create_accelerator_and_postprocess()
         if not self.is_fsdp_enabled:
             self._enable_fsdp_on_cpu_ranks()
+        if self.is_fsdp_enabled:
+            self._keep_forward_outputs_float32()
+
+    def _keep_forward_outputs_float32(self) -> None:
+        """accelerate's FSDP2 mixed precision casts the root module's forward outputs to bf16
+        (``output_dtype``). The SimPO forward's outputs are the float32 loss and the official
+        metrics, which the official trainer computes and logs in float32: keep them so (logits of
+        a plain forward are in the compute dtype anyway). Gradients are not affected either way."""
+        plugin = self.accelerator.state.fsdp_plugin
+        policy = getattr(plugin, "mixed_precision_policy", None)
+        if getattr(plugin, "fsdp_version", 1) != 2 or getattr(policy, "output_dtype", None) is None:
+            return
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype, output_dtype=None,
+            cast_forward_inputs=policy.cast_forward_inputs)
 
     def _enable_fsdp_on_cpu_ranks(self) -> None:
         """Run FSDP2 on CPU ranks when FSDP was asked for.

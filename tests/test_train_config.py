@@ -157,6 +157,7 @@ def test_fsdp_activation_checkpointing_from_accelerate_launch_env(tmp_path, monk
     ACCELERATE_USE_FSDP / FSDP_ACTIVATION_CHECKPOINTING."""
     recipe = _recipe(tmp_path, "gradient_checkpointing: true\n")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
     monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
     _, _, args, _ = parse_args([recipe])
     assert args.activation_checkpointing is False
@@ -175,3 +176,17 @@ def test_fsdp_conflicts_are_config_errors(tmp_path, extra, message):
     with pytest.raises(ConfigError) as err:
         parse_args([_recipe(tmp_path, ""), "--fsdp", "true", "--fsdp_config", FSDP2_JSON, *extra])
     assert message in str(err.value)
+
+
+def test_fsdp1_without_a_gpu_is_a_config_error(tmp_path, monkeypatch):
+    """Only FSDP2 runs on CPU ranks; accelerate's FSDP1 plugin would fail with "no available
+    devices" after the data were loaded. accelerate launch's FSDP_VERSION defaults to 1."""
+    config = tmp_path / "fsdp1.json"
+    config.write_text('{"version": 1}')
+    with pytest.raises(ConfigError, match="FSDP on CPU ranks runs FSDP2 only; this run asks for FSDP1"):
+        parse_args([_recipe(tmp_path, ""), "--fsdp", "true", "--fsdp_config", str(config)])
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="asks for FSDP1"):
+        parse_args([_recipe(tmp_path, "")])
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    parse_args([_recipe(tmp_path, "")])
