@@ -464,6 +464,10 @@ def resolve_fsdp_options(args: "SimPOConfig") -> None:
     if plugin_args is not None:
         fsdp_checkpointing = bool(plugin_args.get("activation_checkpointing", False))
         version = str(plugin_args.get("fsdp_version", 2))
+        # What accelerate launch's FSDP config sets, and the Accelerator sets later anyway. Set
+        # before the model loads, it lets from_pretrained honour cpu_ram_efficient_loading (one
+        # process per node reads the weights) under torchrun too.
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
     else:
         fsdp_checkpointing = _env_flag("FSDP_ACTIVATION_CHECKPOINTING")
         version = os.environ.get("FSDP_VERSION", "1")  # accelerate's own default
