@@ -5,7 +5,10 @@
   runs, then the lm_head weight is read *inside that forward* and handed to the fused loss with the
   final hidden states. Because the read happens inside the forward that DeepSpeed / FSDP run
   through their engine, ZeRO-3 gathers the (otherwise ``[0]``-shaped) lm_head shard for forward and
-  backward exactly as it would for ``lm_head(hidden)`` (DESIGN section 4). The forward returns a
+  backward exactly as it would for ``lm_head(hidden)`` (DESIGN section 4), and under FSDP2 the
+  head's group (the root, or accelerate's [final norm, lm_head] group, whose forward has run by
+  then) is unsharded; a head still sharded there reaches ``simpo_loss`` as a DTensor, which it
+  refuses. The forward returns a
   :class:`SimPOModelOutput` (a ``ModelOutput``) so engines can see the tensors in it. Without
   ``simpo=True`` the model behaves as before (logits, generation, ...).
 * :func:`build_tiny_tokenizer` / :func:`build_tiny_model`: the offline, in-code Gemma-2-architecture

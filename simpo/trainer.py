@@ -12,6 +12,11 @@ False``, ``loss_is_scaled_for_ga = False``): nothing multiplies the loss by the 
 gradients over processes. The optimizer therefore sees the mean over all pairs of the global batch,
 the same for any split of it into processes x accumulation steps x per-device batch.
 
+FSDP2. accelerate enables FSDP only on accelerator devices; on CPU ranks the trainer switches it on
+(FSDP2 only), so the same wrapping, sharded checkpoints and loading run there. Under bf16 mixed
+precision the forward's outputs (loss, metrics) stay float32, and the model saved at the end of a
+run is whole even when checkpoints are sharded.
+
 Checkpoints. ``_save_checkpoint`` writes each checkpoint into ``output_dir/.simpo-staging/`` and,
 once every process has written its part, adds a completion record and renames it to
 ``checkpoint-N`` (:mod:`simpo.run_dir`): a crash during a save never leaves a ``checkpoint-N`` that
