@@ -43,7 +43,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from simpo_kernels.objective import METRIC_NAMES, official_metrics
 
 from . import run_dir
-from .config import ConfigError
+from .config import ConfigError, fsdp_requested
 from .data import SimPODataCollator
 from .modeling import attach_simpo_head, disable_dropout
 
@@ -131,22 +131,17 @@ class SimPOTrainer(Trainer):
         """
         from accelerate.state import PartialState
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-        from accelerate.utils.environment import parse_flag_from_env
 
-        plugin_args = self.args.fsdp_plugin_args
-        if plugin_args is None and not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        if not fsdp_requested(self.args):
             return
         state = self.accelerator.state
         if state.distributed_type != DistributedType.MULTI_CPU:
             logger.warning("FSDP was asked for, but accelerate runs %s (%d process(es)): nothing "
                            "is sharded", state.distributed_type.value, self.args.world_size)
             return
-        # without trainer arguments, the plugin reads accelerate launch's FSDP_* variables
-        plugin = FullyShardedDataParallelPlugin(**(plugin_args or {}))
-        if plugin.fsdp_version != 2:
-            raise ConfigError(f"FSDP on CPU ranks runs FSDP2 only; this run asks for FSDP"
-                              f"{plugin.fsdp_version} (set fsdp_config version 2, or fsdp_version: 2 "
-                              f"in the accelerate config)")
+        # without trainer arguments, the plugin reads accelerate launch's FSDP_* variables (an
+        # FSDP1 plugin cannot be built without a GPU: config.resolve_fsdp_options says so first)
+        plugin = FullyShardedDataParallelPlugin(**(self.args.fsdp_plugin_args or {}))
         if state.mixed_precision != "no":
             plugin.set_mixed_precision(state.mixed_precision)
         state.fsdp_plugin = plugin

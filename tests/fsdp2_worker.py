@@ -296,14 +296,18 @@ def _dcp_state(model, opt):
     return {"model": model_sd, "optim": optim_sd}
 
 
+def _wrapped_with_optimizer(a, name, ctx):
+    which, how = WRAPPINGS[name]
+    model = shard(load_model(a, which), how, ctx)
+    return model, make_optimizer(model, a.lr)
+
+
 def mode_ckpt_save(a, ctx, data, collate, result, tensors):
     import torch.distributed.checkpoint as dcp
 
     runs = {}
     for name in CKPT_WRAPPINGS:
-        which, how = WRAPPINGS[name]
-        model = shard(load_model(a, which), how, ctx)
-        opt = make_optimizer(model, a.lr)
+        model, opt = _wrapped_with_optimizer(a, name, ctx)
 
         def save(step, model=model, opt=opt, name=name):
             if step == CKPT_STEP:
@@ -320,9 +324,7 @@ def mode_ckpt_resume(a, ctx, data, collate, result, tensors):
 
     runs = {}
     for name in CKPT_WRAPPINGS:
-        which, how = WRAPPINGS[name]
-        model = shard(load_model(a, which), how, ctx)
-        opt = make_optimizer(model, a.lr)
+        model, opt = _wrapped_with_optimizer(a, name, ctx)
         state = _dcp_state(model, opt)
         dcp.load(state, checkpoint_id=os.path.join(a.ckpt_dir, name))
         set_state_dict(model, opt, model_state_dict=state["model"],

@@ -44,7 +44,7 @@ import time
 
 import pytest
 
-from tests.multiproc import ROOT, free_port, subprocess_env
+from tests.multiproc import ROOT, free_port, save_tiny_model, subprocess_env
 
 WORKER = os.path.join(ROOT, "tests", "fsdp2_worker.py")
 TOL = 1e-4           # training parity: losses, metrics (absolute), grad norms (x max(1, norm))
@@ -95,20 +95,12 @@ def _launch(out, mode, dirs, *extra, ranks=2):
 def model_dirs(tmp_path_factory):
     """The tiny tied Gemma-2 (seed 0) + tokenizer, and an untied copy of the same weights."""
     import torch
-    from transformers import Gemma2ForCausalLM
-
-    from simpo.data import load_raw_datasets
-    from simpo.modeling import build_tiny_model, build_tiny_tokenizer
+    from transformers import AutoModelForCausalLM, Gemma2ForCausalLM
 
     base = tmp_path_factory.mktemp("fsdp2_models")
-    raw = load_raw_datasets(None, ["train"])["train"]
-    texts = [m["content"] for c in ("chosen", "rejected") for msgs in raw[c] for m in msgs]
-    tok = build_tiny_tokenizer(texts)
-    torch.manual_seed(0)
-    tied = build_tiny_model(tok, hidden_size=32)
+    tied = AutoModelForCausalLM.from_pretrained(save_tiny_model(base / "tied"),
+                                                attn_implementation="eager")
     assert tied.dtype == torch.float32
-    tied.save_pretrained(base / "tied")
-    tok.save_pretrained(base / "tied")
 
     config = copy.deepcopy(tied.config)
     config.tie_word_embeddings = False
