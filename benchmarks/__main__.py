@@ -41,12 +41,8 @@ def device_name(device: torch.device) -> str:
 def _versions() -> dict:
     v = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
     for mod in ("triton", "transformers", "liger_kernel", "cut_cross_entropy"):
-        try:
-            from importlib.metadata import version
-            v[mod] = version({"liger_kernel": "liger-kernel",
-                              "cut_cross_entropy": "cut-cross-entropy"}.get(mod, mod))
-        except Exception:  # noqa: BLE001 - missing is fine
-            v[mod] = None
+        v[mod] = M.package_version({"liger_kernel": "liger-kernel",
+                                  "cut_cross_entropy": "cut-cross-entropy"}.get(mod, mod))
     return v
 
 

@@ -425,8 +425,9 @@ def vocab_chunk_columns(rows: int, vocab: int, memory_budget: Optional[int] = No
 def auto_schedule(s: Shape, memory_budget: Optional[int] = None) -> str:
     """The schedule ``simpo_loss(backend="triton", schedule="auto")`` runs at ``s``: the first of
     ``simpo_kernels.schedules.DEFAULT_ORDER`` (pairs, vocab, fused) whose smallest chunk ``fits``
-    ``memory_budget``. On a device listed in a committed ``schedules/measured.json`` the library
-    uses that device's measured order instead; the model does not know the device and ignores it."""
+    ``memory_budget``. On a device with a committed ``simpo_kernels/tuned/<gpu>.json`` the library
+    uses that table's measured ``schedule_order`` instead; the model does not know the device and
+    ignores it."""
     budget = _memory_budget(memory_budget)
     schedules, _, _ = _schedules()
     lay = target_layout(s)
@@ -935,18 +936,19 @@ def target_fraction(labels, ignore_index: int = -100) -> float:
 
 
 def prediction_fields(row: dict, target_frac: float, matmul_tflops: Optional[float] = None,
-                      hbm_tbps: Optional[float] = None) -> dict:
+                      hbm_tbps: Optional[float] = None, kernel_config=None) -> dict:
     """Prediction for a benchmark result row (``impl``, ``tokens``, ``seq``, ``hidden``, ``vocab``,
     ``softcap`` as applied, ``dtype``): ``{target_frac, pred_fwd_ms, pred_fwd_bwd_ms,
     pred_matmul_tflops, pred_hbm_tbps}``. ``matmul_tflops`` is the rate measured in the same call
-    where there is one (default: :data:`DEFAULT_MATMUL_TFLOPS`). The benchmarks call
+    where there is one (default: :data:`DEFAULT_MATMUL_TFLOPS`); ``kernel_config`` as in
+    :func:`predict`. The benchmarks call
     ``simpo_loss`` with ``logit_metrics="exact"`` and the default memory budget (a quarter of free
     memory, modelled as :data:`DEFAULT_MEMORY_BUDGET`)."""
     hw = Hardware(matmul_tflops=matmul_tflops or DEFAULT_MATMUL_TFLOPS, hbm_tbps=hbm_tbps or DEFAULT_HBM_TBPS)
     shape = Shape(tokens=row["tokens"], hidden=row["hidden"], vocab=row["vocab"],
                   dtype_bytes=DTYPE_BYTES[row["dtype"]], softcap=row.get("softcap") is not None,
                   target_frac=min(1.0, max(0.0, target_frac)), row_len=row.get("seq") or 2048)
-    cost = predict(row["impl"], shape, hw)
+    cost = predict(row["impl"], shape, hw, kernel_config=kernel_config)
     return {"target_frac": round(shape.target_frac, 4), "pred_fwd_ms": cost.fwd.ms,
             "pred_fwd_bwd_ms": cost.fwd_bwd.ms, "pred_matmul_tflops": hw.matmul_tflops,
             "pred_hbm_tbps": hw.hbm_tbps}

@@ -166,10 +166,10 @@ class BatchSearch:
                 "trials": list(self.trials)}
 
 
-def largest_batch(model, opt, cfg, seq, path, device, max_pairs: int, known_fit: int = 0) -> dict:
-    """Largest number of pairs whose step fits: double from 1 (or from ``known_fit``), then bisect.
+def largest_batch(model, opt, cfg, seq, path, device, max_pairs: int) -> dict:
+    """Largest number of pairs whose step fits: double from 1, then bisect.
     ``capped`` when even ``max_pairs`` fit (always so on CPU, which has no memory limit here)."""
-    search = BatchSearch(max_pairs, known_fit)
+    search = BatchSearch(max_pairs)
     while (p := search.next()) is not None:
         search.record(p, try_step(model, opt, cfg, p, seq, path, device))
     return search.result()

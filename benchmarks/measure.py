@@ -47,6 +47,16 @@ TOLERANCES = {
 MIB = 2.0 ** 20
 
 
+def package_version(dist: str) -> Optional[str]:
+    """The installed version of distribution ``dist``, None when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
 def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True

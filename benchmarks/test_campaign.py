@@ -194,7 +194,10 @@ def test_check_dry_run_tuned_table_is_valid_and_read_back(check_dry_run, monkeyp
     # the launcher reads the table once it sits where the launchers look
     (out / "cpu.json").write_text(path.read_text())
     monkeypatch.setenv(ENV_DIR, str(out))
+    shape = result["shape"]
+    targets = round(shape["target_frac"] * shape["tokens"])  # the rows a launch is looked up by
     for e in tuned["configs"]:
+        assert abs(e["tokens"] - targets) <= 1 and e["tokens"] < shape["tokens"]
         cfg = make_config(CPU, torch.float32, {}, schedule=e["schedule"], shape=(e["tokens"], e["hidden"], e["vocab"]))
         assert all(getattr(cfg, k) == v for k, v in e["options"].items())
 

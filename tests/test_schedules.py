@@ -15,7 +15,6 @@ import torch
 from simpo_kernels import simpo_loss
 from simpo_kernels.objective import METRIC_NAMES, sequence_logp_grads, simpo_objective
 from simpo_kernels.schedules import SCHEDULES, resolve_schedule
-from simpo_kernels.tuned import schedule_order
 from simpo_kernels.schedules.common import TargetLayout, vocab_chunk
 from simpo_kernels.schedules.pairs import pair_chunks
 from tests.reference import reference_simpo, rel_err
@@ -241,7 +240,7 @@ def test_pair_chunks_respect_the_budget():
     assert vocab_chunk(10, 40, 10**9) == 40  # never more than V
 
 
-def test_auto_schedule_follows_budget_and_measured_table(tmp_path):
+def test_auto_schedule_follows_the_budget():
     targets = torch.full((4, 6), -100)
     counts = [5, 5, 2, 2]
     for r, c in enumerate(counts):
@@ -258,12 +257,6 @@ def test_auto_schedule_follows_budget_and_measured_table(tmp_path):
         resolve_schedule("triton", "tokens", cpu, layout, V, 1)
     with pytest.raises(ValueError, match="unknown schedule 'fused' for backend='torch'"):
         resolve_schedule("torch", "fused", cpu, layout, V, 1)
-    (tmp_path / "nvidia-h100-80gb-hbm3.json").write_text('{"schedule_order": ["vocab", "pairs", "fused"]}')
-    assert schedule_order("NVIDIA H100 80GB HBM3", str(tmp_path)) == ("vocab", "pairs", "fused")
-    assert schedule_order("other GPU", str(tmp_path)) is None
-    (tmp_path / "x.json").write_text('{"schedule_order": ["tokens"]}')
-    with pytest.raises(ValueError, match="schedule_order"):
-        schedule_order("X", str(tmp_path))
 
 
 @pytest.mark.parametrize("kwargs, exc, msg", [

@@ -14,7 +14,7 @@ from simpo_kernels import simpo_loss
 from simpo_kernels.kernels.launch import INTERPRETER_CONFIG, make_config
 from simpo_kernels.tuned import ENV_DIR, check_table, schedule_order, slug, table_path, tuned_options
 from tests.reference import reference_simpo, rel_err
-from tests.triton_helpers import DEVICE
+from tests.triton_helpers import make_batch, reference_with_grads
 
 CPU = torch.device("cpu")
 
@@ -85,14 +85,10 @@ def test_a_bad_entry_in_a_table_names_the_file(tuned_dir, options, match):
         make_config(CPU, torch.float32, {}, schedule="fused", shape=(64, 40, 300))
 
 
-def inputs(seed=0, R=4, T=9, H=40, V=300):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(R, T, H, generator=g)
-    weight = torch.randn(V, H, generator=g) * 0.5
-    labels = torch.randint(0, V, (R, T), generator=g)
-    labels[:, :3] = -100
-    labels[1, -2:] = -100
-    return hidden.to(DEVICE), weight.to(DEVICE), labels.to(DEVICE)
+def inputs(seed=0):
+    """``[4, 9, 40]`` hidden, ``[300, 40]`` weight (logits ~3), labels with 3-position prompts."""
+    hidden, weight, _, labels = make_batch(2, 9, 40, 300, torch.float32, prefix=3, scale=3.0, seed=seed)
+    return hidden, weight, labels
 
 
 @pytest.mark.parametrize("schedule, options", [
@@ -104,12 +100,11 @@ def inputs(seed=0, R=4, T=9, H=40, V=300):
 ])
 def test_kernel_options_select_variants_of_the_same_function(schedule, options):
     hidden, weight, labels = inputs()
-    opts = dict(beta=2.5, gamma_beta_ratio=0.3, softcap=5.0)
-    h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
-    ref = reference_simpo(h64, w64, labels.cpu() if DEVICE == "cpu" else labels, **opts)
-    dh_ref, dw_ref = torch.autograd.grad(ref["loss"], (h64, w64))
+    opts = dict(beta=2.5, gamma_beta_ratio=0.3)
+    ref, (dh_ref, dw_ref, _) = reference_with_grads(hidden, weight, None, labels, softcap=5.0, options=opts)
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    out = simpo_loss(h, w, labels, backend="triton", schedule=schedule, kernel_options=dict(options), **opts)
+    out = simpo_loss(h, w, labels, backend="triton", schedule=schedule, kernel_options=dict(options),
+                     softcap=5.0, **opts)
     dh, dw = torch.autograd.grad(out.loss, (h, w))
     assert rel_err(out.loss, ref["loss"]) < 1e-5
     assert rel_err(dh, dh_ref) < 1e-5 and rel_err(dw, dw_ref) < 1e-5

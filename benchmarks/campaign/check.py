@@ -31,12 +31,14 @@ import os
 import tempfile
 import time
 from typing import Any, Optional
+from unittest import mock
 
 import torch
 
-from simpo_kernels.tuned import slug
+from simpo_kernels.tuned import ENV_DIR, TUNABLE_SCHEDULES, slug
 
 from .. import cases as C
+from .. import cost_model as CM
 from .. import measure as M
 from .common import Call, fmt, table
 
@@ -130,8 +132,8 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, Any], str]:
             options[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else v.strip()
     except ValueError:
         raise ValueError(f"--variant {text!r}: expected NAME:SCHEDULE:K=V[,K=V]") from None
-    if schedule not in ("pairs", "vocab", "fused"):
-        raise ValueError(f"--variant {text!r}: schedule must be pairs, vocab or fused")
+    if schedule not in TUNABLE_SCHEDULES:
+        raise ValueError(f"--variant {text!r}: schedule must be one of {', '.join(TUNABLE_SCHEDULES)}")
     return name, schedule, options, "given on the command line"
 
 
@@ -147,7 +149,7 @@ class Inputs:
         self.ctx = M.CaseContext(self.case, self.device, seed=args.seed, reference="float64")
         self.hidden, self.weight, self.labels = self.ctx.hidden, self.ctx.weight, self.ctx.labels
         self.ref: Optional[dict] = None
-        self.target_frac = float((self.labels[:, 1:] != C.IGNORE_INDEX).float().mean())
+        self.target_frac = CM.target_fraction(self.labels, C.IGNORE_INDEX)
         self.tol_val, self.tol_grad = M.TOLERANCES[self.case.dtype]
         self.target_s = args.target_s or (0.02 if call.dry_run else 0.3)
         # no separate warm-up: every timing follows the check's fwd+bwd call, which compiled the
@@ -188,23 +190,19 @@ class Inputs:
 
 def predicted_ms(case: C.Case, target_frac: float, name: str, kernel_options: Optional[dict] = None) -> Optional[float]:
     """The cost model's fwd+bwd time of impl or schedule ``name`` at ``case`` (an H100 prediction)."""
-    from .. import cost_model
-
     impl = _MODEL_IMPL.get(name)
     if impl is None:
         return None
     try:
+        kernel_config = None
         if kernel_options and impl == "triton-fused":
             from dataclasses import replace
 
             from simpo_kernels.kernels.launch import KernelConfig
 
-            shape = cost_model.Shape(tokens=case.tokens, hidden=case.hidden, vocab=case.vocab,
-                                     dtype_bytes=cost_model.DTYPE_BYTES[case.dtype], softcap=case.softcap is not None,
-                                     target_frac=target_frac, row_len=case.seq)
-            return cost_model.predict(impl, shape, kernel_config=replace(KernelConfig(), **kernel_options)).fwd_bwd.ms
+            kernel_config = replace(KernelConfig(), **kernel_options)
         row = M.case_row(case, impl, case.softcap, [])
-        return cost_model.prediction_fields(row, target_frac)["pred_fwd_bwd_ms"]
+        return CM.prediction_fields(row, target_frac, kernel_config=kernel_config)["pred_fwd_bwd_ms"]
     except Exception:  # noqa: BLE001 - a prediction never costs a measurement
         return None
 
@@ -369,7 +367,9 @@ def tuned_table(call: Call, x: Inputs, results: dict[str, Any]) -> dict[str, Any
     env = call.result["env"]
     c = x.case
     order = sorted(results, key=lambda s: results[s]["default_ms"])
-    configs = [{"schedule": s, "dtype": c.dtype, "tokens": c.tokens, "hidden": c.hidden, "vocab": c.vocab,
+    # the launchers look an entry up by the rows they launch on: the target tokens
+    targets = int((x.labels[:, 1:] != C.IGNORE_INDEX).sum())
+    configs = [{"schedule": s, "dtype": c.dtype, "tokens": targets, "hidden": c.hidden, "vocab": c.vocab,
                 "options": r["options"], "ms": round(r["ms"], 4), "default_ms": round(r["default_ms"], 4)}
                for s, r in results.items() if r["options"]]
     return {"device": env["device"], "triton": env.get("triton"), "torch": env["torch"], "commit": env["commit"],
@@ -382,14 +382,12 @@ def readback(call: Call, x: Inputs, tuned: dict[str, Any]) -> None:
     """Write ``tuned`` where the launchers look (a temporary ``$SIMPO_TUNED_DIR``) and check that
     :func:`make_config` and ``schedule="auto"``'s order follow it."""
     from simpo_kernels.kernels.launch import make_config
-    from simpo_kernels.tuned import ENV_DIR, schedule_order, table_path
+    from simpo_kernels.tuned import schedule_order, table_path
 
     def check_readback(row):
         with tempfile.TemporaryDirectory() as d:
             table_path(tuned["device"], d).write_text(json.dumps(tuned))
-            old = os.environ.get(ENV_DIR)
-            os.environ[ENV_DIR] = d
-            try:
+            with mock.patch.dict(os.environ, {ENV_DIR: d}):
                 problems = []
                 for e in tuned["configs"]:
                     cfg = make_config(x.device, x.hidden.dtype, {}, schedule=e["schedule"],
@@ -399,11 +397,6 @@ def readback(call: Call, x: Inputs, tuned: dict[str, Any]) -> None:
                 order = schedule_order(tuned["device"])
                 if tuple(tuned["schedule_order"] or ()) != tuple(order or ()):
                     problems.append(f"schedule order {order} != table {tuned['schedule_order']}")
-            finally:
-                if old is None:
-                    os.environ.pop(ENV_DIR, None)
-                else:
-                    os.environ[ENV_DIR] = old
         row["problems"] = problems
         if problems:
             row["status"] = "mismatch:" + "; ".join(problems)[:300]
@@ -430,10 +423,8 @@ def run(call: Call, args: argparse.Namespace) -> str:
         raise SystemExit(f"unknown --sweep schedules {sorted(set(schedules) - set(SWEEP))}; known: {list(SWEEP)}")
 
     # measure against the built-in defaults, not against a table committed earlier
-    saved = os.environ.get(ENV_DIR)
-    empty = tempfile.mkdtemp(prefix="simpo-untuned-")
-    os.environ[ENV_DIR] = empty
-    try:
+    with tempfile.TemporaryDirectory(prefix="simpo-untuned-") as empty, \
+            mock.patch.dict(os.environ, {ENV_DIR: empty}):
         run_gemms(call, dtype, 0.02 if call.dry_run else 0.3)
         x = Inputs(call, args)  # not a step: without inputs there is nothing left to do
         call.set("shape", {"family": x.case.family, "tokens": x.case.tokens, "rows": x.case.rows, "seq": x.case.seq,
@@ -443,12 +434,6 @@ def run(call: Call, args: argparse.Namespace) -> str:
         run_exactness(call, x, names)
         run_variants(call, x, variants)
         results = run_sweep(call, x, schedules)
-    finally:
-        if saved is None:
-            os.environ.pop(ENV_DIR, None)
-        else:
-            os.environ[ENV_DIR] = saved
-        os.rmdir(empty)
     tuned = tuned_table(call, x, results)
     name = f"tuned-{slug(tuned['device'])}.json"
     (call.out / name).write_text(json.dumps(tuned, indent=1) + "\n")
@@ -487,7 +472,7 @@ def plan() -> tuple[list[tuple[str, str, Optional[float]]], float]:
     """The GPU call's steps with their predicted seconds (the sweep counted in full, an upper
     bound: a group stops early only when a candidate fails), and the total."""
     case = C.make_case(C.FAMILIES[FAMILY], TOKENS)
-    frac = float((C.make_labels(case)[:, 1:] != C.IGNORE_INDEX).float().mean())
+    frac = CM.target_fraction(C.make_labels(case), C.IGNORE_INDEX)
     steps: list[tuple[str, str, Optional[float]]] = [("gemm", f"{name} {m}x{n}x{k}", gemm_seconds(m, n, k))
                                                      for name, m, n, k, _ in gemm_shapes(False)]
     steps.append(("reference", "float64 chunked", reference_seconds(case, frac)))

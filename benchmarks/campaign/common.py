@@ -55,15 +55,6 @@ def device_name(device: torch.device) -> str:
     return "cpu"
 
 
-def _package_version(dist: str) -> Optional[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
 def _cublas_version() -> Optional[str]:
     """cuBLAS as loaded by torch (``cublasGetVersion`` via ctypes after torch opened the library),
     else the version of the installed ``nvidia-cublas*`` wheel; None where neither is found."""
@@ -86,7 +77,7 @@ def _cublas_version() -> Optional[str]:
         except Exception:  # noqa: BLE001 - a version string is never worth a failed call
             pass
     for dist in ("nvidia-cublas", "nvidia-cublas-cu13", "nvidia-cublas-cu12"):
-        v = _package_version(dist)
+        v = M.package_version(dist)
         if v:
             return f"{v} ({dist} wheel)"
     return None
@@ -124,7 +115,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
     for dist in ("triton", "transformers", "accelerate", "datasets", "deepspeed", "trl", "liger-kernel",
                  "cut-cross-entropy", "numpy"):
-        env[dist] = _package_version(dist)
+        env[dist] = M.package_version(dist)
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env.update(sm_count=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
@@ -134,12 +125,6 @@ def environment(device: torch.device) -> dict[str, Any]:
     else:
         env.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
     return env
-
-
-def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 class Step(dict):
@@ -253,7 +238,7 @@ class Call:
             row["status"] = "stopped:interrupted"
             raise
         except Exception as exc:  # noqa: BLE001 - one failing step must not end a GPU call
-            if is_oom(exc):
+            if M.is_oom(exc):
                 row["status"] = "oom"
             else:
                 traceback.print_exc()
@@ -262,7 +247,7 @@ class Call:
             self._disarm()
             row["wall_s"] = round(time.monotonic() - t0, 3)
             if self.device.type == "cuda":
-                _free_cuda()
+                M.free_memory(self.device)
 
     def _append(self, row: Step) -> None:
         self.result["steps"].append(row)
@@ -308,14 +293,6 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, (torch.device, Path)):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _free_cuda() -> None:
-    import gc
-
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
 
 
 def fmt(v: Any, spec: str = ".3g") -> str:

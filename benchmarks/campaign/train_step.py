@@ -331,7 +331,7 @@ class TrainStep:
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         return c.vocab_size * H + L * (H * (q + 2 * kv) + q * H + 3 * H * I + 4 * H) + H
 
-    def predicted_step_s(self, path: str, pairs: int) -> Optional[float]:
+    def predicted_step_s(self, pairs: int) -> Optional[float]:
         if not self.cuda:
             return None
         return predict_step_s(self.cfg, self.n_params or self.params_estimate(), pairs, self.s["seq"])
@@ -410,7 +410,7 @@ class TrainStep:
                 step_extra_gib=_round(r["step_extra_mib"] and r["step_extra_mib"] / 1024, 3),
                 schedule_resolved=",".join(seen) or None)
 
-        pred_step = self.predicted_step_s(path, pairs)
+        pred_step = self.predicted_step_s(pairs)
         pred = None if pred_step is None else PRED_WARMUP_S[backend] + (s["steps"] + 1) * pred_step
         mrow = call.run_step("measure", measure, predicted_s=pred, path=path, pairs=pairs, seq=seq,
                    tokens=2 * pairs * seq, steps=s["steps"])

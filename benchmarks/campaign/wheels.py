@@ -96,9 +96,7 @@ MODULES = ("liger_kernel", "liger_kernel.chunked_loss", "cut_cross_entropy", "da
            "deepspeed", "trl", "pydantic", "pydantic_core", "annotated_types",
            "typing_inspection", "hjson", "dill", "multiprocess")
 #: Top-level packages the set must put in the install target.
-TOP_LEVEL = ("liger_kernel", "cut_cross_entropy", "datasets", "deepspeed", "trl", "pydantic",
-             "pydantic_core", "annotated_types", "typing_inspection", "hjson", "dill",
-             "multiprocess")
+TOP_LEVEL = tuple(dict.fromkeys(m.split(".")[0] for m in MODULES))
 
 
 class WheelInstallError(RuntimeError):
