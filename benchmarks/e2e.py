@@ -166,6 +166,18 @@ class BatchSearch:
                 "trials": list(self.trials)}
 
 
+def model_info(cfg, tiny: bool, dtype) -> dict:
+    """What a result records of the model a step trains (:func:`gemma2_2b_config` ``cfg``)."""
+    return {"model": "gemma2-2b-shaped" + (" (tiny)" if tiny else ""),
+            "config": {k: getattr(cfg, k) for k in (
+                "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim",
+                "final_logit_softcapping", "attn_logit_softcapping", "tie_word_embeddings")},
+            "dtype": str(dtype).replace("torch.", ""),
+            "optimizer": "AdamW (params' dtype, no fp32 master copy)",
+            "gradient_checkpointing": True, "attn_implementation": "eager"}
+
+
 def largest_batch(model, opt, cfg, seq, path, device, max_pairs: int) -> dict:
     """Largest number of pairs whose step fits: double from 1, then bisect.
     ``capped`` when even ``max_pairs`` fit (always so on CPU, which has no memory limit here)."""
@@ -243,14 +255,7 @@ def run_e2e(device, *, paths=None, pairs: int = 2, seq: int = 2048, tiny: bool =
     model = build_model(cfg, device, dtype=dtype)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=8e-7, foreach=True)
-    result = {"model": "gemma2-2b-shaped" + (" (tiny)" if tiny else ""), "params": n_params,
-              "config": {k: getattr(cfg, k) for k in (
-                  "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "head_dim",
-                  "final_logit_softcapping", "attn_logit_softcapping", "tie_word_embeddings")},
-              "dtype": str(dtype).replace("torch.", ""),
-              "optimizer": "AdamW (params' dtype, no fp32 master copy)",
-              "gradient_checkpointing": True, "attn_implementation": "eager",
+    result = {**model_info(cfg, tiny, dtype), "params": n_params,
               "build_s": time.perf_counter() - t0, "paths": []}
     log(f"e2e: {result['model']}, {n_params / 1e9:.3f}B params, built in {result['build_s']:.1f}s")
     for path in paths:

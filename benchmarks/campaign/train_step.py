@@ -612,14 +612,8 @@ def run(call: Call, args: argparse.Namespace) -> str:
     ts = TrainStep(call, s)
     cfg = ts.cfg
     call.set("settings", {k: v for k, v in s.items()})
-    call.set("model", {"name": "gemma2-2b-shaped" + (" (tiny)" if s["tiny"] else ""),
-                       "config": {k: getattr(cfg, k) for k in (
-                           "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads", "num_key_value_heads", "head_dim",
-                           "final_logit_softcapping", "attn_logit_softcapping", "tie_word_embeddings")},
-                       "dtype": s["dtype"], "optimizer": "AdamW (params' dtype, no fp32 master copy)",
-                       "gradient_checkpointing": True, "attn_implementation": "eager",
-                       "params_estimate": ts.params_estimate()})
+    info = E.model_info(cfg, s["tiny"], s["dtype"])
+    call.set("model", {"name": info.pop("model"), **info, "params_estimate": ts.params_estimate()})
     if call.device.type == "cuda" and not s["tiny"]:
         call.set("predictions", ts.predictions())
     return ts.run()
