@@ -37,6 +37,22 @@ class UserError(Exception):
     exit_code = 1
 
 
+def is_explicit_path(text: str) -> bool:
+    """A name the user wrote as a filesystem path (``/x``, ``./x``, ``../x``, ``~/x``), never a
+    hub id (``org/name``)."""
+    return text.startswith(("/", "./", "../", "~"))
+
+
+def error_text(exc: BaseException) -> str:
+    """``exc`` for a one-line message: an OSError's ``strerror`` ("Not a directory"), else the first
+    non-empty line of its text, else its type's name."""
+    strerror = getattr(exc, "strerror", None)
+    if strerror:
+        return strerror
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 class ConfigError(UserError, ValueError):
     """A recipe or command line that cannot be turned into a configuration."""
 
@@ -72,7 +88,7 @@ class ModelArguments:
             value = getattr(self, key)
             # an explicit filesystem path (a hub id is "org/name") must exist: say so now, not
             # after the data has been processed
-            if value and value.startswith(("/", "./", "../", "~")) \
+            if value and is_explicit_path(value) \
                     and not os.path.exists(os.path.expanduser(value)):
                 raise ConfigError(f"{key}: no such file or directory: {value}")
 
@@ -313,10 +329,10 @@ def _read_recipe_values(path: Path, parser: _Parser, types_: dict) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or error_text(exc)
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
+        raise ConfigError(f"{path}: cannot read the recipe: {error_text(exc)}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -378,7 +394,7 @@ def _cli_alias_argv(argv: list[str], types_: dict) -> list[str]:
     return out
 
 
-def _build(values: dict, where: str):
+def _build(values: dict):
     outputs = []
     for cls in ARG_CLASSES:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -387,7 +403,8 @@ def _build(values: dict, where: str):
         except ConfigError:
             raise
         except (TypeError, ValueError, AttributeError) as exc:  # TrainingArguments' own checks
-            raise ConfigError(f"{where}: {exc}") from exc
+            # they relate several options, from the recipe or the command line: no source named
+            raise ConfigError(" ".join(str(exc).split())) from exc
     return outputs
 
 
@@ -415,7 +432,7 @@ def parse_args(argv: Optional[list[str]] = None):
     overrides = vars(namespace)
     values.update(overrides)
     try:
-        model_args, data_args, training_args = _build(values, recipe_path.name)
+        model_args, data_args, training_args = _build(values)
     except ConfigError as exc:
         key = str(exc).split(":", 1)[0]
         if key in values and key not in overrides:  # say where a bad recipe value comes from
@@ -441,10 +458,11 @@ def _check_relations(overrides: dict, args: "SimPOConfig", recipe: str) -> None:
 def fsdp_requested(args: "SimPOConfig") -> bool:
     """Whether this run asks for FSDP: ``--fsdp`` / ``fsdp_config``, or an ``accelerate launch``
     config with ``distributed_type: FSDP`` (which reaches the processes as ``ACCELERATE_USE_FSDP``)."""
-    return args.fsdp_plugin_args is not None or _env_flag("ACCELERATE_USE_FSDP")
+    return args.fsdp_plugin_args is not None or env_flag("ACCELERATE_USE_FSDP")
 
 
-def _env_flag(name: str) -> bool:
+def env_flag(name: str) -> bool:
+    """An on/off environment variable: on for 1/true/yes/on (any case)."""
     return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -464,12 +482,8 @@ def resolve_fsdp_options(args: "SimPOConfig") -> None:
     if plugin_args is not None:
         fsdp_checkpointing = bool(plugin_args.get("activation_checkpointing", False))
         version = str(plugin_args.get("fsdp_version", 2))
-        # What accelerate launch's FSDP config sets, and the Accelerator sets later anyway. Set
-        # before the model loads, it lets from_pretrained honour cpu_ram_efficient_loading (one
-        # process per node reads the weights) under torchrun too.
-        os.environ["ACCELERATE_USE_FSDP"] = "true"
     else:
-        fsdp_checkpointing = _env_flag("FSDP_ACTIVATION_CHECKPOINTING")
+        fsdp_checkpointing = env_flag("FSDP_ACTIVATION_CHECKPOINTING")
         version = os.environ.get("FSDP_VERSION", "1")  # accelerate's own default
     import torch
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import torch
 
-from .config import UserError
+from .config import UserError, is_explicit_path
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -278,7 +278,7 @@ def _resolve_source(dataset_name: Optional[str]) -> tuple[str, Optional[str]]:
         return spec, "dir"
     if os.path.isfile(spec):
         return spec, "file"
-    if spec.startswith(("/", "./", "../")) or Path(spec).suffix.lower() in _FILE_LIKE_SUFFIXES:
+    if is_explicit_path(spec) or Path(spec).suffix.lower() in _FILE_LIKE_SUFFIXES:
         raise DataError(f"data path not found: {dataset_name}")
     return dataset_name, None
 

@@ -30,7 +30,7 @@ import time
 import zipfile
 from typing import Any, Optional
 
-from .config import UserError
+from .config import UserError, error_text
 
 logger = logging.getLogger(__name__)
 
@@ -64,18 +64,16 @@ COMPARED_KEYS = (
 # Files a run writes at the top of output_dir (final model, tokenizer, state, results). A fresh
 # run would overwrite them, so ``--existing_run fresh`` moves them aside with the checkpoints;
 # anything else in output_dir is the user's and stays where it is.
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHT_SHARD_RE = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
 RUN_OUTPUT_NAMES = frozenset({
     RUN_CONFIG_NAME, "trainer_state.json", "all_results.json", "train_results.json",
     "eval_results.json", "training_curves.png", "training_args.bin", "config.json",
-    "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-    "pytorch_model.bin", "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "tokenizer.model",
-    "vocab.json", "merges.txt", "runs",
+    "generation_config.json", *_WEIGHT_FILES, *_WEIGHT_INDEXES, "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+    "tokenizer.model", "vocab.json", "merges.txt", "runs",
 })
-_WEIGHT_SHARD_RE = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
-
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -222,7 +220,7 @@ def _deepspeed_problems(path: str, world_size: int) -> tuple[list[str], bool]:
         with open(latest) as f:
             tag = f.read().strip()
     except OSError as exc:
-        return [f"latest cannot be read: {_reason(exc)}"], True
+        return [f"latest cannot be read: {error_text(exc)}"], True
     tag_dir = os.path.join(path, tag)
     if not tag or not os.path.isdir(tag_dir):
         return [f"latest names {tag!r}, which is missing"], True
@@ -258,7 +256,7 @@ def _fsdp_problems(path: str) -> list[str]:
 
             storage = FileSystemReader(full).read_metadata().storage_data
         except Exception as exc:  # unpickling a damaged file can raise nearly anything
-            problems.append(f"{name}/.metadata cannot be read: {(_reason(exc).splitlines() or [''])[0]}")
+            problems.append(f"{name}/.metadata cannot be read: {error_text(exc)}")
             continue
         ends: dict[str, int] = {}
         for info in storage.values():
@@ -369,7 +367,6 @@ class RunLock:
 
     path: str
     fd: Optional[int]
-    holder: dict
     previous_holder: Optional[dict] = None  # a dead run's record, when its lock was taken over
 
     def release(self) -> None:
@@ -382,7 +379,7 @@ class RunLock:
             if _names_open_file(self.path, self.fd):
                 os.unlink(self.path)
         except OSError as exc:
-            logger.warning("could not remove the lock file %s: %s", self.path, _reason(exc))
+            logger.warning("could not remove the lock file %s: %s", self.path, error_text(exc))
         finally:
             os.close(self.fd)
             self.fd = None
@@ -400,13 +397,13 @@ def acquire_run_lock(output_dir: str, command: Optional[list[str]] = None) -> Ru
     try:
         os.makedirs(output_dir, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create output_dir {output_dir}: {_reason(exc)}") from None
+        raise UserError(f"cannot create output_dir {output_dir}: {error_text(exc)}") from None
     path = os.path.join(output_dir, LOCK_NAME)
     for _ in range(50):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise UserError(f"output_dir {output_dir} is not writable: {_reason(exc)}") from None
+            raise UserError(f"output_dir {output_dir} is not writable: {error_text(exc)}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -415,7 +412,7 @@ def acquire_run_lock(output_dir: str, command: Optional[list[str]] = None) -> Ru
             os.close(fd)
             if busy:
                 raise UserError(_busy_message(output_dir, holder)) from None
-            raise UserError(f"cannot lock output_dir {output_dir} ({path}): {_reason(exc)}") from None
+            raise UserError(f"cannot lock output_dir {output_dir} ({path}): {error_text(exc)}") from None
         if _names_open_file(path, fd):
             break
         os.close(fd)  # the previous holder removed the file between our open and our lock
@@ -431,11 +428,11 @@ def acquire_run_lock(output_dir: str, command: Optional[list[str]] = None) -> Ru
         os.fsync(fd)
     except OSError as exc:
         os.close(fd)
-        raise UserError(f"output_dir {output_dir} is not writable: {_reason(exc)}") from None
+        raise UserError(f"output_dir {output_dir} is not writable: {error_text(exc)}") from None
     if previous is not None:
         logger.warning("taking over the lock of output_dir %s left by a run that is no longer "
                        "running (%s)", output_dir, _describe_holder(previous, "started"))
-    return RunLock(path=path, fd=fd, holder=holder, previous_holder=previous)
+    return RunLock(path=path, fd=fd, previous_holder=previous)
 
 
 def _read_holder(fd: int, wait: bool) -> Optional[dict]:
@@ -489,20 +486,17 @@ def _names_open_file(path: str, fd: int) -> bool:
 # ----------------------------------------------------------------------------- run configuration
 
 def run_config(model_args: Any, data_args: Any, training_args: Any,
-               recipe_path: Optional[str] = None, command: Optional[list[str]] = None) -> dict:
+               recipe_path: Optional[str] = None) -> dict:
     """The effective configuration of a run, JSON-safe: every field of the three argument
-    dataclasses (tokens masked, as ``TrainingArguments.to_dict`` does), the recipe and the
-    command line."""
-    training = training_args.to_dict() if hasattr(training_args, "to_dict") else \
-        {f.name: getattr(training_args, f.name) for f in dataclasses.fields(training_args) if f.init}
+    dataclasses (tokens masked by ``TrainingArguments.to_dict``), the recipe and the command line."""
     return {
         "format": 1,
         "recipe": None if recipe_path is None else str(recipe_path),
-        "command": list(sys.argv if command is None else command),
+        "command": list(sys.argv),
         "written": _utc_now(),
         "model": _json_safe({f.name: getattr(model_args, f.name) for f in dataclasses.fields(model_args)}),
         "data": _json_safe({f.name: getattr(data_args, f.name) for f in dataclasses.fields(data_args)}),
-        "training": _json_safe(training),
+        "training": _json_safe(training_args.to_dict()),
     }
 
 
@@ -608,9 +602,12 @@ def resolve_start(output_dir: str, config: dict, existing_run: str = "resume",
             logger.warning("--existing_run resume_anyway: continuing with settings that differ "
                            "from the previous run's: %s", "; ".join(differences))
     if checkpoint is not None:
-        step = _checkpoint_step(checkpoint)
+        state = _checkpoint_state(checkpoint)
+        step = state.get("global_step") if isinstance(state.get("global_step"), int) else None
         logger.info("resuming from %s (step %s)", checkpoint, step)
-        target = max_steps if max_steps and max_steps > 0 else _checkpoint_max_steps(checkpoint)
+        saved_max = state.get("max_steps")
+        target = max_steps if max_steps and max_steps > 0 else \
+            saved_max if isinstance(saved_max, int) and saved_max > 0 else None
         if step is not None and target and step >= target:
             logger.warning("%s already completed the %d steps asked for: nothing left to train "
                            "(raise --max_steps, with --existing_run resume_anyway, to train on)",
@@ -629,16 +626,6 @@ def _has_run_outputs(output_dir: str) -> bool:
 def _checkpoint_state(checkpoint: str) -> dict:
     state, problem = _read_json(os.path.join(checkpoint, "trainer_state.json"))
     return state if problem is None and isinstance(state, dict) else {}
-
-
-def _checkpoint_step(checkpoint: str) -> Optional[int]:
-    step = _checkpoint_state(checkpoint).get("global_step")
-    return step if isinstance(step, int) else None
-
-
-def _checkpoint_max_steps(checkpoint: str) -> Optional[int]:
-    steps = _checkpoint_state(checkpoint).get("max_steps")
-    return steps if isinstance(steps, int) and steps > 0 else None
 
 
 def _flatten(config: dict) -> dict:
@@ -679,7 +666,7 @@ def _read_json(path: str) -> tuple[Any, Optional[str]]:
     except FileNotFoundError:
         return None, "is missing"
     except (OSError, UnicodeDecodeError) as exc:
-        return None, f"cannot be read ({_reason(exc)})"
+        return None, f"cannot be read ({error_text(exc)})"
     except ValueError as exc:
         return None, f"is not valid JSON ({exc})"
 
@@ -711,10 +698,6 @@ def _listdir(path: str) -> list[str]:
         return os.listdir(path)
     except OSError:
         return []
-
-
-def _reason(exc: BaseException) -> str:
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def _utc_now() -> str:

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Optional
 
-from .config import UserError
+from .config import UserError, error_text
 
 logger = logging.getLogger("simpo.train")
 
@@ -48,7 +48,7 @@ def load_tokenizer(model_args, data_args, raw_datasets):
         tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision,
                                                   trust_remote_code=model_args.trust_remote_code)
     except OSError as exc:  # not found / no access / not a tokenizer directory
-        raise UserError(f"tokenizer {path!r} cannot be loaded: {_first_line(exc)}") from exc
+        raise UserError(f"tokenizer {path!r} cannot be loaded: {error_text(exc)}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if template is not None:
@@ -73,6 +73,11 @@ def load_model(model_args, training_args, tokenizer):
         return build_tiny_model(tokenizer, torch_dtype=dtype if dtype != "auto" else None,
                                 hidden_size=model_args.tiny_hidden_size,
                                 num_layers=model_args.tiny_num_layers)
+    if training_args.fsdp_plugin_args is not None:
+        # What accelerate launch's FSDP config sets, and the Accelerator sets later anyway: set
+        # before from_pretrained, it honours cpu_ram_efficient_loading (one process per node reads
+        # the weights) under `torchrun ... --fsdp` too.
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
     kwargs = dict(revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code,
                   use_cache=not training_args.gradient_checkpointing)
     if dtype is not None:
@@ -84,12 +89,7 @@ def load_model(model_args, training_args, tokenizer):
         return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     except OSError as exc:  # not found / no access / missing weights
         raise UserError(f"model {model_args.model_name_or_path!r} cannot be loaded: "
-                        f"{_first_line(exc)}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+                        f"{error_text(exc)}") from exc
 
 
 def setup_distributed(training_args) -> None:
@@ -159,7 +159,6 @@ def _train_and_save(model_args, data_args, training_args, checkpoint) -> dict:
     raw = {loaded.train_name: loaded.train}
     if loaded.eval is not None:
         raw[loaded.eval_name] = loaded.eval
-    logger.info("splits: %s", {k: len(v) for k, v in raw.items()})
     if loaded.eval is None and training_args.eval_strategy != "no":
         if "eval_strategy" in training_args.command_line_keys:
             raise UserError(f"--eval_strategy {training_args.eval_strategy.value} asks for evaluation "
@@ -269,10 +268,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     """The ``simpo-train`` command. A user error (configuration, data, paths, a busy output_dir)
     prints one line ``simpo-train: error: ...`` and returns its exit status (2 for configuration
     errors, 1 otherwise); ``--debug`` or ``SIMPO_DEBUG=1`` re-raises it with its traceback."""
-    from .config import UserError, help_text, parse_args
+    from .config import UserError, env_flag, help_text, parse_args
 
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = os.environ.get("SIMPO_DEBUG", "").lower() not in ("", "0", "false", "no")
+    debug = env_flag("SIMPO_DEBUG")
     if "--debug" in args:
         args = [a for a in args if a != "--debug"]
         debug = True

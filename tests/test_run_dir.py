@@ -29,18 +29,14 @@ from simpo import run_dir  # noqa: E402
 from simpo.config import SimPOConfig, UserError  # noqa: E402
 from simpo.run_dir import (LOCK_NAME, RUN_CONFIG_NAME, acquire_run_lock,  # noqa: E402
                            checkpoint_problems, last_complete_checkpoint)
+from tests.multiproc import ROOT, free_port, run_json, save_tiny_model, subprocess_env  # noqa: E402
+from tests.multiproc import WORKER as TRAIN_WORKER  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "crash_worker.py")
 # no evaluation split, no plot, a small model: each run is mostly interpreter start-up
 FAST = ["--dataset_splits", "train", "--eval_strategy", "no", "--plot", "false",
         "--disable_tqdm", "true", "--tiny_hidden_size", "32", "--logging_steps", "1",
         "--save_strategy", "steps", "--save_steps", "2"]
-
-
-def _env():
-    return dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def _train_args(out, steps, *extra):
@@ -52,7 +48,7 @@ def _cli(out, steps, *extra):
 
 
 def _run(cmd, timeout=240):
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _state(path):
@@ -331,7 +327,7 @@ def test_unwritable_output_dir_fails_before_any_work(tmp_path):
     assert proc.returncode != 0
     assert f"simpo-train: error: cannot create output_dir {out}: Not a directory" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "splits:" not in proc.stdout  # no data was loaded
+    assert "train split" not in proc.stdout  # no data was loaded
     assert elapsed < 60, elapsed
 
 
@@ -384,7 +380,7 @@ def test_sigkill_during_training_then_rerun_resumes(tmp_path):
     out = tmp_path / "out"
     steps = 100
     cmd = _cli(out, steps, "--save_total_limit", "2")
-    victim = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+    victim = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 180
@@ -420,7 +416,7 @@ def test_one_run_at_a_time_then_reruns_with_other_settings(tmp_path, capsys, cap
     out = tmp_path / "out"
     gate = tmp_path / "go"
     a = subprocess.Popen([sys.executable, WORKER, "--wait_for", str(gate), "--",
-                          *_train_args(out, 6)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          *_train_args(out, 6)], cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -512,37 +508,17 @@ def test_one_run_at_a_time_then_reruns_with_other_settings(tmp_path, capsys, cap
 
 # ----------------------------------------------------------------------------- DeepSpeed ZeRO-3
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_zero3_two_processes_save_complete_checkpoints(tmp_path):
     """Under DeepSpeed ZeRO-3 every process writes into the checkpoint (its partition of the
     optimizer state, its RNG state): the staged checkpoint is renamed only once all are in."""
     pytest.importorskip("deepspeed")
-    import torch
-
-    from simpo.data import load_raw_datasets
-    from simpo.modeling import build_tiny_model, build_tiny_tokenizer
-
-    model_dir = tmp_path / "model"
-    raw = load_raw_datasets(None, ["train"])["train"]
-    tok = build_tiny_tokenizer([m["content"] for c in ("chosen", "rejected")
-                                for msgs in raw[c] for m in msgs])
-    torch.manual_seed(0)
-    build_tiny_model(tok, hidden_size=32).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "model")
     work = tmp_path / "w"
-    proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                 "--master_port", str(_free_port()), os.path.join(ROOT, "tests", "train_worker.py"),
-                 str(tmp_path / "out.json"), "--work_dir", str(work), "--model_dir", str(model_dir),
-                 "--rows", "8", "--steps", "4", "--save_steps", "2", "--deepspeed",
-                 os.path.join(ROOT, "tests", "zero3_cpu.json")], timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    with open(tmp_path / "out.json") as f:
-        result = json.load(f)
+    result = run_json([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                       "--master_port", str(free_port()), TRAIN_WORKER, str(tmp_path / "out.json"),
+                       "--work_dir", str(work), "--model_dir", model_dir, "--rows", "8", "--steps", "4",
+                       "--save_steps", "2", "--deepspeed", os.path.join(ROOT, "tests", "zero3_cpu.json")],
+                      tmp_path / "out.json")
     assert result["deepspeed"] and result["world_size"] == 2
     assert result["checkpoint_problems"] == {"checkpoint-2": [], "checkpoint-4": []}
     with open(work / "checkpoint-4" / run_dir.COMPLETION_RECORD_NAME) as f:
@@ -567,7 +543,7 @@ def test_two_processes_decide_together(tmp_path):
     the other rank: both proceed (and save complete checkpoints), or both stop with its error."""
     out = tmp_path / "out"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    proc = _run([*torchrun, "--master_port", str(_free_port()), "-m", "simpo.train",
+    proc = _run([*torchrun, "--master_port", str(free_port()), "-m", "simpo.train",
                  *_train_args(out, 4)], timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "checkpoint-4" / run_dir.COMPLETION_RECORD_NAME) as f:
@@ -576,9 +552,9 @@ def test_two_processes_decide_together(tmp_path):
     assert checkpoint_problems(str(out / "checkpoint-4")) == []
     assert not os.path.exists(out / LOCK_NAME)
 
-    proc = _run([*torchrun, "--master_port", str(_free_port()), "-m", "simpo.train",
+    proc = _run([*torchrun, "--master_port", str(free_port()), "-m", "simpo.train",
                  *_train_args(out, 4, "--beta", "4")], timeout=300)
     assert proc.returncode != 0
     error = f"simpo-train: error: output_dir {out} holds a previous run with other settings (beta: 2.0 -> 4.0)"
     assert proc.stderr.count(error) == 2  # each rank stops with rank 0's reason
-    assert "splits:" not in proc.stdout  # neither loaded any data
+    assert "train split" not in proc.stdout  # neither loaded any data

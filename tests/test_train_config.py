@@ -17,15 +17,6 @@ from simpo.config import ConfigError, parse_args  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _fsdp_environment(monkeypatch):
-    """parse_args with --fsdp sets ACCELERATE_USE_FSDP for the run's model loading: restore the
-    environment after each test (setenv records it as absent before)."""
-    for name in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_ACTIVATION_CHECKPOINTING"):
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
-
-
 def _recipe(tmp_path, text: str) -> str:
     path = tmp_path / "recipe.yaml"
     path.write_text("output_dir: out\n" + ("" if "use_cpu" in text else "use_cpu: true\n") + text)
