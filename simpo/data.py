@@ -527,7 +527,15 @@ def prepare_dataset(raw, tokenizer, args, *, auto_insert_empty_system_msg: bool 
     """Validate, template and tokenise a raw preference ``Dataset``; returns the tokenised one.
 
     Rows that cannot be used are dropped with a warning counting them by reason; a missing
-    ``chosen`` / ``rejected`` column, or no usable row at all, raises :class:`DataError`."""
+    ``chosen`` / ``rejected`` column, or no usable row at all, raises :class:`DataError`.
+
+    Pairs whose chosen and rejected sides are identical as the model sees them (the same token
+    ids after templating, tokenisation and truncation to ``max_length``) carry no preference: their
+    rewards are equal, so they add a constant to the loss and nothing to its gradient, and in
+    evaluation they count as wrongly ranked. Some of them: a warning with their count. All of
+    them: :class:`DataError`, for an eval split as for the train split (the same data mistake,
+    e.g. one column copied into the other, whose eval accuracy 0 and margin 0 would measure
+    nothing), found before any model is loaded."""
     _check_columns(raw, f"split {split_name!r}")
     n_before = len(raw)
     problems = [row_problem(r) for r in raw]
@@ -547,13 +555,75 @@ def prepare_dataset(raw, tokenizer, args, *, auto_insert_empty_system_msg: bool 
 
     def _process(row):
         text = apply_chat_template(row, tokenizer, auto_insert_empty_system_msg)
-        return tokenize_row(text["prompt"], text["chosen"], text["rejected"], tokenizer,
-                            max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                            truncation_mode=args.truncation_mode,
-                            label_pad_token_id=args.label_pad_token_id)
+        out = tokenize_row(text["prompt"], text["chosen"], text["rejected"], tokenizer,
+                           max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                           truncation_mode=args.truncation_mode,
+                           label_pad_token_id=args.label_pad_token_id)
+        out[_SAME_PAIR] = all(out[f"chosen_{k}"] == out[f"rejected_{k}"]
+                              for k in ("input_ids", "labels"))
+        return out
 
-    return raw.map(_process, remove_columns=raw.column_names, num_proc=num_proc,
-                   desc=f"Templating and tokenising {split_name}")
+    tokenized = raw.map(_process, remove_columns=raw.column_names, num_proc=num_proc,
+                        desc=f"Templating and tokenising {split_name}")
+    _check_identical_pairs(sum(tokenized[_SAME_PAIR]), len(tokenized), split_name, args.max_length)
+    return tokenized.remove_columns(_SAME_PAIR)
+
+
+_SAME_PAIR = "_chosen_equals_rejected"  # a temporary column of prepare_dataset
+
+
+def _check_identical_pairs(same: int, total: int, split_name: str, max_length: int) -> None:
+    if not same:
+        return
+    what = (f"chosen and rejected identical as the model sees them (the same token ids after the "
+            f"chat template and truncation to max_length {max_length})")
+    if same == total:
+        raise DataError(f"split {split_name!r}: all {total} pairs have {what}: there is no "
+                        f"preference to learn or measure; check that the 'chosen' and 'rejected' "
+                        f"columns hold different responses (and that max_length keeps them apart)")
+    logger.warning("split %r: %d of %d pairs have %s: they carry no preference (a constant in the "
+                   "loss, no gradient) and count as wrongly ranked in evaluation", split_name, same,
+                   total, what)
+
+
+def check_optimizer_steps(train_rows: int, args, split_name: str = "train",
+                          eval_rows: Optional[int] = None, eval_split_name: str = "eval") -> int:
+    """The number of optimizer steps a run of ``args`` takes on ``train_rows`` rows (as the
+    Trainer counts them: per-process batches of ``train_batch_size`` over ``world_size``
+    processes, the incomplete one dropped under ``dataloader_drop_last``, ``max_steps`` or
+    ``num_train_epochs`` of ``ceil(batches / gradient_accumulation_steps)`` steps). Refuses with
+    :class:`DataError` (before any model is loaded) when it is 0, and likewise an eval split that
+    ``dataloader_drop_last`` would leave without a single batch."""
+    processes = max(1, args.world_size)
+    batch = args.train_batch_size
+    batches = _batches(train_rows, batch * processes, args.dataloader_drop_last)
+    if batches == 0:
+        steps = 0
+    elif args.max_steps > 0:
+        steps = args.max_steps
+    else:
+        per_epoch = math.ceil(batches / args.gradient_accumulation_steps)
+        steps = math.ceil(args.num_train_epochs * per_epoch)
+    if steps == 0:
+        raise DataError(f"split {split_name!r}: {train_rows} row(s) do not fill one batch of "
+                        f"{batch} (per-device batch) x {processes} process(es) and "
+                        f"dataloader_drop_last drops it: 0 optimizer steps. Set "
+                        f"--dataloader_drop_last false, lower --per_device_train_batch_size, or "
+                        f"use more data")
+    if eval_rows is not None:
+        eval_batch = args.eval_batch_size
+        if _batches(eval_rows, eval_batch * processes, args.dataloader_drop_last) == 0:
+            raise DataError(f"split {eval_split_name!r}: {eval_rows} row(s) do not fill one batch "
+                            f"of {eval_batch} (per-device eval batch) x {processes} process(es) and "
+                            f"dataloader_drop_last drops it: evaluation would see no pair. Set "
+                            f"--dataloader_drop_last false, lower --per_device_eval_batch_size, or "
+                            f"use more eval data")
+    return steps
+
+
+def _batches(rows: int, global_batch: int, drop_last: bool) -> int:
+    """Batches each process gets (accelerate shards every global batch over the processes)."""
+    return rows // global_batch if drop_last else math.ceil(rows / global_batch)
 
 
 class SimPODataCollator:

@@ -150,7 +150,7 @@ def _train_and_save(model_args, data_args, training_args, checkpoint) -> dict:
     from accelerate import PartialState
     from transformers import IntervalStrategy, set_seed
 
-    from .data import load_splits, prepare_dataset
+    from .data import check_optimizer_steps, load_splits, prepare_dataset
     from .plotting import plot_training_curves
     from .trainer import SimPOTrainer
 
@@ -178,6 +178,8 @@ def _train_and_save(model_args, data_args, training_args, checkpoint) -> dict:
             for name, dataset in raw.items()}
     train_ds = processed[loaded.train_name]
     eval_ds = processed[loaded.eval_name] if loaded.eval is not None else None
+    check_optimizer_steps(len(train_ds), training_args, loaded.train_name,
+                          None if eval_ds is None else len(eval_ds), loaded.eval_name)
 
     set_seed(training_args.seed)
     model = load_model(model_args, training_args, tokenizer)

@@ -26,24 +26,31 @@ Metrics. Every ``compute_loss`` (train) and ``prediction_step`` (eval) stores th
 ``log`` replaces them by their mean over the logging window (``eval_`` prefix in evaluation), as
 the official ``store_metrics`` / ``log`` do, and additionally averages them over processes (the
 official trainer logs rank 0's only).
+
+Divergence. Before each optimizer step, the step's loss (mean over its micro-batches and over
+processes) and its gradient norm (already global) must be finite: otherwise training stops there,
+before the optimizer applies that step, with :class:`TrainingDiverged` naming the step and the last
+complete checkpoint; nothing is saved after it. ``SimPOConfig`` also turns Hugging Face's
+``logging_nan_inf_filter`` off, so a non-finite loss is never logged as a finite number.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from collections import defaultdict
 from typing import Optional
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from simpo_kernels.objective import METRIC_NAMES, official_metrics
 
 from . import run_dir
-from .config import ConfigError, fsdp_requested
+from .config import ConfigError, UserError, fsdp_requested
 from .data import SimPODataCollator
 from .modeling import attach_simpo_head, disable_dropout
 
@@ -58,6 +65,27 @@ def metrics_from_outputs(outputs, prefix: str = "") -> dict[str, float]:
         chosen_logits_mean=outputs.get("chosen_logits_mean"),
         rejected_logits_mean=outputs.get("rejected_logits_mean"),
         sft_loss=outputs.get("sft_loss"), prefix=prefix)
+
+
+class TrainingDiverged(UserError):
+    """A training step's loss or gradient norm was not finite (NaN or inf): training stopped before
+    the optimizer applied that step. ``simpo-train`` prints the message on one line and exits 1."""
+
+    exit_code = 1
+
+
+class _DivergenceGuard(TrainerCallback):
+    """Calls :meth:`SimPOTrainer._stop_if_diverged` before every optimizer step (public hook)."""
+
+    def __init__(self, trainer: "SimPOTrainer"):
+        self._trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._trainer._stop_if_diverged()
+
+
+def _show_value(value: Optional[float]) -> str:
+    return "not computed" if value is None else f"{value:.4g}"
 
 
 class SimPOTrainer(Trainer):
@@ -94,6 +122,10 @@ class SimPOTrainer(Trainer):
                          processing_class=processing_class, **kwargs)
         # The loss is a per-micro-batch mean over pairs: no num_items_in_batch, no x num_processes.
         self.model_accepts_loss_kwargs = False
+        # this optimizer step's loss so far on this process, and its gradient norm (on device)
+        self._step_loss: Optional[torch.Tensor] = None
+        self._step_grad_norm = None
+        self.add_callback(_DivergenceGuard(self))
 
     # -------------------------------------------------------------- FSDP on CPU ranks
 
@@ -244,6 +276,69 @@ class SimPOTrainer(Trainer):
                     missing_keys=[k for k in missing if k not in tied])
                 self.model.tie_weights()
         super()._issue_warnings_after_load(load_result)
+
+    # -------------------------------------------------------------- divergence
+
+    def training_step(self, model, inputs, *args, **kwargs) -> torch.Tensor:
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        # the micro-batch losses are divided by the accumulation steps: their sum is the step's loss
+        step_loss = loss.detach().float().reshape(())
+        self._step_loss = step_loss if self._step_loss is None else self._step_loss + step_loss
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # The base loop computes the step's gradient norm here (with max_grad_norm 0 too, clipping
+        # off) and passes it to no callback: keep it for the check before the optimizer step. Under
+        # DeepSpeed it is the engine's global norm (possibly None); without it the check uses the
+        # loss alone (NaN gradients then make the next step's loss NaN).
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._step_grad_norm = grad_norm
+        return grad_norm
+
+    def _stop_if_diverged(self) -> None:
+        """Raise :class:`TrainingDiverged` if this optimizer step's loss or gradient norm is NaN or
+        inf; called before the optimizer applies the step (``on_pre_optimizer_step``).
+
+        Every process decides on the same values: the loss is summed over processes and the
+        gradient norm (the same on every process: it is taken over the reduced gradients) rides
+        along in the same all-reduce, so all ranks stop at the same step. Cost: that one 2-element
+        all-reduce and one host sync (``tolist``) per optimizer step, nothing per micro-batch."""
+        loss, grad_norm = self._step_loss, self._step_grad_norm
+        self._step_loss = self._step_grad_norm = None
+        if loss is None:
+            return
+        has_norm = grad_norm is not None
+        norm = torch.as_tensor(grad_norm if has_norm else 0.0).to(loss.device).float().reshape(())
+        # float64: the sum over processes of float32-range values cannot overflow into a false inf
+        values = torch.stack([loss, norm]).double()
+        if self.args.world_size > 1:
+            values = self.accelerator.reduce(values, reduction="sum") / self.args.world_size
+        loss_value, norm_value = values.tolist()  # the one host sync of the check
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            return
+        raise TrainingDiverged(self._divergence_message(loss_value, norm_value if has_norm else None))
+
+    def _divergence_message(self, loss: float, grad_norm: Optional[float]) -> str:
+        step = self.state.global_step + 1
+        checkpoint = run_dir.last_complete_checkpoint(self.args.output_dir)
+        if self.is_deepspeed_enabled:  # its engine steps inside backward, before any callback
+            stopped = "stopped before any save"
+        else:
+            stopped = "stopped before its update"
+        if checkpoint is None:
+            kept = "no checkpoint was saved before it"
+            rerun = "then rerun"
+        else:
+            name = os.path.basename(checkpoint)
+            kept = f"the last good checkpoint is {checkpoint}"
+            rerun = (f"then rerun with --existing_run resume_anyway (continue from {name}) or "
+                     f"fresh (start again)")
+        clip = self.args.max_grad_norm
+        clipping = (f"lower --max_grad_norm (now {clip:g})" if clip > 0
+                    else "set --max_grad_norm (now 0: no clipping)")
+        return (f"training diverged at step {step}: loss {_show_value(loss)} (grad_norm "
+                f"{_show_value(grad_norm)}); {stopped}, {kept}. Lower --learning_rate (now "
+                f"{self.args.learning_rate:g}), {clipping} or check the data, {rerun}")
 
     # -------------------------------------------------------------- loss and metrics
 
