@@ -308,6 +308,8 @@ class SimPOTrainer(Trainer):
         if loss is None:
             return
         has_norm = grad_norm is not None
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor (a collective, no host sync)
+            grad_norm = grad_norm.full_tensor()
         norm = torch.as_tensor(grad_norm if has_norm else 0.0).to(loss.device).float().reshape(())
         # float64: the sum over processes of float32-range values cannot overflow into a false inf
         values = torch.stack([loss, norm]).double()

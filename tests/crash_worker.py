@@ -11,6 +11,9 @@ runs ``simpo.train.main(ARGS)`` in this process after patching:
   ``checkpoint-N``). It prints ``crash_worker: exiting after STAGE of step N`` first.
 * ``--wait_for``: training waits, holding the output_dir lock, until FILE exists (at most 120 s),
   so that a test can run a second command against a run that is certainly in progress.
+* ``--nonfinite loss|grad --nonfinite_step N [--nonfinite_rank R]``: optimizer step N (1-based)
+  gets an inf loss with finite gradients (``loss``) or a finite loss with NaN gradients
+  (``grad``), on every process or on global rank R only (see :func:`nonfinite_compute_loss`).
 """
 
 from __future__ import annotations
@@ -89,6 +92,32 @@ def _patch_wait(path: str) -> None:
     SimPOTrainer.train = train
 
 
+def nonfinite_compute_loss(original, kind: str, step: int, rank=None):
+    """``SimPOTrainer.compute_loss`` made non-finite at optimizer step ``step`` (training only):
+    ``loss`` adds inf to the loss (its gradients stay finite), ``grad`` leaves the loss alone and
+    makes its gradients NaN; on global rank ``rank`` only, or on every rank if None."""
+    import torch
+
+    class _NanGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("nan")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = original(self, model, inputs, return_outputs, num_items_in_batch)
+        if not model.training or self.state.global_step + 1 != step \
+                or rank not in (None, self.args.process_index):
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        loss = loss + float("inf") if kind == "loss" else _NanGradient.apply(loss)
+        return (loss, outputs) if return_outputs else loss
+    return compute_loss
+
+
 def main() -> int:
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -96,11 +125,19 @@ def main() -> int:
     p.add_argument("--crash_stage", choices=STAGES)
     p.add_argument("--crash_step", type=int)
     p.add_argument("--wait_for")
+    p.add_argument("--nonfinite", choices=("loss", "grad"))
+    p.add_argument("--nonfinite_step", type=int)
+    p.add_argument("--nonfinite_rank", type=int)
     a = p.parse_args(argv[:split])
     if a.crash_stage:
         _patch_crash(a.crash_stage, a.crash_step)
     if a.wait_for:
         _patch_wait(a.wait_for)
+    if a.nonfinite:
+        from simpo.trainer import SimPOTrainer
+
+        SimPOTrainer.compute_loss = nonfinite_compute_loss(
+            SimPOTrainer.compute_loss, a.nonfinite, a.nonfinite_step, a.nonfinite_rank)
     from simpo.train import main as train_main
 
     return train_main(argv[split + 1:])

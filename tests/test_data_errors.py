@@ -11,8 +11,8 @@ import pytest
 datasets = pytest.importorskip("datasets")
 
 from simpo.config import ConfigError, DataArguments, UserError  # noqa: E402
-from simpo.data import (DataError, LoadedSplits, load_raw_datasets, load_splits,  # noqa: E402
-                        prepare_dataset)
+from simpo.data import (TOKENIZED_COLUMNS, DataError, LoadedSplits,  # noqa: E402
+                        load_raw_datasets, load_splits, prepare_dataset)
 from simpo.modeling import build_tiny_tokenizer  # noqa: E402
 
 
@@ -259,3 +259,106 @@ def test_unusable_rows_still_load_and_are_dropped_later(tmp_path):
     out = load_splits(DataArguments(dataset_name=_write_rows(tmp_path / "t.jsonl", rows),
                                     dataset_shuffle=False))
     assert len(out.train) == 3   # prepare_dataset drops (and counts) the two bad rows
+
+
+# ----------------------------------------------------------------------------- nothing to learn
+
+def _args(**kw):
+    from simpo.config import SimPOConfig
+
+    base = dict(output_dir="/tmp/simpo-test-unused", use_cpu=True, report_to="none",
+                max_length=32, max_prompt_length=16)
+    base.update(kw)
+    return SimPOConfig(**base)
+
+
+def test_identical_pairs_are_counted_as_the_model_sees_them(tmp_path, caplog):
+    """chosen == rejected after templating, tokenisation and truncation: a pair identical as text,
+    and one whose responses differ only past max_length, are counted in a warning; the split
+    keeps them (and only the tokenised columns). All pairs identical, in the train or the eval
+    split: refused."""
+    alphabet = " ".join("abcdefghijklmnopqrstuvwxyz")
+    tok = build_tiny_tokenizer([f"q0 q1 q2 q3 yes 0 1 2 3 no {alphabet}"])
+    rows = [_row(0), _row(1),
+            {"prompt": "q2", "chosen": _msg("q2", "yes 2"), "rejected": _msg("q2", "yes 2")},
+            # 26 + 1 tokens each: cut to max_length - max_prompt_length = 16 tokens, equal
+            {"prompt": "q3", "chosen": _msg("q3", f"{alphabet} yes"),
+             "rejected": _msg("q3", f"{alphabet} no")}]
+    raw = load_raw_datasets(_write_rows(tmp_path / "t.jsonl", rows), ["train"])["train"]
+    with caplog.at_level("WARNING", logger="simpo.data"):
+        ds = prepare_dataset(raw, tok, _args(), split_name="train")
+    assert len(ds) == 4 and sorted(ds.column_names) == sorted(TOKENIZED_COLUMNS)
+    assert ("split 'train': 2 of 4 pairs have chosen and rejected identical as the model sees "
+            "them (the same token ids after the chat template and truncation to max_length 32)"
+            in caplog.text)
+    # a longer max_length keeps the last pair apart
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="simpo.data"):
+        prepare_dataset(raw, tok, _args(max_length=64, max_prompt_length=16))
+    assert "1 of 4 pairs have chosen and rejected identical" in caplog.text
+
+    same = _write_rows(tmp_path / "same.jsonl", rows[2:])
+    for split in ("train", "test"):
+        with pytest.raises(DataError) as info:
+            prepare_dataset(load_raw_datasets(same, ["train"])["train"], tok, _args(),
+                            split_name=split)
+        assert str(info.value).startswith(
+            f"split {split!r}: all 2 pairs have chosen and rejected identical as the model sees "
+            f"them (the same token ids after the chat template and truncation to max_length 32): "
+            f"there is no preference to learn or measure; check that the 'chosen' and 'rejected' "
+            f"columns hold different responses")
+
+
+def _geometry(**kw):
+    base = dict(world_size=1, train_batch_size=8, eval_batch_size=16, dataloader_drop_last=True,
+                max_steps=-1, num_train_epochs=1.0, gradient_accumulation_steps=1)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_optimizer_steps_as_the_trainer_counts_them():
+    from simpo.data import check_optimizer_steps
+
+    assert check_optimizer_steps(16, _geometry(world_size=2)) == 1
+    assert check_optimizer_steps(47, _geometry(num_train_epochs=3)) == 15  # 5 full batches
+    accumulated = _geometry(gradient_accumulation_steps=2, num_train_epochs=2.5)
+    assert check_optimizer_steps(40, accumulated) == 8  # 5 batches: 3 steps an epoch
+    assert check_optimizer_steps(3, _geometry(dataloader_drop_last=False)) == 1
+    assert check_optimizer_steps(8, _geometry(max_steps=10)) == 10
+    for rows, kw in ((12, dict(world_size=2)), (7, dict(max_steps=10))):
+        with pytest.raises(DataError) as info:
+            check_optimizer_steps(rows, _geometry(**kw), "train")
+        processes = kw.get("world_size", 1)
+        assert str(info.value) == (
+            f"split 'train': {rows} row(s) do not fill one batch of 8 (per-device batch) x "
+            f"{processes} process(es) and dataloader_drop_last drops it: 0 optimizer steps. Set "
+            f"--dataloader_drop_last false, lower --per_device_train_batch_size, or use more data")
+    # an eval split that drop_last would leave without a batch
+    assert check_optimizer_steps(16, _geometry(), eval_rows=16) == 2
+    with pytest.raises(DataError) as info:
+        check_optimizer_steps(32, _geometry(world_size=2), eval_rows=20, eval_split_name="test")
+    assert str(info.value).startswith(
+        "split 'test': 20 row(s) do not fill one batch of 16 (per-device eval batch) x 2 "
+        "process(es) and dataloader_drop_last drops it: evaluation would see no pair")
+
+
+@pytest.mark.parametrize("length", [["--max_steps", "4"], []], ids=["max_steps", "epochs"])
+def test_a_split_smaller_than_one_batch_with_drop_last_is_refused_before_training(
+        tmp_path, capsys, length):
+    """Today: with max_steps, 0 steps, an untrained model saved and exit 0; by epochs, a
+    ValueError traceback from the Trainer."""
+    from simpo.train import main
+
+    data = _write_rows(tmp_path / "prefs.jsonl", [_row(i) for i in range(3)])
+    out = tmp_path / "out"
+    rc = main(["--dataset_name", data, "--dataloader_drop_last", "true", *length,
+               "--tiny_hidden_size", "32", "--plot", "false", "--disable_tqdm", "true",
+               "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert [line for line in err.splitlines() if line.startswith("simpo-train:")] == [
+        "simpo-train: error: split 'train': 3 row(s) do not fill one batch of 8 (per-device "
+        "batch) x 1 process(es) and dataloader_drop_last drops it: 0 optimizer steps. Set "
+        "--dataloader_drop_last false, lower --per_device_train_batch_size, or use more data"]
+    for name in ("model.safetensors", "train_results.json", "trainer_state.json"):
+        assert not (out / name).exists()
