@@ -179,8 +179,9 @@ class SimPOConfig(TrainingArguments):
         "choices": ["resume", "fresh", "resume_anyway"]})
     plot: bool = field(default=True, metadata={
         "help": "Write training_curves.png (reward accuracy and margins) to output_dir."})
-    # Hugging Face's default (True) logs a non-finite training loss as the mean of the window's
-    # finite ones and drops non-finite eval batches from eval_loss: a diverged run would look fine.
+    # Hugging Face's default (True) replaces a non-finite training loss by the logging window's
+    # running mean (0.0 at its start) and drops non-finite eval batches from eval_loss: a diverged
+    # run would look fine. Off, it also saves the filter's host sync on every micro-batch.
     logging_nan_inf_filter: bool = field(default=False, metadata={
         "help": "Replace non-finite losses in the logs by finite ones (Hugging Face's default; off: "
                 "a NaN is logged as NaN, and training stops at the first non-finite step anyway)."})

@@ -29,6 +29,7 @@ from tests.multiproc import ROOT, free_port  # noqa: E402
 from tests.test_run_dir import WORKER, _checkpoints, _cli, _run, _state, _train_args  # noqa: E402
 
 FSDP2_JSON = os.path.join(ROOT, "configs", "fsdp", "fsdp2.json")
+ZERO3_JSON = os.path.join(ROOT, "tests", "zero3_cpu.json")
 FINAL_OUTPUTS = ("model.safetensors", "train_results.json", "all_results.json",
                  "trainer_state.json")
 
@@ -150,12 +151,16 @@ def test_nonfinite_step_is_not_applied(tmp_path, monkeypatch, kind, clip, step):
 
 
 @pytest.mark.parametrize("kind,extra", [
-    ("loss", []), ("grad", ["--fsdp", "true", "--fsdp_config", FSDP2_JSON])], ids=["ddp", "fsdp2"])
+    ("loss", []), ("grad", ["--fsdp", "true", "--fsdp_config", FSDP2_JSON]),
+    ("grad", ["--deepspeed", ZERO3_JSON])], ids=["ddp", "fsdp2", "zero3"])
 def test_two_ranks_stop_at_the_same_step(tmp_path, kind, extra):
     """Only rank 1's step 3 is non-finite. DDP, an inf loss with finite gradients: rank 0's loss
     and the reduced gradient norm are finite, only the all-reduced flag stops rank 0. FSDP2
-    (sharded gradient norm, a DTensor), NaN gradients: both ranks still stop at step 3, each with
-    the one line, and neither goes on to the next step (which would wait for the other rank)."""
+    (sharded gradient norm, a DTensor) and DeepSpeed ZeRO-3 (the engine's norm; it steps inside
+    backward, before the check), NaN gradients. Both ranks stop at step 3, each with the one
+    line, and neither goes on to the next step (which would wait for the other rank)."""
+    if "--deepspeed" in extra:
+        pytest.importorskip("deepspeed")
     out = tmp_path / "out"
     # torchrun stops the other workers as soon as it sees one fail: polling every 3 s (not 0.1 s)
     # gives rank 0 time to print its line after rank 1 exited, however busy the machine
@@ -167,12 +172,15 @@ def test_two_ranks_stop_at_the_same_step(tmp_path, kind, extra):
     assert proc.returncode != 0
     lines = _stop_lines(proc.stderr)
     assert len(lines) == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
-    # DDP: the loss is the mean over the ranks (inf), the gradient norm finite; FSDP2: NaN norm
+    # DDP: the loss is the mean over the ranks (inf), the gradient norm finite; FSDP2 and ZeRO-3:
+    # a non-finite norm (DeepSpeed's is inf: it found the NaN gradients and skipped its step)
     shown = (r"loss inf \(grad_norm [0-9.]+\)" if kind == "loss"
-             else r"loss [0-9.]+ \(grad_norm nan\)")
+             else r"loss [0-9.]+ \(grad_norm (nan|inf)\)")
+    stopped = "stopped before any save" if "--deepspeed" in extra else "stopped before its update"
     for line in lines:
-        assert re.match(rf"simpo-train: error: training diverged at step 3: {shown}; ", line), line
+        assert re.match(rf"simpo-train: error: training diverged at step 3: {shown}; {stopped}, ",
+                        line), line
         assert f"the last good checkpoint is {out}/checkpoint-2." in line
     assert len(_logged_losses(proc.stdout)) == 2
-    _assert_stopped_at(out, 3, sharded=bool(extra))
+    _assert_stopped_at(out, 3, sharded="--fsdp" in extra)
     assert os.path.isfile(out / "checkpoint-2" / "rng_state_1.pth")  # a 2-process checkpoint
