@@ -531,8 +531,8 @@ def prepare_dataset(raw, tokenizer, args, *, auto_insert_empty_system_msg: bool 
 
     Pairs whose chosen and rejected sides are identical as the model sees them (the same token
     ids after templating, tokenisation and truncation to ``max_length``) carry no preference: their
-    rewards are equal, so they add a constant to the loss and nothing to its gradient, and in
-    evaluation they count as wrongly ranked. Some of them: a warning with their count. All of
+    rewards are equal, so the SimPO term of the loss is a constant for them with no gradient (only
+    ``sft_weight``'s term learns from them), and in evaluation they count as wrongly ranked. Some of them: a warning with their count. All of
     them: :class:`DataError`, for an eval split as for the train split (the same data mistake,
     e.g. one column copied into the other, whose eval accuracy 0 and margin 0 would measure
     nothing), found before any model is loaded."""
@@ -581,9 +581,9 @@ def _check_identical_pairs(same: int, total: int, split_name: str, max_length: i
         raise DataError(f"split {split_name!r}: all {total} pairs have {what}: there is no "
                         f"preference to learn or measure; check that the 'chosen' and 'rejected' "
                         f"columns hold different responses (and that max_length keeps them apart)")
-    logger.warning("split %r: %d of %d pairs have %s: they carry no preference (a constant in the "
-                   "loss, no gradient) and count as wrongly ranked in evaluation", split_name, same,
-                   total, what)
+    logger.warning("split %r: %d of %d pairs have %s: they carry no preference (equal rewards: "
+                   "no gradient from the SimPO term) and count as wrongly ranked in evaluation",
+                   split_name, same, total, what)
 
 
 def check_optimizer_steps(train_rows: int, args, split_name: str = "train",
