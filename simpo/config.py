@@ -222,7 +222,7 @@ class SimPOConfig(TrainingArguments):
                "a positive number of steps, or -1 to train num_train_epochs")
         _check(self.max_steps > 0 or self.num_train_epochs > 0, "num_train_epochs",
                self.num_train_epochs, "> 0 when max_steps is -1")
-        for key in ("fsdp_config", "deepspeed", "lr_scheduler_kwargs", "accelerator_config"):
+        for key in (*_JSON_FILE_OPTIONS, "lr_scheduler_kwargs"):
             _check_json_option(key, getattr(self, key))
         if self.use_liger_kernel:  # on any device: it cannot help here, and it breaks the loss
             raise ConfigError(
@@ -284,6 +284,10 @@ def _check(ok: bool, key: str, value, accepted: str) -> None:
         raise ConfigError(f"{key}: must be {accepted}, got {value!r}")
 
 
+# dict options that TrainingArguments also reads from a JSON file named by the value
+_JSON_FILE_OPTIONS = ("fsdp_config", "deepspeed", "accelerator_config")
+
+
 def _check_json_option(key: str, value) -> None:
     """A dict option given as text (``deepspeed``, ``fsdp_config``, ...): inline JSON (``{...}``)
     must parse, and a file must exist and hold a JSON object; TrainingArguments would otherwise
@@ -291,11 +295,11 @@ def _check_json_option(key: str, value) -> None:
     never look. A ``deepspeed`` value may also be base64-encoded JSON (accelerate reads that)."""
     if not isinstance(value, str):
         return
-    if value.lstrip().startswith("{"):
+    if value.lstrip().startswith("{") or key not in _JSON_FILE_OPTIONS:
         text, where = value, "the inline value"
-    elif os.path.isfile(os.path.expanduser(value)):
+    elif os.path.isfile(value):  # opened as given, as TrainingArguments does (no ~ expansion)
         try:
-            with open(os.path.expanduser(value), encoding="utf-8") as f:
+            with open(value, encoding="utf-8") as f:
                 text, where = f.read(), value
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{key}: cannot read {value}: {error_text(exc)}") from None
