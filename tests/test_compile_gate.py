@@ -35,11 +35,12 @@ GPU_IMAGE_TRITON = "3.6.0"
 # (the rest are listed under `covers`: float32 given logits compile as the float32 `pairs` chunk)
 N_VARIANTS = 16 + 144 + 3 + 4 + 36 + 30 + 32
 # How long a gate subprocess may run. The gate prints one line per compiled variant: on a 2-core
-# machine shared with other test runs (load ~3) the full gate took 535 s wall (274 s CPU) and no
-# variant more than 9 s, so a gate silent for STALL_S is hung, not slow, however loaded the machine
-# (a 100x margin). LIMIT_S only bounds a gate that keeps printing without end (a 25x margin on the
-# whole gate). Either way its whole process group is killed and the tests that need it fail with
-# the command, the limit and the tail of its output.
+# machine shared with other test runs (load 3-6) one full gate took 535 s wall (274 s CPU), this
+# whole file (both gates at once) 666 s, and no variant more than 9 s. A gate silent for STALL_S
+# is therefore hung, not slow (a 100x margin, which load does not eat: the limit is on silence,
+# not on the total); LIMIT_S only bounds a gate that keeps printing without end (25x the whole
+# gate). Either way its process group is killed and the tests that need it fail with the
+# command, the limit and the tail of its output.
 STALL_S = 900
 LIMIT_S = 4 * 3600
 
