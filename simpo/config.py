@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import math
 import os
 import re
 import sys
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 logger = logging.getLogger("simpo.config")
@@ -134,6 +137,27 @@ class DataArguments:
         for key in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
             value = getattr(self, key)
             _check(value is None or value >= 1, key, value, ">= 1 (or unset)")
+        _check_chat_template(self.chat_template)
+
+
+def _check_chat_template(template: Optional[str]) -> None:
+    """A template name must be known and a Jinja template must parse: otherwise the name itself
+    would be used as the template (every row templated to the same text), or the syntax error
+    would surface as a traceback after the data were loaded."""
+    from .modeling import CHAT_TEMPLATES
+
+    if template is None or template in CHAT_TEMPLATES:
+        return
+    if "{" not in template:
+        raise ConfigError(f"chat_template: {template!r} is neither a template name "
+                          f"({', '.join(sorted(CHAT_TEMPLATES))}) nor a Jinja template")
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(template)  # syntax only: filters and globals are the tokenizer's
+    except jinja2.TemplateSyntaxError as exc:
+        raise ConfigError(f"chat_template: not a valid Jinja template (line {exc.lineno}): "
+                          f"{exc.message}") from None
 
 
 @dataclass
@@ -193,16 +217,24 @@ class SimPOConfig(TrainingArguments):
     def __post_init__(self):
         positive = ("max_length", "max_prompt_length", "per_device_train_batch_size",
                     "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
-                    "save_steps", "eval_steps", "loss_chunk_size", "loss_memory_budget")
+                    "save_steps", "eval_steps", "loss_chunk_size", "loss_memory_budget",
+                    "eval_accumulation_steps")
         for key in positive:
             value = getattr(self, key)
-            _check(value is None or value > 0, key, value, "> 0")
-        for key in ("learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "sft_weight"):
-            _check(getattr(self, key) >= 0, key, getattr(self, key), ">= 0")
+            _check(value is None or (value > 0 and math.isfinite(value)), key, value,
+                   "a finite number > 0" if isinstance(value, float) else "> 0")
+        self._check_numbers()
         _check(self.max_steps == -1 or self.max_steps > 0, "max_steps", self.max_steps,
                "a positive number of steps, or -1 to train num_train_epochs")
         _check(self.max_steps > 0 or self.num_train_epochs > 0, "num_train_epochs",
                self.num_train_epochs, "> 0 when max_steps is -1")
+        for key in (*_JSON_FILE_OPTIONS, "lr_scheduler_kwargs"):
+            _check_json_option(key, getattr(self, key))
+        if self.use_liger_kernel:  # on any device: it cannot help here, and it breaks the loss
+            raise ConfigError(
+                "use_liger_kernel: not supported: Liger replaces the model's forward with its fused "
+                "linear cross-entropy, which would bypass the SimPO loss head (that head already "
+                "fuses lm_head and loss without materialising the logits, on every backend)")
         super().__post_init__()
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than "
@@ -215,11 +247,125 @@ class SimPOConfig(TrainingArguments):
                           sft_weight=float(self.sft_weight))
         except (TypeError, ValueError) as exc:
             raise ConfigError(str(exc)) from exc
+        _check_report_to(self.report_to)
+
+    def _check_numbers(self) -> None:
+        """Optimizer and schedule values that torch or the Trainer would take as they are, and
+        fail on only after the data and model were loaded, or train garbage with (``inf`` and
+        ``nan`` parse as floats): each must be finite and in its range."""
+        def finite(lo: float, *, above: bool = False, below: Optional[float] = None):
+            return lambda v: (math.isfinite(v) and (v > lo if above else v >= lo)
+                              and (below is None or v < below))
+
+        rules = (  # key, accepted values, description
+            ("learning_rate", finite(0), "a finite number >= 0"),
+            ("weight_decay", finite(0), "a finite number >= 0"),
+            ("adam_beta1", finite(0, below=1), "in [0, 1)"),
+            ("adam_beta2", finite(0, below=1), "in [0, 1)"),
+            ("adam_epsilon", finite(0, above=True), "a finite number > 0"),
+            ("max_grad_norm", finite(0), "a finite number >= 0 (0 turns clipping off)"),
+            ("warmup_steps", finite(0), "a finite number >= 0 (below 1: a fraction of the steps)"),
+            ("num_train_epochs", finite(0), "a finite number >= 0"),
+            ("eval_delay", finite(0), "a finite number >= 0"),
+            ("sft_weight", finite(0), "a finite number >= 0"),
+            ("seed", lambda v: 0 <= v < 2 ** 32, "in [0, 2**32 - 1]"),
+            ("dataloader_num_workers", lambda v: v >= 0, ">= 0"),
+            ("neftune_noise_alpha", lambda v: v is None or finite(0, above=True)(v),
+             "a finite number > 0 (or unset)"),
+            # the labels of prompt and padding positions, which the loss ignores: a token id here
+            # would silently drop that token from every response's log-probability
+            ("label_pad_token_id", lambda v: v < 0, "negative (no token has this id)"),
+            ("padding_value", lambda v: v is None or v >= 0, "a token id >= 0 (or unset)"),
+        )
+        for key, ok, accepted in rules:
+            _check(ok(getattr(self, key)), key, getattr(self, key), accepted)
+        if self.label_smoothing_factor != 0:
+            raise ConfigError(f"label_smoothing_factor ({self.label_smoothing_factor:g}) is "
+                              f"transformers' cross-entropy smoothing, which the SimPO loss never "
+                              f"uses: set label_smoothing (SimPO's, in [0, 0.5]) instead")
 
 
 def _check(ok: bool, key: str, value, accepted: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: must be {accepted}, got {value!r}")
+
+
+# dict options that TrainingArguments also reads from a JSON file named by the value
+_JSON_FILE_OPTIONS = ("fsdp_config", "deepspeed", "accelerator_config")
+
+
+def _check_json_option(key: str, value) -> None:
+    """A dict option given as text (``deepspeed``, ``fsdp_config``, ...): inline JSON (``{...}``)
+    must parse, and a file must exist and hold a JSON object; TrainingArguments would otherwise
+    fail with a bare FileNotFoundError / JSONDecodeError, or (``fsdp_config`` without ``fsdp``)
+    never look. A ``deepspeed`` value may also be base64-encoded JSON (accelerate reads that)."""
+    if not isinstance(value, str):
+        return
+    if value.lstrip().startswith("{") or key not in _JSON_FILE_OPTIONS:
+        text, where = value, "the inline value"
+    elif os.path.isfile(value):  # opened as given, as TrainingArguments does (no ~ expansion)
+        try:
+            with open(value, encoding="utf-8") as f:
+                text, where = f.read(), value
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{key}: cannot read {value}: {error_text(exc)}") from None
+    elif key == "deepspeed" and _base64_json(value):
+        return
+    else:
+        what = "a directory, not a JSON file" if os.path.isdir(value) else "no such file"
+        raise ConfigError(f"{key}: {what}: {value}")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{key}: {where} is not valid JSON (line {exc.lineno}, column "
+                          f"{exc.colno}): {exc.msg}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{key}: {where} must hold a JSON object, got a {type(config).__name__}")
+
+
+def _base64_json(text: str) -> bool:
+    import base64
+    import binascii
+
+    try:
+        return isinstance(json.loads(base64.urlsafe_b64decode(text).decode("utf-8")), dict)
+    except (binascii.Error, ValueError):
+        return False
+
+
+# pip package of each report_to integration (when it is not the integration's own name), and the
+# transformers function that says whether it is installed
+_REPORT_TO = {"azure_ml": ("azureml-core", "is_azureml_available"),
+              "comet_ml": ("comet-ml", "is_comet_available"),
+              "mlflow": ("mlflow", "is_mlflow_available"),
+              "neptune": ("neptune", "is_neptune_available"),
+              "tensorboard": ("tensorboard", "is_tensorboard_available"),
+              "trackio": ("trackio", "is_trackio_available"),
+              "wandb": ("wandb", "is_wandb_available"),
+              "codecarbon": ("codecarbon", "is_codecarbon_available"),
+              "clearml": ("clearml", "is_clearml_available"),
+              "dagshub": ("dagshub", "is_dagshub_available"),
+              "flyte": ("flytekit", "is_flytekit_available"),
+              "dvclive": ("dvclive", "is_dvclive_available"),
+              "swanlab": ("swanlab", "is_swanlab_available")}
+
+
+def _check_report_to(report_to: list) -> None:
+    """Each ``report_to`` integration is one transformers knows and whose package is installed:
+    the Trainer would raise either only once the data and model are loaded."""
+    from transformers.integrations import integration_utils
+
+    known = integration_utils.INTEGRATION_TO_CALLBACK
+    for name in report_to or []:
+        if name not in known:
+            raise ConfigError(f"report_to: unknown integration {name!r} (known: "
+                              f"{', '.join(sorted(known))}; or all, none)")
+        package, available = _REPORT_TO.get(name, (None, None))
+        is_available = getattr(integration_utils, available, None) if available else None
+        if is_available is not None and not is_available():
+            raise ConfigError(f"report_to {name}: the {package} package is not installed (pip "
+                              f"install {package}), or choose another integration (none: no "
+                              f"reporting)")
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, SimPOConfig)
@@ -324,14 +470,39 @@ def _yaml_scalar(value) -> str:
     return str(value)
 
 
+class _DuplicateKey(Exception):
+    """A key given twice in one mapping of a recipe."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the later
+    value silently). Merge keys (``<<: *base``) still override, as YAML means them to."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, typing.Hashable):
+                    continue  # the base loader says what is wrong with it
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _DuplicateKey(f"{key} is given twice (lines {seen[key]} and {line}): "
+                                        f"keep one")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_recipe_values(path: Path, parser: _Parser, types_: dict) -> dict:
     """The recipe's values, each read by the command line's own rules (``plot: "false"`` is False,
     ``beta: true`` is an error, choices are checked)."""
-    import yaml
-
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_RecipeLoader)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -453,6 +624,8 @@ def parse_args(argv: Optional[list[str]] = None):
 
 def _check_relations(overrides: dict, args: "SimPOConfig", recipe: str) -> None:
     """Options asked for on the command line that the recipe's other settings would ignore."""
+    if args.fsdp_config and not args.fsdp:
+        raise ConfigError("fsdp_config has no effect: fsdp is off; add --fsdp true")
     for key, strategy in (("save_steps", "save_strategy"), ("eval_steps", "eval_strategy"),
                           ("logging_steps", "logging_strategy")):
         if key in overrides and getattr(args, strategy) == "no":
@@ -525,13 +698,31 @@ def check_loss_backend(model_args: ModelArguments, training_args: SimPOConfig) -
         dtype = getattr(torch, model_args.torch_dtype)
     else:
         dtype = torch.float32
+    where = "CPU" if on_cpu else "CUDA"
     try:
-        check_backend(training_args.loss_backend, "cpu" if on_cpu else "cuda", dtype,
-                      schedule=training_args.loss_schedule)
+        backend = check_backend(training_args.loss_backend, "cpu" if on_cpu else "cuda", dtype,
+                                schedule=training_args.loss_schedule)
     except (TypeError, ValueError, RuntimeError) as exc:
-        where = "CPU" if on_cpu else "CUDA"
         raise ConfigError(f"loss_backend {training_args.loss_backend} cannot run this configuration "
                           f"({str(dtype).replace('torch.', '')} on {where}): {exc}") from exc
+    # the torch backend's "auto" schedule is "tokens"; the loss would refuse any other at step 1
+    if training_args.loss_chunk_size is not None and not (
+            backend == "torch" and training_args.loss_schedule in ("auto", "tokens")):
+        resolved = "" if backend == training_args.loss_backend else f" ({backend} on {where})"
+        raise ConfigError(f"loss_chunk_size applies only to the torch backend's tokens schedule; "
+                          f"this run has loss_backend {training_args.loss_backend}{resolved}, "
+                          f"loss_schedule {training_args.loss_schedule} (pairs/vocab chunks "
+                          f"follow loss_memory_budget)")
+
+
+def check_padding_value(training_args: SimPOConfig, tokenizer) -> None:
+    """``padding_value`` must be an id of ``tokenizer`` (negative ones are refused at parse time);
+    checked once the tokenizer is loaded and before the model is, rather than as an embedding
+    IndexError at the first step."""
+    pad, vocab = training_args.padding_value, len(tokenizer)
+    if pad is not None and pad >= vocab:
+        raise ConfigError(f"padding_value: {pad} is not a token id of this tokenizer (its vocabulary "
+                          f"has {vocab} ids: 0..{vocab - 1})")
 
 
 def help_text(argv: Optional[list[str]] = None) -> str:

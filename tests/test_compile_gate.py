@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -30,6 +34,15 @@ GPU_IMAGE_TRITON = "3.6.0"
 # per distinct JIT specialisation of their ROW_LAYOUTS and, for row statistics, of given logits
 # (the rest are listed under `covers`: float32 given logits compile as the float32 `pairs` chunk)
 N_VARIANTS = 16 + 144 + 3 + 4 + 36 + 30 + 32
+# How long a gate subprocess may run. The gate prints one line per compiled variant: on a 2-core
+# machine shared with other test runs (load 3-6) one full gate took 535 s wall (274 s CPU), this
+# whole file (both gates at once) 666 s, and no variant more than 9 s. A gate silent for STALL_S
+# is therefore hung, not slow (a 100x margin, which load does not eat: the limit is on silence,
+# not on the total); LIMIT_S only bounds a gate that keeps printing without end (25x the whole
+# gate). Either way its process group is killed and the tests that need it fail with the
+# command, the limit and the tail of its output.
+STALL_S = 900
+LIMIT_S = 4 * 3600
 
 
 def triton36_dir() -> Path:
@@ -61,30 +74,121 @@ def gate_env(extra_path: Path | None = None, interpret: bool = False) -> dict[st
     return env
 
 
-def gate(args: list[str], extra_path: Path | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "benchmarks.compile_gate", "--json", *args], cwd=ROOT,
-                            env=gate_env(extra_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@dataclass
+class Run:
+    """What a finished (or killed) subprocess left: ``failure`` says why there is no result."""
+
+    rc: int | None
+    records: list[dict]
+    err: str
+    failure: str | None = None
 
 
-def finish(proc: subprocess.Popen) -> tuple[int, list[dict], str]:
-    out, err = proc.communicate(timeout=1800)
+@dataclass
+class Child:
+    """A subprocess in its own process group (so that a timeout can kill it and every compiler it
+    started), whose stdout and stderr are read as they come: no pipe fills up while another child
+    is waited for, and each line it prints shows it is alive."""
+
+    cmd: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen = field(init=False)
+    out: list[str] = field(default_factory=list, init=False)
+    err: list[str] = field(default_factory=list, init=False)
+    last_output: float = field(default_factory=time.monotonic, init=False)
+
+    def __post_init__(self):
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.readers = [threading.Thread(target=self._read, args=(stream, sink), daemon=True)
+                        for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for t in self.readers:
+            t.start()
+
+    def _read(self, stream, sink: list[str]) -> None:
+        for line in stream:
+            sink.append(line)
+            self.last_output = time.monotonic()
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (the child and anything it started), then reap it."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def wait(self, stall_s: float = STALL_S, limit_s: float = LIMIT_S) -> tuple[int | None, str]:
+        """Wait for the child; kill its process group once it has printed nothing for ``stall_s``
+        or run for ``limit_s``. Returns (exit status, why it was killed or None)."""
+        why = None
+        try:
+            while why is None:
+                try:
+                    self.proc.wait(timeout=1)
+                    break
+                except subprocess.TimeoutExpired:
+                    now = time.monotonic()
+                    if now - self.last_output > stall_s:
+                        why = f"printed nothing for {stall_s:g} s (limit STALL_S)"
+                    elif now - self.started > limit_s:
+                        why = f"still running after {limit_s:g} s (limit LIMIT_S)"
+        finally:
+            if self.proc.poll() is None:  # timed out, or the wait itself was interrupted
+                self.kill()
+        for t in self.readers:
+            t.join(timeout=60)
+        return self.proc.returncode, why
+
+    def failure(self, why: str) -> str:
+        tail = "".join(self.err)[-3000:] or "".join(self.out)[-3000:]
+        return (f"`{' '.join(self.cmd)}` {why}: killed its process group (pid {self.proc.pid}); "
+                f"last output:\n{tail}")
+
+
+def gate(args: list[str], extra_path: Path | None = None) -> Child:
+    return Child([sys.executable, "-m", "benchmarks.compile_gate", "--json", *args], gate_env(extra_path))
+
+
+def finish(child: Child, **limits: float) -> Run:
+    """The gate's exit status, its JSON records and its stderr; a run that timed out or printed
+    no JSON is a Run with ``failure`` set (:func:`completed` turns it into the test's failure)."""
+    rc, why = child.wait(**limits)
+    out, err = "".join(child.out), "".join(child.err)
+    if why is not None:
+        return Run(rc, [], err, child.failure(why))
     try:
         records = json.loads(out) if out.strip() else []
     except json.JSONDecodeError:
-        pytest.fail(f"compile gate printed no JSON (exit {proc.returncode}):\n{err[-4000:]}")
-    return proc.returncode, records, err
+        return Run(rc, [], err, f"compile gate printed no JSON (exit {rc}):\n{err[-4000:]}")
+    return Run(rc, records, err)
+
+
+def completed(run: Run) -> tuple[int, list[dict], str]:
+    """``(exit status, records, stderr)`` of a gate run; a run without a result fails the test
+    that needs it (a failure with the reason, not an error in a fixture's setup)."""
+    if run.failure is not None:
+        pytest.fail(run.failure, pytrace=False)
+    return run.rc, run.records, run.err
 
 
 @pytest.fixture(scope="session")
-def gate_runs() -> dict[str, tuple[int, list[dict], str]]:
+def gate_runs() -> dict[str, Run]:
     """The full gate with CI's Triton and with triton 3.6, run at the same time (one per core)."""
-    procs = {"ci": gate([]), "3.6": gate([], triton36_dir())}
-    return {name: finish(p) for name, p in procs.items()}
+    children = {"ci": gate([])}
+    try:
+        children["3.6"] = gate([], triton36_dir())
+        return {name: finish(c) for name, c in children.items()}
+    finally:  # an error or an interrupt here must not leave a gate running
+        for c in children.values():
+            if c.proc.poll() is None:
+                c.kill()
 
 
 @pytest.mark.parametrize("which", ["ci", "3.6"])
 def test_every_kernel_config_passes_the_gate(gate_runs, which):
-    rc, records, err = gate_runs[which]
+    rc, records, err = completed(gate_runs[which])
     assert len(records) == N_VARIANTS, err[-3000:]
     if which == "3.6":
         assert {r["triton"] for r in records} == {GPU_IMAGE_TRITON}
@@ -96,7 +200,7 @@ def test_every_kernel_config_passes_the_gate(gate_runs, which):
 @pytest.mark.parametrize("which", ["ci", "3.6"])
 def test_gate_covers_every_launcher_choice(gate_runs, which):
     """Each flag the kernels' heuristics derive takes both values, and each dtype is compiled."""
-    records = gate_runs[which][1]
+    records = completed(gate_runs[which])[1]
     for kernel, flags in {"_lse_forward_kernel": ("HAS_BIAS", "HAS_SOFTCAP"),
                           "_logprob_backward_kernel": ("HAS_BIAS", "HAS_SOFTCAP", "COMPUTE_DH", "COMPUTE_DW",
                                                        "COMPUTE_DB", "FILTER")}.items():
@@ -139,7 +243,7 @@ def test_committed_json_is_what_the_code_compiles_to(gate_runs, which):
     under each Triton), so review sees the compiled effect as a diff."""
     from benchmarks.compile_gate import facts
 
-    records = gate_runs[which][1]
+    records = completed(gate_runs[which])[1]
     version = records[0]["triton"]
     d = COMMITTED / f"triton-{version}"
     if not d.is_dir():
@@ -174,19 +278,19 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize("args,expected", BAD_CONFIGS, ids=["bwd-shared", "fwd-spills", "fwd-occupancy"])
 def test_gate_fails_a_bad_config(args, expected):
-    rc, records, err = finish(gate(args))
+    rc, records, err = completed(finish(gate(args)))
     assert rc == 1, err[-3000:]
     assert len(records) == 1 and any(expected in v for v in records[0]["violations"]), records
 
 
 @pytest.fixture(scope="module")
-def selftest_run() -> tuple[int, list[dict], str]:
+def selftest_run() -> Run:
     return finish(gate(["--only", "none", "--selftest"]))
 
 
 def test_gate_catches_an_ordered_atomic_in_a_loop(selftest_run):
     """The self-test probe (a default acq_rel ``tl.atomic_add`` in a loop) fails on both counts."""
-    rc, records, err = selftest_run
+    rc, records, err = completed(selftest_run)
     assert rc == 0 and records == [], err[-3000:]  # caught: the gate reports it and stays green
     assert "acq_rel/acquire/release atomics in the PTX" in err and "GPU-scope MEMBAR inside loops" in err, err
 
@@ -194,7 +298,7 @@ def test_gate_catches_an_ordered_atomic_in_a_loop(selftest_run):
 def test_gate_catches_an_in_place_gradient_without_its_barrier(selftest_run):
     """The bf16 gradient written over its float32 logits, compiled with ``IN_PLACE=False`` (no
     ``tl.debug_barrier``): the stores are not ordered after the other warps' loads, and the gate says so."""
-    rc, records, err = selftest_run
+    rc, records, err = completed(selftest_run)
     assert rc == 0 and records == [], err[-3000:]
     line = next((ln for ln in err.splitlines() if "without its barrier" in ln), "")
     assert "global stores not ordered after the step's loads by a CTA barrier" in line, err
@@ -293,3 +397,43 @@ except RuntimeError as e:
         assert last.startswith("REFUSED") and "numpy<2.4" in last and "3.6.0" in last, last
     else:
         assert last.startswith("RESULT") and float(last.split()[1]) < 1e-5, last
+
+
+def _live_processes_in_group(pgid: int) -> list[int]:
+    """Pids of the processes of group ``pgid`` that are still running (zombies left unreaped by a
+    container's init do not count: they hold nothing)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # not a process, or gone meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
+@pytest.mark.parametrize("script,limits,why", [
+    # a hung gate: silent
+    ("echo compiling >&2; sleep 300 & sleep 300", {"stall_s": 1}, "printed nothing for 1 s (limit STALL_S)"),
+    # a gate that never ends but keeps printing
+    ("sleep 300 & while true; do echo compiling >&2; sleep 0.2; done", {"limit_s": 3},
+     "still running after 3 s (limit LIMIT_S)"),
+], ids=["stalled", "endless"])
+def test_a_gate_past_its_limit_is_killed_with_its_children_and_fails_with_a_message(script, limits, why):
+    """The fixture's wait (here on a shell and the sleep it started, with tiny limits): the whole
+    process group is killed, and the run becomes a test failure naming the command, the limit and
+    the tail of the output, not a TimeoutExpired at fixture setup with the children left running."""
+    child = Child(["bash", "-c", script], gate_env())
+    run = finish(child, **limits)
+    deadline = time.monotonic() + 60  # SIGKILL is delivered at once; allow a loaded machine
+    while _live_processes_in_group(child.proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _live_processes_in_group(child.proc.pid) == []
+    assert run.failure.startswith(f"`bash -c {script}` {why}: killed its process group "
+                                  f"(pid {child.proc.pid}); last output:\ncompiling\n"), run.failure
+    with pytest.raises(pytest.fail.Exception) as info:
+        completed(run)
+    assert str(info.value) == run.failure

@@ -59,7 +59,8 @@ def test_recipe_values_are_read_as_the_command_line_reads_them(tmp_path, text, k
     ("max_prompt_length: 0\n", "recipe.yaml: max_prompt_length: must be > 0, got 0"),
     ("max_steps: 0\n", "max_steps: must be a positive number of steps, or -1"),
     ("per_device_train_batch_size: 0\n", "per_device_train_batch_size: must be > 0, got 0"),
-    ("learning_rate: -1.0e-3\n", "learning_rate: must be >= 0, got -0.001"),
+    ("learning_rate: -1.0e-3\n", "learning_rate: must be a finite number >= 0, got -0.001"),
+    ("learning_rate: .inf\n", "recipe.yaml: learning_rate: must be a finite number >= 0, got inf"),
     ("eval_fraction: 1.5\n", "eval_fraction: must be in [0, 1), got 1.5"),
     ("dataset_splits: [a, b, c]\n", "dataset_splits: must be a train split, then optionally"),
     ("tiny_hidden_size: 30\n", "tiny_hidden_size: must be a positive multiple of 8"),
@@ -68,6 +69,10 @@ def test_recipe_values_are_read_as_the_command_line_reads_them(tmp_path, text, k
     ("beta: [1,\nfoo: 2\n", "recipe.yaml: not valid YAML (line 3, column 1)"),
     ("- beta\n- 2\n", "a recipe must be a mapping of option: value"),
     ("bogus_key: 1\n", "unknown key(s) bogus_key"),
+    ("warmup_ratio: 0.1\nwarmup_steps: 5\n", "both warmup_ratio and its replacement warmup_steps are set"),
+    # PyYAML would keep the later value silently
+    ("beta: 1.0\nsft_weight: 1.0\nbeta: 3.0\n", "recipe.yaml: beta is given twice (lines 1 and 3): keep one"),
+    ("fsdp_config:\n  version: 2\n  version: 1\n", "recipe.yaml: version is given twice (lines 2 and 3)"),
 ])
 def test_recipe_mistakes_are_config_errors_naming_the_key(tmp_path, text, message):
     path = tmp_path / "recipe.yaml"
@@ -190,3 +195,162 @@ def test_fsdp1_without_a_gpu_is_a_config_error(tmp_path, monkeypatch):
         parse_args([_recipe(tmp_path, "")])
     monkeypatch.setenv("FSDP_VERSION", "2")
     parse_args([_recipe(tmp_path, "")])
+
+
+def test_a_recipe_key_given_twice_is_refused_and_merge_keys_still_override(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("use_cpu: true\nbeta: 1.0\nlearning_rate: 1.0e-3\n\nbeta: 3.0\n")
+    with pytest.raises(ConfigError) as info:
+        parse_args([str(path)])
+    assert str(info.value) == f"{path}: beta is given twice (lines 2 and 5): keep one"
+    # a YAML merge key is an explicit override, not a repeated key
+    path.write_text("use_cpu: true\nfsdp: true\nfsdp_config:\n  <<: {version: 1}\n  version: 2\n")
+    _, _, args, _ = parse_args([str(path)])
+    assert args.fsdp_plugin_args["fsdp_version"] == 2
+
+
+BAD_JSON = "{bad"
+
+
+@pytest.mark.parametrize("argv,message", [
+    # files that TrainingArguments would open with a traceback, or (fsdp_config without fsdp) ignore
+    (["--fsdp", "true", "--fsdp_config", "missing.json"], "fsdp_config: no such file: missing.json"),
+    (["--fsdp_config", "missing.json"], "fsdp_config: no such file: missing.json"),
+    (["--fsdp", "true", "--fsdp_config", "bad.json"],
+     "fsdp_config: bad.json is not valid JSON (line 1, column 2): Expecting property name enclosed in double quotes"),
+    (["--fsdp_config", FSDP2_JSON], "fsdp_config has no effect: fsdp is off; add --fsdp true"),
+    (["--deepspeed", "missing.json"], "deepspeed: no such file: missing.json"),
+    (["--deepspeed", "bad.json"],
+     "deepspeed: bad.json is not valid JSON (line 1, column 2): Expecting property name enclosed in double quotes"),
+    (["--deepspeed", "list.json"], "deepspeed: list.json must hold a JSON object, got a list"),
+    (["--lr_scheduler_kwargs", BAD_JSON],
+     "lr_scheduler_kwargs: the inline value is not valid JSON (line 1, column 2): Expecting property name "
+     "enclosed in double quotes"),
+    # integrations the Trainer would refuse once data and model are loaded
+    (["--report_to", "tensorbord"],  # KNOWN: this transformers' integrations
+     "report_to: unknown integration 'tensorbord' (known: KNOWN; or all, none)"),
+    (["--report_to", "tensorboard"],  # the test makes tensorboard unavailable
+     "report_to tensorboard: the tensorboard package is not installed (pip install tensorboard), or choose "
+     "another integration (none: no reporting)"),
+    (["--use_liger_kernel", "true"],
+     "use_liger_kernel: not supported: Liger replaces the model's forward with its fused linear "
+     "cross-entropy, which would bypass the SimPO loss head (that head already fuses lm_head and loss "
+     "without materialising the logits, on every backend)"),
+    # optimizer and schedule values: non-finite or out of range
+    (["--adam_beta1", "1.5"], "adam_beta1: must be in [0, 1), got 1.5"),
+    (["--adam_beta2", "1"], "adam_beta2: must be in [0, 1), got 1.0"),
+    (["--adam_beta1", "-0.1"], "adam_beta1: must be in [0, 1), got -0.1"),
+    (["--adam_epsilon", "0"], "adam_epsilon: must be a finite number > 0, got 0.0"),
+    (["--adam_epsilon", "nan"], "adam_epsilon: must be a finite number > 0, got nan"),
+    (["--learning_rate", "inf"], "learning_rate: must be a finite number >= 0, got inf"),
+    (["--learning_rate", "nan"], "learning_rate: must be a finite number >= 0, got nan"),
+    (["--weight_decay", "inf"], "weight_decay: must be a finite number >= 0, got inf"),
+    (["--max_grad_norm", "nan"], "max_grad_norm: must be a finite number >= 0 (0 turns clipping off), got nan"),
+    (["--max_grad_norm", "inf"], "max_grad_norm: must be a finite number >= 0 (0 turns clipping off), got inf"),
+    (["--warmup_steps", "inf"],
+     "warmup_steps: must be a finite number >= 0 (below 1: a fraction of the steps), got inf"),
+    (["--num_train_epochs", "inf"], "num_train_epochs: must be a finite number >= 0, got inf"),
+    (["--logging_steps", "inf"], "logging_steps: must be a finite number > 0, got inf"),
+    (["--eval_delay", "-1"], "eval_delay: must be a finite number >= 0, got -1.0"),
+    (["--neftune_noise_alpha", "nan"], "neftune_noise_alpha: must be a finite number > 0 (or unset), got nan"),
+    (["--neftune_noise_alpha", "-1"], "neftune_noise_alpha: must be a finite number > 0 (or unset), got -1.0"),
+    (["--label_smoothing_factor", "0.1"],
+     "label_smoothing_factor (0.1) is transformers' cross-entropy smoothing, which the SimPO loss never uses: "
+     "set label_smoothing (SimPO's, in [0, 0.5]) instead"),
+    (["--eval_accumulation_steps", "0"], "eval_accumulation_steps: must be > 0, got 0"),
+    (["--seed", "-1"], "seed: must be in [0, 2**32 - 1], got -1"),
+    (["--dataloader_num_workers", "-1"], "dataloader_num_workers: must be >= 0, got -1"),
+    # SimPO options
+    (["--loss_chunk_size", "64", "--loss_schedule", "pairs"],
+     "loss_chunk_size applies only to the torch backend's tokens schedule; this run has loss_backend auto "
+     "(torch on CPU), loss_schedule pairs (pairs/vocab chunks follow loss_memory_budget)"),
+    (["--loss_chunk_size", "64", "--loss_backend", "eager"],
+     "loss_chunk_size applies only to the torch backend's tokens schedule; this run has loss_backend eager, "
+     "loss_schedule auto (pairs/vocab chunks follow loss_memory_budget)"),
+    (["--padding_value", "-1"], "padding_value: must be a token id >= 0 (or unset), got -1"),
+    (["--label_pad_token_id", "5"], "label_pad_token_id: must be negative (no token has this id), got 5"),
+    (["--chat_template", "chatml"], "chat_template: 'chatml' is neither a template name (gemma) nor a Jinja template"),
+    (["--chat_template", "{{ messages"],
+     "chat_template: not a valid Jinja template (line 1): unexpected end of template, expected 'end of print "
+     "statement'."),
+])
+def test_cli_mistakes_are_one_line_exit_2_before_anything_is_loaded(tmp_path, monkeypatch, capsys, argv,
+                                                                     message):
+    """Each was a traceback (some after the data and the model were loaded), or silently ignored."""
+    import transformers.integrations.integration_utils as integrations
+
+    import simpo.train
+
+    (tmp_path / "bad.json").write_text(BAD_JSON)
+    (tmp_path / "list.json").write_text("[1]")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(integrations, "is_tensorboard_available", lambda: False)
+    monkeypatch.setattr(simpo.train, "run", lambda *a, **k: pytest.fail("parse_args accepted it"))
+    rc = simpo.train.main([*argv, "--output_dir", str(tmp_path / "out")])
+    message = message.replace("KNOWN", ", ".join(sorted(integrations.INTEGRATION_TO_CALLBACK)))
+    assert (rc, capsys.readouterr().err) == (2, f"simpo-train: error: {message}\n")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--loss_chunk_size", "64"],                            # auto: the torch backend's tokens schedule
+    ["--loss_chunk_size", "64", "--loss_schedule", "tokens", "--loss_backend", "torch"],
+    ["--chat_template", "gemma"],
+    ["--chat_template", "{% for m in messages %}{{ m['content'] }}{% endfor %}"],
+    ["--deepspeed", os.path.join(ROOT, "tests", "zero3_cpu.json")],
+    ["--adam_beta1", "0", "--adam_beta2", "0.95", "--max_grad_norm", "0", "--neftune_noise_alpha", "5"],
+    ["--report_to", "none"],
+])
+def test_valid_values_next_to_the_refused_ones_are_accepted(argv):
+    parse_args([*argv, "--use_cpu", "true"])
+
+
+def test_a_padding_value_the_tokenizer_lacks_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import simpo.train
+
+    monkeypatch.setattr(simpo.train, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    rc = simpo.train.main(["--padding_value", "100000", "--output_dir", str(tmp_path / "out"),
+                           "--max_train_samples", "8", "--max_eval_samples", "8"])
+    err = capsys.readouterr().err
+    # the embedded tokenizer is built from the words of the rows kept (8 + 8 of the shipped data)
+    assert (rc, err) == (2, "simpo-train: error: padding_value: 100000 is not a token id of this tokenizer "
+                            "(its vocabulary has 78 ids: 0..77)\n")
+    assert not os.path.exists(tmp_path / "out" / ".simpo-train.lock")
+
+
+@pytest.fixture
+def torch_threads():
+    """Restores torch's thread count after a test that changes it."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield torch
+    torch.set_num_threads(before)
+
+
+def test_the_embedded_tiny_model_runs_on_one_thread_unless_omp_num_threads_says(torch_threads, monkeypatch,
+                                                                              caplog):
+    """On a busy machine more threads only wait for each other on the tiny model's matrices."""
+    import logging
+
+    from simpo.train import choose_cpu_threads
+
+    caplog.set_level(logging.INFO, logger="simpo.train")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    model_args, _, args, _ = parse_args([])  # the embedded default: tiny model, use_cpu
+    torch_threads.set_num_threads(2)
+    choose_cpu_threads(model_args, args)
+    assert torch_threads.get_num_threads() == 1
+    assert caplog.messages[-1] == ("torch threads: 1 (the embedded tiny model gains nothing from more; set "
+                                   "OMP_NUM_THREADS to choose)")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice stands
+    torch_threads.set_num_threads(2)
+    choose_cpu_threads(model_args, args)
+    assert torch_threads.get_num_threads() == 2
+    assert caplog.messages[-1] == "torch threads: 2 (from OMP_NUM_THREADS)"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    model_args.model_name_or_path = "org/some-real-model"  # not the tiny model: torch's default
+    n = len(caplog.messages)
+    choose_cpu_threads(model_args, args)
+    assert torch_threads.get_num_threads() == 2 and len(caplog.messages) == n
