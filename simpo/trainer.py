@@ -22,6 +22,12 @@ once every process has written its part, adds a completion record and renames it
 ``checkpoint-N`` (:mod:`simpo.run_dir`): a crash during a save never leaves a ``checkpoint-N`` that
 auto-resume would pick up and fail on.
 
+Resumes. ``train_loss`` covers the whole run: the sum of the per-step losses (mean over processes)
+travels in every checkpoint (:class:`WholeRunLoss`), so a resumed run reports exactly what the
+uninterrupted run would. On resume the learning-rate schedule is re-based on this run's settings
+(:class:`ScheduleFromArgs`): lr(step) = ``learning_rate`` x the schedule for this run's length, so
+an extended run or a ``resume_anyway`` with another ``learning_rate`` trains with what it says.
+
 Metrics. Every ``compute_loss`` (train) and ``prediction_step`` (eval) stores the official metrics;
 ``log`` replaces them by their mean over the logging window (``eval_`` prefix in evaluation), as
 the official ``store_metrics`` / ``log`` do, and additionally averages them over processes (the
@@ -37,7 +43,8 @@ from collections import defaultdict
 from typing import Optional
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from simpo_kernels.objective import METRIC_NAMES, official_metrics
@@ -58,6 +65,57 @@ def metrics_from_outputs(outputs, prefix: str = "") -> dict[str, float]:
         chosen_logits_mean=outputs.get("chosen_logits_mean"),
         rejected_logits_mean=outputs.get("rejected_logits_mean"),
         sft_loss=outputs.get("sft_loss"), prefix=prefix)
+
+
+class WholeRunLoss(TrainerCallback, ExportableState):
+    """The whole run's summed training loss across resumes.
+
+    ``loss_sum`` is the sum of the per-step training losses (each the mean over processes) up to
+    the last checkpoint, or None when the run resumed from a checkpoint that does not record it.
+    It is saved with each checkpoint's trainer state (``stateful_callbacks``) and read back when a
+    run resumes; :class:`SimPOTrainer` adds the steps since then."""
+
+    def __init__(self, loss_sum: Optional[float] = 0.0):
+        self.loss_sum = loss_sum
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"loss_sum": self.loss_sum}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            self.loss_sum = 0.0
+            return
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        value = saved.get("attributes", {}).get("loss_sum") if isinstance(saved, dict) else None
+        self.loss_sum = float(value) if isinstance(value, (int, float)) else None
+        if self.loss_sum is None:
+            logger.warning("the checkpoint resumed from does not record the run's loss so far: "
+                           "train_loss will cover steps %d.. only", state.global_step + 1)
+
+
+class ScheduleFromArgs(TrainerCallback):
+    """On resume, re-base the restored learning-rate schedule on this run's settings.
+
+    The Trainer builds the schedule for this run's length, but restoring the checkpoint's
+    scheduler and optimizer brings back the earlier run's base rate (``base_lrs``,
+    ``initial_lr``) and its current lr. Set both from ``args.learning_rate`` and the schedule at
+    the resumed step, so that lr(step) = learning_rate x schedule(step) for the whole resumed
+    part; unchanged settings give exactly the restored values."""
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        from torch.optim.lr_scheduler import LambdaLR
+
+        if state.global_step == 0 or not isinstance(lr_scheduler, LambdaLR):
+            return
+        if len(set(lr_scheduler.base_lrs)) != 1:
+            return  # per-group rates of a custom optimizer: not ours to re-base
+        base = [float(args.learning_rate)] * len(lr_scheduler.base_lrs)
+        lrs = [b * fn(lr_scheduler.last_epoch) for b, fn in zip(base, lr_scheduler.lr_lambdas)]
+        for group, lr in zip(lr_scheduler.optimizer.param_groups, lrs):
+            group["initial_lr"] = float(args.learning_rate)
+            group["lr"] = lr
+        lr_scheduler.base_lrs = base
+        lr_scheduler._last_lr = list(lrs)  # what get_last_lr() (the logged learning_rate) reads
 
 
 class SimPOTrainer(Trainer):
@@ -89,11 +147,14 @@ class SimPOTrainer(Trainer):
             data_collator = SimPODataCollator(pad, args.label_pad_token_id)
         self._stored_metrics = defaultdict(lambda: defaultdict(list))
         self._staging_parent: Optional[str] = None  # set while a checkpoint is being written
+        self._run_loss_pending = None  # this process's summed step losses since the last fold
         super().__init__(model=model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
         # The loss is a per-micro-batch mean over pairs: no num_items_in_batch, no x num_processes.
         self.model_accepts_loss_kwargs = False
+        self.add_callback(WholeRunLoss())
+        self.add_callback(ScheduleFromArgs())
 
     # -------------------------------------------------------------- FSDP on CPU ranks
 
@@ -192,6 +253,7 @@ class SimPOTrainer(Trainer):
         if self.args.should_save and os.path.lexists(staging):
             shutil.rmtree(staging)  # a previous attempt at this step, cut short
         self.accelerator.wait_for_everyone()  # nobody writes into it before it is cleared
+        self._fold_run_loss()  # the run's loss so far travels in the checkpoint's trainer state
         self._staging_parent = staging_parent
         try:
             super()._save_checkpoint(model, trial)
@@ -245,6 +307,38 @@ class SimPOTrainer(Trainer):
                 self.model.tie_weights()
         super()._issue_warnings_after_load(load_result)
 
+    # -------------------------------------------------------------- the whole run's train_loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # the micro-step's share of its step's loss, as the base loop sums it for its logs
+        value = loss.detach().to(torch.float64)
+        self._run_loss_pending = value if self._run_loss_pending is None \
+            else self._run_loss_pending + value
+        return loss
+
+    def _run_loss_callback(self) -> Optional[WholeRunLoss]:
+        # looked up each time: restore_callback_states_from_checkpoint may replace the instance
+        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, WholeRunLoss)),
+                    None)
+
+    def _fold_run_loss(self) -> Optional[float]:
+        """Add the step losses since the last fold (mean over processes) to the run's sum and
+        return the sum. Collective under several processes: every rank calls it at the same
+        points (each checkpoint save, the final log), so an uninterrupted and a resumed run add
+        the same numbers in the same order."""
+        callback = self._run_loss_callback()
+        pending = self._run_loss_pending
+        if pending is None:
+            pending = torch.zeros((), dtype=torch.float64, device=self.args.device)
+        if self.args.world_size > 1:
+            pending = self.accelerator.gather(pending.reshape(1).to(self.args.device)).mean()
+        self._run_loss_pending = None
+        if callback is None or callback.loss_sum is None:
+            return None
+        callback.loss_sum += pending.item()
+        return callback.loss_sum
+
     # -------------------------------------------------------------- loss and metrics
 
     def _simpo_forward(self, model, inputs):
@@ -277,6 +371,10 @@ class SimPOTrainer(Trainer):
         return [prefix + n for n in names]
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        if "train_loss" in logs:  # the end of training: the whole run's, not this segment's
+            total = self._fold_run_loss()
+            if total is not None:
+                logs["train_loss"] = total / max(self.state.global_step, 1)
         train_eval = "train" if "loss" in logs else "eval"
         stored = self._stored_metrics.pop(train_eval, None)
         if stored:

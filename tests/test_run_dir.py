@@ -471,10 +471,10 @@ def test_one_run_at_a_time_then_reruns_with_other_settings(tmp_path, capsys, cap
     assert sorted(os.listdir(out)) == before
 
     # the same settings, already at max_steps: says so and trains nothing
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="simpo"):
-        assert main(_train_args(out, 6)) == 0
-    assert "checkpoint-6 already completed the 6 steps asked for: nothing left to train" in caplog.text
+    capsys.readouterr()
+    assert main(_train_args(out, 6)) == 0
+    assert f"simpo-train: nothing left to train: output_dir {out} holds a run that finished at " \
+           f"step 6 (max_steps 6 asked for)" in capsys.readouterr().out
     assert _state(out)["global_step"] == 6 and _checkpoints(out) == [2, 4, 6]
 
     # resume_anyway: continues from checkpoint-6 with the new settings
