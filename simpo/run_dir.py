@@ -84,6 +84,11 @@ IGNORED_KEYS = frozenset({
 # The run's length: changing it extends (or shortens) the run, which is allowed without
 # --existing_run (the learning-rate schedule is recomputed for the new length, see resolve_start).
 LENGTH_KEYS = ("max_steps", "num_train_epochs")
+# Hyperparameters held by the optimizer's state: a resumed optimizer gets the checkpoint's values
+# back (torch's load_state_dict restores its param groups), so a change cannot take effect and is
+# refused even with resume_anyway. The learning rate is re-based by the trainer, so it may change.
+OPTIMIZER_STATE_KEYS = ("optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2",
+                        "adam_epsilon")
 
 # Files a run writes at the top of output_dir (final model, tokenizer, state, results). A fresh
 # run would overwrite them, so ``--existing_run fresh`` moves them aside with the checkpoints;
@@ -717,6 +722,9 @@ def resolve_start(output_dir: str, config: dict, existing_run: str = "resume",
     if checkpoint is not None:
         differences += _checkpoint_world_size(checkpoint, config, differences)
     differences = list(dict.fromkeys(differences))  # the checkpoint's and output_dir's: once
+    if _max_steps(config) > 0 and all(k != "max_steps" for k, _ in differences):
+        # a fixed number of steps: the epoch count is not used, so not a new length
+        differences = [(k, t) for k, t in differences if k != "num_train_epochs"]
     others = [text for key, text in differences if key not in LENGTH_KEYS]
     if others and existing_run == "resume":
         target = f"from {os.path.basename(checkpoint)}" if checkpoint else "in this output_dir"
@@ -728,6 +736,12 @@ def resolve_start(output_dir: str, config: dict, existing_run: str = "resume",
             f"continue {target} with the new settings")
     if checkpoint is not None and any(key == "world_size" for key, _ in differences):
         _refuse_resharding(checkpoint, config)
+    frozen = [text for key, text in differences if key in OPTIMIZER_STATE_KEYS]
+    if frozen and checkpoint is not None:
+        raise UserError(
+            f"{'; '.join(frozen)}: {os.path.basename(os.path.normpath(checkpoint))}'s optimizer "
+            f"state keeps the earlier value(s), so the change would not take effect. Rerun with "
+            f"the earlier value(s), or start again with --existing_run fresh")
 
     training = config.get("training") if isinstance(config.get("training"), dict) else {}
     length = [text for key, text in differences if key in LENGTH_KEYS]
@@ -781,6 +795,12 @@ def _reached(step: Any, epoch: Any, training: dict) -> bool:
     epochs = training.get("num_train_epochs")
     return isinstance(epoch, (int, float)) and isinstance(epochs, (int, float)) \
         and epoch >= epochs - 1e-6
+
+
+def _max_steps(config: dict) -> int:
+    training = config.get("training") if isinstance(config.get("training"), dict) else {}
+    value = training.get("max_steps")
+    return value if isinstance(value, int) else -1
 
 
 def _asked(training: dict) -> str:

@@ -25,14 +25,15 @@ pytest.importorskip("datasets")
 
 from simpo import run_dir  # noqa: E402
 from simpo.config import parse_args  # noqa: E402
-from simpo.run_dir import (FINAL_RECORD_NAME, RUN_CONFIG_NAME, IGNORED_KEYS,  # noqa: E402
-                           config_differences, last_complete_checkpoint, run_config)
+from simpo.run_dir import (RUN_CONFIG_NAME, config_differences,  # noqa: E402
+                           last_complete_checkpoint, run_config)
 from tests.multiproc import ROOT, free_port  # noqa: E402
 from tests.test_run_dir import WORKER, _checkpoints, _run, _state  # noqa: E402
 from tests.test_run_dir import FAST as RUN_DIR_FAST  # noqa: E402
 
 # 32 rows, 8 pairs per step: 4 steps per epoch; a checkpoint every 2 steps
 FAST = [*RUN_DIR_FAST, "--max_train_samples", "32"]
+FINAL_RECORD_NAME = "simpo_run_finished.json"  # run_dir.FINAL_RECORD_NAME: a finished run's record
 
 
 def _args(out, steps, *extra):
@@ -218,14 +219,21 @@ def test_resume_anyway_with_a_new_learning_rate_trains_with_it(tmp_path):
     assert _json(out / RUN_CONFIG_NAME)["training"]["learning_rate"] == 1e-2
 
 
-def test_extending_a_finished_run(finished, tmp_path):
+def test_extending_a_finished_run(finished, tmp_path, capsys):
     """Raising max_steps continues a finished run without --existing_run, says once that the lr
     schedule is recomputed, and trains steps 5..8 with the 8-step schedule; the run configuration
     is updated. Another difference is still refused; lowering max_steps: nothing to train."""
+    from simpo.train import main
+
     out = _copy(finished, tmp_path)
     proc = _train(out, 8, "--beta", "3")
     assert proc.returncode == 1
     assert "other settings (max_steps: 4 -> 8; beta: 2.0 -> 3.0)" in proc.stderr
+    # what the restored optimizer state would silently override: refused even with resume_anyway
+    capsys.readouterr()
+    assert main(_args(out, 8, "--weight_decay", "0.1", "--existing_run", "resume_anyway")) == 1
+    assert ("simpo-train: error: weight_decay: 0.0 -> 0.1: checkpoint-4's optimizer state keeps "
+            "the earlier value(s), so the change would not take effect") in capsys.readouterr().err
 
     log = _ok(_train(out, 8))
     assert log.count("max_steps: 4 -> 8: the run continues from step 4 to the new length; the "
@@ -364,7 +372,7 @@ def test_every_setting_that_changes_results_is_compared(tmp_path):
 
     from simpo.config import ARG_CLASSES
     fields = {f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls)}
-    assert IGNORED_KEYS - fields == set()
+    assert run_dir.IGNORED_KEYS - fields == set()
 
 
 # ----------------------------------------------------------------------------- 11: train_loss
