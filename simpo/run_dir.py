@@ -700,31 +700,12 @@ def resolve_start(output_dir: str, config: dict, existing_run: str = "resume",
         return None
 
     final = None if resume_from_checkpoint else read_final_record(output_dir)
-    differences: list[tuple[str, str]] = []
     if resume_from_checkpoint:
         checkpoint = _check_explicit_checkpoint(resume_from_checkpoint)
-        recorded, unreadable = read_run_config(checkpoint)
-        if recorded is not None:
-            differences += _differences(recorded, config)
-        else:
-            differences.append((RUN_CONFIG_NAME, f"{checkpoint} records no settings to compare with "
-                                                 f"({RUN_CONFIG_NAME} {unreadable or 'is missing'})"))
     else:
         checkpoint = last_complete_checkpoint(output_dir)
-    # Only a previous run that left something (a checkpoint to resume, final outputs to overwrite)
-    # is protected: one that failed before training (bad data path, ...) is not.
-    if checkpoint is not None or final is not None or _has_run_outputs(output_dir):
-        previous, unreadable = read_run_config(output_dir)
-        if previous is not None:
-            differences += _differences(previous, config)
-        if unreadable:
-            differences.append((RUN_CONFIG_NAME, f"{RUN_CONFIG_NAME}: {unreadable}"))
-    if checkpoint is not None:
-        differences += _checkpoint_world_size(checkpoint, config, differences)
-    differences = list(dict.fromkeys(differences))  # the checkpoint's and output_dir's: once
-    if _max_steps(config) > 0 and all(k != "max_steps" for k, _ in differences):
-        # a fixed number of steps: the epoch count is not used, so not a new length
-        differences = [(k, t) for k, t in differences if k != "num_train_epochs"]
+    differences = _differences_to_continue(output_dir, config, checkpoint,
+                                           bool(resume_from_checkpoint), final is not None)
     others = [text for key, text in differences if key not in LENGTH_KEYS]
     if others and existing_run == "resume":
         target = f"from {os.path.basename(checkpoint)}" if checkpoint else "in this output_dir"
@@ -748,12 +729,14 @@ def resolve_start(output_dir: str, config: dict, existing_run: str = "resume",
     state = _checkpoint_state(checkpoint) if checkpoint is not None else {}
     step = state.get("global_step") if isinstance(state.get("global_step"), int) else None
     if final is not None and _reached(final.get("global_step"), final.get("epoch"), training):
-        how = ("raise --max_steps or --num_train_epochs to continue it from its last checkpoint"
-               if checkpoint is not None else "it saved no checkpoint to continue from")
+        how = ("raise --max_steps or --num_train_epochs (it continues from its last "
+               "checkpoint), or start again with --existing_run fresh" if checkpoint is not None
+               else "start again with --existing_run fresh (it saved no checkpoint to continue "
+                    "from)")
         raise NothingToTrain(
             f"nothing left to train: output_dir {output_dir} holds a run that finished at step "
             f"{final['global_step']} ({_asked(training)} asked for); its outputs are left as they "
-            f"are. To train more: {how}, or start again with --existing_run fresh")
+            f"are. To train more, {how}")
     if final is not None and checkpoint is None:
         _refuse_model_only(output_dir)
         raise UserError(
@@ -785,6 +768,36 @@ def resolve_start(output_dir: str, config: dict, existing_run: str = "resume",
     _remove(os.path.join(output_dir, FINAL_RECORD_NAME))  # this run is not finished until it ends
     write_run_config(output_dir, config)
     return checkpoint
+
+
+def _differences_to_continue(output_dir: str, config: dict, checkpoint: Optional[str],
+                             explicit: bool, finished: bool) -> list[tuple[str, str]]:
+    """(key, message) for each way ``config`` differs from the run it would continue: an explicit
+    checkpoint's own recorded settings (none recorded is a difference), output_dir's previous run,
+    and the process count the checkpoint was saved with."""
+    differences: list[tuple[str, str]] = []
+    if explicit:
+        recorded, unreadable = read_run_config(checkpoint)
+        if recorded is not None:
+            differences += _differences(recorded, config)
+        else:
+            differences.append((RUN_CONFIG_NAME, f"{checkpoint} records no settings to compare with "
+                                                 f"({RUN_CONFIG_NAME} {unreadable or 'is missing'})"))
+    # Only a previous run that left something (a checkpoint to resume, final outputs to overwrite)
+    # is protected: one that failed before training (bad data path, ...) is not.
+    if checkpoint is not None or finished or _has_run_outputs(output_dir):
+        previous, unreadable = read_run_config(output_dir)
+        if previous is not None:
+            differences += _differences(previous, config)
+        if unreadable:
+            differences.append((RUN_CONFIG_NAME, f"{RUN_CONFIG_NAME}: {unreadable}"))
+    if checkpoint is not None:
+        differences += _checkpoint_world_size(checkpoint, config, differences)
+    differences = list(dict.fromkeys(differences))  # the checkpoint's and output_dir's: once
+    if _max_steps(config) > 0 and all(k != "max_steps" for k, _ in differences):
+        # a fixed number of steps: the epoch count is not used, so not a new length
+        differences = [(k, t) for k, t in differences if k != "num_train_epochs"]
+    return differences
 
 
 def _reached(step: Any, epoch: Any, training: dict) -> bool:

@@ -97,7 +97,7 @@ def finished(tmp_path_factory):
     """A finished 4-step run with checkpoint-2 and checkpoint-4 (copy it before changing it)."""
     out = tmp_path_factory.mktemp("finished") / "out"
     _ok(_train(out, 4))
-    assert _checkpoints(out) == [2, 4] and os.path.isfile(out / FINAL_RECORD_NAME)
+    assert _checkpoints(out) == [2, 4]
     return out
 
 
@@ -148,9 +148,7 @@ def test_changed_data_content_is_refused(tmp_path):
     shutil.copyfile(os.path.join(ROOT, "simpo", "data", "train.jsonl"), data)
     out = tmp_path / "out"
     _ok(_train(out, 4, "--dataset_name", str(data)))
-    recorded = _json(out / RUN_CONFIG_NAME)["data_files"]["train"]
-    assert recorded["size"] == os.path.getsize(data)
-    before = recorded["sha256"]
+    before = hashlib.sha256(data.read_bytes()).hexdigest()
     rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
     with open(data, "w") as f:
         for row in rows:
@@ -165,6 +163,8 @@ def test_changed_data_content_is_refused(tmp_path):
             f"{before[:12]}.. -> {after[:12]}..))") in proc.stderr
     assert "Traceback" not in proc.stderr and "train split" not in proc.stdout
     assert _snapshot(out) == snapshot
+    recorded = _json(out / RUN_CONFIG_NAME)["data_files"]["train"]
+    assert recorded == {"path": str(data), "size": os.path.getsize(data), "sha256": before}
 
 
 # ----------------------------------------------------------------------------- 4: world size
@@ -411,15 +411,13 @@ def test_finished_run_without_checkpoints_is_left_untouched(tmp_path):
     out = tmp_path / "out"
     _ok(_train_without_checkpoints(out, 4))
     assert _checkpoints(out) == []
-    record = _json(out / FINAL_RECORD_NAME)
-    assert record["global_step"] == 4 and record["max_steps"] == 4
     snapshot = _snapshot(out)
     proc = _train_without_checkpoints(out, 4)
     assert proc.returncode == 0 and proc.stderr.count("simpo-train") == 0
     assert [line for line in proc.stdout.splitlines() if line.startswith("simpo-train:")] == [
         f"simpo-train: nothing left to train: output_dir {out} holds a run that finished at step 4 "
-        f"(max_steps 4 asked for); its outputs are left as they are. To train more: it saved no "
-        f"checkpoint to continue from, or start again with --existing_run fresh"]
+        f"(max_steps 4 asked for); its outputs are left as they are. To train more, start again "
+        f"with --existing_run fresh (it saved no checkpoint to continue from)"]
     assert "train split" not in proc.stdout  # nothing loaded
     assert _snapshot(out) == snapshot
 
@@ -429,6 +427,8 @@ def test_finished_run_without_checkpoints_is_left_untouched(tmp_path):
             f"saving a checkpoint, so it cannot be continued to max_steps 6: rerun with "
             f"--existing_run fresh") in proc.stderr
     assert _snapshot(out) == snapshot
+    record = _json(out / FINAL_RECORD_NAME)
+    assert record["global_step"] == 4 and record["max_steps"] == 4
 
 
 def test_finished_checkpointed_run_is_left_untouched(finished, tmp_path):
@@ -437,9 +437,10 @@ def test_finished_checkpointed_run_is_left_untouched(finished, tmp_path):
     proc = _train(out, 4)
     assert proc.returncode == 0
     assert "simpo-train: nothing left to train: " in proc.stdout
-    assert "To train more: raise --max_steps or --num_train_epochs to continue it from its last " \
-           "checkpoint, or start again with --existing_run fresh" in proc.stdout
+    assert "To train more, raise --max_steps or --num_train_epochs (it continues from its last " \
+           "checkpoint), or start again with --existing_run fresh" in proc.stdout
     assert _snapshot(out) == snapshot
+    assert _json(out / FINAL_RECORD_NAME)["global_step"] == 4
     # --existing_run fresh moves the finished run (with its final record) aside
     _ok(_train(out, 2, "--existing_run", "fresh"))
     moved = glob.glob(str(out / "superseded-*" / FINAL_RECORD_NAME))
