@@ -552,6 +552,16 @@ def test_two_processes_decide_together(tmp_path):
     assert checkpoint_problems(str(out / "checkpoint-4")) == []
     assert not os.path.exists(out / LOCK_NAME)
 
+    # the same settings again: rank 0 finds the run finished, both ranks stop cleanly, one line
+    mtime = os.stat(out / "model.safetensors").st_mtime_ns
+    proc = _run([*torchrun, "--master_port", str(free_port()), "-m", "simpo.train",
+                 *_train_args(out, 4)], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("simpo-train: nothing left to train: ") == 1
+    assert "train split" not in proc.stdout
+    assert os.stat(out / "model.safetensors").st_mtime_ns == mtime
+    assert not os.path.exists(out / LOCK_NAME)
+
     proc = _run([*torchrun, "--master_port", str(free_port()), "-m", "simpo.train",
                  *_train_args(out, 4, "--beta", "4")], timeout=300)
     assert proc.returncode != 0
