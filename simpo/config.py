@@ -197,9 +197,10 @@ class SimPOConfig(TrainingArguments):
         "help": "Tokens per chunk of the torch backend's tokens schedule."})
     existing_run: str = field(default="resume", metadata={
         "help": "What to do with a previous run in output_dir: resume (from its last complete "
-                "checkpoint; refused if SimPO or optimisation settings differ), fresh (move its "
-                "checkpoints aside and start again) or resume_anyway (resume despite different "
-                "settings).",
+                "checkpoint; refused if a setting that changes what is trained differs, except a "
+                "longer max_steps / num_train_epochs, which extends the run; a finished run has "
+                "nothing left to train), fresh (move its checkpoints and outputs aside and start "
+                "again) or resume_anyway (resume despite different settings).",
         "choices": ["resume", "fresh", "resume_anyway"]})
     plot: bool = field(default=True, metadata={
         "help": "Write training_curves.png (reward accuracy and margins) to output_dir."})

@@ -338,6 +338,17 @@ def load_raw_datasets(dataset_name: Optional[str], splits: list[str],
     return out
 
 
+def local_data_files(data_args: DataArguments) -> dict[str, str]:
+    """The local file each split of :func:`load_splits` reads (``{split: path}``; the shipped data
+    when ``dataset_name`` is unset), or ``{}`` for a hub dataset. Raises :class:`DataError` where
+    :func:`load_splits` would fail to find them."""
+    spec, layout = _resolve_source(data_args.dataset_name)
+    if layout is None:
+        return {}
+    splits = list(data_args.dataset_splits)
+    return _split_files(spec, layout, splits[:1] if layout == "file" else splits)
+
+
 def _hold_out(train: Dataset, fraction: float, where: str) -> tuple[Dataset, Dataset]:
     """``(rest, held_out)``: ``ceil(fraction * n)`` rows drawn with seed 42, both parts in file
     order, so the held-out rows depend only on the data and ``fraction``."""

@@ -19,6 +19,7 @@ import datetime
 import enum
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -39,27 +40,55 @@ RUN_CONFIG_NAME = "simpo_run_config.json"
 COMPLETION_RECORD_NAME = "simpo_checkpoint.json"
 STAGING_DIR_NAME = ".simpo-staging"
 SUPERSEDED_PREFIX = "superseded-"
+FINAL_RECORD_NAME = "simpo_run_finished.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
-# Settings that change what is trained: the loss, the optimisation, the model and the data. A run
-# resumed with any of them changed would continue one training curve with another recipe. Logging,
-# evaluation, saving, output and loss-backend keys (loss_backend, loss_schedule, chunk sizes, ...)
-# are left out on purpose: they change how the run is observed, stored or computed, not what it
-# learns, so a rerun may change them freely.
-COMPARED_KEYS = (
-    # SimPO
-    "beta", "gamma_beta_ratio", "label_smoothing", "loss_type", "sft_weight", "max_length",
-    "max_prompt_length", "truncation_mode", "label_pad_token_id", "padding_value", "disable_dropout",
-    # optimisation
-    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio",
-    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim",
-    "optim_args", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
-    "max_steps", "seed", "data_seed", "bf16", "fp16",
-    # what is trained on
-    "model_name_or_path", "model_revision", "torch_dtype", "tiny_hidden_size", "tiny_num_layers",
-    "dataset_name", "dataset_config", "dataset_splits", "chat_template", "max_train_samples",
-    "dataset_shuffle", "eval_fraction",
-)
+# Settings that cannot change what a run learns: how it is logged, evaluated, saved, reported,
+# published or computed (same numbers another way). Every other setting of the three argument
+# dataclasses is compared when a run resumes, so an option a future transformers adds is compared
+# until it is listed here; only keys both configurations record are compared.
+IGNORED_KEYS = frozenset({
+    # logging and reporting
+    "logging_steps", "logging_strategy", "logging_first_step", "logging_nan_inf_filter",
+    "log_level", "log_level_replica", "log_on_each_node", "report_to", "run_name", "project",
+    "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "disable_tqdm",
+    "skip_memory_metrics", "include_num_input_tokens_seen", "debug", "plot", "logit_metrics",
+    # evaluation (never feeds back into training)
+    "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "eval_accumulation_steps",
+    "eval_do_concat_batches", "eval_use_gather_object", "per_device_eval_batch_size",
+    "prediction_loss_only", "batch_eval_metrics", "include_for_metrics", "bf16_full_eval",
+    "fp16_full_eval", "do_train", "do_eval", "do_predict", "metric_for_best_model",
+    "greater_is_better", "load_best_model_at_end", "label_names", "max_eval_samples",
+    # saving, resuming, output
+    "output_dir", "save_strategy", "save_steps", "save_total_limit", "save_on_each_node",
+    "save_only_model", "restore_callback_states_from_checkpoint", "enable_jit_checkpoint",
+    "resume_from_checkpoint", "existing_run",
+    # hub
+    "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo",
+    "hub_always_push", "hub_revision",
+    # how the same numbers are computed: loss backend, data loading, communication, memory
+    "loss_backend", "loss_schedule", "loss_chunk_size", "loss_memory_budget",
+    "use_liger_kernel", "liger_kernel_config", "torch_compile", "torch_compile_backend",
+    "torch_compile_mode", "activation_checkpointing", "activation_checkpointing_kwargs",
+    "gradient_checkpointing", "gradient_checkpointing_kwargs", "use_cache",
+    "torch_empty_cache_steps", "dataloader_num_workers", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor",
+    "dataloader_multiprocessing_context", "dataloader_in_order", "preprocessing_num_workers",
+    "ddp_backend", "ddp_timeout", "ddp_bucket_cap_mb", "ddp_broadcast_buffers",
+    "ddp_find_unused_parameters", "ddp_static_graph", "local_rank", "use_cpu",
+    "trust_remote_code",
+    # not used by SimPOTrainer: its loss is a per-micro-batch mean (no num_items_in_batch), it
+    # forces remove_unused_columns off and computes its own loss (no HF label smoother)
+    "average_tokens_across_devices", "remove_unused_columns", "label_smoothing_factor",
+})
+# The run's length: changing it extends (or shortens) the run, which is allowed without
+# --existing_run (the learning-rate schedule is recomputed for the new length, see resolve_start).
+LENGTH_KEYS = ("max_steps", "num_train_epochs")
+# Hyperparameters held by the optimizer's state: a resumed optimizer gets the checkpoint's values
+# back (torch's load_state_dict restores its param groups), so a change cannot take effect and is
+# refused even with resume_anyway. The learning rate is re-based by the trainer, so it may change.
+OPTIMIZER_STATE_KEYS = ("optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2",
+                        "adam_epsilon")
 
 # Files a run writes at the top of output_dir (final model, tokenizer, state, results). A fresh
 # run would overwrite them, so ``--existing_run fresh`` moves them aside with the checkpoints;
@@ -68,7 +97,7 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _WEIGHT_SHARD_RE = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
 RUN_OUTPUT_NAMES = frozenset({
-    RUN_CONFIG_NAME, "trainer_state.json", "all_results.json", "train_results.json",
+    RUN_CONFIG_NAME, FINAL_RECORD_NAME, "trainer_state.json", "all_results.json", "train_results.json",
     "eval_results.json", "training_curves.png", "training_args.bin", "config.json",
     "generation_config.json", *_WEIGHT_FILES, *_WEIGHT_INDEXES, "tokenizer.json",
     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
@@ -125,7 +154,9 @@ def checkpoint_problems(path: str) -> list[str]:
 
 def last_complete_checkpoint(output_dir: str) -> Optional[str]:
     """The newest ``checkpoint-N`` of ``output_dir`` that :func:`checkpoint_problems` finds
-    complete, or None. Each newer, incomplete one is skipped with a warning saying what it lacks."""
+    complete and that can be resumed from, or None. Each newer one that cannot is skipped with a
+    warning saying what it lacks (files, or, saved with ``save_only_model``, the optimizer,
+    scheduler and RNG state)."""
     if not os.path.isdir(output_dir):
         return None
     steps = sorted(((int(m.group(1)), name) for name in os.listdir(output_dir)
@@ -134,10 +165,15 @@ def last_complete_checkpoint(output_dir: str) -> Optional[str]:
     for _, name in steps:
         path = os.path.join(output_dir, name)
         problems = checkpoint_problems(path)
-        if not problems:
+        if not problems and not is_model_only(path):
             return path
-        logger.warning("skipping incomplete checkpoint %s (%s); trying an earlier one", path,
-                       "; ".join(problems))
+        if problems:
+            logger.warning("skipping incomplete checkpoint %s (%s); trying an earlier one", path,
+                           "; ".join(problems))
+        else:
+            logger.warning("skipping checkpoint %s: saved with save_only_model, it has no "
+                           "optimizer, scheduler or RNG state to resume from; trying an earlier "
+                           "one", path)
     return None
 
 
@@ -485,27 +521,87 @@ def _names_open_file(path: str, fd: int) -> bool:
 
 # ----------------------------------------------------------------------------- run configuration
 
+class NothingToTrain(Exception):
+    """A rerun with nothing left to train (a finished run, or a checkpoint already past the asked
+    length): its message says so and how to train more; the run exits 0, outputs untouched."""
+
+
 def run_config(model_args: Any, data_args: Any, training_args: Any,
                recipe_path: Optional[str] = None) -> dict:
     """The effective configuration of a run, JSON-safe: every field of the three argument
-    dataclasses (tokens masked by ``TrainingArguments.to_dict``), the recipe and the command line."""
+    dataclasses (tokens masked by ``TrainingArguments.to_dict``), the recipe and the command line,
+    the process count and global batch, and a fingerprint of every local data file
+    (:func:`data_fingerprint`). Call it on one process: it reads the data files whole."""
+    world_size = int(getattr(training_args, "world_size", 1) or 1)
     return {
-        "format": 1,
+        "format": 2,
         "recipe": None if recipe_path is None else str(recipe_path),
         "command": list(sys.argv),
         "written": _utc_now(),
         "model": _json_safe({f.name: getattr(model_args, f.name) for f in dataclasses.fields(model_args)}),
         "data": _json_safe({f.name: getattr(data_args, f.name) for f in dataclasses.fields(data_args)}),
         "training": _json_safe(training_args.to_dict()),
+        "distributed": {"world_size": world_size,
+                        "global_batch": int(training_args.per_device_train_batch_size)
+                        * int(training_args.gradient_accumulation_steps) * world_size},
+        "data_files": data_fingerprint(data_args),
     }
 
 
+def data_fingerprint(data_args: Any) -> dict:
+    """``{split: {path, size, sha256}}`` for each local data file the run reads (the shipped data
+    when ``dataset_name`` is unset); ``{}`` for a hub dataset (its name and config are settings).
+    The hash is streamed in 1 MiB blocks, so a large file costs one sequential read. Data that
+    cannot be found is left to the data loader, which reports it with its own message."""
+    from .data import DataError, local_data_files
+
+    try:
+        files = local_data_files(data_args)
+    except DataError:
+        return {}
+    out = {}
+    for split, path in files.items():
+        try:
+            out[split] = {"path": os.path.abspath(path), "size": os.path.getsize(path),
+                          "sha256": _sha256(path)}
+        except OSError:
+            continue  # unreadable: the data loader says why
+    return out
+
+
 def config_differences(old: dict, new: dict) -> list[str]:
-    """``key: old -> new`` for each of :data:`COMPARED_KEYS` that both configurations record with
-    different values."""
+    """``key: old -> new`` for every setting that both configurations record with different
+    values, except :data:`IGNORED_KEYS`; the process count and global batch; data files whose
+    content changed."""
+    return [text for _, text in _differences(old, new)]
+
+
+def _differences(old: dict, new: dict) -> list[tuple[str, str]]:
+    """(key, message) for each difference (see :func:`config_differences`)."""
     before, after = _flatten(old), _flatten(new)
-    return [f"{key}: {_show(before[key])} -> {_show(after[key])}" for key in COMPARED_KEYS
-            if key in before and key in after and before[key] != after[key]]
+    out = [(key, f"{key}: {_show(before[key])} -> {_show(value)}") for key, value in after.items()
+           if key not in IGNORED_KEYS and key in before and before[key] != value]
+    was, now = old.get("distributed"), new.get("distributed")
+    if isinstance(was, dict) and isinstance(now, dict):
+        parts = [f"{label}: {was.get(key)} -> {now.get(key)}"
+                 for key, label in (("world_size", "world_size"), ("global_batch", "global batch"))
+                 if was.get(key) != now.get(key)]
+        if parts:
+            out.append(("world_size", "; ".join(parts)))
+    was, now = old.get("data_files"), new.get("data_files")
+    if isinstance(was, dict) and isinstance(now, dict):
+        for split, file in now.items():
+            prev = was.get(split)
+            if not (isinstance(prev, dict) and isinstance(file, dict)):
+                continue
+            if (prev.get("size"), prev.get("sha256")) != (file.get("size"), file.get("sha256")):
+                size = "" if prev.get("size") == file.get("size") else \
+                    f"size {prev.get('size')} -> {file.get('size')} bytes, "
+                out.append(("data_files", f"data file {os.path.basename(str(file.get('path')))} "
+                                          f"(split {split!r}): content changed ({size}sha256 "
+                                          f"{str(prev.get('sha256'))[:12]}.. -> "
+                                          f"{str(file.get('sha256'))[:12]}..)"))
+    return out
 
 
 def read_run_config(output_dir: str) -> tuple[Optional[dict], Optional[str]]:
@@ -524,6 +620,30 @@ def write_run_config(output_dir: str, config: dict) -> str:
     path = os.path.join(output_dir, RUN_CONFIG_NAME)
     _write_json_atomically(path, config)
     return path
+
+
+def write_final_record(output_dir: str, state: Any) -> str:
+    """Record that the run in ``output_dir`` finished (:data:`FINAL_RECORD_NAME`: its step, epoch
+    and length). Call it last, once every output is written: a run that stops early (a signal, a
+    divergence, a crash) never writes it, so a rerun resumes that run rather than declaring it
+    done."""
+    record = {"format": 1, "finished": _utc_now(), "global_step": int(state.global_step),
+              "epoch": float(state.epoch or 0.0), "max_steps": int(state.max_steps),
+              "num_train_epochs": float(state.num_train_epochs)}
+    path = os.path.join(output_dir, FINAL_RECORD_NAME)
+    _write_json_atomically(path, record)
+    return path
+
+
+def read_final_record(output_dir: str) -> Optional[dict]:
+    """The finished run's record in ``output_dir`` (:func:`write_final_record`), or None."""
+    record, problem = _read_json(os.path.join(output_dir, FINAL_RECORD_NAME))
+    if problem is None and isinstance(record, dict) and isinstance(record.get("global_step"), int):
+        return record
+    if os.path.exists(os.path.join(output_dir, FINAL_RECORD_NAME)):
+        logger.warning("ignoring %s: %s", os.path.join(output_dir, FINAL_RECORD_NAME),
+                       problem or "it does not hold a global_step")
+    return None
 
 
 def supersede_previous_run(output_dir: str) -> Optional[str]:
@@ -554,17 +674,20 @@ def resolve_start(output_dir: str, config: dict, existing_run: str = "resume",
     """Decide how a run starts in ``output_dir`` (call it holding the lock); returns the checkpoint
     to resume from, or None to start at step 0.
 
-    Removes a crashed save's staging area; compares ``config`` with the previous run's and
-    refuses (:class:`~simpo.config.UserError`) to resume with other settings unless
-    ``existing_run`` is ``resume_anyway``; with ``fresh`` moves the previous run aside
-    (:func:`supersede_previous_run`); checks a given ``resume_from_checkpoint``, or finds the last
-    complete checkpoint; warns when that checkpoint already reached ``max_steps``; finally records
-    ``config`` as the run configuration.
+    Removes a crashed save's staging area. With ``existing_run`` ``fresh`` moves the previous run
+    aside (:func:`supersede_previous_run`). Otherwise finds the checkpoint to continue (a given
+    ``resume_from_checkpoint``, checked, or the last complete one; never a ``save_only_model``
+    one) and compares ``config`` with the settings of the run it continues (the checkpoint's own
+    recorded settings for a given one, and output_dir's previous run): any difference but the
+    run's length (:data:`LENGTH_KEYS`) is refused (:class:`~simpo.config.UserError`) unless
+    ``existing_run`` is ``resume_anyway``; a new length is allowed, and logged (the learning-rate
+    schedule is recomputed for it). A finished run (:func:`write_final_record`) that already
+    reached the asked length, or a checkpoint past it, raises :class:`NothingToTrain`. Finally the
+    finished record is removed and ``config`` recorded as the run configuration.
     """
     if existing_run not in ("resume", "fresh", "resume_anyway"):
         raise UserError(f"existing_run: must be resume, fresh or resume_anyway, got {existing_run!r}")
     remove_leftover_staging(output_dir)
-    checkpoint = None
     if existing_run == "fresh":
         if resume_from_checkpoint:
             raise UserError(f"--existing_run fresh starts again from step 0, but "
@@ -573,47 +696,195 @@ def resolve_start(output_dir: str, config: dict, existing_run: str = "resume",
         if moved:
             logger.warning("--existing_run fresh: moved the previous run's checkpoints and outputs "
                            "into %s", moved)
+        write_run_config(output_dir, config)
+        return None
+
+    final = None if resume_from_checkpoint else read_final_record(output_dir)
+    if resume_from_checkpoint:
+        checkpoint = _check_explicit_checkpoint(resume_from_checkpoint)
     else:
-        if resume_from_checkpoint:
-            problems = checkpoint_problems(resume_from_checkpoint)
-            if problems:
-                raise UserError(f"resume_from_checkpoint {resume_from_checkpoint} cannot be resumed "
-                                f"from: {'; '.join(problems)}")
-            checkpoint = resume_from_checkpoint
-        else:
-            checkpoint = last_complete_checkpoint(output_dir)
-        differences = []
-        # Only a previous run that left something (a checkpoint to resume, final outputs to
-        # overwrite) is protected: one that failed before training (bad data path, ...) is not.
-        if checkpoint is not None or _has_run_outputs(output_dir):
-            previous, unreadable = read_run_config(output_dir)
-            if previous is not None:
-                differences = config_differences(previous, config)
-            if unreadable:
-                differences.append(f"{RUN_CONFIG_NAME}: {unreadable}")
-        if differences and existing_run == "resume":
-            target = f"from {os.path.basename(checkpoint)}" if checkpoint else "in this output_dir"
-            raise UserError(
-                f"output_dir {output_dir} holds a previous run with other settings "
-                f"({'; '.join(differences)}). Rerun with --existing_run fresh to start again (its "
-                f"checkpoints and outputs are moved into {output_dir}/{SUPERSEDED_PREFIX}<time>/), "
-                f"or with --existing_run resume_anyway to continue {target} with the new settings")
-        if differences:
-            logger.warning("--existing_run resume_anyway: continuing with settings that differ "
-                           "from the previous run's: %s", "; ".join(differences))
+        checkpoint = last_complete_checkpoint(output_dir)
+    differences = _differences_to_continue(output_dir, config, checkpoint,
+                                           bool(resume_from_checkpoint), final is not None)
+    others = [text for key, text in differences if key not in LENGTH_KEYS]
+    if others and existing_run == "resume":
+        target = f"from {os.path.basename(checkpoint)}" if checkpoint else "in this output_dir"
+        raise UserError(
+            f"output_dir {output_dir} holds a previous run with other settings "
+            f"({'; '.join(text for _, text in differences)}). Rerun with --existing_run fresh to "
+            f"start again (its checkpoints and outputs are moved into "
+            f"{output_dir}/{SUPERSEDED_PREFIX}<time>/), or with --existing_run resume_anyway to "
+            f"continue {target} with the new settings")
+    if checkpoint is not None and any(key == "world_size" for key, _ in differences):
+        _refuse_resharding(checkpoint, config)
+    frozen = [text for key, text in differences if key in OPTIMIZER_STATE_KEYS]
+    if frozen and checkpoint is not None:
+        raise UserError(
+            f"{'; '.join(frozen)}: {os.path.basename(os.path.normpath(checkpoint))}'s optimizer "
+            f"state keeps the earlier value(s), so the change would not take effect. Rerun with "
+            f"the earlier value(s), or start again with --existing_run fresh")
+
+    training = config.get("training") if isinstance(config.get("training"), dict) else {}
+    length = [text for key, text in differences if key in LENGTH_KEYS]
+    state = _checkpoint_state(checkpoint) if checkpoint is not None else {}
+    step = state.get("global_step") if isinstance(state.get("global_step"), int) else None
+    if final is not None and _reached(final.get("global_step"), final.get("epoch"), training):
+        how = ("raise --max_steps or --num_train_epochs (it continues from its last "
+               "checkpoint), or start again with --existing_run fresh" if checkpoint is not None
+               else "start again with --existing_run fresh (it saved no checkpoint to continue "
+                    "from)")
+        raise NothingToTrain(
+            f"nothing left to train: output_dir {output_dir} holds a run that finished at step "
+            f"{final['global_step']} ({_asked(training)} asked for); its outputs are left as they "
+            f"are. To train more, {how}")
+    if final is not None and checkpoint is None:
+        _refuse_model_only(output_dir)
+        raise UserError(
+            f"output_dir {output_dir} holds a run that finished at step {final['global_step']} "
+            f"without saving a checkpoint, so it cannot be continued to {_asked(training)}: rerun "
+            f"with --existing_run fresh to train again from step 0 (with --save_strategy steps to "
+            f"be able to continue it later)")
+    if checkpoint is None:
+        _refuse_model_only(output_dir)
+    elif step is not None and max_steps and 0 < max_steps < step:
+        raise NothingToTrain(
+            f"nothing left to train: {os.path.basename(os.path.normpath(checkpoint))} is already "
+            f"at step {step}, past max_steps {max_steps}; output_dir {output_dir} is left as it "
+            f"is. To train more raise --max_steps, or start again with --existing_run fresh")
+    if others:
+        logger.warning("--existing_run resume_anyway: continuing with settings that differ "
+                       "from the previous run's: %s", "; ".join(others))
     if checkpoint is not None:
-        state = _checkpoint_state(checkpoint)
-        step = state.get("global_step") if isinstance(state.get("global_step"), int) else None
         logger.info("resuming from %s (step %s)", checkpoint, step)
-        saved_max = state.get("max_steps")
-        target = max_steps if max_steps and max_steps > 0 else \
-            saved_max if isinstance(saved_max, int) and saved_max > 0 else None
-        if step is not None and target and step >= target:
-            logger.warning("%s already completed the %d steps asked for: nothing left to train "
-                           "(raise --max_steps, with --existing_run resume_anyway, to train on)",
-                           os.path.basename(os.path.normpath(checkpoint)), target)
+        if length:
+            logger.warning("%s: the run continues from step %s to the new length; the learning-rate "
+                           "schedule is recomputed for it (from step %s on, lr follows the new "
+                           "length's schedule, not the one the run started with)",
+                           "; ".join(length), step, step)
+        if step is not None and _reached(step, state.get("epoch"), training):
+            logger.warning("%s already completed the %s asked for: nothing left to train; writing "
+                           "the run's final outputs from it",
+                           os.path.basename(os.path.normpath(checkpoint)), _asked(training))
+    _remove(os.path.join(output_dir, FINAL_RECORD_NAME))  # this run is not finished until it ends
     write_run_config(output_dir, config)
     return checkpoint
+
+
+def _differences_to_continue(output_dir: str, config: dict, checkpoint: Optional[str],
+                             explicit: bool, finished: bool) -> list[tuple[str, str]]:
+    """(key, message) for each way ``config`` differs from the run it would continue: an explicit
+    checkpoint's own recorded settings (none recorded is a difference), output_dir's previous run,
+    and the process count the checkpoint was saved with."""
+    differences: list[tuple[str, str]] = []
+    if explicit:
+        recorded, unreadable = read_run_config(checkpoint)
+        if recorded is not None:
+            differences += _differences(recorded, config)
+        else:
+            differences.append((RUN_CONFIG_NAME, f"{checkpoint} records no settings to compare with "
+                                                 f"({RUN_CONFIG_NAME} {unreadable or 'is missing'})"))
+    # Only a previous run that left something (a checkpoint to resume, final outputs to overwrite)
+    # is protected: one that failed before training (bad data path, ...) is not.
+    if checkpoint is not None or finished or _has_run_outputs(output_dir):
+        previous, unreadable = read_run_config(output_dir)
+        if previous is not None:
+            differences += _differences(previous, config)
+        if unreadable:
+            differences.append((RUN_CONFIG_NAME, f"{RUN_CONFIG_NAME}: {unreadable}"))
+    if checkpoint is not None:
+        differences += _checkpoint_world_size(checkpoint, config, differences)
+    differences = list(dict.fromkeys(differences))  # the checkpoint's and output_dir's: once
+    if _max_steps(config) > 0 and all(k != "max_steps" for k, _ in differences):
+        # a fixed number of steps: the epoch count is not used, so not a new length
+        differences = [(k, t) for k, t in differences if k != "num_train_epochs"]
+    return differences
+
+
+def _reached(step: Any, epoch: Any, training: dict) -> bool:
+    """Whether a run at ``step`` (``epoch``) has reached the length ``training`` asks for."""
+    max_steps = training.get("max_steps")
+    if isinstance(max_steps, int) and max_steps > 0:
+        return isinstance(step, int) and step >= max_steps
+    epochs = training.get("num_train_epochs")
+    return isinstance(epoch, (int, float)) and isinstance(epochs, (int, float)) \
+        and epoch >= epochs - 1e-6
+
+
+def _max_steps(config: dict) -> int:
+    training = config.get("training") if isinstance(config.get("training"), dict) else {}
+    value = training.get("max_steps")
+    return value if isinstance(value, int) else -1
+
+
+def _asked(training: dict) -> str:
+    max_steps = training.get("max_steps")
+    if isinstance(max_steps, int) and max_steps > 0:
+        return f"max_steps {max_steps}"
+    return f"num_train_epochs {training.get('num_train_epochs')}"
+
+
+def _check_explicit_checkpoint(path: str) -> str:
+    """A ``resume_from_checkpoint`` that can be resumed from, or a UserError saying why not."""
+    problems = checkpoint_problems(path)
+    if problems:
+        raise UserError(f"resume_from_checkpoint {path} cannot be resumed from: {'; '.join(problems)}")
+    if is_model_only(path):
+        raise UserError(
+            f"resume_from_checkpoint {path} was saved with save_only_model: it holds the model "
+            f"weights but no optimizer, scheduler or RNG state, so training cannot continue from "
+            f"it. To start a new run from its weights: --model_name_or_path {path} (without "
+            f"--resume_from_checkpoint)")
+    return path
+
+
+def is_model_only(path: str) -> bool:
+    """Whether checkpoint ``path`` was saved with ``save_only_model`` (its completion record says
+    so): it cannot be resumed from."""
+    record, problem = _read_json(os.path.join(path, COMPLETION_RECORD_NAME))
+    return problem is None and isinstance(record, dict) and bool(record.get("save_only_model"))
+
+
+def _refuse_model_only(output_dir: str) -> None:
+    """No checkpoint to resume from, but model-only ones: say so rather than start again."""
+    model_only = sorted((int(m.group(1)), name) for name in _listdir(output_dir)
+                        if (m := CHECKPOINT_RE.match(name))
+                        and is_model_only(os.path.join(output_dir, name)))
+    if model_only:
+        name = model_only[-1][1]
+        raise UserError(
+            f"output_dir {output_dir} holds only checkpoints saved with save_only_model ("
+            f"{', '.join(n for _, n in model_only)}): they have no optimizer, scheduler or RNG "
+            f"state to resume from. Start again with --existing_run fresh, or start a new run "
+            f"from their weights with --model_name_or_path {os.path.join(output_dir, name)} and "
+            f"another --output_dir")
+
+
+def _checkpoint_world_size(checkpoint: str, config: dict,
+                           known: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The process count the checkpoint was saved with (its completion record) against this run's,
+    when the run configurations did not already tell (configurations of older runs lack it)."""
+    if any(key == "world_size" for key, _ in known):
+        return []
+    record, problem = _read_json(os.path.join(checkpoint, COMPLETION_RECORD_NAME))
+    saved = record.get("world_size") if problem is None and isinstance(record, dict) else None
+    now = (config.get("distributed") or {}).get("world_size")
+    if isinstance(saved, int) and isinstance(now, int) and saved != now:
+        return [("world_size", f"world_size: {saved} -> {now} "
+                               f"({os.path.basename(os.path.normpath(checkpoint))} was saved by "
+                               f"{saved} process(es))")]
+    return []
+
+
+def _refuse_resharding(checkpoint: str, config: dict) -> None:
+    """DeepSpeed's ZeRO checkpoints hold one optimizer partition per process and load only into
+    the same process count: refused even with resume_anyway, before any work."""
+    record, problem = _read_json(os.path.join(checkpoint, COMPLETION_RECORD_NAME))
+    saved = record.get("world_size") if problem is None and isinstance(record, dict) else None
+    now = (config.get("distributed") or {}).get("world_size")
+    if os.path.isfile(os.path.join(checkpoint, "latest")) and saved != now:
+        raise UserError(f"{checkpoint} holds DeepSpeed optimizer partitions of {saved} process(es), "
+                        f"which cannot be loaded by {now}: resume with {saved} process(es), or "
+                        f"start again with --existing_run fresh")
 
 
 def _has_run_outputs(output_dir: str) -> bool:
@@ -698,6 +969,21 @@ def _listdir(path: str) -> list[str]:
         return os.listdir(path)
     except OSError:
         return []
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _utc_now() -> str:

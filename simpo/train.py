@@ -131,7 +131,7 @@ def _claim_output_dir(model_args, data_args, training_args, recipe_path) -> tupl
     ``(lock or None, checkpoint or None)``."""
     import torch.distributed as dist
 
-    from .run_dir import acquire_run_lock, resolve_start, run_config
+    from .run_dir import NothingToTrain, acquire_run_lock, resolve_start, run_config
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     lock = failure = None
@@ -144,6 +144,10 @@ def _claim_output_dir(model_args, data_args, training_args, recipe_path) -> tupl
                 training_args.output_dir, config, existing_run=training_args.existing_run,
                 resume_from_checkpoint=training_args.resume_from_checkpoint,
                 max_steps=training_args.max_steps)
+        except NothingToTrain as exc:  # not an error: every rank stops, exit status 0
+            lock.release()
+            lock = None
+            outcome = {"nothing": str(exc)}
         except BaseException as exc:
             if lock is not None:
                 lock.release()
@@ -155,6 +159,8 @@ def _claim_output_dir(model_args, data_args, training_args, recipe_path) -> tupl
         outcome = box[0]
     if failure is not None:
         raise failure
+    if "nothing" in outcome:
+        raise NothingToTrain(outcome["nothing"])
     if "error" in outcome:
         if outcome["exit_code"] is None:
             raise RuntimeError(f"global rank 0 failed while preparing output_dir: {outcome['error']}")
@@ -241,6 +247,9 @@ def _train_and_save(model_args, data_args, training_args, checkpoint) -> dict:
             summary += (f"; eval reward accuracy {acc:.3f}, margin "
                         f"{eval_metrics.get('eval_rewards/margins', float('nan')):.3f}")
         print(summary, flush=True)
+        from .run_dir import write_final_record
+
+        write_final_record(training_args.output_dir, trainer.state)  # last: the run is finished
     return eval_metrics
 
 
@@ -265,8 +274,16 @@ def run(model_args, data_args, training_args, recipe_path=None) -> dict:
     logger.info("recipe %s -> output_dir %s", recipe_path, training_args.output_dir)
     choose_cpu_threads(model_args, training_args)
 
+    from .run_dir import NothingToTrain
+
     setup_distributed(training_args)  # the process group carries rank 0's decision to the others
-    lock, checkpoint = _claim_output_dir(model_args, data_args, training_args, recipe_path)
+    try:
+        lock, checkpoint = _claim_output_dir(model_args, data_args, training_args, recipe_path)
+    except NothingToTrain as exc:
+        if training_args.process_index == 0:
+            print(f"simpo-train: {exc}", flush=True)
+        _close_process_group()
+        return {}
     try:
         metrics = _train_and_save(model_args, data_args, training_args, checkpoint)
     finally:

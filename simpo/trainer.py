@@ -22,6 +22,12 @@ once every process has written its part, adds a completion record and renames it
 ``checkpoint-N`` (:mod:`simpo.run_dir`): a crash during a save never leaves a ``checkpoint-N`` that
 auto-resume would pick up and fail on.
 
+Resumes. ``train_loss`` covers the whole run: the sum of the per-step losses (mean over processes)
+travels in every checkpoint (:class:`WholeRunLoss`), so a resumed run reports exactly what the
+uninterrupted run would. On resume the learning-rate schedule is re-based on this run's settings
+(:class:`ScheduleFromArgs`): lr(step) = ``learning_rate`` x the schedule for this run's length, so
+an extended run or a ``resume_anyway`` with another ``learning_rate`` trains with what it says.
+
 Metrics. Every ``compute_loss`` (train) and ``prediction_step`` (eval) stores the official metrics;
 ``log`` replaces them by their mean over the logging window (``eval_`` prefix in evaluation), as
 the official ``store_metrics`` / ``log`` do, and additionally averages them over processes (the
@@ -45,6 +51,7 @@ from typing import Optional
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from simpo_kernels.objective import METRIC_NAMES, official_metrics
@@ -88,6 +95,57 @@ def _show_value(value: Optional[float]) -> str:
     return "not computed" if value is None else f"{value:.4g}"
 
 
+class WholeRunLoss(TrainerCallback, ExportableState):
+    """The whole run's summed training loss across resumes.
+
+    ``loss_sum`` is the sum of the per-step training losses (each the mean over processes) up to
+    the last checkpoint, or None when the run resumed from a checkpoint that does not record it.
+    It is saved with each checkpoint's trainer state (``stateful_callbacks``) and read back when a
+    run resumes; :class:`SimPOTrainer` adds the steps since then."""
+
+    def __init__(self, loss_sum: Optional[float] = 0.0):
+        self.loss_sum = loss_sum
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"loss_sum": self.loss_sum}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            self.loss_sum = 0.0
+            return
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        value = saved.get("attributes", {}).get("loss_sum") if isinstance(saved, dict) else None
+        self.loss_sum = float(value) if isinstance(value, (int, float)) else None
+        if self.loss_sum is None:
+            logger.warning("the checkpoint resumed from does not record the run's loss so far: "
+                           "train_loss will cover steps %d.. only", state.global_step + 1)
+
+
+class ScheduleFromArgs(TrainerCallback):
+    """On resume, re-base the restored learning-rate schedule on this run's settings.
+
+    The Trainer builds the schedule for this run's length, but restoring the checkpoint's
+    scheduler and optimizer brings back the earlier run's base rate (``base_lrs``,
+    ``initial_lr``) and its current lr. Set both from ``args.learning_rate`` and the schedule at
+    the resumed step, so that lr(step) = learning_rate x schedule(step) for the whole resumed
+    part; unchanged settings give exactly the restored values."""
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        from torch.optim.lr_scheduler import LambdaLR
+
+        if state.global_step == 0 or not isinstance(lr_scheduler, LambdaLR):
+            return
+        if len(set(lr_scheduler.base_lrs)) != 1:
+            return  # per-group rates of a custom optimizer: not ours to re-base
+        base = [float(args.learning_rate)] * len(lr_scheduler.base_lrs)
+        lrs = [b * fn(lr_scheduler.last_epoch) for b, fn in zip(base, lr_scheduler.lr_lambdas)]
+        for group, lr in zip(lr_scheduler.optimizer.param_groups, lrs):
+            group["initial_lr"] = float(args.learning_rate)
+            group["lr"] = lr
+        lr_scheduler.base_lrs = base
+        lr_scheduler._last_lr = list(lrs)  # what get_last_lr() (the logged learning_rate) reads
+
+
 class SimPOTrainer(Trainer):
     """Trainer for SimPO. ``args`` is a :class:`simpo.config.SimPOConfig`; the datasets are the
     tokenised output of :func:`simpo.data.prepare_dataset`."""
@@ -117,6 +175,7 @@ class SimPOTrainer(Trainer):
             data_collator = SimPODataCollator(pad, args.label_pad_token_id)
         self._stored_metrics = defaultdict(lambda: defaultdict(list))
         self._staging_parent: Optional[str] = None  # set while a checkpoint is being written
+        self._run_loss_pending = None  # this process's summed step losses since the last fold
         super().__init__(model=model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
@@ -126,6 +185,8 @@ class SimPOTrainer(Trainer):
         self._step_loss: Optional[torch.Tensor] = None
         self._step_grad_norm = None
         self.add_callback(_DivergenceGuard(self))
+        self.add_callback(WholeRunLoss())
+        self.add_callback(ScheduleFromArgs())
 
     # -------------------------------------------------------------- FSDP on CPU ranks
 
@@ -224,6 +285,7 @@ class SimPOTrainer(Trainer):
         if self.args.should_save and os.path.lexists(staging):
             shutil.rmtree(staging)  # a previous attempt at this step, cut short
         self.accelerator.wait_for_everyone()  # nobody writes into it before it is cleared
+        self._fold_run_loss()  # the run's loss so far travels in the checkpoint's trainer state
         self._staging_parent = staging_parent
         try:
             super()._save_checkpoint(model, trial)
@@ -277,14 +339,20 @@ class SimPOTrainer(Trainer):
                 self.model.tie_weights()
         super()._issue_warnings_after_load(load_result)
 
-    # -------------------------------------------------------------- divergence
+    # -------------------------------------------------------------- step losses
 
     def training_step(self, model, inputs, *args, **kwargs) -> torch.Tensor:
         loss = super().training_step(model, inputs, *args, **kwargs)
-        # the micro-batch losses are divided by the accumulation steps: their sum is the step's loss
-        step_loss = loss.detach().float().reshape(())
-        self._step_loss = step_loss if self._step_loss is None else self._step_loss + step_loss
+        # The micro-batch losses are divided by the accumulation steps: their sum is the step's
+        # loss. Kept on the device (no host sync here), in float64: the divergence check reads
+        # this step's sum, the whole run's train_loss the sum since its last fold.
+        value = loss.detach().to(torch.float64).reshape(())
+        self._step_loss = value if self._step_loss is None else self._step_loss + value
+        self._run_loss_pending = value if self._run_loss_pending is None \
+            else self._run_loss_pending + value
         return loss
+
+    # -------------------------------------------------------------- divergence
 
     def _get_grad_norm(self, model, grad_norm=None):
         # The base loop computes the step's gradient norm here (with max_grad_norm 0 too, clipping
@@ -310,9 +378,9 @@ class SimPOTrainer(Trainer):
         has_norm = grad_norm is not None
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor (a collective, no host sync)
             grad_norm = grad_norm.full_tensor()
-        norm = torch.as_tensor(grad_norm if has_norm else 0.0).to(loss.device).float().reshape(())
+        norm = torch.as_tensor(grad_norm if has_norm else 0.0).to(loss.device, torch.float64)
         # float64: the sum over processes of float32-range values cannot overflow into a false inf
-        values = torch.stack([loss, norm]).double()
+        values = torch.stack([loss, norm.reshape(())])
         if self.args.world_size > 1:
             values = self.accelerator.reduce(values, reduction="sum") / self.args.world_size
         loss_value, norm_value = values.tolist()  # the one host sync of the check
@@ -341,6 +409,30 @@ class SimPOTrainer(Trainer):
         return (f"training diverged at step {step}: loss {_show_value(loss)} (grad_norm "
                 f"{_show_value(grad_norm)}); {stopped}, {kept}. Lower --learning_rate (now "
                 f"{self.args.learning_rate:g}), {clipping} or check the data, {rerun}")
+
+    # -------------------------------------------------------------- the whole run's train_loss
+
+    def _run_loss_callback(self) -> Optional[WholeRunLoss]:
+        # looked up each time: restore_callback_states_from_checkpoint may replace the instance
+        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, WholeRunLoss)),
+                    None)
+
+    def _fold_run_loss(self) -> Optional[float]:
+        """Add the step losses since the last fold (mean over processes) to the run's sum and
+        return the sum. Collective under several processes: every rank calls it at the same
+        points (each checkpoint save, the final log), so an uninterrupted and a resumed run add
+        the same numbers in the same order."""
+        callback = self._run_loss_callback()
+        pending = self._run_loss_pending
+        if pending is None:
+            pending = torch.zeros((), dtype=torch.float64, device=self.args.device)
+        if self.args.world_size > 1:
+            pending = self.accelerator.gather(pending.reshape(1).to(self.args.device)).mean()
+        self._run_loss_pending = None
+        if callback is None or callback.loss_sum is None:
+            return None
+        callback.loss_sum += pending.item()
+        return callback.loss_sum
 
     # -------------------------------------------------------------- loss and metrics
 
@@ -374,6 +466,10 @@ class SimPOTrainer(Trainer):
         return [prefix + n for n in names]
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        if "train_loss" in logs:  # the end of training: the whole run's, not this segment's
+            total = self._fold_run_loss()
+            if total is not None:
+                logs["train_loss"] = total / max(self.state.global_step, 1)
         train_eval = "train" if "loss" in logs else "eval"
         stored = self._stored_metrics.pop(train_eval, None)
         if stored:

@@ -471,10 +471,10 @@ def test_one_run_at_a_time_then_reruns_with_other_settings(tmp_path, capsys, cap
     assert sorted(os.listdir(out)) == before
 
     # the same settings, already at max_steps: says so and trains nothing
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="simpo"):
-        assert main(_train_args(out, 6)) == 0
-    assert "checkpoint-6 already completed the 6 steps asked for: nothing left to train" in caplog.text
+    capsys.readouterr()
+    assert main(_train_args(out, 6)) == 0
+    assert f"simpo-train: nothing left to train: output_dir {out} holds a run that finished at " \
+           f"step 6 (max_steps 6 asked for)" in capsys.readouterr().out
     assert _state(out)["global_step"] == 6 and _checkpoints(out) == [2, 4, 6]
 
     # resume_anyway: continues from checkpoint-6 with the new settings
@@ -550,6 +550,16 @@ def test_two_processes_decide_together(tmp_path):
         record = json.load(f)
     assert record["world_size"] == 2 and {"rng_state_0.pth", "rng_state_1.pth"} <= set(record["files"])
     assert checkpoint_problems(str(out / "checkpoint-4")) == []
+    assert not os.path.exists(out / LOCK_NAME)
+
+    # the same settings again: rank 0 finds the run finished, both ranks stop cleanly, one line
+    mtime = os.stat(out / "model.safetensors").st_mtime_ns
+    proc = _run([*torchrun, "--master_port", str(free_port()), "-m", "simpo.train",
+                 *_train_args(out, 4)], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("simpo-train: nothing left to train: ") == 1
+    assert "train split" not in proc.stdout
+    assert os.stat(out / "model.safetensors").st_mtime_ns == mtime
     assert not os.path.exists(out / LOCK_NAME)
 
     proc = _run([*torchrun, "--master_port", str(free_port()), "-m", "simpo.train",
