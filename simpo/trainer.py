@@ -366,7 +366,8 @@ class StopRequest:
                            "checkpoint%s", name, "" if signum == signal.SIGTERM else
                            " (press Ctrl-C again to stop at once, without it)")
         elif signum == signal.SIGINT:
-            raise RunStopped(signum, self._at_once(f"a second {name}"))
+            raise RunStopped(signum, self._at_once(f"a second {name}" if self.signum == signum
+                                                   else name))
         else:
             logger.warning("%s received again: ignored, the stop (and its checkpoint) is under way",
                            name)

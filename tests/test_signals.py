@@ -29,7 +29,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from simpo import run_dir  # noqa: E402
-from simpo.run_dir import LOCK_NAME, checkpoint_problems, no_room_errno  # noqa: E402
+from simpo.run_dir import LOCK_NAME, checkpoint_problems  # noqa: E402
 from tests.multiproc import ROOT, free_port, subprocess_env  # noqa: E402
 from tests.test_run_dir import WORKER, _checkpoints, _cli, _run, _state, _train_args  # noqa: E402
 
@@ -313,6 +313,8 @@ def test_each_writer_out_of_room_is_recognised(tmp_path):
     """What each checkpoint writer raises when a write fails (here: past the file size limit), and
     that each is recognised: torch.save's RuntimeError has lost the errno, safetensors keeps it
     in its text, json's OSError carries it. Other failures are not taken for a full disk."""
+    from simpo.run_dir import no_room_errno
+
     proc = subprocess.run([sys.executable, "-c", _WRITERS, str(tmp_path)], cwd=ROOT,
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
