@@ -338,6 +338,9 @@ class StopRequest:
         self.last_checkpoint = last_checkpoint  # the newest complete checkpoint of the run
         self._holding = False
         self._pending = 0  # a signal that came while holding
+        # forked helpers (DataLoader workers, datasets.map) inherit the handler; Ctrl-C reaches
+        # them too, but only the training process acts (it shuts its helpers down)
+        self._pid = os.getpid()
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -354,6 +357,8 @@ class StopRequest:
 
     def handle(self, signum: int, frame=None) -> None:
         """The signal handler."""
+        if os.getpid() != self._pid:
+            return
         name = signal.Signals(signum).name
         if self._holding:
             self._pending = self._pending or signum

@@ -185,7 +185,7 @@ def test_stop_callback_and_agreement_in_process():
     callback.on_step_end(Args, state, control)
     assert control.should_save and control.should_log and control.should_training_stop
     callback.on_save(Args, state, control)
-    with pytest.raises(RunStopped, match="^stopped at once by a second SIGINT at step 4: no "
+    with pytest.raises(RunStopped, match="^stopped at once by SIGINT at step 4: no "
                                          "checkpoint was written for the steps after checkpoint-4; "
                                          "rerun the same command to resume from /o/checkpoint-4$"):
         stop.handle(signal.SIGINT)
@@ -194,6 +194,26 @@ def test_stop_callback_and_agreement_in_process():
                                          "/o/checkpoint-4; rerun") as info:
         stop.raise_if_stopped()
     assert info.value.exit_code == 143 and info.value.agreed
+
+
+def test_forked_helpers_leave_the_stop_to_the_training_process():
+    """DataLoader workers and datasets.map's pool are forked and inherit the handler (and Ctrl-C
+    reaches them too): there it does nothing, no stop and no traceback per worker."""
+    from simpo.trainer import StopRequest
+
+    stop = StopRequest()
+    pid = os.fork()
+    if pid == 0:  # the forked helper
+        try:
+            stop.handle(signal.SIGINT)
+            stop.handle(signal.SIGTERM)
+            os._exit(0 if stop.signum == 0 else 3)
+        except BaseException:
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with pytest.raises(BaseException, match="before training started"):
+        stop.handle(signal.SIGINT)  # the training process itself
 
 
 def _agree_worker(rank: int, init: str, signums: list, results) -> None:
