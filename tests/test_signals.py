@@ -139,9 +139,11 @@ def test_two_ranks_stop_at_the_same_step(tmp_path):
     """Under torchrun with 2 processes, SIGTERM reaches rank 0 only (during step 4): rank 1 learns
     it at the end of step 4 (all-reduce), both write checkpoint-4 together and exit 143."""
     out, pause = tmp_path / "out", tmp_path / "pause"
+    # torchrun SIGTERMs the other workers as soon as it sees one end: look every 3 s, so that on a
+    # busy machine rank 1 (done, about to print its line) is not cut by that instead
     rc, stdout, stderr = _signal_paused(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         str(free_port()), WORKER, "--pause_at_step", "3", "--pause_file", str(pause), "--",
+         str(free_port()), "--monitor-interval", "3", WORKER, "--pause_at_step", "3", "--pause_file", str(pause), "--",
          *_train_args(out, STEPS)], pause, signal.SIGTERM, timeout=300)
     assert rc != 0
     line = (f"simpo-train: stopped by SIGTERM after step 4: checkpoint saved to {out}/checkpoint-4; "
@@ -194,6 +196,15 @@ def test_stop_callback_and_agreement_in_process():
                                          "/o/checkpoint-4; rerun") as info:
         stop.raise_if_stopped()
     assert info.value.exit_code == 143 and info.value.agreed
+
+    # a signal during a scheduled save (after that step's check): that checkpoint serves, no more steps
+    stop = StopRequest()
+    callback, control = StopOnSignal(stop), TrainerControl()
+    callback.on_train_begin(Args, state, control)
+    callback.on_step_end(Args, state, control)
+    stop.handle(signal.SIGTERM)
+    callback.on_save(Args, state, control)
+    assert control.should_training_stop and stop.last_checkpoint == "/o/checkpoint-4"
 
 
 def test_forked_helpers_leave_the_stop_to_the_training_process():
