@@ -143,7 +143,8 @@ def test_two_ranks_stop_at_the_same_step(tmp_path):
     # busy machine rank 1 (done, about to print its line) is not cut by that instead
     rc, stdout, stderr = _signal_paused(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         str(free_port()), "--monitor-interval", "3", WORKER, "--pause_at_step", "3", "--pause_file", str(pause), "--",
+         str(free_port()), "--monitor-interval", "3", WORKER, "--pause_at_step", "3",
+         "--pause_file", str(pause), "--",
          *_train_args(out, STEPS)], pause, signal.SIGTERM, timeout=300)
     assert rc != 0
     line = (f"simpo-train: stopped by SIGTERM after step 4: checkpoint saved to {out}/checkpoint-4; "
