@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from collections import defaultdict
 from typing import Iterator, Optional
 
@@ -367,15 +368,14 @@ class StopRequest:
             raise RunStopped(signum, self._at_once(name))
         if not self.signum:
             self.signum = signum
-            logger.warning("%s received: stopping at the end of the current optimizer step, with a "
-                           "checkpoint%s", name, "" if signum == signal.SIGTERM else
-                           " (press Ctrl-C again to stop at once, without it)")
+            _say(f"{name} received: stopping at the end of the current optimizer step, with a "
+                 f"checkpoint" + ("" if signum == signal.SIGTERM else
+                                  " (press Ctrl-C again to stop at once, without it)"))
         elif signum == signal.SIGINT:
             raise RunStopped(signum, self._at_once(f"a second {name}" if self.signum == signum
                                                    else name))
         else:
-            logger.warning("%s received again: ignored, the stop (and its checkpoint) is under way",
-                           name)
+            _say(f"{name} received again: ignored, the stop (and its checkpoint) is under way")
 
     def raise_if_stopped(self) -> None:
         """After ``trainer.train()`` returned: raise the stop that ended it, if any."""
@@ -400,6 +400,17 @@ class StopRequest:
         since = f"after {os.path.basename(self.last_checkpoint)}" if self.last_checkpoint else ""
         return (f"stopped at once by {what} at step {self.step}: no checkpoint was written for the "
                 f"steps {since or 'trained'}; {resume}")
+
+
+def _say(message: str) -> None:
+    """A warning from the signal handler, on stderr in the log's format, written with one
+    ``os.write``: the handler may run in the middle of a print, and Python's buffered streams
+    (hence logging's handlers) are not reentrant."""
+    line = f"{time.strftime('%H:%M:%S')} WARNING {__name__}: {message}\n"
+    try:
+        os.write(2, line.encode())
+    except OSError:
+        pass  # no stderr: the stop itself still happens
 
 
 def agree_on_signal(signum: int, args) -> int:

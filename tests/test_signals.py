@@ -115,9 +115,11 @@ def test_sigterm_checkpoints_the_step_and_the_rerun_resumes_bitwise(tmp_path, un
     assert _stop_lines(stderr) == [f"simpo-train: stopped by SIGTERM after step 4: checkpoint saved "
                                    f"to {out}/checkpoint-4; rerun the same command to resume"]
     assert "Traceback" not in stderr
-    assert "SIGTERM received: stopping at the end of the current optimizer step" in stdout
+    assert "WARNING simpo.trainer: SIGTERM received: stopping at the end of the current optimizer " \
+           "step, with a checkpoint\n" in stderr
     assert "crash_worker: SIGTERM after optimizer of step 4" in stdout
-    assert "SIGTERM received again: ignored, the stop (and its checkpoint) is under way" in stdout
+    assert "WARNING simpo.trainer: SIGTERM received again: ignored, the stop (and its checkpoint) " \
+           "is under way" in stderr
     assert _checkpoints(out) == [2, 4]
     assert checkpoint_problems(str(out / "checkpoint-4")) == []
     assert _state(out / "checkpoint-4")["global_step"] == 4
@@ -271,6 +273,8 @@ def test_sigint_stops_cleanly_then_a_second_one_stops_at_once(tmp_path):
     assert _stop_lines(stderr) == [f"simpo-train: stopped by SIGINT after step 3: checkpoint saved "
                                    f"to {out}/checkpoint-3; rerun the same command to resume"]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "SIGINT received: stopping at the end of the current optimizer step, with a checkpoint " \
+           "(press Ctrl-C again to stop at once, without it)" in stderr
     assert _checkpoints(out) == [2, 3] and checkpoint_problems(str(out / "checkpoint-3")) == []
     _assert_stopped_without_final_outputs(out)
 
