@@ -413,18 +413,18 @@ def no_room_message(code: int, exc: BaseException, staging: str, run_root: str) 
     if code == errno.EFBIG:
         limit = _file_size_limit()
         if limit is not None:
-            text += f"; this process may write files of at most {_size_text(limit)} (ulimit -f)"
+            text += f"; this process may write files of at most {size_text(limit)} (ulimit -f)"
         if previous:
             biggest = max(_file_sizes(previous).values(), default=0)
-            text += f", the largest file of {os.path.basename(previous)} has {_size_text(biggest)}"
+            text += f", the largest file of {os.path.basename(previous)} has {size_text(biggest)}"
         advice = "raise the file size limit (ulimit -f)"
     else:
         if previous:
-            text += (f"; a checkpoint needs about {_size_text(sum(_file_sizes(previous).values()))}"
+            text += (f"; a checkpoint needs about {size_text(sum(_file_sizes(previous).values()))}"
                      f" (the size of {os.path.basename(previous)})")
         else:
-            text += f"; {_size_text(sum(sizes.values()))} were written before it failed"
-        text += f", {_size_text(free_bytes(run_root))} are free there"
+            text += f"; {size_text(sum(sizes.values()))} were written before it failed"
+        text += f", {size_text(free_bytes(run_root))} are free there"
         advice = "free some space" if code == errno.ENOSPC else "free some space or raise the quota"
     if previous:
         return (f"{text}. The partial checkpoint was removed and {os.path.basename(previous)} is "
@@ -478,7 +478,8 @@ def _newest_checkpoint(run_root: str) -> Optional[str]:
     return os.path.join(run_root, max(steps)[1]) if steps else None
 
 
-def _size_text(n: int) -> str:
+def size_text(n: int) -> str:
+    """``n`` bytes for a message: ``512 bytes``, ``755.7 KiB``, ``12.0 GiB``."""
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"

@@ -338,6 +338,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except RunStopped as exc:
         print(f"simpo-train: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except OSError as exc:  # results and state (JSON) written after training, without room
+        from .run_dir import NO_ROOM_ERRNOS
+
+        if debug or exc.errno not in NO_ROOM_ERRNOS:
+            raise
+        print(f"simpo-train: error: cannot write {exc.filename or 'the outputs'}: {exc.strerror}",
+              file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C before the run's own handler is in place (parsing)
         if debug:
             raise

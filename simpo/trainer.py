@@ -166,7 +166,24 @@ class SimPOTrainer(Trainer):
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """As the base Trainer's, except that under FSDP with sharded checkpoints the model a run
         leaves in ``output_dir`` is still a whole Hugging Face model (``model.safetensors``); the
-        base class would write nothing there. Checkpoints keep FSDP's sharded files."""
+        base class would write nothing there. Checkpoints keep FSDP's sharded files. The final
+        model without room to write it (disk full, quota, file size limit) is one line
+        (:class:`~simpo.config.UserError`); a checkpoint's is said by ``_save_checkpoint``."""
+        try:
+            self._save_model(output_dir, _internal_call)
+        except Exception as exc:
+            target = output_dir if output_dir is not None else self.args.output_dir
+            code = None if _internal_call else run_dir.no_room_errno(exc, target)
+            if code is None:
+                raise
+            path = getattr(exc, "filename", None) or os.path.join(target, "model.safetensors")
+            raise UserError(f"cannot write the final model in {target}: {os.strerror(code)} "
+                            f"(writing {path}; {run_dir.size_text(run_dir.free_bytes(target))} are free "
+                            f"there). "
+                            f"The checkpoints are intact: make room, then rerun the same command "
+                            f"to write it") from exc
+
+    def _save_model(self, output_dir: Optional[str], _internal_call: bool) -> None:
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
         if _internal_call or plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
             return super().save_model(output_dir, _internal_call)

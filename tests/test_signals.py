@@ -397,29 +397,52 @@ def test_file_size_limit_during_a_save(tmp_path):
            f"(ulimit -f), the largest file of checkpoint-2 has " in line
 
 
-def test_disk_full_during_a_save(tmp_path):
-    """A real full disk (ENOSPC): output_dir is a 1.2 MB tmpfs, mounted in a private mount namespace
-    (``unshare``, no root needed where user namespaces are allowed). checkpoint-2 (~0.8 MB) fits,
-    checkpoint-4 does not."""
+def _in_small_tmpfs(tmp_path, size: str, steps: int):
+    """``simpo-train`` into an output_dir that is a tmpfs of ``size``, mounted in a private mount
+    namespace (``unshare``; no root needed where user namespaces are allowed, skipped with the
+    reason elsewhere). Returns (the process, a copy of what the run left, the output_dir)."""
     unshare = shutil.which("unshare")
     out, copy = tmp_path / "out", tmp_path / "copy"
     out.mkdir()
     copy.mkdir()
-    probe = subprocess.run([unshare or "unshare", "-rm", "sh", "-c",
-                            f"mount -t tmpfs -o size=1200k tmpfs {out}"], capture_output=True,
-                           text=True) if unshare else None
+    probe = subprocess.run([unshare, "-rm", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs {out}"],
+                           capture_output=True, text=True) if unshare else None
     if probe is None or probe.returncode != 0:
         reason = "no unshare" if probe is None else probe.stderr.strip()
         print(f"skipped: cannot mount a small tmpfs here ({reason})")
         pytest.skip(f"cannot mount a small tmpfs here ({reason})")
     # the tmpfs lives only as long as the namespace: copy what the run left before leaving it
-    script = (f"mount -t tmpfs -o size=1200k tmpfs {out} && cd {ROOT} && "
-              f"{sys.executable} -m simpo.train {' '.join(_train_args(out, STEPS))}; rc=$?; "
+    script = (f"mount -t tmpfs -o size={size} tmpfs {out} && cd {ROOT} && "
+              f"{sys.executable} -m simpo.train {' '.join(_train_args(out, steps))}; rc=$?; "
               f"cp -a {out}/. {copy}/; exit $rc")
     proc = subprocess.run([unshare, "-rm", "sh", "-c", script], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=240)
+    return proc, copy, out
+
+
+def test_disk_full_during_a_save(tmp_path):
+    """A real full disk (ENOSPC): output_dir is a 1.2 MB tmpfs; checkpoint-2 (~0.8 MB) fits,
+    checkpoint-4 does not (torch.save's optimizer.pt fails with "unexpected pos")."""
+    proc, copy, out = _in_small_tmpfs(tmp_path, "1200k", STEPS)
     line = _assert_failed_save(proc.returncode, proc.stdout,
                                proc.stderr.replace(str(out), str(copy)), copy,
                                "No space left on device")
     assert "; a checkpoint needs about " in line and " (the size of checkpoint-2), " in line
     assert " are free there." in line
+
+
+def test_disk_full_writing_the_final_model(tmp_path):
+    """A 1 MB tmpfs: checkpoint-2, the last step's, fits; the final model (safetensors) does not:
+    one line, the checkpoint intact (a rerun writes the final model from it), the lock released."""
+    proc, copy, out = _in_small_tmpfs(tmp_path, "1000k", 2)
+    stderr = proc.stderr.replace(str(out), str(copy))
+    assert proc.returncode == 1, proc.stdout[-2000:] + stderr[-3000:]
+    lines = _stop_lines(stderr)
+    assert len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith(f"simpo-train: error: cannot write the final model in {copy}: No "
+                               f"space left on device (writing {copy}/model.safetensors; ")
+    assert lines[0].endswith(" are free there). The checkpoints are intact: make room, then rerun "
+                             "the same command to write it")
+    assert "Traceback" not in stderr
+    assert _checkpoints(copy) == [2] and checkpoint_problems(str(copy / "checkpoint-2")) == []
+    assert not os.path.exists(copy / LOCK_NAME)
