@@ -40,6 +40,20 @@ class UserError(Exception):
     exit_code = 1
 
 
+class RunStopped(BaseException):
+    """The run stopped on a signal before it finished (SIGTERM: a scheduler's preemption, SIGINT:
+    Ctrl-C): ``simpo-train`` prints its message on one line and exits with 128 + the signal number
+    (143, 130). A ``BaseException``, like ``KeyboardInterrupt``, so that no library's
+    ``except Exception`` swallows it on its way out. ``agreed``: every process stopped at the same
+    point (a checkpoint was written together), so they can still close the process group."""
+
+    def __init__(self, signum: int, message: str, agreed: bool = False):
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+        self.agreed = agreed
+
+
 def is_explicit_path(text: str) -> bool:
     """A name the user wrote as a filesystem path (``/x``, ``./x``, ``../x``, ``~/x``), never a
     hub id (``org/name``)."""

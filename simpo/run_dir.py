@@ -395,6 +395,134 @@ def _safetensors_whole(path: str) -> bool:
         return False
 
 
+# ----------------------------------------------------------------------------- a save without room
+
+# A write refused for want of room: the filesystem is full, a quota is reached, or a file reached
+# this process's file size limit (``ulimit -f``, RLIMIT_FSIZE)
+NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# below this much free space, a write that failed without saying why failed for want of room
+_LOW_FREE_BYTES = 16 * 2**20
+
+
+def no_room_errno(exc: BaseException, directory: str) -> Optional[int]:
+    """ENOSPC, EDQUOT or EFBIG when ``exc``, raised while writing below ``directory``, means that the
+    filesystem, a quota or the file size limit left no room; None for any other failure.
+
+    Writers say it differently: Python's files (json, shutil) raise an OSError with the errno,
+    safetensors a ``SafetensorError`` whose text ends ``(os error 28)``, and torch.save's zip
+    writer a ``RuntimeError`` ("unexpected pos 95168 vs 95056") that has lost the errno. For that
+    last kind the filesystem is asked: (almost) no free space left, or a file below ``directory``
+    that reached the file size limit.
+    """
+    seen: set[int] = set()
+    link: Optional[BaseException] = exc
+    while link is not None and id(link) not in seen:  # the exception and what it wraps
+        seen.add(id(link))
+        if isinstance(link, OSError) and link.errno in NO_ROOM_ERRNOS:
+            return link.errno
+        match = re.search(r"os error (\d+)\)|\[Errno (\d+)\]", str(link))
+        if match and int(match.group(1) or match.group(2)) in NO_ROOM_ERRNOS:
+            return int(match.group(1) or match.group(2))
+        link = link.__cause__ or link.__context__
+    if free_bytes(directory) < _LOW_FREE_BYTES:
+        return errno.ENOSPC
+    limit = _file_size_limit()
+    if limit is not None and any(size >= limit for size in _file_sizes(directory).values()):
+        return errno.EFBIG
+    return None
+
+
+def no_room_message(code: int, exc: BaseException, staging: str, run_root: str) -> str:
+    """One line for a checkpoint save into ``staging`` that failed with ``code`` (see
+    :func:`no_room_errno`): the cause, the path, what the save needs against what there is, and
+    what the user can do. Call it before the staging directory is removed (its files say how far
+    the save got)."""
+    name = os.path.basename(staging)
+    sizes = _file_sizes(staging)
+    path = getattr(exc, "filename", None)
+    if not path and sizes:  # the writer did not say: the file written last
+        path = os.path.join(staging, max(sizes, key=lambda rel: _mtime(os.path.join(staging, rel))))
+    previous = _newest_checkpoint(run_root)
+    text = f"cannot save {name} in {run_root}: {os.strerror(code)}"
+    if path:
+        text += f" (writing {path})"
+    if code == errno.EFBIG:
+        limit = _file_size_limit()
+        if limit is not None:
+            text += f"; this process may write files of at most {size_text(limit)} (ulimit -f)"
+        if previous:
+            biggest = max(_file_sizes(previous).values(), default=0)
+            text += f", the largest file of {os.path.basename(previous)} has {size_text(biggest)}"
+        advice = "raise the file size limit (ulimit -f)"
+    else:
+        if previous:
+            text += (f"; a checkpoint needs about {size_text(sum(_file_sizes(previous).values()))}"
+                     f" (the size of {os.path.basename(previous)})")
+        else:
+            text += f"; {size_text(sum(sizes.values()))} were written before it failed"
+        text += f", {size_text(free_bytes(run_root))} are free there"
+        advice = "free some space" if code == errno.ENOSPC else "free some space or raise the quota"
+    if previous:
+        return (f"{text}. The partial checkpoint was removed and {os.path.basename(previous)} is "
+                f"intact: {advice}, then rerun the same command to resume from it")
+    return (f"{text}. The partial checkpoint was removed (there is no earlier one): {advice}, "
+            f"then rerun the same command")
+
+
+def free_bytes(path: str) -> int:
+    """Bytes an unprivileged process can still write on ``path``'s filesystem (statvfs)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 2**63 - 1  # unknown: never taken for a full disk
+    return st.f_bavail * st.f_frsize
+
+
+def _file_size_limit() -> Optional[int]:
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _file_sizes(directory: str) -> dict[str, int]:
+    sizes = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            full = os.path.join(root, name)
+            try:
+                sizes[os.path.relpath(full, directory)] = os.path.getsize(full)
+            except OSError:
+                pass
+    return sizes
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return 0.0
+
+
+def _newest_checkpoint(run_root: str) -> Optional[str]:
+    """The newest ``checkpoint-N`` of ``run_root`` (complete: checkpoints are published whole)."""
+    steps = [(int(m.group(1)), name) for name in _listdir(run_root)
+             if (m := CHECKPOINT_RE.match(name)) and os.path.isdir(os.path.join(run_root, name))]
+    return os.path.join(run_root, max(steps)[1]) if steps else None
+
+
+def size_text(n: int) -> str:
+    """``n`` bytes for a message: ``512 bytes``, ``755.7 KiB``, ``12.0 GiB``."""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 # ----------------------------------------------------------------------------- the lock
 
 @dataclasses.dataclass

@@ -8,13 +8,16 @@ package, on CPU in a few minutes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
-from .config import UserError, check_padding_value, error_text
+from .config import RunStopped, UserError, check_padding_value, error_text
 
 logger = logging.getLogger("simpo.train")
 
@@ -170,14 +173,16 @@ def _claim_output_dir(model_args, data_args, training_args, recipe_path) -> tupl
     return lock, outcome["checkpoint"]
 
 
-def _train_and_save(model_args, data_args, training_args, checkpoint) -> dict:
-    """Load the data and the model, train (from ``checkpoint`` if given), save and evaluate."""
+def _train_and_save(model_args, data_args, training_args, checkpoint, stop=None) -> dict:
+    """Load the data and the model, train (from ``checkpoint`` if given), save and evaluate.
+    ``stop`` (a :class:`~simpo.trainer.StopRequest`): training ends early, with a checkpoint, when
+    it records a signal, and then nothing else is written (:class:`~simpo.config.RunStopped`)."""
     from accelerate import PartialState
     from transformers import IntervalStrategy, set_seed
 
     from .data import check_optimizer_steps, load_splits, prepare_dataset
     from .plotting import plot_training_curves
-    from .trainer import SimPOTrainer
+    from .trainer import SimPOTrainer, StopOnSignal
 
     set_seed(training_args.seed)
     loaded = load_splits(data_args)
@@ -211,9 +216,13 @@ def _train_and_save(model_args, data_args, training_args, checkpoint) -> dict:
     model = load_model(model_args, training_args, tokenizer)
     trainer = SimPOTrainer(model=model, args=training_args, train_dataset=train_ds,
                            eval_dataset=eval_ds, processing_class=tokenizer)
+    if stop is not None:
+        trainer.add_callback(StopOnSignal(stop))
 
     start = time.time()
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    if stop is not None:
+        stop.raise_if_stopped()  # stopped early: no final model or results, as if finished
     metrics = dict(result.metrics)
     metrics["train_samples"] = len(train_ds)
     trainer.log_metrics("train", metrics)
@@ -261,7 +270,19 @@ def run(model_args, data_args, training_args, recipe_path=None) -> dict:
     checkpoint of a previous run with the same settings, from step 0 (``existing_run fresh`` moves
     the previous run aside), or not at all (a busy or unwritable output_dir, or a previous run
     with other settings, is a :class:`~simpo.config.UserError`). The lock is released at the end.
+
+    SIGTERM and SIGINT stop the run cleanly (:class:`~simpo.trainer.StopRequest`): during training
+    after the current optimizer step, with a checkpoint; before or after it at once. Either way
+    :class:`~simpo.config.RunStopped` is raised, with the lock released.
     """
+    from .trainer import StopRequest
+
+    stop = StopRequest()
+    with _signals_to(stop):
+        return _run(model_args, data_args, training_args, recipe_path, stop)
+
+
+def _run(model_args, data_args, training_args, recipe_path, stop) -> dict:
     import transformers
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -277,20 +298,49 @@ def run(model_args, data_args, training_args, recipe_path=None) -> dict:
     from .run_dir import NothingToTrain
 
     setup_distributed(training_args)  # the process group carries rank 0's decision to the others
+    lock = None
     try:
-        lock, checkpoint = _claim_output_dir(model_args, data_args, training_args, recipe_path)
-    except NothingToTrain as exc:
-        if training_args.process_index == 0:
-            print(f"simpo-train: {exc}", flush=True)
-        _close_process_group()
-        return {}
-    try:
-        metrics = _train_and_save(model_args, data_args, training_args, checkpoint)
+        with stop.held():  # a signal while the lock is taken acts once it can be released
+            try:
+                lock, checkpoint = _claim_output_dir(model_args, data_args, training_args,
+                                                     recipe_path)
+            except NothingToTrain as exc:  # a finished run: not an error, outputs untouched
+                if training_args.process_index == 0:
+                    print(f"simpo-train: {exc}", flush=True)
+                _close_process_group()
+                return {}
+        stop.last_checkpoint = checkpoint
+        metrics = _train_and_save(model_args, data_args, training_args, checkpoint, stop)
+    except RunStopped as stopped:
+        if stopped.agreed:  # every process stopped after the same step: close in order
+            _close_process_group()
+        raise
     finally:
         if lock is not None:
             lock.release()
     _close_process_group()
     return metrics
+
+
+@contextlib.contextmanager
+def _signals_to(stop) -> Iterator[None]:
+    """SIGTERM and SIGINT go to ``stop.handle`` while the block runs; the previous handlers come
+    back after it. Only from the main thread (the only one Python lets set handlers), and a
+    signal the caller ignores (``nohup``, a background job's SIGINT) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(signum)
+        if handler is not signal.SIG_IGN:
+            previous[signum] = handler
+            signal.signal(signum, stop.handle)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def _close_process_group() -> None:
@@ -326,6 +376,23 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"simpo-train: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except RunStopped as exc:
+        print(f"simpo-train: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except OSError as exc:  # results and state (JSON) written after training, without room
+        from .run_dir import NO_ROOM_ERRNOS
+
+        if debug or exc.errno not in NO_ROOM_ERRNOS:
+            raise
+        print(f"simpo-train: error: cannot write {exc.filename or 'the outputs'}: {exc.strerror}",
+              file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before the run's own handler is in place (parsing)
+        if debug:
+            raise
+        print("simpo-train: stopped by SIGINT before training started; nothing was trained",
+              file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     return 0
 
 

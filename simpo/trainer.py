@@ -42,12 +42,15 @@ complete checkpoint; nothing is saved after it. ``SimPOConfig`` also turns Huggi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import shutil
+import signal
+import time
 from collections import defaultdict
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -57,7 +60,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from simpo_kernels.objective import METRIC_NAMES, official_metrics
 
 from . import run_dir
-from .config import ConfigError, UserError, fsdp_requested
+from .config import ConfigError, RunStopped, UserError, fsdp_requested
 from .data import SimPODataCollator
 from .modeling import attach_simpo_head, disable_dropout
 
@@ -256,7 +259,24 @@ class SimPOTrainer(Trainer):
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """As the base Trainer's, except that under FSDP with sharded checkpoints the model a run
         leaves in ``output_dir`` is still a whole Hugging Face model (``model.safetensors``); the
-        base class would write nothing there. Checkpoints keep FSDP's sharded files."""
+        base class would write nothing there. Checkpoints keep FSDP's sharded files. The final
+        model without room to write it (disk full, quota, file size limit) is one line
+        (:class:`~simpo.config.UserError`); a checkpoint's is said by ``_save_checkpoint``."""
+        try:
+            self._save_model(output_dir, _internal_call)
+        except Exception as exc:
+            target = output_dir if output_dir is not None else self.args.output_dir
+            code = None if _internal_call else run_dir.no_room_errno(exc, target)
+            if code is None:
+                raise
+            path = getattr(exc, "filename", None) or os.path.join(target, "model.safetensors")
+            raise UserError(f"cannot write the final model in {target}: {os.strerror(code)} "
+                            f"(writing {path}; {run_dir.size_text(run_dir.free_bytes(target))} are free "
+                            f"there). "
+                            f"The checkpoints are intact: make room, then rerun the same command "
+                            f"to write it") from exc
+
+    def _save_model(self, output_dir: Optional[str], _internal_call: bool) -> None:
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
         if _internal_call or plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
             return super().save_model(output_dir, _internal_call)
@@ -289,13 +309,35 @@ class SimPOTrainer(Trainer):
         self._staging_parent = staging_parent
         try:
             super()._save_checkpoint(model, trial)
+        except Exception as exc:
+            self._no_room(exc, staging, run_root)
+            raise
         finally:
             self._staging_parent = None
         # every process's files (DeepSpeed shards, per-rank RNG states) are in before the record
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            self._finish_checkpoint(staging, final, run_root)
+            try:
+                self._finish_checkpoint(staging, final, run_root)
+            except Exception as exc:
+                self._no_room(exc, staging, run_root)
+                raise
         self.accelerator.wait_for_everyone()  # nobody reads checkpoint-N before it exists
+
+    @staticmethod
+    def _no_room(exc: Exception, staging: str, run_root: str) -> None:
+        """A save that failed for want of room (disk full, quota, file size limit) becomes one
+        line (:class:`~simpo.config.UserError`) naming the cause, the path and the sizes, and its
+        staging directory is removed; earlier checkpoints are untouched. Any other failure is left
+        to propagate as it is."""
+        code = run_dir.no_room_errno(exc, staging)
+        if code is None:
+            return
+        message = run_dir.no_room_message(code, exc, staging, run_root)
+        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(staging))  # the staging area, when nothing else is in it
+        raise UserError(message) from exc
 
     def _finish_checkpoint(self, staging: str, final: str, run_root: str) -> None:
         if self.state.best_model_checkpoint == staging:
@@ -482,3 +524,151 @@ class SimPOTrainer(Trainer):
             for k, v in zip(keys, local.tolist()):
                 logs[k] = v
         super().log(logs, start_time)
+
+
+# ------------------------------------------------------------------ stopping on a signal
+
+class StopRequest:
+    """A signal that asks the run to stop (SIGTERM: a scheduler's preemption, SIGINT: Ctrl-C), as
+    the handler :meth:`handle` (installed by :func:`simpo.train.run`) records it, and the one line
+    that each kind of stop ends with.
+
+    Inside the training loop a signal only records itself: :class:`StopOnSignal` ends training at
+    the end of the current optimizer step, with a checkpoint written the usual atomic way. While
+    that stop is under way a repeated SIGTERM is ignored (schedulers repeat it; the checkpoint being
+    written must not be cut short) and a second SIGINT (Ctrl-C again) stops at once. Outside the
+    loop (loading data and model before it, writing the final outputs after it) no step is worth
+    finishing: a signal stops at once. Stopping raises :class:`~simpo.config.RunStopped`.
+    """
+
+    def __init__(self, last_checkpoint: Optional[str] = None):
+        self.signum = 0  # the signal the stop is for; 0: none
+        self.agreed = False  # every process stops at the same step (see StopOnSignal)
+        self.phase = "starting"  # "training" inside the loop, "finishing" after it
+        self.step: Optional[int] = None  # the last finished optimizer step
+        self.last_checkpoint = last_checkpoint  # the newest complete checkpoint of the run
+        self._holding = False
+        self._pending = 0  # a signal that came while holding
+        # forked helpers (DataLoader workers, datasets.map) inherit the handler; Ctrl-C reaches
+        # them too, but only the training process acts (it shuts its helpers down)
+        self._pid = os.getpid()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """A block that a signal must not cut (taking output_dir's lock: cut between taking it and
+        handing it over, the lock could not be released): a signal meanwhile stops the run (at
+        once) only when the block is done."""
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+        if self._pending:
+            raise RunStopped(self._pending, self._at_once(signal.Signals(self._pending).name))
+
+    def handle(self, signum: int, frame=None) -> None:
+        """The signal handler."""
+        if os.getpid() != self._pid:
+            return
+        name = signal.Signals(signum).name
+        if self._holding:
+            self._pending = self._pending or signum
+            return
+        if self.phase != "training":
+            raise RunStopped(signum, self._at_once(name))
+        if not self.signum:
+            self.signum = signum
+            _say(f"{name} received: stopping at the end of the current optimizer step, with a "
+                 f"checkpoint" + ("" if signum == signal.SIGTERM else
+                                  " (press Ctrl-C again to stop at once, without it)"))
+        elif signum == signal.SIGINT:
+            raise RunStopped(signum, self._at_once(f"a second {name}" if self.signum == signum
+                                                   else name))
+        else:
+            _say(f"{name} received again: ignored, the stop (and its checkpoint) is under way")
+
+    def raise_if_stopped(self) -> None:
+        """After ``trainer.train()`` returned: raise the stop that ended it, if any."""
+        if not self.signum:
+            return
+        name = signal.Signals(self.signum).name
+        if self.agreed:
+            raise RunStopped(self.signum, f"stopped by {name} after step {self.step}: checkpoint "
+                                          f"saved to {self.last_checkpoint}; rerun the same command "
+                                          f"to resume", agreed=True)
+        self.phase = "finishing"  # the last step came before the signal could be acted on
+        raise RunStopped(self.signum, self._at_once(name))
+
+    def _at_once(self, what: str) -> str:
+        if self.phase == "starting":
+            return f"stopped by {what} before training started; nothing was trained"
+        resume = (f"rerun the same command to resume from {self.last_checkpoint}"
+                  if self.last_checkpoint else "a rerun starts again from step 0")
+        if self.phase == "finishing":
+            return (f"stopped by {what} after training (step {self.step}), while writing the final "
+                    f"outputs, which may be incomplete; {resume}")
+        since = f"after {os.path.basename(self.last_checkpoint)}" if self.last_checkpoint else ""
+        return (f"stopped at once by {what} at step {self.step}: no checkpoint was written for the "
+                f"steps {since or 'trained'}; {resume}")
+
+
+def _say(message: str) -> None:
+    """A warning from the signal handler, on stderr in the log's format, written with one
+    ``os.write``: the handler may run in the middle of a print, and Python's buffered streams
+    (hence logging's handlers) are not reentrant."""
+    line = f"{time.strftime('%H:%M:%S')} WARNING {__name__}: {message}\n"
+    try:
+        os.write(2, line.encode())
+    except OSError:
+        pass  # no stderr: the stop itself still happens
+
+
+def agree_on_signal(signum: int, args) -> int:
+    """The largest signal number any process recorded (0: none), the same on every process, so that
+    all of them stop at the same step even when the signal reached only some (or reached them at
+    different moments). One scalar all-reduce when several processes train; none otherwise."""
+    import torch.distributed as dist
+
+    if args.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return signum
+    flag = torch.tensor([signum], dtype=torch.int32, device=args.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+class StopOnSignal(TrainerCallback):
+    """Ends training, with a checkpoint, at the end of the optimizer step during which a signal
+    arrived (see :class:`StopRequest`). Every process asks the others at each step end
+    (:func:`agree_on_signal`), so all stop after the same step and write one checkpoint together,
+    through ``SimPOTrainer._save_checkpoint`` (staged, then renamed)."""
+
+    def __init__(self, stop: StopRequest):
+        self.stop = stop
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.stop.step = state.global_step
+        self.stop.phase = "training"
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.stop.step = state.global_step
+        if self._agreed(args):
+            control.should_save = True
+            control.should_log = True  # the losses since the last log go into the checkpoint
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self.stop.last_checkpoint = os.path.join(args.output_dir,
+                                                 f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        # a signal during a scheduled save (after this step's check): that checkpoint serves
+        if self._agreed(args):
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.stop.phase = "finishing"
+
+    def _agreed(self, args) -> bool:
+        if not self.stop.agreed:
+            signum = agree_on_signal(self.stop.signum, args)
+            if signum:
+                self.stop.signum, self.stop.agreed = signum, True
+        return self.stop.agreed
