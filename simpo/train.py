@@ -3,7 +3,7 @@ simpo.train``, ``accelerate launch -m simpo.train``).
 
 Without a recipe it runs the embedded default (``recipes/tiny.yaml``): a tiny Gemma-2-architecture
 model and word-level tokenizer built in code, trained on the preference data shipped with the
-package, on CPU in a few minutes.
+package, on CPU in under a minute.
 """
 
 from __future__ import annotations
