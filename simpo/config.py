@@ -282,7 +282,6 @@ class SimPOConfig(TrainingArguments):
             ("warmup_steps", finite(0), "a finite number >= 0 (below 1: a fraction of the steps)"),
             ("num_train_epochs", finite(0), "a finite number >= 0"),
             ("eval_delay", finite(0), "a finite number >= 0"),
-            ("sft_weight", finite(0), "a finite number >= 0"),
             ("seed", lambda v: 0 <= v < 2 ** 32, "in [0, 2**32 - 1]"),
             ("dataloader_num_workers", lambda v: v >= 0, ">= 0"),
             ("neftune_noise_alpha", lambda v: v is None or finite(0, above=True)(v),

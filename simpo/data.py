@@ -543,8 +543,8 @@ def prepare_dataset(raw, tokenizer, args, *, auto_insert_empty_system_msg: bool 
     Pairs whose chosen and rejected sides are identical as the model sees them (the same token
     ids after templating, tokenisation and truncation to ``max_length``) carry no preference: their
     rewards are equal, so the SimPO term of the loss is a constant for them with no gradient (only
-    ``sft_weight``'s term learns from them), and in evaluation they count as wrongly ranked. Some of them: a warning with their count. All of
-    them: :class:`DataError`, for an eval split as for the train split (the same data mistake,
+    ``sft_weight``'s term learns from them), and in evaluation they count as wrongly ranked. Some
+    of them: a warning with their count. All of them: :class:`DataError`, for an eval split as for the train split (the same data mistake,
     e.g. one column copied into the other, whose eval accuracy 0 and margin 0 would measure
     nothing), found before any model is loaded."""
     _check_columns(raw, f"split {split_name!r}")

@@ -157,13 +157,7 @@ def last_complete_checkpoint(output_dir: str) -> Optional[str]:
     complete and that can be resumed from, or None. Each newer one that cannot is skipped with a
     warning saying what it lacks (files, or, saved with ``save_only_model``, the optimizer,
     scheduler and RNG state)."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = sorted(((int(m.group(1)), name) for name in os.listdir(output_dir)
-                    if (m := CHECKPOINT_RE.match(name))
-                    and os.path.isdir(os.path.join(output_dir, name))), reverse=True)
-    for _, name in steps:
-        path = os.path.join(output_dir, name)
+    for path in reversed(checkpoint_dirs(output_dir)):
         problems = checkpoint_problems(path)
         if not problems and not is_model_only(path):
             return path
@@ -177,17 +171,20 @@ def last_complete_checkpoint(output_dir: str) -> Optional[str]:
     return None
 
 
+def checkpoint_dirs(output_dir: str) -> list[str]:
+    """The ``checkpoint-N`` directories of ``output_dir``, oldest (smallest N) first."""
+    steps = sorted((int(m.group(1)), name) for name in _listdir(output_dir)
+                   if (m := CHECKPOINT_RE.match(name))
+                   and os.path.isdir(os.path.join(output_dir, name)))
+    return [os.path.join(output_dir, name) for _, name in steps]
+
+
 def write_completion_record(checkpoint_dir: str, global_step: int, world_size: int,
                             save_only_model: bool = False) -> dict:
     """Write the completion record of ``checkpoint_dir``: every file below it with its size. Call
     it after every process finished writing the checkpoint; it is the checkpoint's last file."""
-    files = {}
-    for root, _, names in os.walk(checkpoint_dir):
-        for name in names:
-            full = os.path.join(root, name)
-            rel = os.path.relpath(full, checkpoint_dir)
-            if rel != COMPLETION_RECORD_NAME:
-                files[rel.replace(os.sep, "/")] = os.path.getsize(full)
+    files = _file_sizes(checkpoint_dir)
+    files.pop(COMPLETION_RECORD_NAME, None)
     record = {"format": 1, "global_step": int(global_step), "world_size": int(world_size),
               "save_only_model": bool(save_only_model), "written": _utc_now(),
               "files": dict(sorted(files.items()))}
@@ -442,7 +439,7 @@ def no_room_message(code: int, exc: BaseException, staging: str, run_root: str) 
     path = getattr(exc, "filename", None)
     if not path and sizes:  # the writer did not say: the file written last
         path = os.path.join(staging, max(sizes, key=lambda rel: _mtime(os.path.join(staging, rel))))
-    previous = _newest_checkpoint(run_root)
+    previous = (checkpoint_dirs(run_root) or [None])[-1]  # published whole: complete
     text = f"cannot save {name} in {run_root}: {os.strerror(code)}"
     if path:
         text += f" (writing {path})"
@@ -489,12 +486,13 @@ def _file_size_limit() -> Optional[int]:
 
 
 def _file_sizes(directory: str) -> dict[str, int]:
+    """Every file below ``directory`` (its path relative to it, ``/``-separated) -> its size."""
     sizes = {}
     for root, _, names in os.walk(directory):
         for name in names:
             full = os.path.join(root, name)
             try:
-                sizes[os.path.relpath(full, directory)] = os.path.getsize(full)
+                sizes[os.path.relpath(full, directory).replace(os.sep, "/")] = os.path.getsize(full)
             except OSError:
                 pass
     return sizes
@@ -505,13 +503,6 @@ def _mtime(path: str) -> float:
         return os.path.getmtime(path)
     except OSError:
         return 0.0
-
-
-def _newest_checkpoint(run_root: str) -> Optional[str]:
-    """The newest ``checkpoint-N`` of ``run_root`` (complete: checkpoints are published whole)."""
-    steps = [(int(m.group(1)), name) for name in _listdir(run_root)
-             if (m := CHECKPOINT_RE.match(name)) and os.path.isdir(os.path.join(run_root, name))]
-    return os.path.join(run_root, max(steps)[1]) if steps else None
 
 
 def size_text(n: int) -> str:
@@ -968,22 +959,24 @@ def _check_explicit_checkpoint(path: str) -> str:
 def is_model_only(path: str) -> bool:
     """Whether checkpoint ``path`` was saved with ``save_only_model`` (its completion record says
     so): it cannot be resumed from."""
+    return bool(_completion_record(path).get("save_only_model"))
+
+
+def _completion_record(path: str) -> dict:
+    """Checkpoint ``path``'s completion record, or ``{}`` when it has no readable one."""
     record, problem = _read_json(os.path.join(path, COMPLETION_RECORD_NAME))
-    return problem is None and isinstance(record, dict) and bool(record.get("save_only_model"))
+    return record if problem is None and isinstance(record, dict) else {}
 
 
 def _refuse_model_only(output_dir: str) -> None:
     """No checkpoint to resume from, but model-only ones: say so rather than start again."""
-    model_only = sorted((int(m.group(1)), name) for name in _listdir(output_dir)
-                        if (m := CHECKPOINT_RE.match(name))
-                        and is_model_only(os.path.join(output_dir, name)))
+    model_only = [path for path in checkpoint_dirs(output_dir) if is_model_only(path)]
     if model_only:
-        name = model_only[-1][1]
         raise UserError(
             f"output_dir {output_dir} holds only checkpoints saved with save_only_model ("
-            f"{', '.join(n for _, n in model_only)}): they have no optimizer, scheduler or RNG "
-            f"state to resume from. Start again with --existing_run fresh, or start a new run "
-            f"from their weights with --model_name_or_path {os.path.join(output_dir, name)} and "
+            f"{', '.join(os.path.basename(p) for p in model_only)}): they have no optimizer, "
+            f"scheduler or RNG state to resume from. Start again with --existing_run fresh, or "
+            f"start a new run from their weights with --model_name_or_path {model_only[-1]} and "
             f"another --output_dir")
 
 
@@ -993,9 +986,7 @@ def _checkpoint_world_size(checkpoint: str, config: dict,
     when the run configurations did not already tell (configurations of older runs lack it)."""
     if any(key == "world_size" for key, _ in known):
         return []
-    record, problem = _read_json(os.path.join(checkpoint, COMPLETION_RECORD_NAME))
-    saved = record.get("world_size") if problem is None and isinstance(record, dict) else None
-    now = (config.get("distributed") or {}).get("world_size")
+    saved, now = _saved_and_current_world_size(checkpoint, config)
     if isinstance(saved, int) and isinstance(now, int) and saved != now:
         return [("world_size", f"world_size: {saved} -> {now} "
                                f"({os.path.basename(os.path.normpath(checkpoint))} was saved by "
@@ -1006,13 +997,17 @@ def _checkpoint_world_size(checkpoint: str, config: dict,
 def _refuse_resharding(checkpoint: str, config: dict) -> None:
     """DeepSpeed's ZeRO checkpoints hold one optimizer partition per process and load only into
     the same process count: refused even with resume_anyway, before any work."""
-    record, problem = _read_json(os.path.join(checkpoint, COMPLETION_RECORD_NAME))
-    saved = record.get("world_size") if problem is None and isinstance(record, dict) else None
-    now = (config.get("distributed") or {}).get("world_size")
+    saved, now = _saved_and_current_world_size(checkpoint, config)
     if os.path.isfile(os.path.join(checkpoint, "latest")) and saved != now:
         raise UserError(f"{checkpoint} holds DeepSpeed optimizer partitions of {saved} process(es), "
                         f"which cannot be loaded by {now}: resume with {saved} process(es), or "
                         f"start again with --existing_run fresh")
+
+
+def _saved_and_current_world_size(checkpoint: str, config: dict) -> tuple[Any, Any]:
+    """(the process count ``checkpoint`` was saved by, per its completion record; ``config``'s)."""
+    return (_completion_record(checkpoint).get("world_size"),
+            (config.get("distributed") or {}).get("world_size"))
 
 
 def _has_run_outputs(output_dir: str) -> bool:

@@ -173,7 +173,7 @@ def _claim_output_dir(model_args, data_args, training_args, recipe_path) -> tupl
     return lock, outcome["checkpoint"]
 
 
-def _train_and_save(model_args, data_args, training_args, checkpoint, stop=None) -> dict:
+def _train_and_save(model_args, data_args, training_args, checkpoint, stop) -> dict:
     """Load the data and the model, train (from ``checkpoint`` if given), save and evaluate.
     ``stop`` (a :class:`~simpo.trainer.StopRequest`): training ends early, with a checkpoint, when
     it records a signal, and then nothing else is written (:class:`~simpo.config.RunStopped`)."""
@@ -216,13 +216,11 @@ def _train_and_save(model_args, data_args, training_args, checkpoint, stop=None)
     model = load_model(model_args, training_args, tokenizer)
     trainer = SimPOTrainer(model=model, args=training_args, train_dataset=train_ds,
                            eval_dataset=eval_ds, processing_class=tokenizer)
-    if stop is not None:
-        trainer.add_callback(StopOnSignal(stop))
+    trainer.add_callback(StopOnSignal(stop))
 
     start = time.time()
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    if stop is not None:
-        stop.raise_if_stopped()  # stopped early: no final model or results, as if finished
+    stop.raise_if_stopped()  # stopped early: no final model or results, as a finished run has
     metrics = dict(result.metrics)
     metrics["train_samples"] = len(train_ds)
     trainer.log_metrics("train", metrics)

@@ -28,16 +28,26 @@ def subprocess_env(**extra: str) -> dict:
     return env
 
 
+def tiny_rows_and_tokenizer(rows=None):
+    """The first ``rows`` rows (None: all) of the shipped train split and the embedded word-level
+    tokenizer built from their words."""
+    from simpo.data import load_raw_datasets
+    from simpo.modeling import build_tiny_tokenizer
+
+    raw = load_raw_datasets(None, ["train"])["train"]
+    if rows is not None:
+        raw = raw.select(range(rows))
+    texts = [m["content"] for c in ("chosen", "rejected") for msgs in raw[c] for m in msgs]
+    return raw, build_tiny_tokenizer(texts)
+
+
 def save_tiny_model(directory) -> str:
     """Save the tiny Gemma-2 (hidden 32, tied embeddings, softcap) and its tokenizer, seed 0."""
     import torch
 
-    from simpo.data import load_raw_datasets
-    from simpo.modeling import build_tiny_model, build_tiny_tokenizer
+    from simpo.modeling import build_tiny_model
 
-    raw = load_raw_datasets(None, ["train"])["train"]
-    texts = [m["content"] for c in ("chosen", "rejected") for msgs in raw[c] for m in msgs]
-    tok = build_tiny_tokenizer(texts)
+    _, tok = tiny_rows_and_tokenizer()
     torch.manual_seed(0)
     build_tiny_model(tok, hidden_size=32).save_pretrained(directory)
     tok.save_pretrained(directory)

@@ -25,7 +25,7 @@ from simpo import run_dir  # noqa: E402
 from simpo.config import SimPOConfig, UserError  # noqa: E402
 from simpo.run_dir import LOCK_NAME, checkpoint_problems  # noqa: E402
 from tests.crash_worker import nonfinite_compute_loss  # noqa: E402
-from tests.multiproc import ROOT, free_port  # noqa: E402
+from tests.multiproc import ROOT, free_port, tiny_rows_and_tokenizer  # noqa: E402
 from tests.test_run_dir import WORKER, _checkpoints, _cli, _run, _state, _train_args  # noqa: E402
 
 FSDP2_JSON = os.path.join(ROOT, "configs", "fsdp", "fsdp2.json")
@@ -105,16 +105,14 @@ def test_nonfinite_step_is_not_applied(tmp_path, monkeypatch, kind, clip, step):
     import torch
     from safetensors.torch import load_file
 
-    from simpo.data import load_raw_datasets, prepare_dataset
-    from simpo.modeling import build_tiny_model, build_tiny_tokenizer
+    from simpo.data import prepare_dataset
+    from simpo.modeling import build_tiny_model
     from simpo.trainer import SimPOTrainer
 
     monkeypatch.setattr(SimPOTrainer, "compute_loss",
                         nonfinite_compute_loss(SimPOTrainer.compute_loss, kind, step))
     out = tmp_path / "out"
-    raw = load_raw_datasets(None, ["train"])["train"].select(range(24))
-    tok = build_tiny_tokenizer([m["content"] for c in ("chosen", "rejected")
-                                for msgs in raw[c] for m in msgs])
+    raw, tok = tiny_rows_and_tokenizer(24)
     torch.manual_seed(0)
     args = SimPOConfig(output_dir=str(out), use_cpu=True, report_to="none", max_steps=5,
                        per_device_train_batch_size=4, save_strategy="steps", save_steps=2,

@@ -29,7 +29,8 @@ from simpo import run_dir  # noqa: E402
 from simpo.config import SimPOConfig, UserError  # noqa: E402
 from simpo.run_dir import (LOCK_NAME, RUN_CONFIG_NAME, acquire_run_lock,  # noqa: E402
                            checkpoint_problems, last_complete_checkpoint)
-from tests.multiproc import ROOT, free_port, run_json, save_tiny_model, subprocess_env  # noqa: E402
+from tests.multiproc import (ROOT, free_port, run_json, save_tiny_model,  # noqa: E402
+                             subprocess_env, tiny_rows_and_tokenizer)
 from tests.multiproc import WORKER as TRAIN_WORKER  # noqa: E402
 
 WORKER = os.path.join(ROOT, "tests", "crash_worker.py")
@@ -67,14 +68,12 @@ def two_checkpoints(tmp_path_factory):
     """An output_dir holding checkpoint-2 and checkpoint-4, saved by SimPOTrainer."""
     import torch
 
-    from simpo.data import load_raw_datasets, prepare_dataset
-    from simpo.modeling import build_tiny_model, build_tiny_tokenizer
+    from simpo.data import prepare_dataset
+    from simpo.modeling import build_tiny_model
     from simpo.trainer import SimPOTrainer
 
     out = tmp_path_factory.mktemp("saved") / "out"
-    raw = load_raw_datasets(None, ["train"])["train"].select(range(16))
-    tok = build_tiny_tokenizer([m["content"] for c in ("chosen", "rejected")
-                                for msgs in raw[c] for m in msgs])
+    raw, tok = tiny_rows_and_tokenizer(16)
     torch.manual_seed(0)
     args = SimPOConfig(output_dir=str(out), use_cpu=True, report_to="none", max_steps=4,
                        per_device_train_batch_size=4, save_strategy="steps", save_steps=2,
