@@ -16,15 +16,19 @@ Implementations:
                            per-token losses + a SimPO head written here; its default gradient
                            filtering (``filter_eps="high"``)
     cce-nofilter           the same with gradient filtering off (``filter_eps=None``)
+    torch-lce              PyTorch's own ``F.linear_cross_entropy`` (torch >= 2.13, chunked:
+                           ``options=LinearCrossEntropyOptions()``) per-token losses + the same
+                           SimPO head; no softcap support (marked ``softcap_unsupported`` like Liger)
 
 ``IMPLS`` are the impls the runner and the pytest suites time by default, each modelled by
 ``benchmarks/cost_model.py`` under its own name; ``VARIANT_IMPLS`` are variants of a peer, run on
 request (``--impls``) and by the campaign's ``bench`` call, and predicted with their base's model
 (:func:`cost_backend`). ``ALL_IMPLS`` is both.
 
-Input layouts (``Family.layout``): ``random`` (every family but the ``-uf`` ones: a random prompt
-prefix of 1/8 to 1/2 of each row, every third row padded) and ``ultrafeedback`` (a realistic
-preference batch, about 40% of the positions are targets: :func:`make_labels`).
+Input layouts (``Family.layout``): ``random`` (a random prompt prefix of 1/8 to 1/2 of each row,
+every third row padded), ``ultrafeedback`` (the ``-uf`` families: a realistic preference batch,
+about 40% of the positions are targets) and ``full`` (the ``-full`` families: every position a
+target, the densest batch): :func:`make_labels`.
 """
 
 from __future__ import annotations
@@ -48,9 +52,11 @@ TRITON_SCHEDULE_IMPLS = {"triton-pairs": "pairs", "triton-vocab": "vocab", "trit
 IMPLS = ("eager", "torch", "triton", *TRITON_SCHEDULE_IMPLS, "liger", "cce")
 #: Peer variants -> the impl whose cost model predicts them (CCE's model assumes no filtered tiles
 #: by default, which is what ``filter_eps=None`` guarantees).
-VARIANT_IMPLS = {"cce-nofilter": "cce"}
+#: PyTorch's chunked ``F.linear_cross_entropy`` forms its gradients in the forward over token
+#: chunks, without softcap, as Liger's model assumes.
+VARIANT_IMPLS = {"cce-nofilter": "cce", "torch-lce": "liger"}
 ALL_IMPLS = (*IMPLS, *VARIANT_IMPLS)
-LAYOUTS = ("random", "ultrafeedback")
+LAYOUTS = ("random", "ultrafeedback", "full")
 
 
 def cost_backend(impl: str) -> str:
@@ -81,17 +87,22 @@ FAMILIES = {
     # The target shape on a realistic batch: UltraFeedback-like lengths, ~40% of positions targets.
     "gemma2-9b-uf": Family("gemma2-9b-uf", 3584, 256000, 30.0, "bfloat16", GPU_TOKENS, 2048,
                            layout="ultrafeedback"),
+    # The target shape with every position a target (no prompt, no padding): the most work per token.
+    "gemma2-9b-full": Family("gemma2-9b-full", 3584, 256000, 30.0, "bfloat16", GPU_TOKENS, 2048, layout="full"),
     "gemma2-2b": Family("gemma2-2b", 2304, 256000, 30.0, "bfloat16", GPU_TOKENS, 2048),
     "llama3-8b": Family("llama3-8b", 4096, 128256, None, "bfloat16", GPU_TOKENS, 2048),
     # CPU smoke shapes (CI): small enough that the float64 reference is instant. V and H are not
     # multiples of any block size on purpose.
     "cpu-small": Family("cpu-small", 64, 1000, 30.0, "bfloat16", (256,), 64, cpu=True,
-                        impls=("eager", "torch", "liger", "cce", "cce-nofilter")),
+                        impls=("eager", "torch", "liger", "cce", "cce-nofilter", "torch-lce")),
     "cpu-small-nocap": Family("cpu-small-nocap", 64, 1000, None, "bfloat16", (256,), 64, cpu=True,
                               impls=("eager", "torch", "liger", "cce", "cce-nofilter")),
     "cpu-small-uf": Family("cpu-small-uf", 64, 1000, 30.0, "bfloat16", (256,), 64, cpu=True,
-                           impls=("eager", "torch", "liger", "cce", "cce-nofilter"),
+                           impls=("eager", "torch", "liger", "cce", "cce-nofilter", "torch-lce"),
                            layout="ultrafeedback"),
+    "cpu-small-full": Family("cpu-small-full", 64, 1000, 30.0, "bfloat16", (256,), 64, cpu=True,
+                             impls=("eager", "torch", "liger", "cce", "cce-nofilter", "torch-lce"),
+                             layout="full"),
     # The Triton interpreter does no bf16 arithmetic (DESIGN section 5) and is slow: a minuscule
     # float32 shape, run only with TRITON_INTERPRET=1.
     "cpu-interp": Family("cpu-interp", 40, 300, 30.0, "float32", (64,), 16, cpu=True,
@@ -191,9 +202,13 @@ def make_labels(case: Case, seed: int = 0) -> torch.Tensor:
     40% of the row on average, one longer and one shorter by up to 6% of the row (which one at
     random), then right padding (masked, 0-16% of the row). 40% of the positions are targets
     (to the rounding of ``0.4 T``), as in a batch padded to its longest pair.
+
+    ``full``: every position is a target (all but the first of each row after the shift).
     """
     R, T, V = case.rows, case.seq, case.vocab
     g = torch.Generator().manual_seed(seed + 1)
+    if case.layout == "full":
+        return torch.randint(0, V, (R, T), generator=g)
     if case.layout == "ultrafeedback":
         def u() -> float:
             return float(torch.rand((), generator=g))
@@ -315,6 +330,28 @@ def _cce_impl(case: Case, device, name: str = "cce") -> Impl:
     return Impl(name, fn, case.softcap, notes)
 
 
+def _torch_lce_impl(case: Case, device) -> Impl:
+    lce = getattr(F, "linear_cross_entropy", None)
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if lce is None or options is None:
+        raise Unavailable(f"torch {torch.__version__} has no F.linear_cross_entropy (torch >= 2.13)")
+    B = case.rows // 2
+    notes = ["softcap_unsupported"] if case.softcap is not None else []
+
+    def fn(hidden, weight, labels):
+        # the shift by hand: position t predicts labels[t+1]; 0 loss where ignored
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        target = labels[:, 1:].reshape(-1)
+        nll = lce(h, weight, target, reduction="none", ignore_index=IGNORE_INDEX, options=options())
+        nll = nll.float().view(labels.shape[0], -1)  # bf16 per-token losses: sum them in float32
+        mask = (labels[:, 1:] != IGNORE_INDEX).to(nll.dtype)
+        logps = -(nll * mask).sum(-1) / mask.sum(-1)
+        u = BETA * (logps[:B] - logps[B:] - GAMMA_BETA_RATIO)
+        return -F.logsigmoid(u).mean(), logps
+
+    return Impl("torch-lce", fn, None, notes)
+
+
 def build_impl(name: str, case: Case, device) -> Impl:
     """The impl ``name`` for ``case`` on ``device``; raises :class:`Unavailable` with a reason."""
     fam = FAMILIES[case.family]
@@ -328,4 +365,6 @@ def build_impl(name: str, case: Case, device) -> Impl:
         return _liger_impl(case, device)
     if name in ("cce", "cce-nofilter"):
         return _cce_impl(case, device, name)
+    if name == "torch-lce":
+        return _torch_lce_impl(case, device)
     raise ValueError(f"unknown impl {name!r}; expected one of {ALL_IMPLS}")

@@ -1,9 +1,11 @@
-"""What every campaign call shares: the time guard, the JSON written after each step, the environment
-record and the closing table.
+"""The campaign's call: the time guard, the JSON and the tar written after each step, the
+environment record and the closing tables.
 
-A :class:`Call` owns ``<out>/<name>.json``. Work is done in steps, ``call.run_step(kind, fn, ...)``:
-``fn(row)`` runs unless the step is skipped, and the row is appended and the file rewritten
-(atomically) when it ends, whatever its outcome:
+A :class:`Call` owns ``<work>/campaign.json``. Work is done in steps, ``call.run_step(kind, fn, ...)``:
+``fn(row)`` runs unless the step is skipped, and the row is appended when it ends, whatever its
+outcome; then the JSON is rewritten (atomically) and copied to ``<out>/campaign.json``, and the whole
+work folder (the JSON, the log, plots, tables, the tuned table, the pytest log) is packed into
+``<out>/campaign.tar.gz`` (atomically), so a call killed at any point returns everything finished:
 
 - ``ok``: the block finished;
 - ``oom``: a CUDA out-of-memory error (a result, not a crash);
@@ -13,8 +15,8 @@ A :class:`Call` owns ``<out>/<name>.json``. Work is done in steps, ``call.run_st
 - ``stopped:deadline``: the deadline struck inside the block (a ``SIGALRM`` timer raises
   :class:`DeadlineReached` between Python bytecodes); every later block is skipped.
 
-The deadline is ``limit_s - margin_s`` after the call started: the device tool kills a command at
-its limit, so the call stops itself a margin before it, writes its JSON and prints its table.
+The deadline is ``limit_s - margin_s`` after the command started (``$SIMPO_CAMPAIGN_T0``, set by
+``run.sh``): the device tool kills a command at its limit, so the call stops itself a margin before.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import traceback
 from pathlib import Path
@@ -36,10 +39,13 @@ import torch
 
 from .. import measure as M
 
-SCHEMA = 1
-#: The device tool's per-command limit is 600 s; each call plans for 540 s and stops 60 s before.
+SCHEMA = 2
+#: The device tool's per-command limit is 600 s; the call plans for 540 s and stops 30 s before
+#: (a step is not started unless its predicted time fits, so the margin only covers an overrun).
 DEFAULT_LIMIT_S = 540.0
-DEFAULT_MARGIN_S = 60.0
+DEFAULT_MARGIN_S = 30.0
+#: What comes back from the device (at most 8 files): the summary JSON and one tar of everything.
+SUMMARY, TARBALL = "campaign.json", "campaign.tar.gz"
 #: Epoch seconds at which the command started (set by run.sh): the limit counts from there.
 T0_ENV = "SIMPO_CAMPAIGN_T0"
 
@@ -139,31 +145,35 @@ class Step(dict):
 
 
 class Call:
-    """A campaign call: its JSON file, its deadline, its steps.
+    """The campaign call: its JSON, its tar, its deadline, its steps.
 
     Args:
-        name: ``check``, ``bench`` or ``train-step``; the JSON is ``<out>/<name>.json``.
-        out: output folder (``$OUT`` on the device machine).
+        out: what comes back (``$OUT`` on the device machine): ``campaign.json`` and ``campaign.tar.gz``.
+        work: where the files are made, outside ``out`` (every file under ``out`` comes back on its
+            own, at most 8): the tar packs this folder.
         device: where the work runs. dry_run: tiny shapes on CPU (recorded in the JSON).
         limit_s: the command's wall-clock limit; margin_s: how long before it the call stops.
     """
 
-    def __init__(self, name: str, out: os.PathLike, device: torch.device, *, dry_run: bool,
+    def __init__(self, out: os.PathLike, work: os.PathLike, device: torch.device, *, dry_run: bool,
                  limit_s: float = DEFAULT_LIMIT_S, margin_s: float = DEFAULT_MARGIN_S,
                  argv: Optional[Sequence[str]] = None):
         if limit_s <= margin_s:
             raise ValueError(f"limit_s ({limit_s}) must exceed margin_s ({margin_s})")
-        self.name, self.device, self.dry_run = name, device, dry_run
+        self.name, self.device, self.dry_run = "campaign", device, dry_run
         # the limit counts from when run.sh started (wheel install and imports included)
         started = os.environ.get(T0_ENV)
         self.t0 = time.monotonic() - (max(0.0, time.time() - float(started)) if started else 0.0)
         self.deadline = self.t0 + limit_s - margin_s
-        self.out = Path(out)
+        self.out, self.work = Path(out), Path(work)
+        if self.out.resolve() == self.work.resolve():
+            raise ValueError("the work folder must differ from the output folder (the tar packs it)")
         self.out.mkdir(parents=True, exist_ok=True)
-        self.path = self.out / f"{name}.json"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.path = self.work / SUMMARY
         self.stopped = False
         self.result: dict[str, Any] = {
-            "schema": SCHEMA, "call": name, "dry_run": dry_run,
+            "schema": SCHEMA, "call": self.name, "dry_run": dry_run,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "argv": list(sys.argv[1:] if argv is None else argv), "limit_s": limit_s, "margin_s": margin_s,
             "env": environment(device), "steps": [],
@@ -181,12 +191,17 @@ class Call:
 
     # ---------------------------------------------------------------------------- output
 
-    def dump(self) -> None:
-        """Rewrite the JSON atomically (a kill mid-write leaves the previous version)."""
+    def dump(self, pack: bool = False) -> None:
+        """Rewrite the JSON in the work folder and under ``out`` atomically (a kill mid-write leaves
+        the previous version); ``pack``: also the tar of the work folder."""
         self.result["wall_s"] = round(self.elapsed(), 3)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.result, indent=1, default=_json_default))
-        tmp.replace(self.path)
+        text = json.dumps(self.result, indent=1, default=_json_default)
+        for path in (self.path, self.out / SUMMARY):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+        if pack:
+            pack_folder(self.work, self.out / TARBALL)
 
     def set(self, key: str, value: Any) -> None:
         """A top-level field of the JSON, written at once."""
@@ -251,7 +266,7 @@ class Call:
 
     def _append(self, row: Step) -> None:
         self.result["steps"].append(row)
-        self.dump()
+        self.dump(pack=True)
 
     def _arm(self) -> None:
         if not hasattr(signal, "setitimer"):
@@ -279,12 +294,25 @@ class Call:
             key = r["status"].split(":")[0]
             counts[key] = counts.get(key, 0) + 1
         self.result["status_counts"] = counts
-        self.dump()
+        if table:
+            (self.work / "campaign.md").write_text(table + "\n")
+        self.dump(pack=True)
         print(f"\n== {self.name}{' (dry run)' if self.dry_run else ''}: {self.result['env']['device']}, "
-              f"{self.elapsed():.0f} s, steps {counts}; wrote {self.path}", flush=True)
+              f"{self.elapsed():.0f} s, steps {counts}; wrote {self.out / SUMMARY} and {self.out / TARBALL}",
+              flush=True)
         if table:
             print(table, flush=True)
         return self.result
+
+
+def pack_folder(folder: Path, tarball: Path) -> None:
+    """``tar czf tarball -C folder .``, atomically (a temporary file renamed over the old tar)."""
+    tmp = tarball.with_name(tarball.name + ".tmp")
+    with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() and not p.name.endswith(".tmp"):
+                tar.add(p, arcname=str(p.relative_to(folder)), recursive=False)
+    tmp.replace(tarball)
 
 
 def _json_default(obj: Any) -> Any:
