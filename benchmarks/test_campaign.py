@@ -1,11 +1,10 @@
-"""The GPU campaign's shared machinery (``benchmarks/campaign/common.py``) and its ``check`` call.
+"""The GPU campaign's one call (``benchmarks/campaign/``): its machinery, its plan, and its dry run.
 
-The call's dry run (``python -m benchmarks.campaign check --dry-run``) runs every code path of the
-GPU call on CPU at the ``cpu-interp`` shape, the Triton kernels interpreted: what fails here would
-have failed on the GPU. Its values are asserted: every backend and schedule within the float32
-tolerances of the float64 reference (1e-4 loss/log-probs, 1e-3 gradients), a tuned table that the
-library accepts and the launchers read back. The ``bench`` and ``train-step`` dry runs have their
-own test files.
+The dry run (``OUT=... bash benchmarks/campaign/run.sh --dry-run``) runs every code path of the GPU
+call on CPU at tiny shapes, the Triton kernels interpreted: what fails here would have failed on the
+GPU. Its values are asserted: every backend and schedule within the float32 tolerances of the float64
+reference (1e-4 loss/log-probs, 1e-3 gradients), every peer row checked, both training-step paths on
+the same first loss, a tuned table the launchers read back, and exactly two files under ``$OUT``.
 """
 
 from __future__ import annotations
@@ -14,26 +13,42 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.campaign.common import Call, DeadlineReached, table
+from benchmarks.campaign import plan as P
+from benchmarks.campaign.common import SUMMARY, TARBALL, Call, DeadlineReached, table
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
+def new_call(tmp_path: Path, **kw) -> Call:
+    return Call(tmp_path / "out", tmp_path / "work", CPU, dry_run=True, argv=[], **{"limit_s": 600, "margin_s": 60, **kw})
+
+
 def read(call: Call) -> dict:
-    return json.loads(call.path.read_text())
+    return json.loads((call.out / SUMMARY).read_text())
 
 
-def test_steps_are_written_as_they_end_with_their_outcome(tmp_path):
-    call = Call("unit", tmp_path, CPU, dry_run=True, limit_s=600, margin_s=60, argv=[])
+def tar_json(tarball: Path) -> dict:
+    with tarfile.open(tarball) as tar:
+        return json.load(tar.extractfile("./" + SUMMARY))
+
+
+# ------------------------------------------------------------------------------------------ machinery
+
+
+def test_steps_are_written_and_packed_as_they_end_with_their_outcome(tmp_path):
+    call = new_call(tmp_path)
     row = call.run_step("a", lambda row: row.update(value=2.5), x=1)
     assert read(call)["steps"][-1] == {"kind": "a", "x": 1, "status": "ok", "value": 2.5, "wall_s": row["wall_s"]}
+    # the tar under $OUT holds the same JSON after every step (a kill keeps what finished)
+    assert tar_json(call.out / TARBALL)["steps"] == read(call)["steps"]
 
     def fail(row):
         raise ValueError("bad   input\nhere")
@@ -57,13 +72,18 @@ def test_steps_are_written_as_they_end_with_their_outcome(tmp_path):
     call.run_step("e", lambda row: ran.append(1), predicted_s=1e6)
     assert not ran  # a step predicted not to fit never starts
     assert read(call)["steps"][-1]["status"].startswith("skipped:predicted 1000000 s >")
+    (call.work / "extra.txt").write_text("x")
     result = call.finish("| t |")
     assert result["status_counts"] == {"ok": 1, "error": 1, "oom": 1, "skipped": 2}
     assert read(call)["env"]["device"] == "cpu" and read(call)["env"]["torch"] == torch.__version__
+    assert sorted(p.name for p in call.out.iterdir()) == [SUMMARY, TARBALL]
+    with tarfile.open(call.out / TARBALL) as tar:
+        assert {"./campaign.json", "./campaign.md", "./extra.txt"} <= set(tar.getnames())
+    assert tar_json(call.out / TARBALL) == read(call)
 
 
 def test_the_deadline_interrupts_a_step_and_skips_the_rest(tmp_path):
-    call = Call("unit", tmp_path, CPU, dry_run=True, limit_s=600, margin_s=60, argv=[])
+    call = new_call(tmp_path)
     t0 = time.monotonic()
     call.deadline = t0 + 0.5  # half a second left, however long the Call took to set up
 
@@ -83,7 +103,7 @@ def test_the_deadline_interrupts_a_step_and_skips_the_rest(tmp_path):
 
 
 def test_an_interrupt_leaves_its_row_in_the_file(tmp_path):
-    call = Call("unit", tmp_path, CPU, dry_run=True, limit_s=600, margin_s=60, argv=[])
+    call = new_call(tmp_path)
 
     def interrupted(row):
         row["partial"] = 1
@@ -95,152 +115,243 @@ def test_an_interrupt_leaves_its_row_in_the_file(tmp_path):
     assert read(call)["steps"][-1]["partial"] == 1
 
 
-def test_limit_must_exceed_margin(tmp_path):
+def test_call_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="limit_s"):
-        Call("unit", tmp_path, CPU, dry_run=True, limit_s=60, margin_s=60)
+        new_call(tmp_path, limit_s=60, margin_s=60)
+    with pytest.raises(ValueError, match="work folder must differ"):
+        Call(tmp_path, tmp_path, CPU, dry_run=True)
 
 
 def test_table():
     assert table([{"a": 1.23456, "b": None}], ["a", "b"]) == "| a | b |\n|---|---|\n| 1.23 | - |"
 
 
-def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+# ------------------------------------------------------------------------------------------ the plan
+
+
+def test_the_plan_runs_the_decisive_steps_first_and_fits_the_device_budget():
+    steps = P.predict_plan()
+    groups = [g for g, _, _ in steps]
+    assert groups == sorted(groups, key=P.GROUPS.index)  # env, exact, head, memory, train, sweep
+    what = [w for _, w, _ in steps]
+    for name, *_ in P.EXACT_IMPLS:  # every backend and schedule at the small and the 9B shape
+        assert f"cpu-small-N256 {name} check" in what and f"gemma2-9b-N8192 {name} check" in what
+    for case in ("gemma2-9b-full-N8192", "gemma2-9b-uf-N8192"):
+        for impl in ("triton-pairs", "triton-vocab", "triton-fused", "eager", "liger", "cce", "cce-nofilter",
+                     "torch-lce"):
+            assert f"{case} {impl}" in what
+    for case in ("gemma2-9b-N32768", "gemma2-9b-N65536"):
+        assert f"{case} triton-fused" in what and f"{case} eager" not in what  # eager cannot fit there
+    fixed = P.load_fixed()
+    before_sweep = sum(s for g, _, s in steps if g != "sweep")
+    usable = 540 - 30 - fixed["startup_s"]
+    assert 0 < before_sweep <= usable, (before_sweep, usable)
+    assert P.device_seconds(540.0, fixed) <= P.DEVICE_BUDGET_S <= 13 * 60
+    assert all(s >= 0 for _, _, s in steps)
+
+
+def test_plan_cli_prints_the_predicted_device_time():
+    proc = run_cli("--plan")
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("predicted device time"))
+    minutes = float(line.split("(")[1].split(" min")[0])
+    assert 10 <= minutes <= 13, line
+    assert "| exact |" in proc.stdout and "| sweep |" in proc.stdout
+
+
+def test_groups_option(tmp_path):
+    from benchmarks.campaign.__main__ import parse_args
+
+    assert parse_args(["--out", str(tmp_path), "--groups", "sweep"]).groups == ("env", "sweep")
+    assert parse_args(["--out", str(tmp_path), "--groups", "train,exact"]).groups == ("env", "exact", "train")
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path), "--groups", "exact,nope"])
+
+
+def test_calibrate_takes_the_measured_fixed_costs(tmp_path):
+    table_path = tmp_path / "fixed.json"
+    table_path.write_text(P.FIXED_COSTS.read_text())
+    result = {"dry_run": False, "date": "2026-12-02", "startup_s": 12.5,
+              "env": {"device": "NVIDIA H200", "commit": "abc"},
+              "steps": [
+                  {"kind": "exact", "impl": "triton-fused", "status": "ok", "check_s": 21.0, "new_shape": True},
+                  {"kind": "exact", "impl": "triton-fused", "status": "ok", "check_s": 4.5, "new_shape": True},
+                  {"kind": "case", "impl": "liger", "status": "ok", "check_s": 44.0, "new_shape": True},
+                  {"kind": "case", "impl": "cce", "status": "error:x", "check_s": 99.0},
+                  {"kind": "pytest", "status": "ok", "wall_s": 77.0},
+                  {"kind": "train-build", "status": "ok", "wall_s": 9.0},
+                  {"kind": "train", "path": "triton", "status": "ok", "warmup_ms": 31000.0}]}
+    before = json.loads(table_path.read_text())
+    fixed = P.calibrate(result, table_path)
+    assert fixed == json.loads(table_path.read_text())
+    assert fixed["first_call_s"]["triton-fused"] == 21.0 and fixed["new_shape_s"]["triton-fused"] == 4.5
+    assert fixed["first_call_s"]["liger"] == 44.0
+    assert fixed["first_call_s"]["cce"] == before["first_call_s"]["cce"]  # a failed step measures nothing
+    assert (fixed["pytest_cuda_s"], fixed["train_build_s"], fixed["train_first_step_s"]["triton"],
+            fixed["startup_s"]) == (77.0, 9.0, 31.0, 12.5)
+    assert fixed["source"].startswith("measured on NVIDIA H200") and fixed["device"] == "NVIDIA H200"
+    with pytest.raises(ValueError, match="dry run"):
+        P.calibrate(dict(result, dry_run=True), table_path)
+
+
+# ------------------------------------------------------------------------------------------ the dry run
+
+
+def clean_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT", "SIMPO_TUNED_DIR")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    return subprocess.run([sys.executable, "-m", "benchmarks.campaign", *args], cwd=ROOT, env=env,
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmarks.campaign", *args], cwd=ROOT, env=clean_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_sh(out: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """The GPU entry point itself, as the device runs it (no wheels here: the peers are installed)."""
+    env = clean_env(OUT=str(out), SIMPO_WHEELS=str(out.parent / "no-wheels"), SIMPO_COMMIT="abc123",
+                    TMPDIR=str(out.parent))
+    return subprocess.run(["bash", "benchmarks/campaign/run.sh", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def test_cli_refuses_a_gpu_call_without_a_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the refusal is for machines without one")
-    proc = run_cli("check", "--out", str(tmp_path))
+    proc = run_cli("--out", str(tmp_path))
     assert proc.returncode != 0 and "no CUDA device; use --dry-run" in proc.stderr
 
 
 @pytest.fixture(scope="module")
-def check_dry_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("check")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("campaign") / "out"
     t0 = time.monotonic()
-    proc = run_cli("check", "--dry-run", "--out", str(out))
+    proc = run_sh(out, "--dry-run")
     wall = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    print(f"check --dry-run: {wall:.0f} s")
-    return out, json.loads((out / "check.json").read_text()), proc.stdout
+    print(f"run.sh --dry-run: {wall:.0f} s")
+    result = json.loads((out / SUMMARY).read_text())
+    with tarfile.open(out / TARBALL) as tar:
+        names = set(tar.getnames())
+        log = tar.extractfile("./campaign.log").read().decode()
+    return {"out": out, "result": result, "names": names, "log": log, "wall": wall, "stdout": proc.stdout}
 
 
-def test_check_dry_run_every_step_ok(check_dry_run):
-    out, result, stdout = check_dry_run
-    bad = [(s["kind"], s.get("impl") or s.get("name") or s.get("options"), s["status"]) for s in result["steps"]
-           if s["status"] != "ok"]
-    assert not bad
-    assert result["dry_run"] is True and result["status_counts"] == {"ok": len(result["steps"])}
-    assert "== check (dry run)" in stdout and "| impl | loss |" in stdout
+def rows(result: dict, kind: str) -> list[dict]:
+    return [s for s in result["steps"] if s["kind"] == kind]
 
 
-def test_check_dry_run_gemm_rates(check_dry_run):
-    _, result, _ = check_dry_run
-    gemms = {s["name"]: s for s in result["steps"] if s["kind"] == "gemm"}
-    assert set(gemms) == {"square", "logits", "logits-f32out", "dH", "dW"}
-    assert all(g["tflops"] > 0 and g["median_ms"] > 0 for g in gemms.values())
-    assert (gemms["dW"]["m"], gemms["dW"]["n"], gemms["dW"]["k"]) == (300, 40, 64)  # V x H x N
+def test_dry_run_every_step_ok_and_two_files_come_back(dry_run):
+    result = dry_run["result"]
+    assert result["dry_run"] is True and result["env"]["commit"] == "abc123"
+    assert result["status_counts"] == {"ok": len(result["steps"])}, [
+        (s["kind"], s.get("impl"), s["status"]) for s in result["steps"] if s["status"] != "ok"]
+    assert sorted(p.name for p in dry_run["out"].iterdir()) == [SUMMARY, TARBALL]
+    assert {"./campaign.json", "./campaign.log", "./campaign.md", "./bench.md", "./tuned-cpu.json",
+            "./pytest-triton-cuda.log"} <= dry_run["names"]
+    assert any(n.startswith("./bench-") and n.endswith(".png") for n in dry_run["names"])
+    assert "no wheels in" in dry_run["log"] and "== campaign (dry run)" in dry_run["log"]
+    assert tar_json(dry_run["out"] / TARBALL) == result  # the last pack is the final JSON
+    # within the call's own limit, every row timed
+    assert result["wall_s"] < result["limit_s"] and all("wall_s" in s for s in result["steps"])
+    kinds = [s["kind"] for s in result["steps"]]
+    assert kinds.index("gemm") < kinds.index("exact") < kinds.index("pytest") < kinds.index("case") < \
+        kinds.index("train") < kinds.index("sweep")
 
 
-def test_check_dry_run_every_backend_and_schedule_is_exact(check_dry_run):
-    from benchmarks.campaign.check import EXACT_IMPLS
-
-    _, result, _ = check_dry_run
-    exact = {s["impl"]: s for s in result["steps"] if s["kind"] == "exact"}
-    assert set(exact) == {name for name, *_ in EXACT_IMPLS}
-    for name, row in exact.items():
-        assert row["passed"] is True, name
-        assert row["tolerances"] == {"loss": 1e-4, "logps": 1e-4, "dhidden": 1e-3, "dweight": 1e-3}
-        assert all(0 <= e < 1e-4 for e in row["errors"].values()), (name, row["errors"])
-        assert row["fwd_bwd"]["median_ms"] > 0
-    ref = next(s for s in result["steps"] if s["kind"] == "reference")
-    assert ref["status"] == "ok" and ref["loss"] > 0 and ref["reference"].startswith("float64")
-
-
-def test_check_dry_run_variants_and_sweep(check_dry_run):
-    from benchmarks.campaign.check import DRY_VARIANTS
-
-    _, result, _ = check_dry_run
-    variants = [s for s in result["steps"] if s["kind"] == "variant"]
-    names = {s["name"] for s in variants}
-    assert names == {"default"} | {n for n, *_ in DRY_VARIANTS}
-    for v in variants:
-        assert v["passed"] and v["fwd_ms"] > 0 and v["fwd_bwd_ms"] > 0
-        if v["name"] != "default":
-            assert v["vs_default"] > 0
-    acq = next(v for v in variants if v["name"] == "acq_rel-atomics")
-    assert acq["options"] == {"atomic_sem": "acq_rel"}
-    sweep = [s for s in result["steps"] if s["kind"] == "sweep"]
-    assert {s["schedule"] for s in sweep} >= {"fused", "vocab"}
-    assert len({(s["schedule"], json.dumps(s["options"], sort_keys=True)) for s in variants + sweep}) == \
-        len(variants + sweep)  # no configuration measured twice
+def test_dry_run_every_backend_and_schedule_is_exact(dry_run):
+    exact = rows(dry_run["result"], "exact")
+    for family, tokens in P.settings(True).exact_cases:
+        case = f"{family}-N{tokens}"
+        assert [r["impl"] for r in exact if r["case"] == case] == [n for n, *_ in P.EXACT_IMPLS]
+    for r in exact:  # float32 under the interpreter: the float32 tolerances
+        e = r["errors"]
+        assert r["passed"] and e["loss"] < 1e-4 and e["logps"] < 1e-4, r
+        assert e["dhidden"] < 1e-3 and e["dweight"] < 1e-3, r
+        assert r["check_s"] > 0 and r["reference"] == "float64"
+    pytest_row = rows(dry_run["result"], "pytest")[0]
+    assert pytest_row["returncode"] == 0 and "skipped" in pytest_row["summary"]  # no CUDA here
 
 
-def test_check_dry_run_tuned_table_is_valid_and_read_back(check_dry_run, monkeypatch):
+def test_dry_run_heads_check_every_peer(dry_run):
+    cases = rows(dry_run["result"], "case")
+    by = {(r["case"], r["impl"]): r for r in cases}
+    for impl in ("eager", "liger", "cce", "cce-nofilter", "torch-lce"):
+        for case in ("cpu-small-full-N256", "cpu-small-uf-N256"):
+            r = by[(case, impl)]
+            assert r["passed"] and r["fwd_bwd_ms"] > 0 and r["pred_fwd_bwd_ms"] is not None, r
+    for impl in ("triton", "triton-pairs", "triton-vocab", "triton-fused"):
+        assert by[("cpu-interp-tiny-N32", impl)]["passed"]
+    for impl in ("liger", "torch-lce"):  # no softcap: checked against the no-softcap reference
+        r = by[("cpu-small-full-N256", impl)]
+        assert r["softcap"] is None and "softcap_unsupported" in r["notes"]
+    assert by[("cpu-small-full-N256", "cce")]["softcap"] == 30.0
+    assert by[("cpu-small-full-N256", "eager")]["target_frac"] > 0.98  # every position a target
+    assert abs(by[("cpu-small-uf-N256", "eager")]["target_frac"] - 0.4) < 0.03
+    assert {r["group"] for r in cases} == {"head", "memory"}
+
+
+def test_dry_run_train_step_paths_agree(dry_run):
+    train = {r["path"]: r for r in rows(dry_run["result"], "train")}
+    assert set(train) == {"eager", "triton"}
+    # the same weights and batch: the first step's loss is the same through both paths
+    assert abs(train["eager"]["first_loss"] - train["triton"]["first_loss"]) < 1e-4
+    assert all(r["step_ms"] > 0 and r["tokens"] == 32 for r in train.values())
+
+
+def test_dry_run_tuned_table_is_valid_and_read_back(dry_run, tmp_path, monkeypatch):
     from simpo_kernels.kernels.launch import make_config
     from simpo_kernels.tuned import ENV_DIR, check_table
 
-    out, result, _ = check_dry_run
-    path = out / "tuned-cpu.json"
-    tuned = json.loads(path.read_text())
-    check_table(tuned, str(path))
-    assert tuned["device"] == "cpu" and set(tuned["schedule_order"]) == {"pairs", "vocab", "fused"}
-    readback = next(s for s in result["steps"] if s["kind"] == "readback")
+    with tarfile.open(dry_run["out"] / TARBALL) as tar:
+        tuned = json.load(tar.extractfile("./tuned-cpu.json"))
+    check_table(tuned, "tuned-cpu.json")
+    assert tuned["device"] == "cpu" and set(tuned["schedule_order"]) == set(P.DRY_SWEEP)
+    readback = rows(dry_run["result"], "readback")[0]
     assert readback["status"] == "ok" and readback["problems"] == []
-    # the launcher reads the table once it sits where the launchers look
-    (out / "cpu.json").write_text(path.read_text())
-    monkeypatch.setenv(ENV_DIR, str(out))
-    shape = result["shape"]
-    targets = round(shape["target_frac"] * shape["tokens"])  # the rows a launch is looked up by
+    (tmp_path / "cpu.json").write_text(json.dumps(tuned))
+    monkeypatch.setenv(ENV_DIR, str(tmp_path))
     for e in tuned["configs"]:
-        assert abs(e["tokens"] - targets) <= 1 and e["tokens"] < shape["tokens"]
         cfg = make_config(CPU, torch.float32, {}, schedule=e["schedule"], shape=(e["tokens"], e["hidden"], e["vocab"]))
         assert all(getattr(cfg, k) == v for k, v in e["options"].items())
 
 
-def test_readme_block_is_regenerated_from_campaign_json(check_dry_run, tmp_path):
+def test_readme_block_is_regenerated_from_campaign_json(dry_run, tmp_path):
     """``python -m benchmarks.report ... --readme``: the block between the markers is replaced by the
     tables of the committed JSON; dry runs are refused (CPU numbers never reach the README)."""
     from benchmarks import report
 
-    out, result, _ = check_dry_run
-    results = tmp_path / "benchmarks" / "results" / "2026-11-25-gpu"
+    results = tmp_path / "benchmarks" / "results" / "2026-12-02-gpu"
     results.mkdir(parents=True)
-    real = dict(result, dry_run=False)
-    (results / "check.json").write_text(json.dumps(real))
+    (results / "campaign.json").write_text(json.dumps(dict(dry_run["result"], dry_run=False)))
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\nbefore\n<!-- perf:begin -->\npending\n<!-- perf:end -->\nafter\n")
-    report.main([str(results / "check.json"), "--readme", str(readme)])
+    report.main([str(results / "campaign.json"), "--readme", str(readme)])
     text = readme.read_text()
     assert text.startswith("# x\n\nbefore\n<!-- perf:begin -->\nMeasured on **cpu**") and text.endswith(
         "<!-- perf:end -->\nafter\n")
-    assert "pending" not in text and "`benchmarks/results/2026-11-25-gpu/check.json`" in text
-    assert "| triton-fused | " in text and "### cuBLAS rates" in text
-    (results / "dry.json").write_text(json.dumps(result))
+    assert "pending" not in text and "`benchmarks/results/2026-12-02-gpu/campaign.json`" in text
+    assert "| triton-fused | " in text and "### cuBLAS rates" in text and "| torch-lce |" in text
+    assert "### End to end" in text and "| triton (ok) |" in text
+    (results / "dry.json").write_text(json.dumps(dry_run["result"]))
     with pytest.raises(ValueError, match="dry run"):
         report.main([str(results / "dry.json"), "--readme", str(readme)])
-    readme.write_text("no markers")
-    with pytest.raises(ValueError, match="no <!-- perf:begin -->"):
-        report.main([str(results / "check.json"), "--readme", str(readme)])
 
 
-def test_run_sh_runs_a_call_and_keeps_its_log(tmp_path):
-    """The GPU entry point itself (``benchmarks/campaign/run.sh``), on the shortest call's dry run:
-    exit status, the call's JSON and the log under $OUT, the clock started by the script."""
+def test_a_call_cut_anywhere_keeps_what_finished(tmp_path):
+    """A limit far too short for the plan: the call stops itself at its deadline, exits 0, and
+    returns the steps that finished (most decisive first), the rest marked, in the JSON and the tar."""
     out = tmp_path / "out"
-    out.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SIMPO_TUNED_DIR")}
-    env.update(OUT=str(out), SIMPO_WHEELS=str(tmp_path / "no-wheels"), SIMPO_COMMIT="abc123",
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
-    proc = subprocess.run(["bash", "benchmarks/campaign/run.sh", "train-step", "--dry-run", "--no-search"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_sh(out, "--dry-run", "--limit-s", "12", "--margin-s", "1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    log = (out / "train-step.log").read_text()
-    assert "no wheels in" in log and "== train-step (dry run)" in log
-    result = json.loads((out / "train-step.json").read_text())
-    assert result["env"]["commit"] == "abc123" and result["status_counts"].get("ok", 0) > 0
-    assert sorted(p.name for p in out.iterdir()) == ["train-step.json", "train-step.log"]
+    result = json.loads((out / SUMMARY).read_text())
+    statuses = [s["status"] for s in result["steps"]]
+    assert statuses[0] == "ok" and result["wall_s"] < 60
+    cut = next(i for i, s in enumerate(statuses) if s != "ok")
+    assert statuses[cut] in ("stopped:deadline", "skipped:deadline")
+    assert all(s == "skipped:deadline" for s in statuses[cut + 1:])
+    assert not rows(result, "sweep") or all(r["status"] == "skipped:deadline" for r in rows(result, "sweep"))
+    assert tar_json(out / TARBALL) == result

@@ -311,7 +311,7 @@ def pack_folder(folder: Path, tarball: Path) -> None:
     with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
         for p in sorted(folder.rglob("*")):
             if p.is_file() and not p.name.endswith(".tmp"):
-                tar.add(p, arcname=str(p.relative_to(folder)), recursive=False)
+                tar.add(p, arcname="./" + p.relative_to(folder).as_posix(), recursive=False)  # as `tar -C folder .`
     tmp.replace(tarball)
 
 
