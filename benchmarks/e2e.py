@@ -246,8 +246,8 @@ def run_e2e(device, *, paths=None, pairs: int = 2, seq: int = 2048, tiny: bool =
             steps: int = 3, search: bool = True, max_pairs: int = 64, dtype=torch.bfloat16,
             log=print) -> dict:
     """Every path on one model (the optimizer state carries over between paths); results at the end.
-    The GPU campaign's ``train-step`` call (:mod:`benchmarks.campaign.train_step`) runs the same
-    pieces as separate time-guarded steps, a fresh model per path."""
+    The GPU campaign's ``train`` group (:func:`benchmarks.campaign.steps.run_train`) runs the same
+    pieces as separate time-guarded steps, a fresh model per path, without the batch search."""
     device = torch.device(device)
     paths = list(paths or default_paths(device))
     cfg = gemma2_2b_config(tiny)

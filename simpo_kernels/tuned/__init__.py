@@ -1,8 +1,8 @@
 """Measured launch choices per GPU model: written by the GPU campaign, read by the launchers.
 
 One JSON file per GPU model, ``<slug of the device name>.json`` in this folder (for example
-``nvidia-h100-80gb-hbm3.json``), written by ``python -m benchmarks.campaign check`` on that GPU and
-committed::
+``nvidia-h100-80gb-hbm3.json``), written by the GPU campaign's sweep (``python -m
+benchmarks.campaign``) on that GPU and committed::
 
     {"device": "NVIDIA H100 80GB HBM3", "triton": "3.6.0", "torch": "2.11.0+cu130", "commit": "...",
      "schedule_order": ["pairs", "vocab", "fused"],        # fastest first, at the sweep's shape
