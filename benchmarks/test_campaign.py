@@ -254,6 +254,9 @@ def test_dry_run_every_step_ok_and_two_files_come_back(dry_run):
             "./pytest-triton-cuda.log"} <= dry_run["names"]
     assert any(n.startswith("./bench-") and n.endswith(".png") for n in dry_run["names"])
     assert "no wheels in" in dry_run["log"] and "== campaign (dry run)" in dry_run["log"]
+    assert "predicted device time" in dry_run["log"]  # the GPU plan, printed first
+    plan = result["plan"]
+    assert plan["device_s"] <= P.DEVICE_BUDGET_S and plan["before_sweep_s"] <= plan["usable_s"]
     assert tar_json(dry_run["out"] / TARBALL) == result  # the last pack is the final JSON
     # within the call's own limit, every row timed
     assert result["wall_s"] < result["limit_s"] and all("wall_s" in s for s in result["steps"])

@@ -368,28 +368,36 @@ def device_seconds(call_s: float, fixed: Optional[dict] = None) -> float:
     return fixed["machine_start_s"] + call_s + fixed["idle_release_s"]
 
 
-def plan_text(limit_s: float, margin_s: float) -> str:
-    """The GPU plan as text: per group its steps' predicted seconds, what fits the call, and the
-    device time."""
-    fixed = load_fixed()
+def plan_summary(limit_s: float, margin_s: float, fixed: Optional[dict] = None) -> dict[str, Any]:
+    """Per group the GPU plan's predicted seconds, what the call spends and the device time."""
+    fixed = fixed or load_fixed()
     steps = predict_plan(fixed=fixed)
-    usable = limit_s - margin_s - fixed["startup_s"]
-    lines = [f"GPU plan (predictions, not measurements; fixed costs: {fixed['source']})", "",
+    groups = {g: round(sum(p for grp, _, p in steps if grp == g), 1) for g in GROUPS}
+    before_sweep = sum(v for g, v in groups.items() if g != "sweep")
+    call_s = min(limit_s, fixed["startup_s"] + sum(groups.values()))
+    return {"fixed_costs": fixed["source"], "safety": SAFETY, "steps": {g: sum(1 for s in steps if s[0] == g)
+                                                                          for g in GROUPS},
+            "predicted_s": groups, "startup_s": fixed["startup_s"], "before_sweep_s": round(before_sweep, 1),
+            "usable_s": limit_s - margin_s - fixed["startup_s"], "call_s": round(call_s, 1),
+            "device_s": round(device_seconds(call_s, fixed), 1), "machine_start_s": fixed["machine_start_s"],
+            "idle_release_s": fixed["idle_release_s"], "limit_s": limit_s, "margin_s": margin_s}
+
+
+def plan_text(limit_s: float, margin_s: float) -> str:
+    """The GPU plan as text: per group its predicted seconds, what fits the call, the device time."""
+    p = plan_summary(limit_s, margin_s)
+    lines = [f"GPU plan (predictions, not measurements; fixed costs: {p['fixed_costs']})", "",
              "| group | steps | predicted s | cumulative s |", "|---|---|---|---|"]
     cum = 0.0
     for g in GROUPS:
-        secs = [p for grp, _, p in steps if grp == g]
-        cum += sum(secs)
-        lines.append(f"| {g} | {len(secs)} | {sum(secs):.0f} | {cum:.0f} |")
-    before_sweep = sum(p for g, _, p in steps if g != "sweep")
-    call_s = min(limit_s, fixed["startup_s"] + cum)
-    dev = device_seconds(call_s, fixed)
+        cum += p["predicted_s"][g]
+        lines.append(f"| {g} | {p['steps'][g]} | {p['predicted_s'][g]:.0f} | {cum:.0f} |")
     lines += ["",
-              f"startup (wheels, imports) {fixed['startup_s']:.0f} s; groups env..train {before_sweep:.0f} s "
-              f"of {usable:.0f} s usable (limit {limit_s:.0f} s, margin {margin_s:.0f} s); the sweep fills "
-              f"what is left ({sum(p for g, _, p in steps if g == 'sweep'):.0f} s in full).",
-              f"predicted device time: start {fixed['machine_start_s']:.0f} s + call {call_s:.0f} s + idle "
-              f"{fixed['idle_release_s']:.0f} s = {dev:.0f} s ({dev / 60:.1f} min) of the "
+              f"startup (wheels, imports) {p['startup_s']:.0f} s; groups env..train {p['before_sweep_s']:.0f} s "
+              f"of {p['usable_s']:.0f} s usable (limit {limit_s:.0f} s, margin {margin_s:.0f} s); the sweep fills "
+              f"what is left ({p['predicted_s']['sweep']:.0f} s in full).",
+              f"predicted device time: start {p['machine_start_s']:.0f} s + call {p['call_s']:.0f} s + idle "
+              f"{p['idle_release_s']:.0f} s = {p['device_s']:.0f} s ({p['device_s'] / 60:.1f} min) of the "
               f"{DEVICE_BUDGET_S / 60:.0f} min the plan allows; an optional second call of at most "
               f"{SECOND_CALL_S:.0f} s fits only if the first ends early."]
     return "\n".join(lines)

@@ -448,7 +448,9 @@ def run(call: Call, s: P.Settings, groups, seed: int = 0) -> str:
     raise_dynamo_cache_limits()  # Liger compiles one function per shape
     cp = Campaign(call, s, seed)
     call.set("startup_s", round(call.elapsed(), 2))
-    call.set("plan", {"groups": list(groups), "fixed_costs": cp.fixed["source"], "safety": P.SAFETY})
+    # the GPU plan this call follows (a dry run prints it too: the numbers are GPU predictions)
+    call.set("plan", {"groups": list(groups), **P.plan_summary(call.result["limit_s"], call.result["margin_s"])})
+    print(P.plan_text(call.result["limit_s"], call.result["margin_s"]) + "\n", flush=True)
     run_env(cp)
     if "exact" in groups:
         run_exact(cp)
