@@ -1,155 +1,135 @@
-"""The wheel set carried to the GPU machine: fetched from PyPI (network needed), then checked the
-way the GPU machine will use it, offline (``--no-index --no-deps``).
+"""The wheels carried to the GPU machine: fetched from PyPI (network needed) with
+``benchmarks/campaign/fetch-wheels``, then checked the way the GPU machine uses them, offline.
 
-Two sets are fetched with ``benchmarks/campaign/fetch-wheels``: the GPU's (CPython 3.12) and one
-for the running interpreter, whose modules are imported here from the install target.
+The default set (liger-kernel, cut-cross-entropy) is pure Python, so the cp312 set also installs
+for the running interpreter, whose imports are checked here.
 """
-
-from __future__ import annotations
 
 import os
 import shutil
 import subprocess
 import sys
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from benchmarks.campaign import wheels as W
 
-LOCAL = "%d.%d" % sys.version_info[:2]
-#: One wheel per distribution, whatever the versions PyPI serves today.
-EXPECTED = {"liger-kernel", "cut-cross-entropy", "datasets", "deepspeed", "trl", "pydantic",
-            "pydantic-core", "annotated-types", "typing-inspection", "hjson", "dill",
-            "multiprocess"}
+DEFAULT = {"liger-kernel", "cut-cross-entropy"}
 
 
-def _fetch(dest: Path, python_version: str) -> Path:
-    proc = subprocess.run(["bash", str(W.FETCH_SCRIPT), "--dest", str(dest),
-                           "--python-version", python_version],
+def _fetch(dest: Path, *args: str) -> Path:
+    proc = subprocess.run(["bash", str(W.FETCH_SCRIPT), "--dest", str(dest), *args],
                           env={**os.environ, "PYTHON": sys.executable},
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"fetch-wheels --python-version {python_version} failed:\n" \
-        f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"fetch-wheels {args} failed:\n{proc.stdout}\n{proc.stderr}"
     return dest
 
 
 @pytest.fixture(scope="module")
-def wheel_sets(tmp_path_factory):
-    """``{"3.12": dir, LOCAL: dir}``, fetched concurrently (each is mostly waiting on PyPI)."""
-    base = tmp_path_factory.mktemp("wheels")
-    versions = dict.fromkeys([W.GPU_PYTHON, LOCAL])
-    with ThreadPoolExecutor(len(versions)) as ex:
-        futs = {v: ex.submit(_fetch, base / f"cp{v.replace('.', '')}", v) for v in versions}
-        return {v: f.result() for v, f in futs.items()}
+def gpu_set(tmp_path_factory) -> Path:
+    return _fetch(tmp_path_factory.mktemp("whl"))
 
 
-def _dists(wheel_dir: Path) -> set:
-    return {W.parse_wheel_filename(p.name)[0] for p in W.wheels_in(wheel_dir)}
+def test_default_set_is_the_two_peers(gpu_set):
+    assert set(W.carried(gpu_set)) == DEFAULT
+    assert all(p.name.endswith("-py3-none-any.whl") for p in gpu_set.glob("*.whl"))
+    assert W.modules_for(gpu_set) == W.MODULES
 
 
-def test_fetch_gives_expected_set(wheel_sets):
-    for v, d in wheel_sets.items():
-        assert _dists(d) == EXPECTED, v
-        assert len(W.wheels_in(d)) == len(EXPECTED), v
+def test_default_set_requirements_met_by_image(gpu_set):
+    assert W.check_requirements(gpu_set, "3.12") == ([], [])
 
 
-def test_gpu_set_requirements_met_by_image(wheel_sets):
-    assert W.requirement_problems(wheel_sets[W.GPU_PYTHON], W.GPU_PYTHON) == []
+def test_default_set_installs_offline_for_312(gpu_set, tmp_path):
+    assert W.install_offline(gpu_set, tmp_path, "3.12") == []
+    assert {"liger_kernel", "cut_cross_entropy"} <= {p.name for p in tmp_path.iterdir()}
 
 
-def test_gpu_set_installs_offline_for_312(wheel_sets, tmp_path):
-    target = tmp_path / "site"
-    W.install_offline(wheel_sets[W.GPU_PYTHON], target, python_version=W.GPU_PYTHON)
-    assert W.missing_top_level(target) == []
-    # The compiled wheel is the cp312 build, not the running interpreter's.
-    assert list((target / "pydantic_core").glob("_pydantic_core.cpython-312-x86_64-linux-gnu*.so"))
+def test_default_set_imports_from_target_locally(gpu_set, capsys):
+    """The CLI installs the set for this Python into a fresh folder and imports it from there."""
+    rc, out = W.main(["--dir", str(gpu_set), "--python-version", W.LOCAL_PYTHON]), \
+        capsys.readouterr().out
+    assert rc == 0 and out.endswith("wheels: ok\n"), out
+    assert "imports from the target: " + ", ".join(W.MODULES) in out, out
 
 
-def test_local_set_imports_from_target(wheel_sets, tmp_path):
-    target = tmp_path / "site"
-    W.install_offline(wheel_sets[LOCAL], target)
-    assert W.missing_top_level(target) == []
-    assert W.import_problems(target) == []
+def test_trainer_adds_the_trainer_set(tmp_path):
+    d = _fetch(tmp_path / "whl", "--trainer")
+    assert set(W.carried(d)) == DEFAULT | set(W.TRAINER_DISTS)
+    assert W.check_requirements(d, "3.12")[0] == []
+    assert W.install_offline(d, tmp_path / "site", "3.12") == []
+    assert set(W.modules_for(d)) == set(W.MODULES) | {
+        "datasets", "deepspeed", "trl", "pydantic", "pydantic_core", "annotated_types",
+        "typing_inspection", "hjson", "dill", "multiprocess"}
 
 
 # -- the checks can fail ---------------------------------------------------------------------------
 
-def _fake_wheel(d: Path, name: str, version: str, requires=(), requires_python=None,
-                tag="py3-none-any") -> Path:
+def _fake_wheel(d: Path, name: str, version: str, requires=(), tag="py3-none-any") -> Path:
+    """A wheel that pip installs (for a matching ``tag``), with these ``Requires-Dist``."""
     d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{name.replace('-', '_')}-{version}-{tag}.whl"
-    meta = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
-    meta += [f"Requires-Dist: {r}" for r in requires]
-    if requires_python:
-        meta.append(f"Requires-Python: {requires_python}")
+    path, info = d / f"{name}-{version}-{tag}.whl", f"{name}-{version}.dist-info"
+    meta = [f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}"]
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(f"{name.replace('-', '_')}-{version}.dist-info/METADATA", "\n".join(meta))
+        zf.writestr(f"{info}/METADATA",
+                    "\n".join(meta + [f"Requires-Dist: {r}" for r in requires]) + "\n")
+        zf.writestr(f"{info}/WHEEL", f"Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: {tag}\n")
+        zf.writestr(f"{info}/RECORD", "")
     return path
 
 
-def test_requirement_problems_catch_missing_carried_dep(wheel_sets, tmp_path):
-    d = tmp_path / "set"
-    d.mkdir()
-    for p in W.wheels_in(wheel_sets[W.GPU_PYTHON]):
-        if W.parse_wheel_filename(p.name)[0] != "pydantic-core":
-            shutil.copy(p, d)
-    problems = W.requirement_problems(d, W.GPU_PYTHON)
-    assert len(problems) == 1 and problems[0].startswith("pydantic requires pydantic-core"), \
-        problems
-
-
-def test_requirement_problems_catch_planted_faults(tmp_path):
-    d = tmp_path / "set"
-    _fake_wheel(d, "alpha", "1.0", requires=[
-        "no-such-dist-xyz>=1",                       # neither carried nor in the image
-        "transformers>=99",                          # the image's known 5.17.0 fails it
-        "beta<2",                                    # the carried beta 2.0 fails it
-        "gamma-absent; python_version < '3.12'",     # marker false for 3.12: ignored
-        "delta-absent; extra == 'dev'",              # extras are not installed: ignored
-        "torch>=2.4",                                # image 2.11.0: met
-        "pyarrow>=1",                                # in the image, version unknown: met
+def test_requirement_check_reports_planted_faults(tmp_path, capsys):
+    _fake_wheel(tmp_path, "alpha", "1.0", requires=[
+        "no-such-dist-xyz>=1",                    # neither carried nor in the image
+        "transformers>=99",                       # the image's 5.17.0 fails it
+        "beta<2",                                 # the carried beta 2.0 fails it
+        "gamma-absent; python_version < '3.12'",  # marker false for 3.12: ignored
+        "delta-absent; extra == 'dev'",           # extras are not installed: ignored
+        "torch>=2.4",                             # the image's 2.11.0: met
+        "pyarrow>=1",                             # in the image, version not recorded
     ])
-    _fake_wheel(d, "beta", "2.0", requires_python=">=3.13")
-    _fake_wheel(d, "beta", "1.5")                    # duplicate distribution
-    _fake_wheel(d, "eps", "1.0", tag="cp311-cp311-manylinux_2_17_x86_64")
-    problems, unverified = W.check_requirements(d, W.GPU_PYTHON)
-    text = "\n".join(problems)
-    for needle in ("no-such-dist-xyz", "transformers>=99", "beta<2", "duplicate distribution beta",
-                   "Requires-Python >=3.13", "eps-1.0-cp311"):
-        assert needle in text, (needle, problems)
-    assert "gamma" not in text and "delta" not in text and "torch" not in text
-    assert len(problems) == 6, problems
-    assert unverified == ["alpha requires pyarrow>=1 (image version unknown)"]
-    # Markers are evaluated for the version asked: for 3.11 the gamma requirement counts.
-    assert "gamma-absent" in "\n".join(W.requirement_problems(d, "3.11"))
+    _fake_wheel(tmp_path, "beta", "2.0")
+    problems, unverified = W.check_requirements(tmp_path, "3.12")
+    assert problems == [
+        "alpha requires no-such-dist-xyz>=1: neither carried nor in the GPU image",
+        "alpha requires transformers>=99, but the GPU image has transformers 5.17.0",
+        "alpha requires beta<2, but the set carries beta 2.0"]
+    assert unverified == ["alpha: pyarrow>=1"]
+    assert "gamma-absent" in "\n".join(W.check_requirements(tmp_path, "3.11")[0])
+    assert W.main(["--dir", str(tmp_path), "--python-version", "3.12"]) == 1
+    assert capsys.readouterr().out.endswith("wheels: 3 problem(s)\n")
+    assert W.check_requirements(tmp_path / "empty")[0] == [f"no wheels in {tmp_path / 'empty'}"]
 
 
-def test_install_offline_reports_pip_error(tmp_path):
-    d = tmp_path / "set"
-    d.mkdir()
-    (d / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip")
-    with pytest.raises(W.WheelInstallError, match="pip install exited"):
-        W.install_offline(d, tmp_path / "site")
+def test_install_offline_reports_pip_errors(tmp_path):
+    _fake_wheel(tmp_path / "cp311", "eps", "1.0", tag="cp311-cp311-manylinux_2_17_x86_64")
+    problems = W.install_offline(tmp_path / "cp311", tmp_path / "site", "3.12")
+    assert len(problems) == 1 and "pip install exited 1" in problems[0], problems
+    assert "not a supported wheel" in problems[0], problems
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip")
+    problems = W.install_offline(tmp_path / "bad", tmp_path / "site")
+    assert len(problems) == 1 and problems[0].startswith("pip install exited"), problems
 
 
 def test_import_problems_catch_foreign_and_missing(tmp_path):
-    target = tmp_path / "site"
-    (target / "here_mod").mkdir(parents=True)
-    (target / "here_mod" / "__init__.py").write_text("")
-    problems = W.import_problems(target, ["here_mod", "json", "no_such_module_xyz"])
-    assert len(problems) == 2, problems
-    assert problems[0].startswith("json: imported from ")
-    assert problems[1].startswith("no_such_module_xyz: import failed: ModuleNotFoundError")
+    (tmp_path / "here_mod").mkdir()
+    (tmp_path / "here_mod" / "__init__.py").write_text("")
+    assert W.import_problems(tmp_path, ["here_mod", "json", "no_such_module_xyz"]) == [
+        f"json: imported from {__import__('json').__file__}, not from {tmp_path.resolve()}",
+        "no_such_module_xyz: import failed: ModuleNotFoundError: "
+        "No module named 'no_such_module_xyz'"]
 
 
 def test_fetch_wheels_rejects_bad_arguments():
-    for args in (["--bogus"], ["--python-version", "312"], ["--dest"]):
+    for args in (["--bogus"], ["--python-version", "312"], ["--dest"], ["--trainer=1"]):
         proc = subprocess.run(["bash", str(W.FETCH_SCRIPT), *args], capture_output=True,
                               text=True)
         assert proc.returncode == 2, (args, proc.stderr)
+        assert args[0] != "--bogus" or "fetch-wheels [--dest DIR] [--python-version X.Y] " \
+            "[--trainer]" in proc.stderr, proc.stderr
 
 
 _STUB_PYTHON = """#!/usr/bin/env bash
@@ -164,9 +144,10 @@ done
 """
 
 
-def test_fetch_wheels_default_dest_and_failures(tmp_path):
-    """Without --dest: <repo>/.whl, kept out of git once; old wheels go, other files stay; a pip
-    failure stops the script."""
+def test_fetch_wheels_default_dest_trainer_list_and_failures(tmp_path):
+    """Without --dest: <repo>/.whl, kept out of git once; old wheels go, other files stay. The
+    default fetch asks pip for the two peers only; --trainer adds the trainer set and builds
+    deepspeed. A pip failure stops the script."""
     repo = tmp_path / "repo"
     script = repo / "benchmarks" / "campaign" / "fetch-wheels"
     script.parent.mkdir(parents=True)
@@ -178,16 +159,27 @@ def test_fetch_wheels_default_dest_and_failures(tmp_path):
     (repo / ".whl").mkdir()
     (repo / ".whl" / "old-0.1-py3-none-any.whl").write_text("")
     (repo / ".whl" / "keep.txt").write_text("")
-    env = {**os.environ, "PYTHON": str(stub), "STUB_LOG": str(tmp_path / "log")}
+    log = tmp_path / "log"
+    env = {**os.environ, "PYTHON": str(stub), "STUB_LOG": str(log)}
+
+    def run(*args, **extra_env):
+        return subprocess.run(["bash", str(script), *args], env={**env, **extra_env},
+                              capture_output=True, text=True)
+
     for _ in range(2):
-        proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
+        assert run().returncode == 0
     assert sorted(p.name for p in (repo / ".whl").iterdir()) == [
-        "keep.txt", "stub_d-1.0-py3-none-any.whl", "stub_w-1.0-py3-none-any.whl"]
+        "keep.txt", "stub_d-1.0-py3-none-any.whl"]
     assert (repo / ".git" / "info" / "exclude").read_text().splitlines().count("/.whl/") == 1
-    calls = (tmp_path / "log").read_text().splitlines()
-    assert len(calls) == 4 and "--python-version 3.12 --implementation cp" in calls[0]
-    assert "pip wheel" in calls[1] and "deepspeed" in calls[1]
-    proc = subprocess.run(["bash", str(script), "--python-version", "3.11"],
-                          env={**env, "STUB_FAIL": "1"}, capture_output=True, text=True)
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and calls[0] == calls[1]
+    assert "--python-version 3.12 --implementation cp" in calls[0]
+    assert calls[0].endswith(" -d " + str(repo / ".whl") + " liger-kernel cut-cross-entropy")
+    log.unlink()
+    assert run("--trainer").returncode == 0
+    download, build = log.read_text().splitlines()
+    trainer_downloads = set(W.TRAINER_DISTS) - {"deepspeed"}  # built, below
+    assert set(download.split(" -d ", 1)[1].split()[1:]) == DEFAULT | trainer_downloads
+    assert build.startswith("-m pip wheel") and build.endswith(" deepspeed")
+    proc = run("--python-version", "3.11", STUB_FAIL="1")
     assert proc.returncode != 0 and "stub pip failed" in proc.stdout + proc.stderr
