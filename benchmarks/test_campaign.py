@@ -261,7 +261,8 @@ def test_dry_run_every_step_ok_and_two_files_come_back(dry_run):
     # within the call's own limit, every row timed
     assert result["wall_s"] < result["limit_s"] and all("wall_s" in s for s in result["steps"])
     kinds = [s["kind"] for s in result["steps"]]
-    assert kinds.index("gemm") < kinds.index("exact") < kinds.index("pytest") < kinds.index("case") < \
+    assert result["copy_tbps"] > 0 and result["matmul_bf16_tflops"] > 0
+    assert kinds.index("copy") < kinds.index("gemm") < kinds.index("exact") < kinds.index("pytest") < kinds.index("case") < \
         kinds.index("train") < kinds.index("sweep")
 
 

@@ -314,7 +314,7 @@ def predict_plan(s: Optional[Settings] = None, fixed: Optional[dict] = None, rat
     matmul rate; None: the H100 default; ``memory_bytes``: eager is skipped above it)."""
     s = s or settings(False)
     fixed = fixed or load_fixed()
-    steps: list[tuple[str, str, float]] = [("env", "environment, nvidia-smi", 2.0)]
+    steps: list[tuple[str, str, float]] = [("env", "environment, nvidia-smi", 2.0), ("env", "copy 2 GiB", 2.0)]
     steps += [("env", f"gemm {name} {m}x{n}x{k}", gemm_seconds(m, n, k)) for name, m, n, k, _ in s.gemms]
     seen: set = set()
 

@@ -1,7 +1,7 @@
 """The campaign's steps, most decisive first (each one or more rows of ``campaign.json``):
 
-``env``     the environment (GPU, driver, clocks, library versions) and the cuBLAS bf16 rate:
-            8192^3 (the floor's rate) and the Gemma-2-9B head's GEMMs at N=8192 (logits, also with
+``env``     the environment (GPU, driver, clocks, library versions), the copy bandwidth and the
+            cuBLAS bf16 rate: 8192^3 (the floor's rate) and the Gemma-2-9B head's GEMMs at N=8192 (logits, also with
             float32 output as the ``pairs``/``vocab`` schedules call it; dH; dW).
 ``exact``   bf16 exactness of every backend and schedule (:data:`~.plan.EXACT_IMPLS`) against the
             float64 reference computed on the GPU in chunks, at a small shape and at the 9B head
@@ -45,6 +45,9 @@ from . import plan as P
 from .common import Call, Step, fmt, table
 
 ROOT = Path(__file__).resolve().parents[2]
+PYTEST_LOG = "pytest-triton-cuda.log"
+#: A sweep winner must beat the current best by this fraction to be kept (timing noise is ~1-2%).
+MIN_GAIN = 0.03
 
 
 class Campaign:
@@ -52,6 +55,7 @@ class Campaign:
 
     def __init__(self, call: Call, s: P.Settings, seed: int = 0):
         self.call, self.s, self.seed = call, s, seed
+        self.pytest_command, self.pytest_t0 = "", 0.0
         self.device = call.device
         self.cuda = self.device.type == "cuda"
         self.fixed = P.load_fixed()
@@ -82,8 +86,23 @@ def gemm_rate(device: torch.device, m: int, n: int, k: int, out: str, dtype: tor
     return {"median_ms": t["median_ms"], "reps": t["reps"], "tflops": 2.0 * m * n * k / (t["median_ms"] * 1e-3) / 1e12}
 
 
+def copy_rate(device: torch.device, nbytes: int) -> dict[str, Any]:
+    """Device-to-device copy bandwidth (bytes read plus written), the memory ceiling (METHOD.md)."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = M.time_fn(lambda: dst.copy_(src), device, warmup=2, target_s=0.02 if device.type != "cuda" else 0.3,
+                  min_reps=5, max_reps=50)
+    return {"median_ms": t["median_ms"], "reps": t["reps"], "bytes": 2 * nbytes,
+            "tbps": 2 * nbytes / (t["median_ms"] * 1e-3) / 1e12}
+
+
 def run_env(cp: Campaign) -> None:
     call, s = cp.call, cp.s
+    nbytes = 1 << (22 if s.dry_run else 31)  # 2 GiB on the GPU: far past the L2
+    row = call.run_step("copy", lambda row: row.update(copy_rate(cp.device, nbytes)),
+                        predicted_s=cp.guard(2.0), what="device-to-device copy")
+    if row["status"] == "ok":
+        call.set("copy_tbps", row["tbps"])
     for name, m, n, k, out in s.gemms:
         row = call.run_step("gemm", lambda row, m=m, n=n, k=k, out=out: row.update(
             gemm_rate(cp.device, m, n, k, out, s.dtype)), predicted_s=cp.guard(P.gemm_seconds(m, n, k)),
@@ -262,8 +281,6 @@ def exact_row(cp: Campaign, case: C.Case, ctx: Optional[M.CaseContext], name: st
     print(progress(row), flush=True)
 
 
-PYTEST_LOG = "pytest-triton-cuda.log"
-
 
 def start_pytest(cp: Campaign) -> subprocess.Popen:
     """``pytest tests/test_triton_cuda.py`` in a subprocess, its output to a log in the work folder:
@@ -407,9 +424,6 @@ def run_sweep(cp: Campaign) -> None:
     cp.call.set("tuned", {"file": name, **tuned})
     readback(cp, tuned)
 
-
-#: A winner must beat the current best by this fraction to be kept (timing noise is ~1-2%).
-MIN_GAIN = 0.03
 
 
 def readback(cp: Campaign, tuned: dict) -> None:
