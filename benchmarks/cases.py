@@ -262,9 +262,12 @@ def _simpo_kernels_impl(backend: str, case: Case, device, schedule: str = "auto"
         if importlib.util.find_spec("triton") is None:
             raise Unavailable("triton is not installed")
         try:
-            importlib.import_module("simpo_kernels.kernels")
+            kernels = importlib.import_module("simpo_kernels.kernels")
         except ImportError as exc:
             raise Unavailable(f"simpo_kernels.kernels not importable: {exc}") from None
+        # triton <= 3.6 under numpy >= 2.4: the library refuses the interpreter, and says why
+        if device.type != "cuda" and (problem := kernels.interpreter_problem()):
+            raise Unavailable(f"the Triton interpreter cannot run here: {problem}")
 
     kwargs = {} if schedule == "auto" else {"schedule": schedule}
 

@@ -14,6 +14,9 @@ import torch
 
 from benchmarks import cases as C
 from benchmarks import measure as M
+# a test that meets the library's refusal of the Triton interpreter (triton <= 3.6 under
+# numpy >= 2.4) is skipped with its reason, as under tests/
+from tests.triton_helpers import pytest_runtest_makereport  # noqa: F401
 
 
 def pytest_addoption(parser):

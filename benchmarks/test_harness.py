@@ -121,6 +121,7 @@ def test_triton_impl_wiring_under_the_interpreter(monkeypatch):
     fake.make_config = lambda device, dtype, options: None  # the row kernels' config (unused by fused)
     fake.row_kernels = types.ModuleType("simpo_kernels.kernels.row_kernels")
     fake.BACKEND = "triton"
+    fake.interpreter_problem = lambda: None  # the stand-in runs wherever the chunked backend does
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setitem(sys.modules, "simpo_kernels.kernels", fake)
     ctx = M.CaseContext(C.make_case(C.FAMILIES["cpu-interp"], 64), CPU)

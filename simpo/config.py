@@ -264,6 +264,20 @@ class SimPOConfig(TrainingArguments):
             raise ConfigError(str(exc)) from exc
         _check_report_to(self.report_to)
 
+    @property
+    def trainer_checkpointing(self) -> bool:
+        """Whether the Trainer's own activation checkpointing is on. transformers after 5.17 names
+        it ``activation_checkpointing`` (``gradient_checkpointing`` stays as an alias that mirrors
+        it); 5.17, the GPU image's, has only ``gradient_checkpointing``. Read and set it here,
+        never through either name directly."""
+        return bool(getattr(self, "activation_checkpointing", self.gradient_checkpointing))
+
+    @trainer_checkpointing.setter
+    def trainer_checkpointing(self, on: bool) -> None:
+        for name in ("activation_checkpointing", "gradient_checkpointing"):
+            if hasattr(self, name):  # both where both exist, so the alias mirrors the new name
+                setattr(self, name, on)
+
     def _check_numbers(self) -> None:
         """Optimizer and schedule values that torch or the Trainer would take as they are, and
         fail on only after the data and model were loaded, or train garbage with (``inf`` and
@@ -683,14 +697,14 @@ def resolve_fsdp_options(args: "SimPOConfig") -> None:
     if version != "2" and (args.use_cpu or not torch.cuda.is_available()):
         raise ConfigError(f"FSDP on CPU ranks runs FSDP2 only; this run asks for FSDP{version} (set "
                           f"fsdp_config version 2, or fsdp_version: 2 in the accelerate config)")
-    if not (fsdp_checkpointing and args.activation_checkpointing):
+    if not (fsdp_checkpointing and args.trainer_checkpointing):
         return
     keys = {"activation_checkpointing", "gradient_checkpointing"} & set(args.command_line_keys)
     if keys:
         raise ConfigError(f"--{sorted(keys)[0]} true and FSDP's activation_checkpointing both "
                           f"recompute activations: keep one")
     logger.info("FSDP's activation checkpointing replaces the recipe's gradient_checkpointing")
-    args.activation_checkpointing = args.gradient_checkpointing = False
+    args.trainer_checkpointing = False
 
 
 def check_loss_backend(model_args: ModelArguments, training_args: SimPOConfig) -> None:

@@ -85,7 +85,6 @@ def choose_cpu_threads(model_args, training_args) -> None:
 
 
 def load_model(model_args, training_args, tokenizer):
-    import transformers
     from transformers import AutoModelForCausalLM
 
     from .modeling import build_tiny_model
@@ -101,10 +100,9 @@ def load_model(model_args, training_args, tokenizer):
         # the weights) under `torchrun ... --fsdp` too.
         os.environ["ACCELERATE_USE_FSDP"] = "true"
     kwargs = dict(revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code,
-                  use_cache=not training_args.gradient_checkpointing)
+                  use_cache=not training_args.trainer_checkpointing)
     if dtype is not None:
-        # transformers >= 5 calls it `dtype`; 4.x only knows `torch_dtype`
-        kwargs["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = dtype
+        kwargs["dtype"] = dtype  # transformers 5 (pyproject's floor: 5.17) calls it `dtype`, not `torch_dtype`
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
     try:

@@ -248,7 +248,7 @@ class SimPOTrainer(Trainer):
         logger.info("FSDP2 on %d CPU ranks over %s", self.args.world_size,
                     self.accelerator.state.backend)
         # the base class checked these before FSDP was on
-        if plugin.activation_checkpointing and self.args.activation_checkpointing:
+        if plugin.activation_checkpointing and self.args.trainer_checkpointing:
             raise ConfigError("FSDP's activation_checkpointing and the Trainer's "
                               "activation_checkpointing both recompute activations: keep one")
         if self.args.save_only_model and ("SHARDED_STATE_DICT" in str(plugin.state_dict_type)

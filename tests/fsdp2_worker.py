@@ -269,8 +269,15 @@ def mode_train(a, ctx, data, collate, result, tensors):
 
 
 def mode_backends(a, ctx, data, collate, result, tensors):
+    from simpo_kernels.kernels.launch import interpreter_problem
+
     out_runs = {}
     for backend, schedule in BACKENDS:
+        if backend == "triton" and (problem := interpreter_problem()):
+            # the library refuses the interpreter here (triton <= 3.6 under numpy >= 2.4): the
+            # other backends still run; the test skips these with the library's reason
+            out_runs[f"{backend}/{schedule}"] = {"skipped": problem}
+            continue
         t0 = time.perf_counter()
         model = shard(load_model(a, "tied", backend=backend, schedule=schedule), "tail", ctx)
         (batch,) = micro_batches(data, collate, 0, ctx, 1)

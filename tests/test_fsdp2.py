@@ -196,6 +196,8 @@ def test_lm_head_is_sharded_outside_the_forward(fsdp_train):
 def test_every_backend_and_schedule_matches_eager_under_fsdp2(reference, fsdp_backends, key):
     ref_t, t = reference["tensors"], fsdp_backends["tensors"]
     run = fsdp_backends["runs"][key]
+    if "skipped" in run:  # the worker's interpreter_problem(): the Triton interpreter cannot run here
+        pytest.skip(f"needs the Triton interpreter: {run['skipped']}")
     loss_diff = abs(run["loss"] - reference["eager"]["loss"])
     report = [f"loss {run['loss']:.7f} vs {reference['eager']['loss']:.7f} (diff {loss_diff:.1e})"]
     assert loss_diff < TOL_STEP

@@ -102,6 +102,84 @@ def test_triton_interpreter_refuses_bfloat16():
     assert api.check_backend("auto", "cpu", torch.bfloat16) == "torch"
 
 
+# -- 4b. an interpreter that cannot run the kernels (triton <= 3.6 under numpy >= 2.4) ------------
+
+FAKE_PROBLEM = "the Triton 0.0 interpreter cannot run loops (a stand-in for the probe's answer)"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is of the CPU interpreter")
+def test_unusable_interpreter_is_refused_with_the_probes_reason(monkeypatch):
+    """Where ``interpreter_problem()`` finds the interpreter unusable, the triton backend refuses
+    before any launch with :class:`InterpreterUnavailable` (a RuntimeError) naming the probe's
+    reason, from both entry points and from ``check_backend``; ``auto`` picks torch instead."""
+    from simpo_kernels.kernels import InterpreterUnavailable, function
+
+    monkeypatch.setattr(function, "interpreter_problem", lambda: FAKE_PROBLEM)
+    hidden, weight, bias, labels = batch()
+    message = f"backend='triton' cannot run here: {FAKE_PROBLEM}"
+    for call in (lambda: simpo_loss(hidden, weight, labels, bias=bias, backend="triton"),
+                 lambda: simpo_loss_from_logits(torch.randn(4, 7, 19), labels, backend="triton"),
+                 lambda: api.check_backend("triton", "cpu", torch.float32)):
+        with pytest.raises(InterpreterUnavailable) as err:
+            call()
+        assert str(err.value) == message and isinstance(err.value, RuntimeError)
+    assert api.check_backend("auto", "cpu", torch.float32) == "torch"
+
+
+SKIP_SESSION = f"""
+import pytest, torch
+from simpo_kernels import simpo_loss
+from simpo_kernels.kernels import function
+
+@pytest.fixture(autouse=True)
+def unusable(monkeypatch):
+    monkeypatch.setattr(function, "interpreter_problem", lambda: {FAKE_PROBLEM!r})
+
+def triton_loss():
+    g = torch.Generator().manual_seed(0)
+    return simpo_loss(torch.randn(2, 5, 8, generator=g), torch.randn(11, 8, generator=g),
+                      torch.randint(0, 11, (2, 5), generator=g), backend="triton")
+
+def test_needs_the_interpreter():
+    triton_loss()
+
+def test_expects_another_error_first():
+    with pytest.raises(ValueError, match="never raised"):
+        triton_loss()
+
+def test_fails_on_its_own():
+    assert 1 == 2
+
+def test_other_runtime_error():
+    raise RuntimeError("backend='triton' cannot run here: not the library's refusal type")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is of the CPU interpreter")
+def test_a_test_refused_the_interpreter_is_skipped_with_the_reason(tmp_path):
+    """The suite's hook (``tests/triton_helpers.py``, loaded by both conftests): a test that meets
+    the library's refusal, directly or while expecting another error, is reported SKIPPED with
+    the refusal as the reason; every other failure still fails."""
+    import subprocess
+    import sys
+
+    from .multiproc import ROOT, subprocess_env
+
+    (tmp_path / "test_session.py").write_text(SKIP_SESSION)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider",
+                           "-rfs", "-q", "--rootdir", str(tmp_path), str(tmp_path / "test_session.py")],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    out = proc.stdout
+    assert proc.returncode == 1, out + proc.stderr[-3000:]
+    assert out.splitlines()[-1].startswith("2 failed, 2 skipped"), out
+    failed = sorted(line.split("::")[1].split()[0] for line in out.splitlines() if line.startswith("FAILED"))
+    assert failed == ["test_fails_on_its_own", "test_other_runtime_error"], out
+    skipped = [line for line in out.splitlines() if line.startswith("SKIPPED")]
+    assert len(skipped) == 2, out
+    for line in skipped:  # one per test, at its definition, with the library's refusal
+        assert line.endswith(f"needs the Triton interpreter: backend='triton' cannot run here: {FAKE_PROBLEM}"), out
+
+
 # -- 5. double backward: silently first-order (triton) or an unrelated error (torch) ------------
 
 def _hvp(backend, path):

@@ -151,10 +151,32 @@ def test_fsdp_activation_checkpointing_replaces_the_recipes_gradient_checkpointi
     gradient_checkpointing, which the Trainer refuses next to it: the recipe's is turned off."""
     recipe = _recipe(tmp_path, "gradient_checkpointing: true\n")
     _, _, args, _ = parse_args([recipe])
-    assert args.activation_checkpointing is True  # without FSDP it stays
+    assert args.trainer_checkpointing is True  # without FSDP it stays
     _, _, args, _ = parse_args([recipe, "--fsdp", "true", "--fsdp_config", FSDP2_JSON])
     assert args.fsdp_plugin_args["activation_checkpointing"] is True
-    assert args.activation_checkpointing is False and args.gradient_checkpointing is False
+    assert args.trainer_checkpointing is False
+    assert set(_checkpointing_fields(args).values()) == {False}
+
+
+def _checkpointing_fields(args) -> dict:
+    """The Trainer's checkpointing switches this transformers has: ``gradient_checkpointing``
+    always, ``activation_checkpointing`` only after 5.17 (the GPU image's 5.17 has no such field)."""
+    names = [n for n in ("activation_checkpointing", "gradient_checkpointing") if hasattr(args, n)]
+    assert "gradient_checkpointing" in names
+    return {n: getattr(args, n) for n in names}
+
+
+def test_trainer_checkpointing_reads_and_sets_the_field_this_transformers_has(tmp_path):
+    """``SimPOConfig.trainer_checkpointing`` is the one switch the code reads and sets: on every
+    transformers it reflects the recipe's gradient_checkpointing and turns off every field that
+    names it (both where the newer ``activation_checkpointing`` exists, so neither is left on)."""
+    _, _, args, _ = parse_args([_recipe(tmp_path, "gradient_checkpointing: true\n")])
+    assert args.trainer_checkpointing is True
+    assert set(_checkpointing_fields(args).values()) == {True}
+    args.trainer_checkpointing = False
+    assert set(_checkpointing_fields(args).values()) == {False}
+    _, _, args, _ = parse_args([_recipe(tmp_path, "")])
+    assert args.trainer_checkpointing is False
 
 
 def test_fsdp_activation_checkpointing_from_accelerate_launch_env(tmp_path, monkeypatch):
@@ -165,10 +187,10 @@ def test_fsdp_activation_checkpointing_from_accelerate_launch_env(tmp_path, monk
     monkeypatch.setenv("FSDP_VERSION", "2")
     monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
     _, _, args, _ = parse_args([recipe])
-    assert args.activation_checkpointing is False
+    assert args.trainer_checkpointing is False
     monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "false")
     _, _, args, _ = parse_args([recipe])
-    assert args.activation_checkpointing is True
+    assert args.trainer_checkpointing is True
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -8,6 +8,7 @@ be set before this package is imported).
 """
 
 from .function import BACKEND, check_dtype, token_logprobs, token_logprobs_from_logits
-from .launch import KernelConfig, make_config
+from .launch import InterpreterUnavailable, KernelConfig, interpreter_problem, make_config
 
-__all__ = ["BACKEND", "KernelConfig", "check_dtype", "make_config", "token_logprobs", "token_logprobs_from_logits"]
+__all__ = ["BACKEND", "InterpreterUnavailable", "KernelConfig", "check_dtype", "interpreter_problem", "make_config",
+           "token_logprobs", "token_logprobs_from_logits"]

@@ -34,7 +34,8 @@ import torch
 
 from ..validation import refuse_double_backward
 from . import row_kernels, logprob_backward, lse_forward
-from .launch import input_precision, interpreter_problem, interpreting, make_config, resident_programs
+from .launch import (InterpreterUnavailable, input_precision, interpreter_problem, interpreting, make_config,
+                     resident_programs)
 
 BACKEND = "triton"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -46,7 +47,7 @@ def check_dtype(dtype: torch.dtype, device: Optional[torch.device] = None, name:
         raise TypeError(f"backend='triton' supports float16/bfloat16/float32 {name}, got {dtype}; "
                         f"use backend='torch' or backend='eager' for float64")
     if interpreting() and (problem := interpreter_problem()):
-        raise RuntimeError(f"backend='triton' cannot run here: {problem}")
+        raise InterpreterUnavailable(f"backend='triton' cannot run here: {problem}")
     if dtype == torch.bfloat16 and interpreting():
         raise TypeError(
             f"backend='triton' cannot compute bfloat16 {name} in the Triton interpreter "

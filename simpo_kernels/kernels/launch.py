@@ -35,6 +35,12 @@ def _loop_bound_probe(out_ptr, n):
     tl.store(out_ptr, count)
 
 
+class InterpreterUnavailable(RuntimeError):
+    """The Triton interpreter cannot run the kernels here (:func:`interpreter_problem` says why,
+    and the message names the fix). A limit of the environment, not a failure of the kernels: its
+    own type, so that callers (the test suite skips on it) can tell the two apart."""
+
+
 @torch.compiler.disable  # a probe launch: never traced (dynamo would skip the cache and re-run it)
 def interpreter_problem() -> Optional[str]:
     """Why the Triton interpreter cannot run our kernels here, or None when it can (cached)."""
