@@ -251,25 +251,37 @@ class Unavailable(Exception):
     """The impl cannot run here (missing package, no CUDA, ...): the case is skipped with this reason."""
 
 
-def _simpo_kernels_impl(backend: str, case: Case, device, schedule: str = "auto", name: Optional[str] = None) -> Impl:
+def triton_unavailable(device) -> Optional[str]:
+    """Why the triton backend cannot run on ``device`` (None: it can)."""
+    device = torch.device(device)
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "triton backend needs CUDA (or TRITON_INTERPRET=1 on CPU)"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        kernels = importlib.import_module("simpo_kernels.kernels")
+    except ImportError as exc:
+        return f"simpo_kernels.kernels not importable: {exc}"
+    # triton <= 3.6 under numpy >= 2.4: the library refuses the interpreter, and says why
+    if device.type != "cuda" and (problem := kernels.interpreter_problem()):
+        return f"the Triton interpreter cannot run here: {problem}"
+    return None
+
+
+def simpo_kernels_impl(backend: str, case: Case, device, schedule: str = "auto", name: Optional[str] = None,
+                       **options) -> Impl:
+    """``simpo_loss(backend=..., schedule=..., **options)`` at ``case``; :class:`Unavailable` where
+    the triton backend cannot run (no CUDA and no interpreter, or the interpreter refused)."""
     from simpo_kernels import simpo_loss
 
     if backend == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise Unavailable("triton backend needs CUDA (or TRITON_INTERPRET=1 on CPU)")
         if device.type != "cuda" and not FAMILIES[case.family].cpu:
             raise Unavailable("triton interpreter only at CPU smoke shapes")
-        if importlib.util.find_spec("triton") is None:
-            raise Unavailable("triton is not installed")
-        try:
-            kernels = importlib.import_module("simpo_kernels.kernels")
-        except ImportError as exc:
-            raise Unavailable(f"simpo_kernels.kernels not importable: {exc}") from None
-        # triton <= 3.6 under numpy >= 2.4: the library refuses the interpreter, and says why
-        if device.type != "cuda" and (problem := kernels.interpreter_problem()):
-            raise Unavailable(f"the Triton interpreter cannot run here: {problem}")
+        reason = triton_unavailable(device)
+        if reason:
+            raise Unavailable(reason)
 
-    kwargs = {} if schedule == "auto" else {"schedule": schedule}
+    kwargs = dict(options) if schedule == "auto" else {"schedule": schedule, **options}
 
     def fn(hidden, weight, labels):
         out = simpo_loss(hidden, weight, labels, beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO,
@@ -361,9 +373,9 @@ def build_impl(name: str, case: Case, device) -> Impl:
     if name not in fam.impls:
         raise Unavailable(f"{name} not run at {case.family}")
     if name in ("eager", "torch", "triton"):
-        return _simpo_kernels_impl(name, case, device)
+        return simpo_kernels_impl(name, case, device)
     if name in TRITON_SCHEDULE_IMPLS:
-        return _simpo_kernels_impl("triton", case, device, TRITON_SCHEDULE_IMPLS[name], name)
+        return simpo_kernels_impl("triton", case, device, TRITON_SCHEDULE_IMPLS[name], name)
     if name == "liger":
         return _liger_impl(case, device)
     if name in ("cce", "cce-nofilter"):

@@ -240,24 +240,41 @@ def dry_run(tmp_path_factory):
     return {"out": out, "result": result, "names": names, "log": log, "wall": wall, "stdout": proc.stdout}
 
 
+REFUSED = "the Triton interpreter cannot run here"
+
+
+def skip_if_interpreter_refused(result: dict) -> None:
+    """Where the library refuses the Triton interpreter (triton <= 3.6 under numpy >= 2.4) the dry
+    run states it in every triton row (``skipped:<the probe's reason>``): the values below need those
+    rows, so the test is skipped with that reason."""
+    reason = next((s["status"] for s in result["steps"] if REFUSED in s["status"]), None)
+    if reason:
+        pytest.skip("needs the Triton interpreter: " + reason[len("skipped:"):])
+
+
 def rows(result: dict, kind: str) -> list[dict]:
     return [s for s in result["steps"] if s["kind"] == kind]
 
 
-def test_dry_run_every_step_ok_and_two_files_come_back(dry_run):
+def test_dry_run_two_files_come_back_holding_everything(dry_run):
     result = dry_run["result"]
     assert result["dry_run"] is True and result["env"]["commit"] == "abc123"
+    assert sorted(p.name for p in dry_run["out"].iterdir()) == [SUMMARY, TARBALL]
+    assert {"./campaign.json", "./campaign.log", "./campaign.md", "./pytest-triton-cuda.log"} <= dry_run["names"]
+    assert tar_json(dry_run["out"] / TARBALL) == result  # the last pack is the final JSON
+    assert "no wheels in" in dry_run["log"] and "== campaign (dry run)" in dry_run["log"]
+
+
+def test_dry_run_every_step_ok(dry_run):
+    result = dry_run["result"]
+    skip_if_interpreter_refused(result)
     assert result["status_counts"] == {"ok": len(result["steps"])}, [
         (s["kind"], s.get("impl"), s["status"]) for s in result["steps"] if s["status"] != "ok"]
-    assert sorted(p.name for p in dry_run["out"].iterdir()) == [SUMMARY, TARBALL]
-    assert {"./campaign.json", "./campaign.log", "./campaign.md", "./bench.md", "./tuned-cpu.json",
-            "./pytest-triton-cuda.log"} <= dry_run["names"]
+    assert {"./bench.md", "./tuned-cpu.json"} <= dry_run["names"]
     assert any(n.startswith("./bench-") and n.endswith(".png") for n in dry_run["names"])
-    assert "no wheels in" in dry_run["log"] and "== campaign (dry run)" in dry_run["log"]
     assert "predicted device time" in dry_run["log"]  # the GPU plan, printed first
     plan = result["plan"]
     assert plan["device_s"] <= P.DEVICE_BUDGET_S and plan["before_sweep_s"] <= plan["usable_s"]
-    assert tar_json(dry_run["out"] / TARBALL) == result  # the last pack is the final JSON
     # within the call's own limit, every row timed
     assert result["wall_s"] < result["limit_s"] and all("wall_s" in s for s in result["steps"])
     kinds = [s["kind"] for s in result["steps"]]
@@ -267,6 +284,7 @@ def test_dry_run_every_step_ok_and_two_files_come_back(dry_run):
 
 
 def test_dry_run_every_backend_and_schedule_is_exact(dry_run):
+    skip_if_interpreter_refused(dry_run["result"])
     exact = rows(dry_run["result"], "exact")
     for family, tokens in P.settings(True).exact_cases:
         case = f"{family}-N{tokens}"
@@ -281,6 +299,7 @@ def test_dry_run_every_backend_and_schedule_is_exact(dry_run):
 
 
 def test_dry_run_heads_check_every_peer(dry_run):
+    skip_if_interpreter_refused(dry_run["result"])
     cases = rows(dry_run["result"], "case")
     by = {(r["case"], r["impl"]): r for r in cases}
     for impl in ("eager", "liger", "cce", "cce-nofilter", "torch-lce"):
@@ -299,6 +318,7 @@ def test_dry_run_heads_check_every_peer(dry_run):
 
 
 def test_dry_run_train_step_paths_agree(dry_run):
+    skip_if_interpreter_refused(dry_run["result"])
     train = {r["path"]: r for r in rows(dry_run["result"], "train")}
     assert set(train) == {"eager", "triton"}
     # the same weights and batch: the first step's loss is the same through both paths
@@ -310,6 +330,7 @@ def test_dry_run_tuned_table_is_valid_and_read_back(dry_run, tmp_path, monkeypat
     from simpo_kernels.kernels.launch import make_config
     from simpo_kernels.tuned import ENV_DIR, check_table
 
+    skip_if_interpreter_refused(dry_run["result"])
     with tarfile.open(dry_run["out"] / TARBALL) as tar:
         tuned = json.load(tar.extractfile("./tuned-cpu.json"))
     check_table(tuned, "tuned-cpu.json")
@@ -328,6 +349,7 @@ def test_readme_block_is_regenerated_from_campaign_json(dry_run, tmp_path):
     tables of the committed JSON; dry runs are refused (CPU numbers never reach the README)."""
     from benchmarks import report
 
+    skip_if_interpreter_refused(dry_run["result"])
     results = tmp_path / "benchmarks" / "results" / "2026-12-02-gpu"
     results.mkdir(parents=True)
     (results / "campaign.json").write_text(json.dumps(dict(dry_run["result"], dry_run=False)))
@@ -352,6 +374,7 @@ def test_a_call_cut_anywhere_keeps_what_finished(tmp_path):
     proc = run_sh(out, "--dry-run", "--limit-s", "12", "--margin-s", "1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / SUMMARY).read_text())
+    skip_if_interpreter_refused(result)
     statuses = [s["status"] for s in result["steps"]]
     assert statuses[0] == "ok" and result["wall_s"] < 60
     cut = next(i for i, s in enumerate(statuses) if s != "ok")

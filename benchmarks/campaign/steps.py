@@ -226,17 +226,9 @@ def progress(row: dict) -> str:
 
 
 def exact_impl(cp: Campaign, case: C.Case, backend: str, schedule: str, kw: dict, name: str) -> C.Impl:
-    from simpo_kernels import simpo_loss
-
-    if backend == "triton" and not cp.cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise C.Unavailable("triton needs CUDA or TRITON_INTERPRET=1")
-
-    def fn(h, w, labels):
-        out = simpo_loss(h, w, labels, beta=C.BETA, gamma_beta_ratio=C.GAMMA_BETA_RATIO, softcap=case.softcap,
-                         ignore_index=C.IGNORE_INDEX, backend=backend, schedule=schedule, **kw)
-        return out.loss, torch.cat([out.chosen_logps, out.rejected_logps])
-
-    return C.Impl(name, fn, case.softcap)
+    """``simpo_loss`` with ``backend``, ``schedule`` and options ``kw`` (the dry run's interpreter
+    shapes are CPU families, so the runner's builder takes them as they are)."""
+    return C.simpo_kernels_impl(backend, case, cp.device, schedule, name, **kw)
 
 
 def run_exact(cp: Campaign) -> None:
@@ -338,6 +330,9 @@ def run_train(cp: Campaign) -> None:
             continue
 
         def step(row, path=path):
+            reason = C.triton_unavailable(cp.device) if path.startswith("triton") else None
+            if reason:
+                row.skip(reason)
             try:
                 r = E.measure_step(built["model"], built["opt"], cfg, path, pairs=s["pairs"], seq=s["seq"],
                                    device=cp.device, steps=s["steps"], seed=cp.seed)
@@ -380,9 +375,11 @@ def run_sweep(cp: Campaign) -> None:
             def config_row(schedule: str, options: dict, metric: str) -> Step:
                 key = (schedule, json.dumps(options, sort_keys=True))
                 if key not in measured:
-                    impl = exact_impl(cp, case, "triton", schedule, {"kernel_options": options}, schedule)
-
                     def fn(row):
+                        try:
+                            impl = exact_impl(cp, case, "triton", schedule, {"kernel_options": options}, schedule)
+                        except C.Unavailable as exc:
+                            row.skip(str(exc))
                         measure_impl(cp, row, f"sweep-{schedule}", ctx, cp.s.timing, impl=impl)
 
                     secs = P.sweep_config_seconds(case, frac, schedule, options, cp.rate, cp.fixed, cp.s.timing)
