@@ -281,11 +281,10 @@ def simpo_kernels_impl(backend: str, case: Case, device, schedule: str = "auto",
         if reason:
             raise Unavailable(reason)
 
-    kwargs = dict(options) if schedule == "auto" else {"schedule": schedule, **options}
-
     def fn(hidden, weight, labels):
         out = simpo_loss(hidden, weight, labels, beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO,
-                         softcap=case.softcap, ignore_index=IGNORE_INDEX, backend=backend, **kwargs)
+                         softcap=case.softcap, ignore_index=IGNORE_INDEX, backend=backend, schedule=schedule,
+                         **options)
         return out.loss, torch.cat([out.chosen_logps, out.rejected_logps])
 
     return Impl(name or backend, fn, case.softcap)

@@ -15,6 +15,7 @@ call's total and the device time it spends (machine start included), which must 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,12 @@ def case_of(family: str, tokens: int) -> C.Case:
     return C.make_case(C.FAMILIES[family], tokens)
 
 
+@functools.lru_cache(maxsize=None)
+def target_frac(case: C.Case, seed: int = 0) -> float:
+    """The fraction of ``case``'s positions that are targets (its labels, made once on the CPU)."""
+    return CM.target_fraction(C.make_labels(case, seed), C.IGNORE_INDEX)
+
+
 def impls_at(family: str, impls) -> list[str]:
     """``impls`` that ``family`` is meant for (a CPU family lists its own), in order."""
     fam = C.FAMILIES[family]
@@ -254,20 +261,25 @@ def _reps(ms: float, timing: dict) -> int:
     return int(min(timing["max_reps"], max(timing["min_reps"], timing["target_s"] * 1e3 / max(ms, 1e-3))))
 
 
+def calls_seconds(case: C.Case, pred_ms: Optional[float], timing: Optional[dict]) -> float:
+    """The check's call and its comparisons with the reference, then (``timing``; None: check
+    only) a warm-up, repetitions and a memory call each for forward and forward+backward, at
+    ``pred_ms`` (the cost model's fwd+bwd) x :data:`SAFETY`; forward alone is ~1/3 of it."""
+    ms = (pred_ms or 0.0) * SAFETY
+    calls = 1 + ((3 + _reps(ms, timing)) * 1.35 if timing else 0)
+    compare = (case.vocab * case.hidden + case.tokens * case.hidden) * 4 / (COMPARE_GBPS * 1e9)
+    return calls * ms / 1e3 + compare
+
+
 def impl_seconds(case: C.Case, impl: str, target_frac: float, rate: Optional[float], seen: set, fixed: dict,
                  timing: Optional[dict]) -> float:
-    """One impl's step: its first call (the check, compilation included), the comparisons with the
-    reference, then (``timing``; None: check only) a warm-up, repetitions and a memory call each for
-    forward and forward+backward at the cost model's times x :data:`SAFETY`; a peer without softcap
-    at a softcap case computes its own reference the first time."""
+    """One impl's step: its first call's fixed cost (compilation), :func:`calls_seconds`, and for a
+    peer without softcap at a softcap case its own reference the first time."""
     over, _ = first_call_seconds(impl, case, seen, fixed)
-    ms = (predicted_ms(case, target_frac, impl, rate) or 0.0) * SAFETY
-    calls = 1 + ((3 + _reps(ms, timing)) * 1.35 if timing else 0)  # fwd alone ~1/3 of fwd+bwd
-    compare = (case.vocab * case.hidden + case.tokens * case.hidden) * 4 / (COMPARE_GBPS * 1e9)
     extra_ref = 0.0
     if impl in NO_SOFTCAP_IMPLS and case.softcap is not None and ("nocap-ref", case.id) not in seen:
         extra_ref = reference_seconds(case, target_frac, fixed)
-    return over + calls * ms / 1e3 + compare + extra_ref
+    return over + calls_seconds(case, predicted_ms(case, target_frac, impl, rate), timing) + extra_ref
 
 
 def predicted_oom(impl: str, case: C.Case, free_bytes: Optional[float]) -> Optional[str]:
@@ -299,10 +311,8 @@ def train_path_seconds(path: str, cfg, s: dict, fixed: dict) -> float:
 
 def sweep_config_seconds(case: C.Case, target_frac: float, schedule: str, options: dict, rate, fixed: dict,
                          timing: dict) -> float:
-    ms = (predicted_ms(case, target_frac, schedule, rate, options) or 0.0) * SAFETY
-    calls = 1 + (3 + _reps(ms, timing)) * 1.35
-    compare = (case.vocab * case.hidden + case.tokens * case.hidden) * 4 / (COMPARE_GBPS * 1e9)
-    return fixed["sweep_compile_s"].get(schedule, 5.0) + calls * ms / 1e3 + compare
+    return fixed["sweep_compile_s"].get(schedule, 5.0) + calls_seconds(
+        case, predicted_ms(case, target_frac, schedule, rate, options), timing)
 
 
 # --------------------------------------------------------------------------------------- the plan
@@ -321,7 +331,7 @@ def predict_plan(s: Optional[Settings] = None, fixed: Optional[dict] = None, rat
     def case_steps(group: str, cases, impls, timing) -> None:
         for family, tokens in cases:
             case = case_of(family, tokens)
-            frac = CM.target_fraction(C.make_labels(case), C.IGNORE_INDEX)
+            frac = target_frac(case)
             steps.append((group, f"{case.id} inputs + float64 reference", 1.0 + reference_seconds(case, frac, fixed)))
             for impl in impls_at(family, impls):
                 if predicted_oom(impl, case, memory_bytes):
@@ -331,10 +341,9 @@ def predict_plan(s: Optional[Settings] = None, fixed: Optional[dict] = None, rat
                 if impl in NO_SOFTCAP_IMPLS:
                     seen.add(("nocap-ref", case.id))
 
-    exact_fams = [(f, t) for f, t in s.exact_cases]
-    for family, tokens in exact_fams:  # the exactness step checks every EXACT_IMPLS name
+    for family, tokens in s.exact_cases:  # the exactness step checks every EXACT_IMPLS name
         case = case_of(family, tokens)
-        frac = CM.target_fraction(C.make_labels(case), C.IGNORE_INDEX)
+        frac = target_frac(case)
         steps.append(("exact", f"{case.id} inputs + float64 reference", 1.0 + reference_seconds(case, frac, fixed)))
         for name in s.exact_impls:
             steps.append(("exact", f"{case.id} {name} check", impl_seconds(case, name, frac, rate, seen, fixed, None)))
@@ -352,7 +361,7 @@ def predict_plan(s: Optional[Settings] = None, fixed: Optional[dict] = None, rat
         steps.append(("train", f"build {path}", fixed["train_build_s"]))
         steps.append(("train", f"step {path}", train_path_seconds(path, cfg, s.train, fixed)))
     case = case_of(*s.sweep_case)
-    frac = CM.target_fraction(C.make_labels(case), C.IGNORE_INDEX)
+    frac = target_frac(case)
     steps.append(("sweep", f"{case.id} inputs + float64 reference", 1.0 + reference_seconds(case, frac, fixed)))
     for schedule, groups in s.sweep.items():
         for options in [{}] + [c for _, cands in groups for c in cands]:

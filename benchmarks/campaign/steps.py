@@ -38,7 +38,6 @@ from unittest import mock
 import torch
 
 from .. import cases as C
-from .. import cost_model as CM
 from .. import e2e as E
 from .. import measure as M
 from . import plan as P
@@ -118,7 +117,7 @@ def run_env(cp: Campaign) -> None:
 def inputs_step(cp: Campaign, case: C.Case, group: str) -> Optional[M.CaseContext]:
     """The case's inputs and its float64 reference (computed on the device, chunked); None if that
     step did not finish."""
-    frac = CM.target_fraction(C.make_labels(case, cp.seed), C.IGNORE_INDEX)
+    frac = P.target_frac(case, cp.seed)
     holder: dict[str, M.CaseContext] = {}
 
     def inputs(row: Step) -> None:
@@ -189,8 +188,8 @@ def run_cases(cp: Campaign, group: str, cases, impls, timing: dict) -> None:
 
     for family, tokens in cases:
         case = P.case_of(family, tokens)
-        labels = C.make_labels(case, cp.seed)
-        frac = CM.target_fraction(labels, C.IGNORE_INDEX)
+        labels = C.make_labels(case, cp.seed)  # the runner's prediction() takes the labels
+        frac = P.target_frac(case, cp.seed)
         ctx = inputs_step(cp, case, group)
         try:
             for impl in P.impls_at(family, impls):
@@ -214,21 +213,13 @@ def run_cases(cp: Campaign, group: str, cases, impls, timing: dict) -> None:
 
 
 def progress(row: dict) -> str:
-    e = row.get("errors") or {}
-    errs = " ".join(f"{k}={v:.1e}" for k, v in e.items())
-    return (f"{row.get('case', ''):>22} {row.get('impl', ''):>20}: {row['status'][:50]:<10} "
-            f"fwd+bwd {fmt(row.get('fwd_bwd_ms'))} ms (pred {fmt(row.get('pred_fwd_bwd_ms'))}) "
-            f"peak {fmt(row.get('peak_mem_mib'), '.0f')} MiB [{errs}] "
-            f"{row.get('wall_s', 0):.1f} s (pred {fmt(row.get('predicted_s'))})")
+    """The runner's progress line, with the step's wall time against its prediction."""
+    from ..__main__ import fmt_row
+
+    return fmt_row(row) + f"  [{row.get('wall_s', 0):.1f} s, predicted {fmt(row.get('predicted_s'))} s]"
 
 
 # ------------------------------------------------------------------------------------------------ exact
-
-
-def exact_impl(cp: Campaign, case: C.Case, backend: str, schedule: str, kw: dict, name: str) -> C.Impl:
-    """``simpo_loss`` with ``backend``, ``schedule`` and options ``kw`` (the dry run's interpreter
-    shapes are CPU families, so the runner's builder takes them as they are)."""
-    return C.simpo_kernels_impl(backend, case, cp.device, schedule, name, **kw)
 
 
 def run_exact(cp: Campaign) -> None:
@@ -260,14 +251,14 @@ def exact_row(cp: Campaign, case: C.Case, ctx: Optional[M.CaseContext], name: st
         if ctx is None:
             row.skip("no inputs/reference")
         try:
-            impl = exact_impl(cp, case, backend, schedule, kw, name)
+            impl = C.simpo_kernels_impl(backend, case, cp.device, schedule, name, **kw)
         except C.Unavailable as exc:
             row.skip(str(exc))
         measure_impl(cp, row, name, ctx, None, impl=impl)
 
-    frac = CM.target_fraction(C.make_labels(case, cp.seed), C.IGNORE_INDEX)
+    frac = P.target_frac(case, cp.seed)
     expected = P.impl_seconds(case, name, frac, cp.rate, cp.seen, cp.fixed, None)
-    row = cp.call.run_step("exact", fn, predicted_s=None, case=case.id, impl=name, backend=backend,
+    row = cp.call.run_step("exact", fn, predicted_s=None, case=case.id, family=case.family, impl=name, backend=backend,
                            schedule=schedule, options=kw, approximate=bool(kw.get("grad_filter")), dtype=case.dtype,
                            tokens=case.tokens, hidden=case.hidden, vocab=case.vocab, expected_s=round(expected, 2))
     print(progress(row), flush=True)
@@ -363,7 +354,7 @@ def run_sweep(cp: Campaign) -> None:
     from simpo_kernels.tuned import ENV_DIR, slug
 
     case = P.case_of(*cp.s.sweep_case)
-    frac = CM.target_fraction(C.make_labels(case, cp.seed), C.IGNORE_INDEX)
+    frac = P.target_frac(case, cp.seed)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="simpo-untuned-") as empty, mock.patch.dict(os.environ, {ENV_DIR: empty}):
         ctx = inputs_step(cp, case, "sweep")
@@ -377,7 +368,8 @@ def run_sweep(cp: Campaign) -> None:
                 if key not in measured:
                     def fn(row):
                         try:
-                            impl = exact_impl(cp, case, "triton", schedule, {"kernel_options": options}, schedule)
+                            impl = C.simpo_kernels_impl("triton", case, cp.device, schedule, schedule,
+                                                        kernel_options=options)
                         except C.Unavailable as exc:
                             row.skip(str(exc))
                         measure_impl(cp, row, f"sweep-{schedule}", ctx, cp.s.timing, impl=impl)
