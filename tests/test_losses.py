@@ -12,7 +12,7 @@ several chunks and ``vocab`` several vocabulary chunks. Checked: the loss, every
 
 Tolerances (relative norm error, :func:`tests.reference.rel_err`): float64 1e-10 for values and
 gradients; float32 (triton) 1e-5 for values, 2e-5 for gradients (the schedules' float32 error is
-~1e-6, test_schedules.py). ``rewards/accuracies`` is compared exactly (no margin is near 0 here).
+~1e-6, test_schedules.py). ``rewards/accuracies`` to 1e-7 absolute (a fraction of B rounded to float32; no margin is near 0 here).
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def assert_metrics_match(case, got: dict, want: dict, tol: float):
     assert set(got) == set(want), f"{case}: metric names {sorted(got)} != {sorted(want)}"
     for k, v in want.items():
         if k.endswith("rewards/accuracies"):
-            assert got[k] == pytest.approx(v, abs=1e-12), f"{case}: {k} {got[k]} != {v}"
+            assert got[k] == pytest.approx(v, abs=1e-7), f"{case}: {k} {got[k]} != {v}"  # float32: 2/3 rounded
         else:
             assert abs(got[k] - v) <= tol * max(abs(v), 1.0), f"{case}: {k} {got[k]} != {v}"
 
@@ -258,10 +258,19 @@ def test_dpo_with_the_policy_as_reference_is_log_2(run):
     refs = dict(ref_chosen_logps=sums[:B], ref_rejected_logps=sums[B:])
     out, _ = run_library(backend, schedule, hidden, weight, bias, labels, "dpo", dict(beta=0.1), refs, softcap=30.0)
     exact = float(torch.tensor(math.log(2), dtype=dtype))
-    tol = 0.0 if dtype == torch.float64 else 1e-6  # float32: sums of a schedule may round differently
-    assert abs(out.loss.item() - exact) <= tol * exact, (out.loss.item(), exact)
-    assert out.chosen_rewards.abs().max().item() <= tol and out.rejected_rewards.abs().max().item() <= tol
-    assert torch.equal(out.chosen_logps, sums[:B]) or tol > 0
+    if dtype == torch.float64:
+        # the loss is log 2 to the last bit; the sums agree to float64 rounding (measured: equal on
+        # eager, 1 ulp (3.6e-15 of ~60) apart on some rows on torch, whose sequence_logps reduces
+        # in another order than the loss's forward), so the rewards are 0 to ~1e-16
+        assert out.loss.item() == exact, (out.loss.item(), exact)
+        tol_sums = 1e-15
+    else:
+        assert abs(out.loss.item() - exact) <= 1e-6 * exact, (out.loss.item(), exact)
+        tol_sums = 1e-6
+    assert rel_err(torch.cat([out.chosen_logps, out.rejected_logps]), sums) <= tol_sums
+    assert out.chosen_rewards.abs().max().item() <= 0.1 * tol_sums * sums.abs().max().item()
+    assert out.rejected_rewards.abs().max().item() <= 0.1 * tol_sums * sums.abs().max().item()
+    assert torch.equal(counts, (labels[:, 1:] != -100).sum(-1))
 
 
 @pytest.mark.parametrize("backend,dtype", LOGIT_RUNS, ids=[b for b, _ in LOGIT_RUNS])

@@ -106,10 +106,14 @@ def trl_dpo(per_token_logps: torch.Tensor, mask: torch.Tensor, ref_chosen_logps:
 def trl_available() -> Optional[str]:
     """None when trl imports, else the reason it does not."""
     try:
-        import trl  # noqa: F401
-        from trl.experimental.cpo import CPOTrainer  # noqa: F401
-        from trl.experimental.orpo import ORPOTrainer  # noqa: F401
-        from trl.trainer.dpo_trainer import DPOTrainer  # noqa: F401
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # trl.experimental's import-time notice
+            import trl  # noqa: F401
+            from trl.experimental.cpo import CPOTrainer  # noqa: F401
+            from trl.experimental.orpo import ORPOTrainer  # noqa: F401
+            from trl.trainer.dpo_trainer import DPOTrainer  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - any import failure means: cannot compare
         return f"trl is not importable: {type(exc).__name__}: {exc}"
     return None
