@@ -12,6 +12,8 @@ Tolerances (relative norm error against tests/reference.py in float64):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -414,3 +416,111 @@ def test_torch_compile(backend, path):
     assert rel_err(l1, ref["loss"]) < 1e-5 and rel_err(l1, l0) < 1e-6
     for a, b, r in zip(g1, g0, ref_grads):
         assert rel_err(a, r) < 1e-4 and rel_err(a, b) < 1e-6
+
+
+# -- 10. the preference-loss family: non-finite poisoning and autocast ---------------------------
+
+#: (loss, options): a few losses of the family, DPO with references.
+FAMILY = [("dpo", dict(beta=0.3, rpo_alpha=0.2)), ("dpo", dict(loss_type="ipo", beta=0.4)), ("rdpo", {}),
+          ("cpo", dict(loss_type="simpo", beta=2.0)), ("orpo", {}), ("slic", {})]
+FAMILY_IDS = [loss + "".join(f"-{v}" for v in o.values()) for loss, o in FAMILY]
+
+
+def family_refs(loss, B=2, dtype=torch.float32):
+    """Reference sums ``[B]`` for a loss that needs them (a few nats from the policy's), else {}."""
+    from simpo_kernels import LOSSES
+
+    if not LOSSES[loss].needs_reference:
+        return {}
+    return dict(ref_chosen_logps=torch.tensor([-9.5, -12.0], dtype=dtype)[:B],
+                ref_rejected_logps=torch.tensor([-10.0, -8.5], dtype=dtype)[:B])
+
+
+def family_reference(loss, hidden, weight, bias, labels, refs, softcap, **opts):
+    from .reference_losses import reference_preference
+
+    leaves = [None if t is None else t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    ref = reference_preference(leaves[0], leaves[1], labels, bias=leaves[2], softcap=softcap, loss=loss, **refs,
+                               **opts)
+    ref["loss"].backward()
+    return ref, [None if t is None else t.grad for t in leaves]
+
+
+#: (FAMILY index, where, value): the hidden states for every loss, the reference values for those
+#: that take them (+inf rejected / -inf chosen: a finite loss 0 on that pair without the guard).
+POISON_CASES = [(f, "target_hidden", float("nan")) for f in range(len(FAMILY))] + \
+               [(f, where, value) for f, (loss, _) in enumerate(FAMILY) if loss in ("dpo", "rdpo")
+                for where, value in (("ref_chosen", float("nan")), ("ref_rejected", float("inf")),
+                                     ("ref_chosen", float("-inf")))]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", SCHEDULED)
+@pytest.mark.parametrize("family,where,value", POISON_CASES,
+                         ids=[f"{FAMILY_IDS[f]}-{w}-{v}" for f, w, v in POISON_CASES])
+def test_family_non_finite_input_poisons_every_output_and_gradient(backend, family, where, value):
+    """A NaN/inf in the hidden states or in one reference value: the loss, every per-pair value,
+    every reported logp, reward, NLL and extra, and every gradient is NaN (a +inf rejected
+    reference alone would otherwise give the finite loss 0 on that pair)."""
+    from simpo_kernels import preference_loss
+
+    loss, opts = FAMILY[family]
+    hidden, weight, bias, labels = batch()
+    refs = family_refs(loss)
+    if where.startswith("ref"):
+        refs[f"{where}_logps"][1] = value  # pair 1 only
+    else:
+        hidden[2, 4, 1] = value
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = preference_loss(*leaves[:2], labels, bias=leaves[2], softcap=30.0, loss=loss, **refs, **kw(backend), **opts)
+    out.loss.backward()
+    values = {k: getattr(out, k) for k in ("loss", "losses", "chosen_logps", "rejected_logps", "chosen_rewards",
+                                           "rejected_rewards", "sft_loss")}
+    values.update(out.extra)
+    for name, v in values.items():
+        if v is not None:
+            assert torch.isnan(v).all(), f"{loss}/{backend}: {name} = {v} not poisoned by {value} in {where}"
+    assert all(math.isnan(v) for k, v in out.metrics().items() if not k.startswith(("logits/", "rewards/acc"))), \
+        out.metrics()
+    for name, leaf_ in zip(("hidden", "weight", "bias"), leaves):
+        assert torch.isnan(leaf_.grad).all(), f"{loss}/{backend}: d_{name} not poisoned by {value} in {where}"
+
+
+@pytest.mark.parametrize("backward_inside", [True, False], ids=["backward-in-autocast", "backward-after"])
+@pytest.mark.parametrize("backend", ["eager", "torch"])
+@pytest.mark.parametrize("family", range(len(FAMILY)), ids=FAMILY_IDS)
+def test_family_autocast_bf16_cpu(family, backend, backward_inside):
+    """bf16 autocast on CPU, as for simpo_loss (test_autocast_cpu): the float64 reference on the
+    bf16-cast matmul inputs (reference sums unchanged, float32), float32 gradients.
+    Tolerances as simpo's: 1e-2 on values (loss, logps), 3e-2 on gradients."""
+    from simpo_kernels import preference_loss
+
+    loss, opts = FAMILY[family]
+    hidden, weight, bias, labels = batch()
+    refs = family_refs(loss)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = preference_loss(h, w, labels, bias=b, softcap=30.0, loss=loss, backend=backend, **refs, **opts)
+        if backward_inside:
+            out.loss.backward()
+    if not backward_inside:
+        out.loss.backward()
+    cast = [t.to(torch.bfloat16) for t in (hidden, weight, bias)]
+    ref, ref_grads = family_reference(loss, *cast, labels, refs, 30.0, **opts)
+    assert out.loss.dtype == torch.float32
+    assert rel_err(out.loss, ref["loss"]) < 1e-2, (float(out.loss), float(ref["loss"]))
+    assert rel_err(out.chosen_logps, ref["chosen_logps"]) < 1e-2
+    for leaf_, want in zip((h, w, b), ref_grads):
+        assert leaf_.grad.dtype == torch.float32
+        assert rel_err(leaf_.grad, want) < 3e-2, rel_err(leaf_.grad, want)
+
+
+@pytest.mark.parametrize("family", range(len(FAMILY)), ids=FAMILY_IDS)
+def test_family_autocast_bf16_triton_interpreter_refused(family):
+    from simpo_kernels import preference_loss
+
+    loss, opts = FAMILY[family]
+    hidden, weight, _, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="Triton interpreter"):
+            preference_loss(hidden, weight, labels, loss=loss, backend="triton", **family_refs(loss), **opts)

@@ -154,3 +154,101 @@ def test_from_logits_validation(backend):
         simpo_loss_from_logits(logits, torch.where(torch.arange(5) == 2, 9, labels), backend=backend)
     with pytest.raises(ValueError, match="unknown loss_type"):
         simpo_loss_from_logits(logits, labels, loss_type="dpo", backend=backend)
+
+
+# -- the preference-loss family ------------------------------------------------------------------
+
+def family_call(batch, backend, loss, *, refs="auto", **options):
+    """``preference_loss`` on the fixture batch; ``refs="auto"``: valid reference sums for a loss
+    that needs them, none otherwise; else a dict of the reference arguments to pass."""
+    from simpo_kernels import LOSSES, preference_loss
+
+    hidden, weight, bias, labels = batch
+    if refs == "auto":
+        needs = isinstance(loss, str) and loss in LOSSES and LOSSES[loss].needs_reference
+        refs = dict(ref_chosen_logps=torch.full((2,), -9.0), ref_rejected_logps=torch.full((2,), -11.0)) if needs else {}
+    return preference_loss(hidden, weight, labels, bias=bias, loss=loss, backend=backend, **refs, **options)
+
+
+REF = torch.full((2,), -9.0)
+FAMILY_CASES = [
+    # (loss, overrides, exception, message fragment)
+    ("kto", {}, ValueError, "unknown loss 'kto'"),
+    ("DPO", {}, ValueError, "unknown loss 'DPO'"),
+    (None, {}, ValueError, "unknown loss None"),
+    ("dpo", dict(gamma_beta_ratio=0.5), TypeError, "gamma_beta_ratio for loss='dpo'; its options are beta"),
+    ("simpo", dict(rpo_alpha=0.5), TypeError, "rpo_alpha for loss='simpo'"),
+    ("orpo", dict(label_smoothing=0.1), TypeError, "label_smoothing for loss='orpo'"),
+    ("simpo", dict(refs=dict(ref_chosen_logps=REF, ref_rejected_logps=REF)), ValueError,
+     "loss='simpo' uses no reference model, but ref_chosen_logps and ref_rejected_logps were given"),
+    ("cpo", dict(refs=dict(ref_rejected_logps=REF)), ValueError, "uses no reference model"),
+    ("dpo", dict(refs={}), ValueError, "ref_chosen_logps and ref_rejected_logps missing"),
+    ("rdpo", dict(refs=dict(ref_chosen_logps=REF)), ValueError, "ref_rejected_logps missing"),
+    ("dpo", dict(refs=dict(ref_chosen_logps=REF, ref_rejected_logps=torch.zeros(3))), ValueError,
+     "ref_rejected_logps must have shape [B] = [2]"),
+    ("dpo", dict(refs=dict(ref_chosen_logps=REF[:, None], ref_rejected_logps=REF)), ValueError,
+     "ref_chosen_logps must have shape [B] = [2]"),
+    ("dpo", dict(refs=dict(ref_chosen_logps=REF.long(), ref_rejected_logps=REF)), TypeError, "ref_chosen_logps"),
+    ("dpo", dict(refs=dict(ref_chosen_logps=REF, ref_rejected_logps=REF > 0)), TypeError, "ref_rejected_logps"),
+    ("dpo", dict(refs=dict(ref_chosen_logps=REF.tolist(), ref_rejected_logps=REF)), TypeError, "ref_chosen_logps"),
+    ("dpo", dict(beta=0.0), ValueError, "beta must be > 0"),
+    ("dpo", dict(beta=-0.1), ValueError, "beta must be > 0"),
+    ("cpo", dict(beta=float("inf")), ValueError, "beta must be finite"),
+    ("dpo", dict(loss_type="robust", label_smoothing=0.5), ValueError, "label_smoothing must be < 0.5"),
+    ("dpo", dict(label_smoothing=0.7), ValueError, "label_smoothing must be in [0, 0.5]"),
+    ("dpo", dict(loss_type="simpo"), ValueError, "unknown loss_type 'simpo' for loss='dpo'"),
+    ("cpo", dict(loss_type="robust"), ValueError, "unknown loss_type 'robust' for loss='cpo'"),
+    ("simpo", dict(loss_type="ipo"), ValueError, "unknown loss_type 'ipo'"),
+    ("dpo", dict(rpo_alpha=-1.0), ValueError, "rpo_alpha must be >= 0"),
+    ("cpo", dict(cpo_alpha=-0.5), ValueError, "cpo_alpha must be >= 0"),
+    ("rrhf", dict(nll_weight=-1.0), ValueError, "nll_weight must be >= 0"),
+    ("slic", dict(delta="1"), TypeError, "delta must be a real number"),
+    ("rdpo", dict(alpha=True), TypeError, "alpha must be a real number"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(len(FAMILY_CASES)),
+                         ids=[f"{c[0]}-{c[3][:30]}" for c in FAMILY_CASES])
+def test_family_bad_input_is_rejected(batch, backend, case):
+    loss, over, exc, fragment = FAMILY_CASES[case]
+    over = dict(over)
+    refs = over.pop("refs", "auto")
+    with pytest.raises(exc) as info:
+        family_call(batch, backend, loss, refs=refs, **over)
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_family_bad_input_from_logits_and_loss_objects(batch):
+    from simpo_kernels import LOSSES, preference_loss_from_logits, sequence_logps
+
+    logits = torch.randn(4, 6, 11)
+    labels = batch[3]
+    with pytest.raises(ValueError, match="needs the reference model's per-sequence log-prob sums"):
+        preference_loss_from_logits(logits, labels, loss="dpo", backend="torch")
+    with pytest.raises(ValueError, match="uses no reference model"):
+        preference_loss_from_logits(logits, labels, loss="orpo", ref_chosen_logps=REF, ref_rejected_logps=REF)
+    with pytest.raises(TypeError, match="unexpected option"):
+        preference_loss_from_logits(logits, labels, loss="rrhf", beta=1.0)
+    # a configured loss object takes no loose options beside it
+    with pytest.raises(TypeError, match="cannot be given beside it"):
+        family_call(batch, "torch", LOSSES["cpo"](beta=0.2), beta=0.3)
+    # sequence_logps validates like the loss (any number of rows, but shapes and dtypes)
+    hidden, weight, bias, labels = batch
+    with pytest.raises(ValueError, match="labels must have shape"):
+        sequence_logps(hidden, weight, labels[:, :5])
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        sequence_logps(hidden, weight, labels.float())
+    sums, counts = sequence_logps(hidden[:3], weight, labels[:3], bias=bias)  # an odd number of rows is fine
+    assert sums.shape == (3,) and counts.shape == (3,)
+
+
+def test_family_ignored_label_smoothing_warns(batch):
+    """As the official trainers: a loss type without label smoothing warns and ignores it."""
+    with pytest.warns(UserWarning, match="does not support label smoothing"):
+        out = family_call(batch, "torch", "dpo", loss_type="ipo", label_smoothing=0.1)
+    assert torch.equal(out.loss, family_call(batch, "torch", "dpo", loss_type="ipo").loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        family_call(batch, "torch", "dpo", loss_type="robust", label_smoothing=0.1)
+        family_call(batch, "torch", "cpo", loss_type="simpo", label_smoothing=0.1)
