@@ -256,3 +256,85 @@ def test_second_consumer_of_the_same_hidden_states(backend, dtype):
         lambda h, w, b, labels, shared: simpo_loss(
             h, w, labels, bias=b, softcap=30.0, **hidden_kwargs(backend), **OPTS).loss,
         lambda h, w, shared: (h.float() ** 2).sum() * 1e-2 + (w.float() ** 3).sum() * 1e-2)
+
+
+# -- the preference-loss family: inputs (incl. the reference values) never written ----------------
+
+#: a few losses of the family; DPO with references (and RPO's NLL term), CPO-SimPO, ORPO
+FAMILY = [("dpo", dict(beta=0.3, rpo_alpha=0.2)), ("rdpo", dict(alpha=0.1)), ("cpo", dict(loss_type="simpo")),
+          ("orpo", {})]
+#: one dtype per schedule (the hidden-state path), so that every schedule and dtype appears
+FAMILY_COMBOS = [("eager", torch.float32), ("torch:tokens", torch.float64), ("torch:pairs", torch.bfloat16),
+                 ("torch:vocab", torch.float16), ("triton:fused", torch.float32), ("triton:pairs", torch.float16),
+                 ("triton:vocab", torch.float32)]
+FAMILY_PARAMS = [(loss, opts, b, d, p) for p in ("hidden", "logits") for loss, opts in FAMILY
+                 for b, d in FAMILY_COMBOS if on_path(b, p)]
+
+
+def family_inputs(loss, dtype, path, seed=0):
+    """:func:`inputs` plus the reference sums ``[B]`` (float32; float64 for float64 inputs) for a
+    loss that takes them, as leaves that require grad (they must get none: the loss detaches them)."""
+    from simpo_kernels import LOSSES
+
+    tensors = {k: leaf(t) for k, t in inputs(dtype, path, seed).items()}
+    if LOSSES[loss].needs_reference:
+        rdt = torch.float64 if dtype == torch.float64 else torch.float32
+        tensors["ref_chosen_logps"] = torch.tensor([-9.0, -14.0], dtype=rdt, requires_grad=True)
+        tensors["ref_rejected_logps"] = torch.tensor([-12.5, -8.0], dtype=rdt, requires_grad=True)
+    return tensors
+
+
+def family_run(loss, opts, backend, path, tensors):
+    from simpo_kernels import preference_loss, preference_loss_from_logits
+
+    refs = {k: t for k, t in tensors.items() if k.startswith("ref_")}
+    if path == "logits":
+        return preference_loss_from_logits(tensors["logits"], tensors["labels"], loss=loss,
+                                           backend=logits_backend(backend), **refs, **opts)
+    return preference_loss(tensors["hidden"], tensors["weight"], tensors["labels"], bias=tensors["bias"],
+                           softcap=30.0, loss=loss, **hidden_kwargs(backend), **refs, **opts)
+
+
+@pytest.mark.parametrize("loss,opts,backend,dtype,path", FAMILY_PARAMS,
+                         ids=[f"{lo}-{b}-{str(d).replace('torch.', '')}-{p}" for lo, _, b, d, p in FAMILY_PARAMS])
+def test_family_inputs_bit_identical_and_references_detached(loss, opts, backend, dtype, path):
+    tensors = family_inputs(loss, dtype, path)
+    before = {k: bits(t) for k, t in tensors.items()}
+    floats = [t for k, t in tensors.items() if k not in ("labels",) and not k.startswith("ref_")]
+    out = family_run(loss, opts, backend, path, tensors)
+    out.loss.backward()
+    for t in floats:
+        assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+    for k, t in tensors.items():
+        assert torch.equal(bits(t), before[k]), f"{loss}/{backend}/{dtype}: {k} was modified"
+        if k.startswith("ref_"):
+            assert t.grad is None, f"{k} got a gradient: the reference values must be detached"
+
+
+@pytest.mark.parametrize("kind", ["strided", "sliced", "expanded"])
+@pytest.mark.parametrize("backend", ["eager", "torch:pairs", "triton:fused"])
+def test_family_reference_views_give_the_contiguous_answer(backend, kind):
+    """The reference sums as a non-contiguous view (gaps holding NaN) give the contiguous answer;
+    their storage stays untouched."""
+    loss, opts = FAMILY[0]
+    dtype = torch.float32
+    tensors = family_inputs(loss, dtype, "hidden", seed=3)
+    ref = tensors["ref_chosen_logps"].detach()
+    if kind == "strided":
+        base = torch.full((4,), float("nan"))
+        base[::2] = ref
+        view = base[::2]
+    elif kind == "sliced":
+        base = torch.full((5,), float("nan"))
+        base[2:4] = ref
+        view = base[2:4]
+    else:  # both pairs read one value
+        base = ref[:1].clone()
+        view = base.expand(2)
+        ref = view.contiguous()
+    base_bits = bits(base)
+    got = family_run(loss, opts, backend, "hidden", {**tensors, "ref_chosen_logps": view})
+    want = family_run(loss, opts, backend, "hidden", {**tensors, "ref_chosen_logps": ref})
+    for k in ("loss", "losses", "chosen_rewards", "rejected_rewards", "sft_loss"):
+        assert rel_err(getattr(got, k), getattr(want, k)) <= TOL[dtype], k
+    assert torch.equal(bits(base), base_bits)
