@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -117,3 +118,88 @@ def test_confident_tokens():
     ref, _ = run_reference(hidden, weight, None, labels, **opts)
     wrong = out.rejected_logps - 1e-9
     assert (wrong - ref["rejected_logps"]).abs().item() > FLOOR * logit_scale(hidden, weight, None)
+
+
+# -- the preference-loss family ------------------------------------------------------------------
+
+FAMILY_TYPES = {"simpo": ["sigmoid", "hinge"], "dpo": ["sigmoid", "hinge", "ipo", "robust", "sigmoid_norm"],
+                "rdpo": [None], "cpo": ["sigmoid", "hinge", "ipo", "simpo"], "orpo": [None], "rrhf": [None],
+                "slic": [None]}
+SMOOTHED = {("simpo", "sigmoid"), ("dpo", "sigmoid"), ("dpo", "robust"), ("cpo", "sigmoid"), ("cpo", "simpo")}
+
+
+@st.composite
+def family_problems(draw, loss):
+    """A random problem as :func:`problems` draws it, then random options of ``loss`` (and
+    reference sums within a few nats of the policy's for dpo/rdpo)."""
+    hidden, weight, bias, labels, opts, chunk = draw(problems())
+    softcap = opts["softcap"]
+    loss_type = draw(st.sampled_from(FAMILY_TYPES[loss]))
+    o = {} if loss_type is None else {"loss_type": loss_type}
+    if loss in ("simpo", "dpo", "rdpo", "cpo", "orpo"):
+        o["beta"] = draw(st.floats(0.05, 5.0))
+    if (loss, loss_type) in SMOOTHED:
+        o["label_smoothing"] = draw(st.floats(0.0, 0.45))
+    weight_option = {"simpo": "sft_weight", "dpo": "rpo_alpha", "cpo": "cpo_alpha", "rrhf": "nll_weight",
+                     "slic": "nll_weight"}.get(loss)
+    if weight_option:
+        o[weight_option] = draw(st.sampled_from([0.0, 0.5, 2.0]))
+    if loss == "simpo":
+        o["gamma_beta_ratio"] = draw(st.floats(-1.0, 2.0))
+    if loss == "cpo":
+        o["simpo_gamma"] = draw(st.floats(0.0, 2.0))
+    if loss == "rdpo":
+        o["alpha"] = draw(st.floats(-0.5, 0.5))
+    if loss == "slic":
+        o["delta"] = draw(st.floats(0.0, 5.0))
+    refs = {}
+    if loss in ("dpo", "rdpo"):
+        B = hidden.shape[0] // 2
+        shift = torch.tensor(draw(st.lists(st.floats(-3.0, 3.0), min_size=2 * B, max_size=2 * B)), dtype=torch.float64)
+        from .reference import reference_logits
+        from .reference_losses import reference_sums
+
+        sums, _ = reference_sums(reference_logits(hidden, weight, bias, softcap), labels)
+        refs = dict(ref_chosen_logps=sums[:B] + shift[:B], ref_rejected_logps=sums[B:] + shift[B:])
+    return hidden, weight, bias, labels, loss, o, refs, softcap, chunk
+
+
+@pytest.mark.parametrize("loss", sorted(FAMILY_TYPES))
+@settings(max_examples=15, deadline=None, derandomize=not EXPLORE,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_family_matches_reference(loss, data):
+    """torch (random chunk) and eager vs the float64 family reference. Same tolerance rule as
+    above; the scales: values ``(1 + beta + 1/beta) * T * zmag`` (sums of up to T log-probs,
+    IPO's ``1/(2 beta)``), gradients that times the other factor's norm."""
+    from simpo_kernels import preference_loss
+
+    from .reference_losses import reference_preference
+
+    hidden, weight, bias, labels, loss, opts, refs, softcap, chunk = data.draw(family_problems(loss))
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    ref = reference_preference(leaves[0], leaves[1], labels, bias=leaves[2], softcap=softcap, loss=loss, **refs,
+                               **opts)
+    ref["loss"].backward()
+    ref_grads = [None if t is None else t.grad for t in leaves]
+    zscale = logit_scale(hidden, weight, bias)
+    beta = opts.get("beta", 1.0)
+    scale = (1 + beta + 1 / beta) * hidden.shape[1] * zscale
+    other_norm = [weight.norm().item(), hidden.norm().item(), hidden[..., 0].numel() ** 0.5]
+
+    def close(got, want, s):
+        return (got.detach().double() - want.detach().double()).norm().item() <= \
+            max(TOL * want.detach().double().norm().item(), FLOOR * s)
+
+    for backend, extra in (("eager", {}), ("torch", {"chunk_size": chunk})):
+        lv = [None if t is None else t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+        out = preference_loss(lv[0], lv[1], labels, bias=lv[2], softcap=softcap, loss=loss, backend=backend, **refs,
+                              **extra, **opts)
+        out.loss.backward()
+        for k in ("loss", "losses", "chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards"):
+            assert close(getattr(out, k), ref[k], scale), (backend, loss, opts, k)
+        if ref["nll"] is not None:
+            assert close(out.sft_loss, ref["nll"], zscale), (backend, loss, "nll")
+        for t, want, n in zip(lv, ref_grads, other_norm):
+            if want is not None:
+                assert close(t.grad, want, scale * n), (backend, loss, opts, "grad")
