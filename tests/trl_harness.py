@@ -19,7 +19,7 @@ An accelerator stub on one process gathers by identity.
 from __future__ import annotations
 
 from collections import defaultdict
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 from typing import Optional
 
 import torch
@@ -101,6 +101,52 @@ def trl_dpo(per_token_logps: torch.Tensor, mask: torch.Tensor, ref_chosen_logps:
               "ref_rejected_logps": ref_rejected_logps}
     loss = DPOTrainer._compute_loss(self, model, inputs, return_outputs=False)
     return loss, {k: v[-1] for k, v in self._metrics["train"].items()}
+
+
+def _paired_batch(labels: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> dict:
+    """TRL's CPO/ORPO batch dict from ``[2B, T]`` labels (chosen rows first); ``input_ids`` are the
+    labels with ignored positions set to token 0 (only ORPO's NLL reads them)."""
+    B = labels.shape[0] // 2
+    ids = labels.clamp_min(0)
+    mask = torch.ones_like(labels) if attention_mask is None else attention_mask
+    return {"chosen_input_ids": ids[:B], "chosen_attention_mask": mask[:B], "chosen_labels": labels[:B],
+            "rejected_input_ids": ids[B:], "rejected_attention_mask": mask[B:], "rejected_labels": labels[B:]}
+
+
+def _logits_model(logits: torch.Tensor):
+    def model(input_ids, attention_mask=None, use_cache=False, **kwargs):
+        assert input_ids.shape == logits.shape[:2]
+        return SimpleNamespace(logits=logits)
+    return model
+
+
+def trl_cpo_batch(logits: torch.Tensor, labels: torch.Tensor, *, beta: float = 0.1, label_smoothing: float = 0.0,
+                  loss_type: str = "sigmoid", simpo_gamma: float = 0.5, cpo_alpha: float = 1.0):
+    """TRL's whole ``CPOTrainer.get_batch_loss_metrics`` on given logits ``[2B, T, V]`` (its own
+    ``concatenated_forward``: get_batch_logps, the NLL by ``nn.CrossEntropyLoss``, the metrics) ->
+    ``(loss, metrics)``."""
+    from trl.experimental.cpo import CPOTrainer
+
+    self = SimpleNamespace(beta=beta, label_smoothing=label_smoothing, loss_type=loss_type, simpo_gamma=simpo_gamma,
+                           alpha=0.0, cpo_alpha=cpo_alpha, accelerator=_Accelerator(), is_encoder_decoder=False,
+                           pad_token_id=0, aux_loss_enabled=False, concatenated_inputs=CPOTrainer.concatenated_inputs,
+                           get_batch_logps=CPOTrainer.get_batch_logps)
+    self.concatenated_forward = MethodType(CPOTrainer.concatenated_forward, self)
+    self.cpo_loss = MethodType(CPOTrainer.cpo_loss, self)
+    return CPOTrainer.get_batch_loss_metrics(self, _logits_model(logits), _paired_batch(labels, None))
+
+
+def trl_orpo_batch(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor, *, beta: float = 0.1):
+    """TRL's whole ``ORPOTrainer.get_batch_loss_metrics`` on given logits -> ``(loss, metrics)``.
+    TRL's NLL covers the positions the attention mask keeps (prompt and response in TRL's data)."""
+    from trl.experimental.orpo import ORPOTrainer
+
+    self = SimpleNamespace(beta=beta, accelerator=_Accelerator(), is_encoder_decoder=False, padding_value=0,
+                           aux_loss_enabled=False, concatenated_inputs=ORPOTrainer.concatenated_inputs,
+                           get_batch_logps=ORPOTrainer.get_batch_logps)
+    self.concatenated_forward = MethodType(ORPOTrainer.concatenated_forward, self)
+    self.odds_ratio_loss = MethodType(ORPOTrainer.odds_ratio_loss, self)
+    return ORPOTrainer.get_batch_loss_metrics(self, _logits_model(logits), _paired_batch(labels, attention_mask))
 
 
 def trl_available() -> Optional[str]:
