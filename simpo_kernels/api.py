@@ -1,8 +1,10 @@
-"""Public API: :func:`simpo_loss` and :func:`simpo_loss_from_logits`.
+"""Public API: :func:`simpo_loss`, :func:`preference_loss` (the paired family), their
+``*_from_logits`` forms, and :func:`sequence_logps` (a reference model's per-sequence sums).
 
 Each call validates its inputs, shifts the labels, resolves the backend and its schedule
 (:mod:`simpo_kernels.schedules`), which computes per-token log-probabilities and logit sums of
-the target positions, and applies :func:`simpo_kernels.objective.simpo_objective`.
+the target positions, and applies :func:`simpo_kernels.objective.preference_objective` with the
+loss's head (:mod:`simpo_kernels.losses`).
 
 Guarantees every backend shares, enforced here once:
 
@@ -12,7 +14,8 @@ Guarantees every backend shares, enforced here once:
   ``nn.Linear`` would be; the backend then runs with autocast off, so its own float32 accumulation
   is kept, and its backward runs with autocast off wherever ``backward()`` is called.
   Given logits are not cast (``log_softmax`` runs in float32 under autocast).
-* Non-finite inputs: a NaN or inf anywhere in hidden states, weight, bias or logits makes every
+* Non-finite inputs: a NaN or inf anywhere in hidden states, weight, bias, logits or the
+  reference values makes every
   value of the result NaN, and every gradient entirely NaN, on every backend. (Stricter than
   the official trainer, whose gradient is NaN only in the rows the value reaches.)
 
@@ -34,7 +37,8 @@ from typing import Optional, Union
 import torch
 
 from . import chunked, eager
-from .losses import LOSSES, PreferenceLoss, SimPOLoss, make_loss
+from .eager import compute_dtype
+from .losses import PreferenceLoss, SimPOLoss, make_loss
 from .objective import LOGIT_METRICS, Objective, SimPOOutput, preference_objective, shift_targets
 from .schedules import (TargetLayout, check_memory_budget, check_schedule_name, default_memory_budget,
                         forward_logps, resolve_schedule, run_schedule, run_schedule_triton)
@@ -302,6 +306,12 @@ def _check_logit_metrics(logit_metrics: Optional[str], loss: PreferenceLoss) -> 
     return logit_metrics
 
 
+def _in_dtype(refs, dtype: torch.dtype) -> tuple:
+    """Reference sums in the objective's compute dtype (float32, float64 for float64 inputs), so a
+    loss's outputs have one dtype whatever the caller's reference column holds."""
+    return tuple(None if r is None else r.to(dtype) for r in refs)
+
+
 def _rows_of(t) -> int:
     return t.shape[0] if isinstance(t, torch.Tensor) and t.dim() >= 1 else 0
 
@@ -317,7 +327,7 @@ def _loss_from_hidden(loss_fn: PreferenceLoss, ref_chosen, ref_rejected, hidden_
     hidden_states, weight, bias = _autocast_inputs(_autocast_dtype(device), hidden_states, weight, bias)
     rows, T, H, V, finite, counts = check_hidden_inputs(
         hidden_states, weight, bias, labels, ignore_index, also_finite=tuple(r for r in refs if r is not None))
-    objective = Objective(loss_fn, *refs)
+    objective = Objective(loss_fn, *_in_dtype(refs, compute_dtype(hidden_states.dtype)))
     impl = _resolve_backend(backend, device)
     impl.check_dtype(hidden_states.dtype, device)
     targets = shift_targets(labels.long(), ignore_index)
@@ -411,7 +421,8 @@ def _loss_from_logits(loss_fn: PreferenceLoss, ref_chosen, ref_rejected, logits,
         token_logps, logit_sums = impl.token_logprobs_from_logits(
             logits.reshape(rows * T, V), targets.reshape(-1), ignore_index=ignore_index, **kwargs)
         return preference_objective(token_logps.view(rows, T), targets, logit_sums.view(rows, T), V,
-                                    objective=Objective(loss_fn, *refs), ignore_index=ignore_index,
+                                    objective=Objective(loss_fn, *_in_dtype(refs, compute_dtype(logits.dtype))),
+                                    ignore_index=ignore_index,
                                     inputs_finite=finite, logit_metrics=logit_metrics)
 
 

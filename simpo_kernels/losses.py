@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
@@ -88,6 +90,16 @@ def _sigmoid_loss(x: torch.Tensor, eps: float) -> torch.Tensor:
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """``log(1 - exp(x))`` for ``x <= 0``, accurate at both ends."""
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _caller_level() -> int:
+    """``stacklevel`` that points a warning at the first frame outside this package (the user's
+    call, however deep the library's own calls are)."""
+    package = os.path.dirname(__file__)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _real(name: str, value) -> float:
@@ -159,7 +171,7 @@ class PreferenceLoss:
         if eps > 0 and loss_type not in self.label_smoothing_types:
             # As the official trainers: the loss type ignores it; say so rather than stay silent.
             warnings.warn(f"You are using the {loss_type} loss type that does not support label smoothing; "
-                          "label_smoothing is ignored.", UserWarning, stacklevel=4)
+                          "label_smoothing is ignored.", UserWarning, stacklevel=_caller_level())
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())

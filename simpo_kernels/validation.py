@@ -12,7 +12,6 @@ and the per-row target counts it brings back let every schedule size its compact
 from __future__ import annotations
 
 import numbers
-import warnings
 from typing import Optional
 
 import torch
