@@ -332,3 +332,24 @@ def test_loss_instance_equals_name():
     by_instance = preference_loss(hidden, weight, labels, loss=LOSSES["dpo"](beta=0.3, loss_type="ipo"), bias=bias,
                                   backend="torch", **refs)
     assert torch.equal(by_name.loss, by_instance.loss) and by_name.metrics() == by_instance.metrics()
+
+
+@pytest.mark.parametrize("run", [RUNS[0], RUNS[2], RUNS[4]], ids=run_id)
+@pytest.mark.parametrize("ref_dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d)[6:])
+def test_reference_dtype_does_not_change_the_outputs(run, ref_dtype):
+    """The reference sums enter in the objective's compute dtype (float32; float64 for float64
+    inputs): whatever dtype the caller's column holds, the outputs have the inputs' compute dtype and
+    equal the call with the sums cast to it first."""
+    backend, schedule, dtype = run
+    hidden, weight, bias, labels, refs = make_problem("dpo", dtype, seed=9)
+    given = {k: v.to(ref_dtype) for k, v in refs.items()}
+    cast = {k: v.to(dtype) for k, v in given.items()}
+    got, grads = run_library(backend, schedule, hidden, weight, bias, labels, "dpo", dict(beta=0.3), given, softcap=30.0)
+    want, want_grads = run_library(backend, schedule, hidden, weight, bias, labels, "dpo", dict(beta=0.3), cast,
+                                   softcap=30.0)
+    for key in FIELDS:
+        assert getattr(got, key).dtype == dtype, (key, getattr(got, key).dtype)
+        assert torch.equal(getattr(got, key), getattr(want, key)), key
+    for name in grads:
+        assert torch.equal(grads[name], want_grads[name]), name

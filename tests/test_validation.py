@@ -245,8 +245,9 @@ def test_family_bad_input_from_logits_and_loss_objects(batch):
 
 def test_family_ignored_label_smoothing_warns(batch):
     """As the official trainers: a loss type without label smoothing warns and ignores it."""
-    with pytest.warns(UserWarning, match="does not support label smoothing"):
+    with pytest.warns(UserWarning, match="does not support label smoothing") as record:
         out = family_call(batch, "torch", "dpo", loss_type="ipo", label_smoothing=0.1)
+    assert record[0].filename == __file__  # points at the caller's line, not the library's
     assert torch.equal(out.loss, family_call(batch, "torch", "dpo", loss_type="ipo").loss)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
