@@ -353,3 +353,34 @@ def test_reference_dtype_does_not_change_the_outputs(run, ref_dtype):
         assert torch.equal(getattr(got, key), getattr(want, key)), key
     for name in grads:
         assert torch.equal(grads[name], want_grads[name]), name
+
+
+@pytest.mark.parametrize("run", RUNS, ids=run_id)
+@pytest.mark.parametrize("loss,opts", [("dpo", dict(beta=0.3)), ("cpo", dict(loss_type="ipo")), ("orpo", {})],
+                         ids=["dpo", "cpo-ipo", "orpo"])
+def test_other_outputs_differentiable_except_on_pairs(run, loss, opts):
+    """``losses`` and the logps are differentiable outputs on every schedule but ``pairs``, which
+    forms the gradient of ``loss`` in the forward and refuses a backward through anything else
+    (never a silently wrong gradient); under no_grad ``pairs`` gives the values without a graph."""
+    backend, schedule, dtype = run
+    hidden, weight, bias, labels, refs = make_problem(loss, dtype, seed=13)
+    h = hidden.clone().requires_grad_()
+    where = dict(backend=backend) if backend == "eager" else dict(backend=backend, schedule=schedule,
+                                                                   memory_budget=BUDGET)
+    out = preference_loss(h, weight, labels, bias=bias, softcap=30.0, loss=loss, **refs, **where, **opts)
+
+    def combo(o):
+        return o["losses"].sum() * 0.3 + o["chosen_logps"].sum() - 0.5 * o["rejected_logps"].sum()
+
+    if schedule == "pairs":
+        with pytest.raises(RuntimeError, match="schedule='pairs'"):
+            combo(vars(out)).backward()
+        with torch.no_grad():
+            quiet = preference_loss(h, weight, labels, bias=bias, softcap=30.0, loss=loss, **refs, **where, **opts)
+        assert not quiet.loss.requires_grad and torch.equal(quiet.loss, out.loss.detach())
+        return
+    combo(vars(out)).backward()
+    x = hidden.detach().double().requires_grad_()
+    ref = reference_preference(x, weight.double(), labels, bias=bias.double(), softcap=30.0, loss=loss, **refs, **opts)
+    combo(ref).backward()
+    assert rel_err(h.grad, x.grad) <= TOL[dtype]["grad"], rel_err(h.grad, x.grad)
