@@ -12,7 +12,8 @@ several chunks and ``vocab`` several vocabulary chunks. Checked: the loss, every
 
 Tolerances (relative norm error, :func:`tests.reference.rel_err`): float64 1e-10 for values and
 gradients; float32 (triton) 1e-5 for values, 2e-5 for gradients (the schedules' float32 error is
-~1e-6, test_schedules.py). ``rewards/accuracies`` to 1e-7 absolute (a fraction of B rounded to float32; no margin is near 0 here).
+~1e-6, test_schedules.py). ``rewards/accuracies`` to 1e-7 absolute (a fraction of B rounded to
+float32; no margin is near 0 here).
 """
 
 from __future__ import annotations
@@ -214,7 +215,8 @@ def test_from_logits_matches_reference(index, backend, dtype):
     hidden, weight, bias, labels, refs = make_problem(loss, dtype, seed=50 + index)
     logits = reference_logits(hidden.double(), weight.double(), bias.double(), 30.0).to(dtype)
     x = logits.clone().requires_grad_()
-    out = preference_loss_from_logits(x, labels, loss=loss, backend=backend, chunk_size=5 if backend == "torch" else None,
+    chunk = 5 if backend == "torch" else None
+    out = preference_loss_from_logits(x, labels, loss=loss, backend=backend, chunk_size=chunk,
                                       **refs, **all_opts)
     (out.loss * 0.7).backward()
     y = logits.detach().double().requires_grad_()
@@ -345,7 +347,8 @@ def test_reference_dtype_does_not_change_the_outputs(run, ref_dtype):
     hidden, weight, bias, labels, refs = make_problem("dpo", dtype, seed=9)
     given = {k: v.to(ref_dtype) for k, v in refs.items()}
     cast = {k: v.to(dtype) for k, v in given.items()}
-    got, grads = run_library(backend, schedule, hidden, weight, bias, labels, "dpo", dict(beta=0.3), given, softcap=30.0)
+    got, grads = run_library(backend, schedule, hidden, weight, bias, labels, "dpo", dict(beta=0.3), given,
+                             softcap=30.0)
     want, want_grads = run_library(backend, schedule, hidden, weight, bias, labels, "dpo", dict(beta=0.3), cast,
                                    softcap=30.0)
     for key in FIELDS:

@@ -166,7 +166,9 @@ def family_call(batch, backend, loss, *, refs="auto", **options):
     hidden, weight, bias, labels = batch
     if refs == "auto":
         needs = isinstance(loss, str) and loss in LOSSES and LOSSES[loss].needs_reference
-        refs = dict(ref_chosen_logps=torch.full((2,), -9.0), ref_rejected_logps=torch.full((2,), -11.0)) if needs else {}
+        refs = {}
+        if needs:
+            refs = dict(ref_chosen_logps=torch.full((2,), -9.0), ref_rejected_logps=torch.full((2,), -11.0))
     return preference_loss(hidden, weight, labels, bias=bias, loss=loss, backend=backend, **refs, **options)
 
 
