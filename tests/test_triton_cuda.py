@@ -71,3 +71,54 @@ def test_auto_picks_triton_on_cuda(monkeypatch):
     hidden, weight, _, labels = make_batch(1, 5, 32, 100, torch.bfloat16)
     simpo_loss(hidden, weight, labels, backend="auto", schedule="fused")
     assert calls
+
+
+# -- the preference-loss family on the real kernels ------------------------------------------------
+
+FAMILY = [("dpo", dict(beta=0.1)), ("dpo", dict(beta=0.3, loss_type="ipo", rpo_alpha=0.5)),
+          ("cpo", dict(beta=2.0, loss_type="simpo", cpo_alpha=0.5)), ("orpo", dict(beta=0.25))]
+
+
+def family_case(case, dtype, schedule, loss, opts):
+    """The library on ``DEVICE`` and the float64 family reference on the CPU: (out, grads, ref,
+    ref_grads). Reference sums for dpo are the policy's own plus a few nats."""
+    from simpo_kernels import preference_loss
+    from tests.reference import reference_logits
+    from tests.reference_losses import reference_preference, reference_sums
+
+    name, B, T, H, V, prefix, softcap, bias, scale = case
+    hidden, weight, b, labels = make_batch(B, T, H, V, dtype, prefix=prefix, bias=bias, scale=scale)
+    refs = {}
+    if loss == "dpo":
+        sums, _ = reference_sums(reference_logits(hidden.double().cpu(), weight.double().cpu(),
+                                                  None if b is None else b.double().cpu(), softcap), labels.cpu())
+        shift = torch.linspace(-3.0, 3.0, 2 * B, dtype=torch.float64)
+        refs = dict(ref_chosen_logps=(sums[:B] + shift[:B]).float(), ref_rejected_logps=(sums[B:] + shift[B:]).float())
+    leaves = [None if t is None else t.clone().requires_grad_() for t in (hidden, weight, b)]
+    out = preference_loss(leaves[0], leaves[1], labels, bias=leaves[2], softcap=softcap, loss=loss, backend="triton",
+                          schedule=schedule, memory_budget=T * V * 4 + 1,
+                          **{k: v.to(hidden.device) for k, v in refs.items()}, **opts)
+    out.loss.backward()
+    cpu = [None if t is None else t.detach().double().cpu().requires_grad_() for t in (hidden, weight, b)]
+    ref = reference_preference(cpu[0], cpu[1], labels.cpu(), bias=cpu[2], softcap=softcap, loss=loss, **refs, **opts)
+    ref["loss"].backward()
+    return out, [None if t is None else t.grad for t in leaves], ref, [None if t is None else t.grad for t in cpu]
+
+
+@pytest.mark.parametrize("schedule", ["fused", "pairs", "vocab"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("loss,opts", FAMILY, ids=[f"{lo}-{o.get('loss_type', 'sigmoid')}" for lo, o in FAMILY])
+def test_cuda_family_vs_reference(loss, opts, dtype, schedule):
+    """Losses of the family on the Triton kernels, gemma-like shape with softcap, vs the float64
+    family reference (tests/reference_losses.py); tolerances as above."""
+    out, grads, ref, ref_grads = family_case(CASES[0], dtype, schedule, loss, opts)
+    torch.cuda.synchronize()
+    fwd_tol = TOL[dtype]["fwd"] if dtype != torch.float32 else 1e-5
+    tag = f"cuda/{loss}/{dtype}/{schedule}"
+    for key in FORWARD_KEYS:
+        check(tag, key, getattr(out, key), ref[key], fwd_tol)
+    if ref["nll"] is not None:
+        check(tag, "nll", out.sft_loss, ref["nll"], fwd_tol)
+    for name, g, want in zip(("d_hidden", "d_weight", "d_bias"), grads, ref_grads):
+        if want is not None:
+            check(tag, name, g, want, TOL[dtype]["grad"])
