@@ -387,3 +387,23 @@ def test_other_outputs_differentiable_except_on_pairs(run, loss, opts):
     ref = reference_preference(x, weight.double(), labels, bias=bias.double(), softcap=30.0, loss=loss, **refs, **opts)
     combo(ref).backward()
     assert rel_err(h.grad, x.grad) <= TOL[dtype]["grad"], rel_err(h.grad, x.grad)
+
+
+#: (B, T, H, V): one pair with a single target per row; V smaller than a vocab chunk; long rows
+ODD_SHAPES = [(1, 2, 5, 7), (1, 9, 3, 13), (2, 11, 3, 70)]
+
+
+@pytest.mark.parametrize("run", RUNS, ids=run_id)
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("loss,opts", [("dpo", dict(beta=0.3, loss_type="sigmoid_norm", rpo_alpha=0.4)),
+                                       ("rdpo", dict(alpha=0.3)), ("orpo", {}), ("slic", dict(delta=30.0))],
+                         ids=["dpo-sigmoid_norm-rpo", "rdpo", "orpo", "slic"])
+def test_family_odd_shapes(run, shape, loss, opts):
+    backend, schedule, dtype = run
+    B, T, H, V = shape
+    hidden, weight, bias, labels, refs = make_problem(loss, dtype, seed=B + T + V, B=B, T=T, H=H, V=V)
+    out, grads = run_library(backend, schedule, hidden, weight, bias, labels, loss, opts, refs, softcap=30.0)
+    ref, ref_grads = run_reference(hidden, weight, bias, labels, loss, opts, refs, softcap=30.0)
+    case = f"{loss}/{shape}/{backend}:{schedule}"
+    assert_outputs_match(case, loss, out, ref, TOL[dtype]["val"])
+    assert_grads_match(case, grads, ref_grads, (hidden, weight, bias), TOL[dtype]["grad"])
