@@ -42,7 +42,7 @@ from .losses import PreferenceLoss, SimPOLoss, make_loss
 from .objective import LOGIT_METRICS, Objective, SimPOOutput, preference_objective, shift_targets
 from .schedules import (TargetLayout, check_memory_budget, check_schedule_name, default_memory_budget,
                         forward_logps, resolve_schedule, run_schedule, run_schedule_triton)
-from .validation import check_hidden_inputs, check_logits_inputs, check_references, check_softcap
+from .validation import check_hidden_inputs, check_logits_inputs, check_nll_labels, check_references, check_softcap
 
 BACKENDS = ("auto", "eager", "torch", "triton")
 
@@ -257,6 +257,7 @@ def preference_loss(
     loss: Union[str, PreferenceLoss] = "simpo",
     ref_chosen_logps: Optional[torch.Tensor] = None,
     ref_rejected_logps: Optional[torch.Tensor] = None,
+    nll_labels: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
     bias: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
@@ -283,6 +284,10 @@ def preference_loss(
         ref_chosen_logps, ref_rejected_logps: ``[B]`` the reference model's per-sequence SUMS of
             target log-probabilities (:func:`sequence_logps`); required by ``dpo`` and ``rdpo``, an
             error for the others. Constants: never written, no gradient flows into them.
+        nll_labels: ``[B, T]`` labels of the chosen rows for the NLL term, when it should cover other
+            positions than the targets (TRL's ORPO: ``input_ids[:B]`` with ``ignore_index`` on
+            padding, i.e. prompt and response); they must agree with ``labels`` where both hold a
+            target, and the loss must have an NLL term. Default: the chosen rows' targets.
         logit_metrics: ``None`` (default): the loss's official ``logits/*`` definition (``"exact"``
             for SimPO, CPO, ORPO, RRHF, SLiC; ``"targets"`` for DPO and R-DPO, as TRL's
             ``DPOTrainer``); or ``"exact"``, ``"targets"``, ``"none"`` as in :func:`simpo_loss`.
@@ -293,7 +298,7 @@ def preference_loss(
     """
     loss_fn = make_loss(loss, options)
     return _loss_from_hidden(loss_fn, ref_chosen_logps, ref_rejected_logps, hidden_states, weight, labels,
-                             softcap=softcap, bias=bias, ignore_index=ignore_index, backend=backend,
+                             nll_labels=nll_labels, softcap=softcap, bias=bias, ignore_index=ignore_index, backend=backend,
                              schedule=schedule, memory_budget=memory_budget, logit_metrics=logit_metrics,
                              chunk_size=chunk_size, grad_filter=grad_filter, kernel_options=kernel_options)
 
@@ -306,10 +311,16 @@ def _check_logit_metrics(logit_metrics: Optional[str], loss: PreferenceLoss) -> 
     return logit_metrics
 
 
-def _in_dtype(refs, dtype: torch.dtype) -> tuple:
-    """Reference sums in the objective's compute dtype (float32, float64 for float64 inputs), so a
-    loss's outputs have one dtype whatever the caller's reference column holds."""
-    return tuple(None if r is None else r.to(dtype) for r in refs)
+def _objective(loss_fn: PreferenceLoss, refs, nll_labels, labels, rows: int, T: int, V: int, ignore_index: int,
+               cdtype: torch.dtype):
+    """The call's :class:`Objective` (reference sums in the compute dtype, so a loss's outputs have
+    one dtype whatever the caller's column holds), and, with ``nll_labels``, ``(labels to compute,
+    their per-row counts)`` (else None)."""
+    refs = tuple(None if r is None else r.to(cdtype) for r in refs)
+    if nll_labels is None:
+        return Objective(loss_fn, *refs), None
+    union, nll_mask, nll_tokens, counts = check_nll_labels(loss_fn, nll_labels, labels, rows, T, V, ignore_index)
+    return Objective(loss_fn, *refs, nll_mask=nll_mask, nll_tokens=nll_tokens), (union, counts)
 
 
 def _rows_of(t) -> int:
@@ -317,7 +328,7 @@ def _rows_of(t) -> int:
 
 
 def _loss_from_hidden(loss_fn: PreferenceLoss, ref_chosen, ref_rejected, hidden_states, weight, labels, *,
-                      softcap, bias, ignore_index, backend, schedule, memory_budget, logit_metrics, chunk_size,
+                      nll_labels=None, softcap, bias, ignore_index, backend, schedule, memory_budget, logit_metrics, chunk_size,
                       grad_filter, kernel_options) -> SimPOOutput:
     softcap = check_softcap(softcap)
     logit_metrics = _check_logit_metrics(logit_metrics, loss_fn)
@@ -327,11 +338,15 @@ def _loss_from_hidden(loss_fn: PreferenceLoss, ref_chosen, ref_rejected, hidden_
     hidden_states, weight, bias = _autocast_inputs(_autocast_dtype(device), hidden_states, weight, bias)
     rows, T, H, V, finite, counts = check_hidden_inputs(
         hidden_states, weight, bias, labels, ignore_index, also_finite=tuple(r for r in refs if r is not None))
-    objective = Objective(loss_fn, *_in_dtype(refs, compute_dtype(hidden_states.dtype)))
+    objective, computed = _objective(loss_fn, refs, nll_labels, labels, rows, T, V, ignore_index,
+                                     compute_dtype(hidden_states.dtype))
     impl = _resolve_backend(backend, device)
     impl.check_dtype(hidden_states.dtype, device)
     targets = shift_targets(labels.long(), ignore_index)
-    layout = TargetLayout.build(targets, counts, ignore_index)
+    if computed is not None:  # the NLL's positions beyond the targets are computed too
+        computed, counts = computed
+    layout = TargetLayout.build(targets if computed is None else shift_targets(computed, ignore_index), counts,
+                                ignore_index)
     budget = memory_budget if memory_budget is not None else default_memory_budget(device)
     sched = resolve_schedule(impl.BACKEND, schedule, device, layout, V, budget)
     if impl is eager:
@@ -344,8 +359,8 @@ def _loss_from_hidden(loss_fn: PreferenceLoss, ref_chosen, ref_rejected, hidden_
     with _no_autocast(device):
         if impl is eager:  # the spec: every position's logits, materialised
             token_logps, logit_sums = eager.token_logprobs(
-                hidden_states.reshape(rows * T, H), weight, bias, targets.reshape(-1),
-                softcap=softcap, ignore_index=ignore_index)
+                hidden_states.reshape(rows * T, H), weight, bias, layout.targets,
+                softcap=softcap, ignore_index=-1)
             return preference_objective(token_logps.view(rows, T), targets, logit_sums.view(rows, T), V,
                                         objective=objective, ignore_index=ignore_index, inputs_finite=finite,
                                         logit_metrics=logit_metrics)
@@ -390,6 +405,7 @@ def preference_loss_from_logits(
     loss: Union[str, PreferenceLoss] = "simpo",
     ref_chosen_logps: Optional[torch.Tensor] = None,
     ref_rejected_logps: Optional[torch.Tensor] = None,
+    nll_labels: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
@@ -401,28 +417,30 @@ def preference_loss_from_logits(
     loss_fn = make_loss(loss, options)
     return _loss_from_logits(loss_fn, ref_chosen_logps, ref_rejected_logps, logits, labels,
                              ignore_index=ignore_index, backend=backend, chunk_size=chunk_size,
-                             logit_metrics=logit_metrics)
+                             logit_metrics=logit_metrics, nll_labels=nll_labels)
 
 
 def _loss_from_logits(loss_fn: PreferenceLoss, ref_chosen, ref_rejected, logits, labels, *, ignore_index, backend,
-                      chunk_size, logit_metrics) -> SimPOOutput:
+                      chunk_size, logit_metrics, nll_labels=None) -> SimPOOutput:
     logit_metrics = _check_logit_metrics(logit_metrics, loss_fn)
     device = _device_of(logits)
     refs = check_references(loss_fn, ref_chosen, ref_rejected, _rows_of(logits), device)
     rows, T, V, finite = check_logits_inputs(logits, labels, ignore_index,
                                              also_finite=tuple(r for r in refs if r is not None))
+    objective, computed = _objective(loss_fn, refs, nll_labels, labels, rows, T, V, ignore_index,
+                                     compute_dtype(logits.dtype))
     impl = _resolve_backend(backend, device)
     kwargs = _backend_options(impl, backend, chunk_size, False)
     impl.check_dtype(logits.dtype, device)
     if not finite:
         logits, = _poison_gradients(logits)
     targets = shift_targets(labels.long(), ignore_index)
+    computed_targets = targets if computed is None else shift_targets(computed[0], ignore_index)
     with _no_autocast(device):
         token_logps, logit_sums = impl.token_logprobs_from_logits(
-            logits.reshape(rows * T, V), targets.reshape(-1), ignore_index=ignore_index, **kwargs)
+            logits.reshape(rows * T, V), computed_targets.reshape(-1), ignore_index=ignore_index, **kwargs)
         return preference_objective(token_logps.view(rows, T), targets, logit_sums.view(rows, T), V,
-                                    objective=Objective(loss_fn, *_in_dtype(refs, compute_dtype(logits.dtype))),
-                                    ignore_index=ignore_index,
+                                    objective=objective, ignore_index=ignore_index,
                                     inputs_finite=finite, logit_metrics=logit_metrics)
 
 
@@ -470,8 +488,10 @@ def sequence_logps(
         else:
             logps = forward_logps(impl, hidden.index_select(0, layout.idx), weight, bias,
                                   layout.targets.index_select(0, layout.idx), softcap=softcap)
-    row_of = torch.div(layout.idx, T, rounding_mode="floor")
-    sums = torch.zeros(rows, dtype=logps.dtype, device=logps.device).index_add_(0, row_of, logps)
+    # Reduced as the objective reduces a loss's sums (scatter to [R, T], sum over T), so that a
+    # policy used as its own reference gets bit-identical sums from the same per-token values.
+    sums = torch.zeros(rows * T, dtype=logps.dtype, device=logps.device).index_copy_(0, layout.idx, logps)
+    sums = sums.view(rows, T).sum(-1)
     if not finite:
         sums = sums + float("nan")
     return sums, torch.tensor(counts, dtype=torch.int64, device=sums.device)

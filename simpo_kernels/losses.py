@@ -188,10 +188,10 @@ class PreferenceLoss:
         """Weight ``w`` of the chosen-row NLL term in ``loss`` (0: the term is not computed)."""
         return self.options[self.nll_option] if self.nll_option else 0.0
 
-    def drops_last_chosen_logit(self) -> bool:
-        """Whether ``logits/chosen`` (``"exact"``) leaves out each chosen row's last position
-        (the official SimPO trainer's quirk with an SFT term)."""
-        return False
+    def logits_drop_last(self) -> tuple[bool, bool]:
+        """Whether ``logits/chosen`` / ``logits/rejected`` (``"exact"``) leave out each row's last
+        position, as the loss's official trainer slices its logits before logging them."""
+        return False, False
 
     def metric_names(self, logit_metrics: Optional[str] = None) -> list[str]:
         """The names :meth:`SimPOOutput.metrics` returns for this loss (without prefix)."""
@@ -225,10 +225,10 @@ class SimPOLoss(PreferenceLoss):
     nll_metric = "sft_loss"
     non_negative = ("sft_weight",)
 
-    def drops_last_chosen_logit(self) -> bool:
+    def logits_drop_last(self) -> tuple[bool, bool]:
         # The official trainer reassigns the chosen logits to their shifted view [:, :-1] before
         # logging them, so with an SFT term logits/chosen excludes the last position.
-        return self.nll_weight > 0
+        return self.nll_weight > 0, False
 
     def head(self, p: PairLogps) -> HeadOutput:
         o = self.options
@@ -355,6 +355,11 @@ class ORPOLoss(PreferenceLoss):
         losses = -beta * logsigmoid(log_odds);   loss = NLL + mean(losses)
         rewards = beta * a;   metrics log_odds_ratio = mean logsigmoid(log_odds),
         log_odds_chosen = mean log_odds
+
+    TRL's ORPO NLL covers the chosen rows' prompt and response tokens: pass
+    ``nll_labels=input_ids[:B]`` with ``ignore_index`` on padding to ``preference_loss`` for that
+    (the default, the response tokens only, is the ORPO paper's L_SFT). Its ``logits/*`` leave out
+    each row's last position (TRL logs ``logits[:, :-1]``).
     """
 
     name = "orpo"
@@ -364,6 +369,9 @@ class ORPOLoss(PreferenceLoss):
     @property
     def nll_weight(self) -> float:
         return 1.0
+
+    def logits_drop_last(self) -> tuple[bool, bool]:
+        return True, True
 
     def head(self, p: PairLogps) -> HeadOutput:
         beta = self.options["beta"]

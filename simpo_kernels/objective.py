@@ -122,11 +122,19 @@ def shift_targets(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class Objective:
     """A configured loss and this call's reference sums (``[B]`` each, or None): what a schedule
-    needs to apply the head."""
+    needs to apply the head.
+
+    ``nll_mask``: ``[2B, T]`` bool, the positions (in shifted-target coordinates, rejected rows all
+    False) whose log-probs form the NLL term when they differ from the chosen rows' targets
+    (``preference_loss(nll_labels=...)``); ``nll_tokens`` their number. None: the NLL term is over
+    the chosen rows' targets.
+    """
 
     loss: PreferenceLoss
     ref_chosen: Optional[torch.Tensor] = None
     ref_rejected: Optional[torch.Tensor] = None
+    nll_mask: Optional[torch.Tensor] = None
+    nll_tokens: int = 0
 
     def pairs(self, chosen_sums, chosen_counts, rejected_sums, rejected_counts, p0: int = 0,
               p1: Optional[int] = None) -> PairLogps:
@@ -174,6 +182,7 @@ def preference_objective(
     B = rows // 2
     mask = targets != ignore_index
     maskf = mask.to(token_logps.dtype)
+    position_logps = token_logps  # every computed position (the NLL's may reach beyond the targets)
     token_logps = token_logps * maskf  # backends already zero these; makes the spec self-evident
     counts = maskf.sum(-1)
     sums = token_logps.sum(-1)
@@ -183,15 +192,20 @@ def preference_objective(
     sft_loss = None
     if loss_fn.nll_weight > 0.0:
         # nn.CrossEntropyLoss over the chosen rows: mean of -l_t over their unmasked tokens.
-        sft_loss = -sums[:B].sum() / counts[:B].sum()
+        if objective.nll_mask is None:
+            sft_loss = -sums[:B].sum() / counts[:B].sum()
+        else:
+            nll_mask = objective.nll_mask[:B].to(position_logps.dtype)
+            sft_loss = -(position_logps[:B] * nll_mask).sum() / nll_mask.sum()
         loss = loss + loss_fn.nll_weight * sft_loss
 
     chosen_logits_mean = rejected_logits_mean = None
     if logit_metrics == "exact":
         logit_sums = logit_sums.detach()
-        Tc = T - 1 if loss_fn.drops_last_chosen_logit() else T
+        drop_c, drop_r = loss_fn.logits_drop_last()
+        Tc, Tr = T - drop_c, T - drop_r
         chosen_logits_mean = logit_sums[:B, :Tc].sum() / (B * Tc * vocab_size)
-        rejected_logits_mean = logit_sums[B:].sum() / (B * T * vocab_size)
+        rejected_logits_mean = logit_sums[B:, :Tr].sum() / (B * Tr * vocab_size)
     elif logit_metrics == "targets":
         # Target positions only (the last position is never one, so the SFT shift changes nothing).
         tsums = torch.where(mask, logit_sums.detach(), 0.0)
@@ -231,7 +245,7 @@ def simpo_objective(token_logps: torch.Tensor, targets: torch.Tensor, logit_sums
 def sequence_logp_grads(
     chosen_sums: torch.Tensor, chosen_counts: torch.Tensor,
     rejected_sums: torch.Tensor, rejected_counts: torch.Tensor,
-    *, num_pairs: int, chosen_tokens: int, objective: Objective, p0: int = 0,
+    *, num_pairs: int, chosen_tokens: Optional[int], objective: Objective, p0: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``d loss / d l_t`` for the tokens of ``b`` pairs (pairs ``p0..p0+b-1`` of the batch), where
     ``loss`` is :func:`preference_objective`'s.
@@ -250,7 +264,8 @@ def sequence_logp_grads(
     Args:
         chosen_sums, rejected_sums: ``[b]`` sums of the target log-probabilities of each sequence.
         chosen_counts, rejected_counts: ``[b]`` their numbers of target tokens (same dtype).
-        num_pairs: ``B``, the batch's number of pairs. chosen_tokens: see above.
+        num_pairs: ``B``, the batch's number of pairs. chosen_tokens: see above; None leaves the NLL
+            term out (the caller adds it per token when its positions are not the targets).
 
     Returns:
         ``(g_chosen [b], g_rejected [b])``: the per-token gradient of each sequence.
@@ -262,6 +277,6 @@ def sequence_logp_grads(
         out = objective.loss.head(objective.pairs(s_c, chosen_counts, s_r, rejected_counts, p0, p0 + b))
         g_c, g_r = torch.autograd.grad(out.losses.sum() / num_pairs, (s_c, s_r))
     w = objective.loss.nll_weight
-    if w > 0.0:
+    if w > 0.0 and chosen_tokens is not None:
         g_c = g_c - w / chosen_tokens
     return g_c, g_r

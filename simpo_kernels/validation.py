@@ -81,6 +81,55 @@ def check_references(loss: PreferenceLoss, ref_chosen, ref_rejected, rows: int,
     return out[0], out[1]
 
 
+def check_nll_labels(loss: PreferenceLoss, nll_labels, labels: torch.Tensor, rows: int, T: int, vocab_size: int,
+                     ignore_index: int):
+    """``nll_labels``: ``[B, T]`` integer labels of the chosen rows whose (shifted) positions form the
+    NLL term instead of the targets (TRL's ORPO: the prompt and the response). They must agree with
+    ``labels`` wherever both hold a target, and the loss must have an NLL term.
+
+    Returns ``(union_labels [2B, T], nll_mask [2B, T] bool (shifted, rejected rows False),
+    nll_tokens, union_counts)``: the labels every backend computes (targets, plus the NLL's
+    positions of the chosen rows), with one host transfer of their statistics.
+    """
+    if loss.nll_weight <= 0:
+        raise ValueError(f"nll_labels was given, but loss={loss.name!r} has no NLL term here "
+                         f"(its weight {loss.nll_option or 'is fixed'} is 0)")
+    if not isinstance(nll_labels, torch.Tensor):
+        raise TypeError(f"nll_labels must be a torch.Tensor, got {type(nll_labels).__name__}")
+    _refuse_dtensor("nll_labels", nll_labels)
+    if nll_labels.dtype.is_floating_point or nll_labels.dtype.is_complex or nll_labels.dtype == torch.bool:
+        raise TypeError(f"nll_labels must be an integer tensor, got {nll_labels.dtype}")
+    B = rows // 2
+    if tuple(nll_labels.shape) != (B, T):
+        raise ValueError(f"nll_labels must have shape [B, T] = {[B, T]} (the chosen rows), got "
+                         f"{list(nll_labels.shape)}")
+    if nll_labels.device != labels.device:
+        raise ValueError(f"nll_labels ({nll_labels.device}) and labels ({labels.device}) must be on one device")
+    nll = nll_labels.long()
+    lab = labels[:B].long()
+    nll_valid = nll != ignore_index
+    both = nll_valid & (lab != ignore_index)
+    bad = nll_valid & ((nll < 0) | (nll >= vocab_size))
+    nll_valid_shifted = nll_valid[:, 1:]
+    union = torch.cat([torch.where(lab != ignore_index, lab, nll), labels[B:].long()])
+    counts = (union != ignore_index)[:, 1:].sum(-1)
+    stats = torch.cat([torch.stack([bad.any(), (both & (nll != lab)).any(), nll_valid_shifted.sum() == 0,
+                                    nll_valid_shifted.sum()]).to(torch.int64), counts.to(torch.int64)]).tolist()
+    if stats[0]:
+        r, pos = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"nll_labels id {int(nll[r, pos])} at row {r}, position {pos} is outside "
+                         f"[0, {vocab_size}) and is not ignore_index={ignore_index}")
+    if stats[1]:
+        r, pos = (int(v) for v in (both & (nll != lab)).nonzero()[0])
+        raise ValueError(f"nll_labels and labels disagree at chosen row {r}, position {pos} ({int(nll[r, pos])} vs "
+                         f"{int(lab[r, pos])}): where both hold a target it is the same token")
+    if stats[2]:
+        raise ValueError(f"nll_labels has no target token (nll_labels[:, 1:] are all ignore_index={ignore_index})")
+    nll_mask = torch.zeros(rows, T, dtype=torch.bool, device=labels.device)
+    nll_mask[:B, :-1] = nll_valid_shifted
+    return union, nll_mask, int(stats[3]), stats[4:]
+
+
 def _refuse_dtensor(name: str, t: torch.Tensor) -> None:
     # A DTensor here is a shard (FSDP2, tensor parallelism): the kernels would see only this rank's
     # rows, and `.full_tensor()` would all-gather it outside FSDP2's hooks, so its gradient would

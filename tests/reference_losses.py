@@ -160,7 +160,7 @@ def reference_preference_from_logits(logits: torch.Tensor, labels: torch.Tensor,
                                      ref_chosen_logps: Optional[torch.Tensor] = None,
                                      ref_rejected_logps: Optional[torch.Tensor] = None,
                                      ignore_index: int = -100, logit_metrics: Optional[str] = None,
-                                     **options) -> dict:
+                                     nll_labels: Optional[torch.Tensor] = None, **options) -> dict:
     """``logits [2B, T, V]`` (any float dtype, kept differentiable) -> dict of float64 results:
     ``loss``, ``losses``, ``chosen_logps``, ``rejected_logps``, ``chosen_rewards``,
     ``rejected_rewards``, ``chosen_logits_mean``, ``rejected_logits_mean`` (None for
@@ -186,8 +186,9 @@ def reference_preference_from_logits(logits: torch.Tensor, labels: torch.Tensor,
     if w > 0:
         # nn.CrossEntropyLoss over the chosen rows, shifted: the official trainers' code path
         ch = all_logits[:B, :-1, :].contiguous()
+        nll_lab = labels[:B] if nll_labels is None else nll_labels  # TRL's ORPO: prompt + response
         nll = nn.CrossEntropyLoss(ignore_index=ignore_index)(ch.view(-1, ch.shape[-1]),
-                                                             labels[:B, 1:].reshape(-1))
+                                                             nll_lab[:, 1:].reshape(-1))
         total = total + w * nll
     mode = logit_metrics or DEFAULT_LOGIT_METRICS[loss]
     det = all_logits.detach()
@@ -198,8 +199,10 @@ def reference_preference_from_logits(logits: torch.Tensor, labels: torch.Tensor,
     elif mode == "exact":
         # every position; the SimPO trainer with sft_weight > 0 replaces the chosen logits by
         # logits[..., :-1, :] before the metric (its code path; issue 25 item 5)
-        chosen = det[:B, :-1] if (loss == "simpo" and w > 0) else det[:B]
-        c_mean, r_mean = chosen.mean(), det[B:].mean()
+        # TRL's ORPOTrainer logs all_logits[:, :-1] on both sides
+        chosen = det[:B, :-1] if (loss == "simpo" and w > 0) or loss == "orpo" else det[:B]
+        rejected = det[B:, :-1] if loss == "orpo" else det[B:]
+        c_mean, r_mean = chosen.mean(), rejected.mean()
     else:
         raise ValueError(mode)
     metrics = {"rewards/chosen": c_rew.mean(), "rewards/rejected": r_rew.mean(),

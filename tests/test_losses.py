@@ -125,11 +125,12 @@ def run_library(backend, schedule, hidden, weight, bias, labels, loss, opts, ref
     return out, {k: None if v is None else v.grad for k, v in leaves.items()}
 
 
-def run_reference(hidden, weight, bias, labels, loss, opts, refs, *, softcap, grad_scale=1.0):
+def run_reference(hidden, weight, bias, labels, loss, opts, refs, *, softcap, grad_scale=1.0, nll_labels=None):
     leaves = {k: None if t is None else t.detach().double().requires_grad_()
               for k, t in (("hidden", hidden), ("weight", weight), ("bias", bias))}
+    extra = {} if nll_labels is None else dict(nll_labels=nll_labels)
     ref = reference_preference(leaves["hidden"], leaves["weight"], labels, bias=leaves["bias"], softcap=softcap,
-                               loss=loss, **refs, **opts)
+                               loss=loss, **refs, **opts, **extra)
     (ref["loss"] * grad_scale).backward()
     return ref, {k: None if v is None else v.grad for k, v in leaves.items()}
 
@@ -261,10 +262,14 @@ def test_dpo_with_the_policy_as_reference_is_log_2(run):
     out, _ = run_library(backend, schedule, hidden, weight, bias, labels, "dpo", dict(beta=0.1), refs, softcap=30.0)
     exact = float(torch.tensor(math.log(2), dtype=dtype))
     if dtype == torch.float64:
-        # the loss is log 2 to the last bit; the sums agree to float64 rounding (measured: equal on
-        # eager, 1 ulp (3.6e-15 of ~60) apart on some rows on torch, whose sequence_logps reduces
-        # in another order than the loss's forward), so the rewards are 0 to ~1e-16
+        # the loss is log 2 to the last bit; sequence_logps reduces as the loss does, so where the
+        # per-token values come from the same computation (eager, torch's token chunks) the sums
+        # and rewards are bit-identical; the pairs/vocab schedules form their per-token values by
+        # another matmul order (1 ulp apart on some rows), so rewards are 0 to ~1e-16 there
         assert out.loss.item() == exact, (out.loss.item(), exact)
+        if schedule in ("auto", "tokens"):
+            assert torch.equal(torch.cat([out.chosen_logps, out.rejected_logps]), sums)
+            assert not out.chosen_rewards.any() and not out.rejected_rewards.any()
         tol_sums = 1e-15
     else:
         assert abs(out.loss.item() - exact) <= 1e-6 * exact, (out.loss.item(), exact)
@@ -407,3 +412,62 @@ def test_family_odd_shapes(run, shape, loss, opts):
     case = f"{loss}/{shape}/{backend}:{schedule}"
     assert_outputs_match(case, loss, out, ref, TOL[dtype]["val"])
     assert_grads_match(case, grads, ref_grads, (hidden, weight, bias), TOL[dtype]["grad"])
+
+
+def prompt_and_completion(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """``[B, T]`` NLL labels of the chosen rows as TRL's ORPO forms them: the input ids of prompt
+    and response (here random ids on the prompt positions before each row's first target, the
+    labels after), ``-100`` on the padding after the last target."""
+    B = labels.shape[0] // 2
+    g = torch.Generator().manual_seed(seed)
+    lab = labels[:B]
+    valid = lab != -100
+    idx = torch.arange(lab.shape[1]).expand_as(lab)
+    first = torch.where(valid, idx, lab.shape[1]).min(1).values
+    last = torch.where(valid, idx, -1).max(1).values
+    prompt = idx < first[:, None]
+    ids = torch.randint(0, SHAPE["V"], lab.shape, generator=g)
+    out = torch.where(valid, lab, torch.where(prompt, ids, -100))
+    out[idx > last[:, None]] = -100  # padding stays out
+    return out
+
+
+NLL_CASES = [("orpo", dict(beta=0.25)), ("cpo", dict(loss_type="simpo", beta=2.0, cpo_alpha=0.5)),
+             ("simpo", dict(beta=2.0, sft_weight=0.4)), ("dpo", dict(beta=0.2, rpo_alpha=0.7))]
+
+
+@pytest.mark.parametrize("run", RUNS, ids=run_id)
+@pytest.mark.parametrize("loss,opts", NLL_CASES, ids=[c[0] for c in NLL_CASES])
+def test_nll_labels_match_reference(run, loss, opts):
+    """``nll_labels`` (TRL's ORPO NLL over prompt and response): the NLL's extra positions are
+    computed beside the targets on every schedule; sums, rewards and metrics stay the targets'."""
+    backend, schedule, dtype = run
+    hidden, weight, bias, labels, refs = make_problem(loss, dtype, seed=61)
+    nll_labels = prompt_and_completion(labels, seed=62)
+    kept = nll_labels.clone()
+    assert ((nll_labels != -100) & (labels[:SHAPE["B"]] == -100)).any()  # positions beyond the targets
+    case = f"{loss}{opts}+nll_labels/{backend}:{schedule}"
+    out, grads = run_library(backend, schedule, hidden, weight, bias, labels, loss, {**opts, "nll_labels": nll_labels},
+                             refs, softcap=30.0, grad_scale=0.9)
+    ref, ref_grads = run_reference(hidden, weight, bias, labels, loss, {**opts}, refs, softcap=30.0,
+                                   grad_scale=0.9, nll_labels=nll_labels)
+    assert torch.equal(nll_labels, kept)
+    assert_outputs_match(case, loss, out, ref, TOL[dtype]["val"])
+    assert_grads_match(case, grads, ref_grads, (hidden, weight, bias), TOL[dtype]["grad"])
+    plain, _ = run_reference(hidden, weight, bias, labels, loss, {**opts}, refs, softcap=30.0)
+    assert rel_err(ref["nll"], plain["nll"]) > 1e-3  # the two NLL definitions differ here
+
+
+@pytest.mark.parametrize("backend,dtype", LOGIT_RUNS, ids=[b for b, _ in LOGIT_RUNS])
+def test_nll_labels_from_logits(backend, dtype):
+    hidden, weight, bias, labels, _ = make_problem("orpo", dtype, seed=63)
+    nll_labels = prompt_and_completion(labels, seed=64)
+    logits = reference_logits(hidden.double(), weight.double(), bias.double(), 30.0).to(dtype)
+    x = logits.clone().requires_grad_()
+    out = preference_loss_from_logits(x, labels, loss="orpo", backend=backend, nll_labels=nll_labels)
+    out.loss.backward()
+    y = logits.detach().double().requires_grad_()
+    ref = reference_preference_from_logits(y, labels, loss="orpo", nll_labels=nll_labels)
+    ref["loss"].backward()
+    assert_outputs_match(f"orpo+nll_labels/logits-{backend}", "orpo", out, ref, TOL[dtype]["val"])
+    assert rel_err(x.grad, y.grad) <= TOL[dtype]["grad"]

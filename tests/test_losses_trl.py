@@ -10,11 +10,10 @@ are; for the whole batches the float64 logits of the same inputs) go to TRL.
 Tolerances: 1e-10 relative (float64 on both sides); ORPO 1e-6 (TRL casts to float32).
 
 Where TRL's conventions differ from the spec, the test says so: TRL 1.16's DPO ``sigmoid`` has no
-label smoothing (compared at eps = 0; ``robust`` at eps > 0); TRL's ORPO NLL covers prompt and
-response (``input_ids`` under the attention mask) while the library's covers the labels (the
-whole-batch test masks the prompt out of TRL's attention mask to compare the rest); TRL's ORPO
-``logits/*`` average every position but the last, the library's every position (a strict xfail
-states it).
+label smoothing (compared at eps = 0; ``robust`` at eps > 0). TRL's ORPO NLL covers prompt and
+response (``input_ids`` under the attention mask), which the library computes with
+``nll_labels``; its default NLL covers the labels (compared with TRL's attention mask on the
+completion). ORPO's ``logits/*`` average every position but the last on both sides, as TRL's do.
 """
 
 from __future__ import annotations
@@ -171,32 +170,43 @@ def test_cpo_whole_batch_matches_trl(loss_type, eps, cpo_alpha):
     assert ours["rewards/accuracies"] == pytest.approx(metrics["rewards/accuracies"], abs=1e-7)
 
 
-def orpo_whole_batch(seed=28):
+def orpo_whole_batch(seed=28, prompt_nll=False):
     """The library's ORPO and TRL's whole ``ORPOTrainer.get_batch_loss_metrics`` on the same
-    inputs. TRL's NLL reads ``input_ids`` under the attention mask (prompt and response in its
-    data); with the attention mask on the completion tokens it is the library's NLL (labels)."""
+    inputs. TRL's NLL reads ``input_ids`` under the attention mask: with the attention mask on the
+    completion tokens it is the library's default NLL (labels); with ``prompt_nll`` the mask keeps
+    the prompt too (TRL's data), and the library gets ``nll_labels`` = those ids."""
     hidden, weight, bias, labels, refs = make_problem("orpo", torch.float64, seed=seed)
-    out = library("orpo", hidden, weight, bias, labels, refs, beta=0.25)
+    B = labels.shape[0] // 2
     _, _, _, logits = per_token(hidden, weight, bias, labels)
-    loss, metrics = trl_orpo_batch(logits, labels, (labels != -100).long(), beta=0.25)
+    if prompt_nll:
+        # prompt positions (labels -100 before the completion) kept by the attention mask; the
+        # token ids there are the harness's input ids (ignored labels -> token 0)
+        attention = torch.ones_like(labels)
+        ids = labels.clamp_min(0)
+        extra = dict(nll_labels=ids[:B].clone())
+    else:
+        attention, extra = (labels != -100).long(), {}
+    out = library("orpo", hidden, weight, bias, labels, refs, beta=0.25, **extra)
+    loss, metrics = trl_orpo_batch(logits, labels, attention, beta=0.25)
     return out, loss, metrics
 
 
-def test_orpo_whole_batch_matches_trl():
-    out, loss, metrics = orpo_whole_batch()
+@pytest.mark.parametrize("prompt_nll", [False, True], ids=["completion-nll", "prompt-and-completion-nll"])
+def test_orpo_whole_batch_matches_trl(prompt_nll):
+    """Loss and every metric (logits/* included: TRL logs logits[:, :-1]) equal TRL's."""
+    out, loss, metrics = orpo_whole_batch(prompt_nll=prompt_nll)
     tol = 1e-6  # odds_ratio_loss computes in float32
     assert rel_err(out.loss, loss) <= tol, (out.loss.item(), loss.item())
     ours = out.metrics()
     assert set(ours) == set(metrics)
-    assert_metrics_equal(ours, metrics, set(metrics) - {"logits/chosen", "logits/rejected"}, tol)
+    assert_metrics_equal(ours, metrics, set(metrics), tol)
 
 
-@pytest.mark.xfail(strict=True, reason="spec (issue 25) and library: ORPO's logits/* average every position "
-                                       "(logit_metrics='exact'); TRL's ORPOTrainer averages every position but "
-                                       "the last (all_logits[:, :-1]); about 1e-2 apart here")
-def test_orpo_logit_metrics_match_trl():
-    out, _, metrics = orpo_whole_batch()
-    assert_metrics_equal(out.metrics(), metrics, ("logits/chosen", "logits/rejected"), 1e-6)
+def test_orpo_prompt_nll_differs_from_the_completion_nll():
+    """The two NLL definitions are distinguishable here (so the test above can fail)."""
+    a, _, _ = orpo_whole_batch(prompt_nll=False)
+    b, _, _ = orpo_whole_batch(prompt_nll=True)
+    assert rel_err(a.sft_loss, b.sft_loss) > 1e-3
 
 
 def test_trl_harness_agrees_with_the_reference():

@@ -221,6 +221,42 @@ def test_family_bad_input_is_rejected(batch, backend, case):
     assert fragment in str(info.value), str(info.value)
 
 
+def _nll_cases(labels):
+    """(loss, options, nll_labels, exception, fragment) for bad ``nll_labels``."""
+    B, T = labels.shape[0] // 2, labels.shape[1]
+    ok = labels[:B].clamp_min(0)  # prompt + response ids, no padding
+    wrong = ok.clone()
+    r, t = (labels[:B] != -100).nonzero()[0].tolist()
+    wrong[r, t] = (int(labels[r, t]) + 1) % 5
+    out_of_range = ok.clone()
+    out_of_range[0, 0] = 10**6
+    return [
+        ("dpo", {}, ok, ValueError, "nll_labels was given, but loss='dpo' has no NLL term here"),
+        ("simpo", {}, ok, ValueError, "has no NLL term"),
+        ("orpo", {}, ok.float(), TypeError, "nll_labels must be an integer tensor"),
+        ("orpo", {}, ok.tolist(), TypeError, "nll_labels must be a torch.Tensor"),
+        ("orpo", {}, labels.clamp_min(0), ValueError, f"nll_labels must have shape [B, T] = [{B}, {T}]"),
+        ("orpo", {}, wrong, ValueError, f"nll_labels and labels disagree at chosen row {r}, position {t}"),
+        ("orpo", {}, out_of_range, ValueError, "nll_labels id 1000000 at row 0, position 0 is outside"),
+        ("cpo", {}, torch.full_like(ok, -100), ValueError, "nll_labels has no target token"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_family_bad_nll_labels_are_rejected(batch, backend):
+    from simpo_kernels import preference_loss_from_logits
+
+    hidden, weight, bias, labels = batch
+    for loss, opts, nll_labels, exc, fragment in _nll_cases(labels):
+        with pytest.raises(exc) as info:
+            family_call(batch, backend, loss, nll_labels=nll_labels, **opts)
+        assert fragment in str(info.value), (loss, str(info.value))
+    logits = torch.randn(*labels.shape, 7)
+    with pytest.raises(ValueError, match="disagree"):
+        preference_loss_from_logits(logits, labels.clamp_max(6), loss="orpo",
+                                    nll_labels=_nll_cases(labels.clamp_max(6))[5][2].clamp_max(6))
+
+
 def test_family_bad_input_from_logits_and_loss_objects(batch):
     from simpo_kernels import LOSSES, preference_loss_from_logits, sequence_logps
 

@@ -75,6 +75,12 @@ class PairsLoss(torch.autograd.Function):
         head = LinearHead(weight, bias, cdtype)
         dev = hidden.device
         chosen_tokens = layout.offsets[B]  # the NLL normaliser: targets of all chosen rows
+        # With nll_labels the computed positions are the union of the targets and the NLL's
+        # positions: sequence sums take the targets, the NLL term its own positions.
+        split = objective.nll_mask is not None
+        if split:
+            seq_flags = (targets != ignore_index).reshape(-1)
+            nll_flags = objective.nll_mask.reshape(-1)
 
         logps = torch.zeros(N, dtype=cdtype, device=dev)
         sums = torch.zeros(N, dtype=cdtype, device=dev) if other_sums is None else other_sums.to(cdtype).clone()
@@ -100,11 +106,21 @@ class PairsLoss(torch.autograd.Function):
             sums.index_copy_(0, pos, row_sums.to(cdtype))
             if not any_grad:
                 continue
-            seq_sum = torch.zeros(2 * b, dtype=cdtype, device=dev).index_add_(0, seq, logp)
-            seq_len = torch.zeros(2 * b, dtype=cdtype, device=dev).index_add_(0, seq, torch.ones_like(logp))
+            ones = torch.ones_like(logp)
+            if split:
+                in_seq = seq_flags.index_select(0, pos).to(cdtype)
+                in_nll = nll_flags.index_select(0, pos).to(cdtype)
+                seq_sum = torch.zeros(2 * b, dtype=cdtype, device=dev).index_add_(0, seq, logp * in_seq)
+                seq_len = torch.zeros(2 * b, dtype=cdtype, device=dev).index_add_(0, seq, in_seq)
+            else:
+                seq_sum = torch.zeros(2 * b, dtype=cdtype, device=dev).index_add_(0, seq, logp)
+                seq_len = torch.zeros(2 * b, dtype=cdtype, device=dev).index_add_(0, seq, ones)
             g_c, g_r = sequence_logp_grads(seq_sum[:b], seq_len[:b], seq_sum[b:], seq_len[b:], num_pairs=B,
-                                           chosen_tokens=chosen_tokens, objective=objective, p0=p0)
+                                           chosen_tokens=None if split else chosen_tokens, objective=objective,
+                                           p0=p0)
             g = torch.cat([g_c, g_r]).index_select(0, seq)
+            if split:
+                g = g * in_seq - in_nll * (objective.loss.nll_weight / objective.nll_tokens)
             dz = rows_op.grad(z, bias, tgt, lse, g, 0, softcap, head.grad_dtype)
             del z  # dz reuses its storage
             if d_b is not None:
