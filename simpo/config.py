@@ -31,11 +31,8 @@ logger = logging.getLogger("simpo.config")
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = "tiny"
 
-# The losses of simpo_kernels.LOSSES that simpo-train offers, and the loss_type values each takes
-# (the first is its default); the other options and their defaults come from the loss itself.
-LOSS_TYPES_BY_LOSS = {"simpo": ("sigmoid", "hinge"),
-                      "dpo": ("sigmoid", "hinge", "ipo", "robust", "sigmoid_norm"),
-                      "cpo": ("sigmoid", "hinge", "ipo", "simpo")}
+# The losses of simpo_kernels.LOSSES and every loss_type value, as --help lists them (the options
+# of each loss, their defaults and its loss_type values come from the loss class itself).
 LOSS_NAMES = ("simpo", "dpo", "rdpo", "cpo", "orpo", "rrhf", "slic")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "sigmoid_norm", "simpo")
 # every loss option simpo-train has a field for (each belongs to one or more losses)
@@ -347,8 +344,8 @@ class SimPOConfig(TrainingArguments):
         for key, default in defaults.items():
             if getattr(self, key) is None:
                 setattr(self, key, default)
-        types = LOSS_TYPES_BY_LOSS.get(self.loss)
-        if types is not None and self.loss_type not in types:
+        types = _loss_class(self.loss).loss_types
+        if "loss_type" in defaults and self.loss_type not in types:
             raise ConfigError(f"loss_type: {self.loss_type!r} is not a loss_type of loss "
                               f"{self.loss} (choose from {', '.join(types)})")
         for key in ("precompute_ref_log_probs", "precompute_ref_batch_size"):
@@ -357,7 +354,7 @@ class SimPOConfig(TrainingArguments):
         if self.needs_reference and self.precompute_ref_log_probs is None:
             self.precompute_ref_log_probs = True
         if self.logit_metrics is None:
-            self.logit_metrics = "targets" if self.needs_reference else "exact"
+            self.logit_metrics = _loss_class(self.loss).official_logit_metrics
         if self.loss == "simpo":
             from simpo_kernels.validation import check_options
 
