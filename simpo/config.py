@@ -752,6 +752,7 @@ def parse_args(argv: Optional[list[str]] = None):
         flags = [u for u in unknown if u.startswith("-")] or unknown
         raise ConfigError(f"unknown option(s) {' '.join(flags)} (see simpo-train --help)")
     overrides = vars(namespace)
+    recipe_loss = values.get("loss", "simpo")
     values.update(overrides)
     try:
         model_args, data_args, training_args = _build(values)
@@ -760,10 +761,10 @@ def parse_args(argv: Optional[list[str]] = None):
         if key in values and key not in overrides:  # say where a bad recipe value comes from
             hint = ""
             if key in LOSS_OPTION_FIELDS and "loss" in overrides and "not an option" in str(exc):
-                hint = (f" (the recipe's loss options are for loss {values.get('loss', 'simpo')}; "
-                        f"use a recipe written for loss {overrides['loss']}"
-                        + "".join(f", e.g. {name}" for name in _packaged_recipes(overrides["loss"]))
-                        + ")")
+                packaged = _packaged_recipes(overrides["loss"])
+                hint = (f" (the recipe's loss options are for loss {recipe_loss}; use a recipe "
+                        f"written for loss {overrides['loss']}"
+                        + (f", e.g. {' or '.join(packaged)}" if packaged else "") + ")")
             raise ConfigError(f"{recipe_path.name}: {exc}{hint}") from None
         raise
     training_args.command_line_keys = frozenset(overrides)
