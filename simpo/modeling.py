@@ -75,6 +75,22 @@ class ReferenceModelOutput(ModelOutput):
     counts: Optional[torch.Tensor] = None
 
 
+class ReferenceLogps:
+    """The reference model's per-sequence log-probability sums of a batch, ``chosen [B]`` and
+    ``rejected [B]``, as the loss forward takes them (``reference=``).
+
+    A plain object on purpose (not a tensor, tuple, dict or dataclass): the engines walk those
+    among a forward's arguments and cast their floating-point tensors to the compute dtype (FSDP2
+    mixed precision's ``cast_forward_inputs``, DeepSpeed's fp16 auto-cast), which in bf16 would
+    round sums of hundreds of nats to whole nats. Whatever travels in here arrives as it was sent.
+    """
+
+    __slots__ = ("chosen", "rejected")
+
+    def __init__(self, chosen: torch.Tensor, rejected: torch.Tensor):
+        self.chosen, self.rejected = chosen, rejected
+
+
 def _head_inputs(self, input_ids, attention_mask, kwargs):
     """The decoder's final hidden states and the lm_head weight and bias, read inside this
     forward: under ZeRO-3 DeepSpeed gathers the head as an external parameter."""
@@ -91,7 +107,7 @@ def _head_inputs(self, input_ids, attention_mask, kwargs):
 
 
 def _simpo_forward(self, input_ids=None, attention_mask=None, labels=None, *, simpo: bool = False,
-                   simpo_reference: bool = False, ref_chosen_logps=None, ref_rejected_logps=None,
+                   simpo_reference: bool = False, reference: Optional[ReferenceLogps] = None,
                    **kwargs):
     if not (simpo or simpo_reference):
         return self._simpo_original_forward(input_ids=input_ids, attention_mask=attention_mask,
@@ -114,8 +130,9 @@ def _simpo_forward(self, input_ids=None, attention_mask=None, labels=None, *, si
         out = simpo_loss(hidden, weight, labels, **opts["options"], **common)
     else:
         out = preference_loss(hidden, weight, labels, loss=opts["loss"],
-                              ref_chosen_logps=ref_chosen_logps,
-                              ref_rejected_logps=ref_rejected_logps, **opts["options"], **common)
+                              ref_chosen_logps=None if reference is None else reference.chosen,
+                              ref_rejected_logps=None if reference is None else reference.rejected,
+                              **opts["options"], **common)
     return SimPOModelOutput(
         loss=out.loss,
         chosen_logps=out.chosen_logps.detach(),
@@ -135,8 +152,8 @@ def attach_simpo_head(model: torch.nn.Module, *, loss: str = "simpo", ignore_ind
                       logit_metrics: Optional[str] = None, **options) -> torch.nn.Module:
     """Patch ``model.forward`` (this instance only): called with ``simpo=True`` it computes the
     preference loss ``loss`` (a name in ``simpo_kernels.LOSSES``) with ``options`` (that loss's
-    options, e.g. ``beta``; unset ones take the loss's defaults), and with ``ref_chosen_logps`` /
-    ``ref_rejected_logps`` ``[B]`` for a loss with a reference; called with
+    options, e.g. ``beta``; unset ones take the loss's defaults), and with
+    ``reference=ReferenceLogps(chosen [B], rejected [B])`` for a loss with a reference; called with
     ``simpo_reference=True`` it returns the per-row sums of target log-probabilities
     (:class:`ReferenceModelOutput`), what a reference model contributes. ``loss="simpo"`` calls
     ``simpo_kernels.simpo_loss``. An unknown option is a TypeError naming it.

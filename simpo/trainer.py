@@ -63,7 +63,7 @@ from simpo_kernels.objective import METRIC_NAMES, official_metrics
 from . import run_dir
 from .config import ConfigError, RunStopped, UserError, fsdp_requested
 from .data import SimPODataCollator
-from .modeling import attach_simpo_head, disable_dropout
+from .modeling import ReferenceLogps, attach_simpo_head, disable_dropout
 from .reference import (CACHE_NAME, REF_COLUMNS, add_reference_columns, compute_reference_columns,
                         has_reference_columns, prepare_reference_model, read_cache,
                         reference_logps, release_reference_model, tokens_fingerprint, write_cache)
@@ -314,14 +314,14 @@ class SimPOTrainer(Trainer):
         if not self.args.needs_reference:
             return {}
         if all(k in inputs for k in REF_COLUMNS):
-            return {k: inputs[k] for k in REF_COLUMNS}
+            return {"reference": ReferenceLogps(*(inputs[k] for k in REF_COLUMNS))}
         if self.ref_model is None:
             raise ValueError(f"loss {self.args.loss} needs reference log-probs: the batch has no "
                              f"ref_chosen_logps / ref_rejected_logps and there is no reference "
                              f"model (precompute_ref_log_probs false runs one in the step)")
         chosen, rejected = reference_logps(self.ref_model, inputs,
                                            self.compute_loss_context_manager)
-        return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+        return {"reference": ReferenceLogps(chosen, rejected)}
 
     # -------------------------------------------------------------- FSDP on CPU ranks
 

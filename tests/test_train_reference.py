@@ -284,3 +284,55 @@ def test_tiny_dpo_run_raises_eval_accuracy_and_a_resume_reuses_the_reference(tmp
     assert "reference log-probs of split 'train': reused from" in text
     assert "reference log-probs of split 'eval': reused from" in text
     assert "computing" not in text
+
+
+_FSDP2_BF16_SCRIPT = r"""
+import json, os, sys
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from tests.multiproc import tiny_rows_and_tokenizer
+from simpo.config import SimPOConfig
+from simpo.data import SimPODataCollator, prepare_dataset
+from simpo.modeling import ReferenceLogps, attach_simpo_head, build_tiny_model
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+raw, tok = tiny_rows_and_tokenizer(4)
+ds = prepare_dataset(raw, tok, SimPOConfig(output_dir="/tmp/unused", use_cpu=True, loss="dpo",
+                                           max_length=64, max_prompt_length=32, report_to="none"))
+batch = SimPODataCollator(tok.pad_token_id)([ds[i] for i in range(4)])
+torch.manual_seed(0)
+model = build_tiny_model(tok, hidden_size=32)
+attach_simpo_head(model, loss="dpo", beta=0.5)
+fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+# reference sums with digits that bf16 cannot hold (8 bits of mantissa: -123.4567 -> -123.5)
+ref_c = torch.tensor([-123.4567, -98.7654, -77.0123, -150.3333])
+ref_r = torch.tensor([-111.1111, -88.8888, -66.6666, -144.4444])
+with torch.no_grad():
+    out = model(**batch, simpo=True, reference=ReferenceLogps(ref_c, ref_r))
+want_c = 0.5 * (out.chosen_logps.double() - ref_c.double())
+want_r = 0.5 * (out.rejected_logps.double() - ref_r.double())
+print(json.dumps({"err": max((out.chosen_rewards.double() - want_c).abs().max().item(),
+                             (out.rejected_rewards.double() - want_r).abs().max().item()),
+                  "logps_dtype": str(out.chosen_logps.dtype)}))
+dist.destroy_process_group()
+"""
+
+
+def test_reference_values_reach_the_loss_unrounded_under_fsdp2_bf16():
+    """FSDP2 mixed precision casts the floating-point tensors among a forward's arguments to bf16
+    (``cast_forward_inputs``); the reference sums travel in :class:`ReferenceLogps`, which it does
+    not enter: DPO's rewards beta (logps - ref) use the exact reference values (1e-4; a bf16-rounded
+    -123.4567 would be off by 0.02)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.multiproc import ROOT, free_port, subprocess_env
+
+    env = subprocess_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, "-c", _FSDP2_BF16_SCRIPT], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(result)
+    assert result["err"] < 1e-4
