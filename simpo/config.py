@@ -1,7 +1,7 @@
 """Configuration: model, data and SimPO training arguments, and the recipe + CLI parser.
 
 ``simpo-train [RECIPE] [--key value ...]``: RECIPE is a YAML file, or the name of a recipe shipped
-with the package (``tiny``, ``gemma-2-9b-it-simpo``); without one the embedded ``tiny`` recipe is
+with the package (``tiny``, ``tiny-dpo``, ``gemma-2-9b-it-simpo``, ``gemma-2-9b-it-dpo``); without one the embedded ``tiny`` recipe is
 used. Every field of :class:`ModelArguments`, :class:`DataArguments` and :class:`SimPOConfig`
 (which extends ``transformers.TrainingArguments``) can be set in the recipe and overridden on the
 command line; command-line values win. An unknown key, in the recipe or on the command line, is an
@@ -580,8 +580,9 @@ class _Parser(HfArgumentParser):
 
 USAGE = "simpo-train [RECIPE] [--key value ...] [--debug]"
 DESCRIPTION = (
-    "Train with SimPO. RECIPE is a YAML file or a packaged recipe name (tiny, gemma-2-9b-it-simpo); "
-    "without one the embedded tiny recipe runs. Every option below can be set in the recipe "
+    "Train with SimPO (or another preference loss: --loss dpo, rdpo, cpo, orpo, rrhf, slic). RECIPE "
+    "is a YAML file or a packaged recipe name (tiny, tiny-dpo, gemma-2-9b-it-simpo, "
+    "gemma-2-9b-it-dpo); without one the embedded tiny recipe runs. Every option below can be set in the recipe "
     "(key: value) and overridden here (--key value); both are read by the same rules. The defaults "
     "shown are the recipe's. --debug (or SIMPO_DEBUG=1) shows tracebacks of user errors.")
 
