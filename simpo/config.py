@@ -1,8 +1,8 @@
-"""Configuration: model, data and SimPO training arguments, and the recipe + CLI parser.
+"""Configuration: model, data and preference-loss training arguments, and the recipe + CLI parser.
 
 ``simpo-train [RECIPE] [--key value ...]``: RECIPE is a YAML file, or the name of a recipe shipped
-with the package (``tiny``, ``tiny-dpo``, ``gemma-2-9b-it-simpo``, ``gemma-2-9b-it-dpo``); without one the embedded ``tiny`` recipe is
-used. Every field of :class:`ModelArguments`, :class:`DataArguments` and :class:`SimPOConfig`
+with the package (``tiny``, ``tiny-dpo``, ``gemma-2-9b-it-simpo``, ``gemma-2-9b-it-dpo``); without
+one the embedded ``tiny`` recipe is used. Every field of :class:`ModelArguments`, :class:`DataArguments` and :class:`SimPOConfig`
 (which extends ``transformers.TrainingArguments``) can be set in the recipe and overridden on the
 command line; command-line values win. An unknown key, in the recipe or on the command line, is an
 error naming it.

@@ -1,4 +1,10 @@
-"""``SimPOTrainer``: a ``transformers.Trainer`` whose loss is the SimPO loss of ``simpo_kernels``.
+"""``SimPOTrainer``: a ``transformers.Trainer`` whose loss is the SimPO loss of ``simpo_kernels``, or
+another loss of its preference family (``args.loss``: dpo, rdpo, cpo, orpo, rrhf, slic).
+
+Reference model (dpo, rdpo). The reference log-probs come from data set columns precomputed at
+construction (``precompute_ref_log_probs``, cached in ``output_dir``) or from a frozen reference
+model run in every step; either way the reference is sharded like the policy (a second DeepSpeed
+engine in inference mode under ZeRO-3, FSDP2 under FSDP). See :mod:`simpo.reference`.
 
 Loss computation. The trainer patches the model instance (:func:`simpo.modeling.attach_simpo_head`)
 so that the model's own forward, as run by DeepSpeed / FSDP / DDP, computes the loss from the
