@@ -212,12 +212,14 @@ class SimPOTrainer(Trainer):
         self.add_callback(ScheduleFromArgs())
         self.ref_model = None  # the in-step reference model (precompute_ref_log_probs false)
         self._ref_source = ref_model
+        self._reference_available = True  # the module given, or the initial policy, is unused
         self._reference_key = reference_key
         if args.needs_reference:
             if args.precompute_ref_log_probs:
                 self._precompute_reference_columns()
             else:
                 self.ref_model = prepare_reference_model(self._load_reference(), self)
+        self._reference_available = False  # from here on the policy trains: never copy it
 
     # -------------------------------------------------------------- the reference model
 
@@ -225,11 +227,16 @@ class SimPOTrainer(Trainer):
         """The reference model, unprepared: the one given, loaded by the function given, or a
         copy of the initial policy (refused when ZeRO-3 already partitioned it: pass ref_model)."""
         source = self._ref_source
-        if isinstance(source, torch.nn.Module):
-            self._ref_source = None  # used once: prepared (sharded) in place
-            return source
+        if source is not None and not isinstance(source, torch.nn.Module):
+            return source()  # a loader: loads the reference afresh each time
+        if not self._reference_available:
+            # the module given was prepared (sharded) and freed, and the policy may have trained
+            raise ValueError("the reference model is needed again (reference log-probs for an "
+                             "eval set given after construction) but was used up: give the eval "
+                             "sets at construction, or ref_model as a function that loads it")
+        self._reference_available = False  # used once: prepared in place / the initial policy
         if source is not None:
-            return source()
+            return source
         if any(hasattr(p, "ds_id") for p in self.model.parameters()):
             raise ValueError("the policy is already partitioned by ZeRO-3 (zero.Init): pass "
                              "ref_model (the reference model, or a function that loads it)")

@@ -336,3 +336,21 @@ def test_reference_values_reach_the_loss_unrounded_under_fsdp2_bf16():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(result)
     assert result["err"] < 1e-4
+
+
+def test_an_eval_set_given_later_gets_reference_columns_or_a_clear_error(tiny64, tmp_path):
+    """evaluate(eval_dataset=...) on a set without reference columns: computed with a reference
+    loader; with the initial policy as reference (no ref_model) it cannot be copied any more (the
+    policy may have trained): a ValueError saying what to do, never the trained policy."""
+    raw, tok, model = tiny64
+    args = _args(tmp_path)
+    ds = prepare_dataset(raw, tok, args)
+    with_loader = SimPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=ds,
+                               processing_class=tok, ref_model=lambda: copy.deepcopy(model))
+    metrics = with_loader.evaluate(eval_dataset=ds.select(range(5)))
+    assert abs(metrics["eval_loss"] - LOG2) < 1e-12 and abs(metrics["eval_rewards/margins"]) < 1e-12
+    without = SimPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=ds,
+                           processing_class=tok)
+    with pytest.raises(ValueError, match="give the eval sets at construction, or ref_model as a "
+                                         "function"):
+        without.evaluate(eval_dataset=ds.select(range(5)))
