@@ -95,7 +95,9 @@ def test_fsdp2_dpo_two_ranks_match_one_process(model_dir, tmp_path, reference):
     the batches, gathered), and with the reference sharded like the policy (accelerate's FSDP2
     preparation) and run in every step. The first step's loss is log 2 (policy == reference)."""
     single = _worker(model_dir, tmp_path / "single", 4, 2, *DPO, nproc=1)
-    extra = ["--ref_in_step"] if reference == "in_step" else []
+    # precomputed: the 4 pairs in one batch of 4, so rank 1 has no batch of its own and runs a
+    # repeated one (a sharded forward is collective: both ranks must run as many)
+    extra = ["--ref_in_step"] if reference == "in_step" else ["--precompute_batch", "4"]
     fsdp = _worker(model_dir, tmp_path / "fsdp2", 4, 1, "--fsdp", FSDP2_JSON, *DPO, *extra)
     assert fsdp["world_size"] == 2 and fsdp["fsdp"] and fsdp["lm_head_is_dtensor"]
     if reference == "in_step":

@@ -86,7 +86,9 @@ def test_zero3_dpo_two_processes_match_one_process(model_dir, single_dpo, tmp_pa
     reference log-probs precomputed over the data set by the ZeRO-3-sharded reference (each rank a
     share of the batches, gathered), and with the reference as a second, inference-mode DeepSpeed
     engine run in every step. The first step's loss is log 2 (policy == reference)."""
-    extra = ["--ref_in_step"] if reference == "in_step" else []
+    # precomputed: the 4 pairs in one batch of 4, so rank 1 has no batch of its own and runs a
+    # repeated one (a sharded forward is collective: both ranks must run as many)
+    extra = ["--ref_in_step"] if reference == "in_step" else ["--precompute_batch", "4"]
     zero3 = _two_procs(model_dir, tmp_path, 4, 1, "--deepspeed",
                        os.path.join(ROOT, "tests", "zero3_cpu.json"), *DPO, *extra)
     assert zero3["world_size"] == 2 and zero3["deepspeed"]

@@ -32,6 +32,8 @@ def main():
                    help="save a checkpoint every N steps (default: no checkpoints)")
     p.add_argument("--loss", default="simpo", help="simpo (beta 2, gamma_beta_ratio 0.5) or dpo")
     p.add_argument("--beta", type=float, default=None, help="default: 2.0 for simpo, dpo's own")
+    p.add_argument("--precompute_batch", type=int, default=None,
+                   help="dpo: pairs per forward of the reference precompute pass")
     p.add_argument("--ref_in_step", action="store_true",
                    help="dpo: the reference model in the step (precompute_ref_log_probs false)")
     a = p.parse_args()
@@ -48,7 +50,8 @@ def main():
     if a.loss == "simpo":
         loss_options = dict(beta=2.0 if a.beta is None else a.beta, gamma_beta_ratio=0.5)
     else:
-        loss_options = dict(beta=a.beta, precompute_ref_log_probs=not a.ref_in_step)
+        loss_options = dict(beta=a.beta, precompute_ref_log_probs=not a.ref_in_step,
+                            precompute_ref_batch_size=a.precompute_batch)
     args = SimPOConfig(
         output_dir=a.work_dir, max_steps=a.steps, per_device_train_batch_size=a.per_device,
         gradient_accumulation_steps=a.grad_accum, learning_rate=a.lr, lr_scheduler_type="constant",
