@@ -2,10 +2,10 @@
 
 ``simpo-train [RECIPE] [--key value ...]``: RECIPE is a YAML file, or the name of a recipe shipped
 with the package (``tiny``, ``tiny-dpo``, ``gemma-2-9b-it-simpo``, ``gemma-2-9b-it-dpo``); without
-one the embedded ``tiny`` recipe is used. Every field of :class:`ModelArguments`, :class:`DataArguments` and :class:`SimPOConfig`
-(which extends ``transformers.TrainingArguments``) can be set in the recipe and overridden on the
-command line; command-line values win. An unknown key, in the recipe or on the command line, is an
-error naming it.
+one the embedded ``tiny`` recipe is used. Every field of :class:`ModelArguments`,
+:class:`DataArguments` and :class:`SimPOConfig` (which extends ``transformers.TrainingArguments``)
+can be set in the recipe and overridden on the command line; command-line values win. An unknown
+key, in the recipe or on the command line, is an error naming it.
 """
 
 from __future__ import annotations
@@ -223,9 +223,9 @@ class SimPOConfig(TrainingArguments):
     nll_weight: float = field(default=None, metadata={
         "help": "rrhf, slic: weight of the chosen-row NLL term (unset: 1.0)."})
     precompute_ref_log_probs: Optional[bool] = field(default=None, metadata={
-        "help": "dpo, rdpo: compute the reference model's log-probs once, before training, over the "
-                "train and eval data (cached in output_dir, reused on resume) instead of running "
-                "the reference model in every step (unset: true).",})
+        "help": "dpo, rdpo: compute the reference model's log-probs once, before training, over "
+                "the train and eval data (cached in output_dir, reused on resume) instead of "
+                "running the reference model in every step (unset: true)."})
     precompute_ref_batch_size: Optional[int] = field(default=None, metadata={
         "help": "Pairs per reference forward of the precompute pass (unset: "
                 "per_device_eval_batch_size)."})
@@ -580,11 +580,11 @@ class _Parser(HfArgumentParser):
 
 USAGE = "simpo-train [RECIPE] [--key value ...] [--debug]"
 DESCRIPTION = (
-    "Train with SimPO (or another preference loss: --loss dpo, rdpo, cpo, orpo, rrhf, slic). RECIPE "
-    "is a YAML file or a packaged recipe name (tiny, tiny-dpo, gemma-2-9b-it-simpo, "
-    "gemma-2-9b-it-dpo); without one the embedded tiny recipe runs. Every option below can be set in the recipe "
-    "(key: value) and overridden here (--key value); both are read by the same rules. The defaults "
-    "shown are the recipe's. --debug (or SIMPO_DEBUG=1) shows tracebacks of user errors.")
+    "Train with SimPO (or another preference loss: --loss dpo, rdpo, cpo, orpo, rrhf, slic). "
+    "RECIPE is a YAML file or a packaged recipe name (tiny, tiny-dpo, gemma-2-9b-it-simpo, "
+    "gemma-2-9b-it-dpo); without one the embedded tiny recipe runs. Every option below can be set "
+    "in the recipe (key: value) and overridden here (--key value); both are read by the same rules. "
+    "The defaults shown are the recipe's. --debug (or SIMPO_DEBUG=1) shows tracebacks of user errors.")
 
 
 def _cli_parser(defaults: Optional[dict] = None) -> _Parser:

@@ -166,8 +166,8 @@ def attach_simpo_head(model: torch.nn.Module, *, loss: str = "simpo", ignore_ind
         raise ValueError(f"unknown loss {loss!r} (known: {', '.join(LOSSES)})")
     LOSSES[loss](**options)  # its own checks: an unknown option or a bad value fails here
     model._simpo_options = dict(
-        loss=loss, options={**LOSSES[loss].defaults, **options}, ignore_index=int(ignore_index), backend=backend,
-        chunk_size=chunk_size, schedule=schedule, memory_budget=memory_budget,
+        loss=loss, options={**LOSSES[loss].defaults, **options}, ignore_index=int(ignore_index),
+        backend=backend, chunk_size=chunk_size, schedule=schedule, memory_budget=memory_budget,
         logit_metrics=logit_metrics if logit_metrics is not None or loss != "simpo" else "exact")
     if not getattr(model, "_simpo_patched", False):
         model._simpo_original_forward = model.forward

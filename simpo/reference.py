@@ -125,7 +125,8 @@ def reference_logps(ref_model: torch.nn.Module, batch: dict,
 
 
 def compute_reference_columns(ref_model: torch.nn.Module, dataset, collator, trainer,
-                              batch_size: int, split_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+                              batch_size: int, split_name: str
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(chosen [N], rejected [N])`` float64: the reference sums of every row of ``dataset``,
     the same on every process. The batches (of ``batch_size`` pairs, in row order) are dealt round
     robin over the processes; every process runs the same number of forwards (a sharded model's

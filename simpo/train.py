@@ -256,8 +256,9 @@ def _train_and_save(model_args, data_args, training_args, checkpoint, stop) -> d
     model = load_model(model_args, training_args, tokenizer)
     reference = {}
     if training_args.needs_reference:
-        reference = dict(ref_model=lambda: load_reference_model(model_args, training_args, tokenizer),
-                         reference_key=reference_key(model_args, training_args, tokenizer))
+        reference = dict(
+            ref_model=lambda: load_reference_model(model_args, training_args, tokenizer),
+            reference_key=reference_key(model_args, training_args, tokenizer))
     trainer = SimPOTrainer(model=model, args=training_args, train_dataset=train_ds,
                            eval_dataset=eval_ds, processing_class=tokenizer, **reference)
     trainer.add_callback(StopOnSignal(stop))

@@ -1,5 +1,5 @@
-"""``SimPOTrainer``: a ``transformers.Trainer`` whose loss is the SimPO loss of ``simpo_kernels``, or
-another loss of its preference family (``args.loss``: dpo, rdpo, cpo, orpo, rrhf, slic).
+"""``SimPOTrainer``: a ``transformers.Trainer`` whose loss is the SimPO loss of ``simpo_kernels``,
+or another loss of its preference family (``args.loss``: dpo, rdpo, cpo, orpo, rrhf, slic).
 
 Reference model (dpo, rdpo). The reference log-probs come from data set columns precomputed at
 construction (``precompute_ref_log_probs``, cached in ``output_dir``) or from a frozen reference
@@ -64,7 +64,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from simpo_kernels import LOSSES
-from simpo_kernels.objective import METRIC_NAMES, official_metrics
+from simpo_kernels.objective import METRIC_NAMES, official_metrics  # noqa: F401 (re-exported)
 
 from . import run_dir
 from .config import ConfigError, RunStopped, UserError, fsdp_requested

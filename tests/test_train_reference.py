@@ -354,3 +354,53 @@ def test_an_eval_set_given_later_gets_reference_columns_or_a_clear_error(tiny64,
     with pytest.raises(ValueError, match="give the eval sets at construction, or ref_model as a "
                                          "function"):
         without.evaluate(eval_dataset=ds.select(range(5)))
+
+
+def test_ref_model_name_or_path_is_the_reference_of_the_precomputed_columns(tmp_path):
+    """`simpo-train --loss dpo --model_name_or_path A --ref_model_name_or_path B`: the cached
+    columns are B's per-row sums (computed here from B's ordinary forward, float32: 1e-4), not A's,
+    and the first step's loss is not log 2; with B = A it is log 2. The cache records B."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from simpo.config import DataArguments
+    from simpo.data import load_splits
+    from tests.multiproc import save_tiny_model
+
+    a_dir = save_tiny_model(tmp_path / "a")
+
+    b = AutoModelForCausalLM.from_pretrained(a_dir, attn_implementation="eager")
+    with torch.no_grad():
+        for p in b.parameters():
+            p.mul_(1.3)
+    b_dir = str(tmp_path / "b")
+    b.save_pretrained(b_dir)
+    AutoTokenizer.from_pretrained(a_dir).save_pretrained(b_dir)
+    common = ["--loss", "dpo", "--beta", "1.0", "--model_name_or_path", a_dir, "--max_steps", "1",
+              "--logging_steps", "1", "--eval_strategy", "no", "--plot", "false",
+              "--max_train_samples", "8", "--per_device_train_batch_size", "4",
+              "--use_cpu", "true", "--max_length", "64", "--max_prompt_length", "32",
+              "--disable_tqdm", "true", "--report_to", "none", "--save_strategy", "no"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("use_cpu: true\n")
+    first = {}
+    for name, ref in (("b", b_dir), ("a", a_dir)):
+        out = str(tmp_path / f"out_{name}")
+        _simpo_train(str(recipe), *common, "--ref_model_name_or_path", ref, "--output_dir", out)
+        with open(os.path.join(out, "trainer_state.json")) as f:
+            first[name] = [h["loss"] for h in json.load(f)["log_history"] if "loss" in h][0]
+        if name == "b":
+            cache = torch.load(os.path.join(out, CACHE_NAME), weights_only=True)
+    # float32 sums of ~-60 nats, computed in other batches: a few ulps apart, times beta 1
+    assert abs(first["a"] - LOG2) < 1e-5 and abs(first["b"] - LOG2) > 5e-4, first
+    assert cache["key"]["reference"]["source"] == b_dir
+    # B's sums from its ordinary forward over the same rows (the train split in the run's order)
+    tok = AutoTokenizer.from_pretrained(a_dir)
+    rows = load_splits(DataArguments(max_train_samples=8, dataset_splits=["train", "test"])).train
+    ds = prepare_dataset(rows, tok, SimPOConfig(output_dir=str(tmp_path / "x"), use_cpu=True,
+                                                loss="dpo", max_length=64, max_prompt_length=32,
+                                                report_to="none"))
+    want_c, want_r = _row_sums_from_logits(b.double(), ds)
+    torch.testing.assert_close(cache["splits"]["train"]["chosen"], want_c, rtol=0, atol=1e-4)
+    torch.testing.assert_close(cache["splits"]["train"]["rejected"], want_r, rtol=0, atol=1e-4)
