@@ -1,11 +1,11 @@
-"""Configuration: model, data and SimPO training arguments, and the recipe + CLI parser.
+"""Configuration: model, data and preference-loss training arguments, and the recipe + CLI parser.
 
 ``simpo-train [RECIPE] [--key value ...]``: RECIPE is a YAML file, or the name of a recipe shipped
-with the package (``tiny``, ``gemma-2-9b-it-simpo``); without one the embedded ``tiny`` recipe is
-used. Every field of :class:`ModelArguments`, :class:`DataArguments` and :class:`SimPOConfig`
-(which extends ``transformers.TrainingArguments``) can be set in the recipe and overridden on the
-command line; command-line values win. An unknown key, in the recipe or on the command line, is an
-error naming it.
+with the package (``tiny``, ``tiny-dpo``, ``gemma-2-9b-it-simpo``, ``gemma-2-9b-it-dpo``); without
+one the embedded ``tiny`` recipe is used. Every field of :class:`ModelArguments`,
+:class:`DataArguments` and :class:`SimPOConfig` (which extends ``transformers.TrainingArguments``)
+can be set in the recipe and overridden on the command line; command-line values win. An unknown
+key, in the recipe or on the command line, is an error naming it.
 """
 
 from __future__ import annotations
@@ -30,6 +30,14 @@ logger = logging.getLogger("simpo.config")
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = "tiny"
+
+# The losses of simpo_kernels.LOSSES and every loss_type value, as --help lists them (the options
+# of each loss, their defaults and its loss_type values come from the loss class itself).
+LOSS_NAMES = ("simpo", "dpo", "rdpo", "cpo", "orpo", "rrhf", "slic")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "sigmoid_norm", "simpo")
+# every loss option simpo-train has a field for (each belongs to one or more losses)
+LOSS_OPTION_FIELDS = ("beta", "gamma_beta_ratio", "label_smoothing", "loss_type", "sft_weight",
+                      "rpo_alpha", "alpha", "simpo_gamma", "cpo_alpha", "delta", "nll_weight")
 
 
 class UserError(Exception):
@@ -84,6 +92,10 @@ class ModelArguments:
                           "tiny Gemma-2-architecture model and word-level tokenizer in code."})
     tokenizer_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "Tokenizer, if not the model's."})
+    ref_model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "dpo, rdpo: hub id or local path of the reference model (unset: the "
+                          "initial policy, model_name_or_path); loaded like the policy."})
     model_revision: str = field(default="main", metadata={"help": "Hub revision."})
     torch_dtype: Optional[str] = field(
         default=None,
@@ -101,7 +113,7 @@ class ModelArguments:
         _check(self.tiny_hidden_size > 0 and self.tiny_hidden_size % 8 == 0, "tiny_hidden_size",
                self.tiny_hidden_size, "a positive multiple of 8 (4 heads of an even size)")
         _check(self.tiny_num_layers >= 1, "tiny_num_layers", self.tiny_num_layers, ">= 1")
-        for key in ("model_name_or_path", "tokenizer_name_or_path"):
+        for key in ("model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path"):
             value = getattr(self, key)
             # an explicit filesystem path (a hub id is "org/name") must exist: say so now, not
             # after the data has been processed
@@ -178,12 +190,45 @@ def _check_chat_template(template: Optional[str]) -> None:
 class SimPOConfig(TrainingArguments):
     """``TrainingArguments`` plus the official SimPO options."""
 
-    beta: float = field(default=2.0, metadata={"help": "SimPO beta (reward scale)."})
-    gamma_beta_ratio: float = field(default=0.25, metadata={"help": "gamma / beta (target margin)."})
-    label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing (sigmoid loss)."})
-    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid or hinge.",
-                                                          "choices": ["sigmoid", "hinge"]})
-    sft_weight: float = field(default=0.0, metadata={"help": "Weight of the chosen-row NLL term."})
+    # The preference loss and its options. Every option is unset (None) by default: the chosen
+    # loss's own default applies (dpo's beta is 0.1, simpo's 2.0); an option the chosen loss does
+    # not have, set in the recipe or on the command line, is an error (resolve_loss_options).
+    loss: str = field(default="simpo", metadata={
+        "help": "The preference loss: simpo, dpo, rdpo, cpo, orpo, rrhf or slic (the options each "
+                "takes, and their defaults, are listed in README's loss table).",
+        "choices": list(LOSS_NAMES)})
+    beta: float = field(default=None, metadata={
+        "help": "Reward scale (simpo 2.0, dpo/rdpo/cpo/orpo 0.1 when unset; orpo: the odds-ratio "
+                "weight lambda)."})
+    gamma_beta_ratio: float = field(default=None, metadata={
+        "help": "simpo: gamma / beta, the target margin (unset: 0.25)."})
+    label_smoothing: float = field(default=None, metadata={
+        "help": "simpo, dpo, cpo: label smoothing of the sigmoid (and robust) loss (unset: 0)."})
+    loss_type: str = field(default=None, metadata={
+        "help": "simpo: sigmoid, hinge; dpo: sigmoid, hinge, ipo, robust, sigmoid_norm; cpo: "
+                "sigmoid, hinge, ipo, simpo (unset: sigmoid).",
+        "choices": list(LOSS_TYPES)})
+    sft_weight: float = field(default=None, metadata={
+        "help": "simpo: weight of the chosen-row NLL term (unset: 0)."})
+    rpo_alpha: float = field(default=None, metadata={
+        "help": "dpo: weight of the chosen-row NLL term (RPO; unset: 0)."})
+    alpha: float = field(default=None, metadata={
+        "help": "rdpo: weight of the length term alpha (|chosen| - |rejected|) (unset: 0.05)."})
+    simpo_gamma: float = field(default=None, metadata={
+        "help": "cpo with loss_type simpo: the target reward margin gamma (unset: 0.5)."})
+    cpo_alpha: float = field(default=None, metadata={
+        "help": "cpo: weight of the chosen-row NLL term (unset: 1.0; 0 with loss_type simpo is "
+                "SimPO with sums)."})
+    delta: float = field(default=None, metadata={"help": "slic: the hinge margin (unset: 1.0)."})
+    nll_weight: float = field(default=None, metadata={
+        "help": "rrhf, slic: weight of the chosen-row NLL term (unset: 1.0)."})
+    precompute_ref_log_probs: Optional[bool] = field(default=None, metadata={
+        "help": "dpo, rdpo: compute the reference model's log-probs once, before training, over "
+                "the train and eval data (cached in output_dir, reused on resume) instead of "
+                "running the reference model in every step (unset: true)."})
+    precompute_ref_batch_size: Optional[int] = field(default=None, metadata={
+        "help": "Pairs per reference forward of the precompute pass (unset: "
+                "per_device_eval_batch_size)."})
     max_length: int = field(default=512, metadata={"help": "Max prompt + response tokens."})
     max_prompt_length: int = field(default=128, metadata={"help": "Prompt length after truncation."})
     truncation_mode: str = field(default="keep_end", metadata={
@@ -203,9 +248,10 @@ class SimPOConfig(TrainingArguments):
     loss_memory_budget: Optional[int] = field(default=None, metadata={
         "help": "Bytes of float32 logits scratch per chunk of the pairs/vocab schedules "
                 "(default: a quarter of free GPU memory; 256 MiB on CPU)."})
-    logit_metrics: str = field(default="exact", metadata={
-        "help": "logits/* metrics: exact (official: every position), targets (target positions "
-                "only, free) or none.",
+    logit_metrics: str = field(default=None, metadata={
+        "help": "logits/* metrics: exact (every position), targets (target positions only, free) "
+                "or none (unset: the loss's official one: targets for dpo and rdpo, exact for "
+                "the others).",
         "choices": ["exact", "targets", "none"]})
     loss_chunk_size: Optional[int] = field(default=None, metadata={
         "help": "Tokens per chunk of the torch backend's tokens schedule."})
@@ -233,7 +279,7 @@ class SimPOConfig(TrainingArguments):
         positive = ("max_length", "max_prompt_length", "per_device_train_batch_size",
                     "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
                     "save_steps", "eval_steps", "loss_chunk_size", "loss_memory_budget",
-                    "eval_accumulation_steps")
+                    "eval_accumulation_steps", "precompute_ref_batch_size")
         for key in positive:
             value = getattr(self, key)
             _check(value is None or (value > 0 and math.isfinite(value)), key, value,
@@ -254,14 +300,7 @@ class SimPOConfig(TrainingArguments):
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than "
                               f"max_length ({self.max_length})")
-        from simpo_kernels.validation import check_options
-
-        try:  # the loss's own checks, early (hinge + label_smoothing warns, as the official one)
-            check_options(beta=float(self.beta), gamma_beta_ratio=float(self.gamma_beta_ratio),
-                          label_smoothing=float(self.label_smoothing), loss_type=self.loss_type,
-                          sft_weight=float(self.sft_weight))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(str(exc)) from exc
+        self._resolve_loss_options()
         _check_report_to(self.report_to)
 
     @property
@@ -277,6 +316,59 @@ class SimPOConfig(TrainingArguments):
         for name in ("activation_checkpointing", "gradient_checkpointing"):
             if hasattr(self, name):  # both where both exist, so the alias mirrors the new name
                 setattr(self, name, on)
+
+    @property
+    def loss_options(self) -> dict:
+        """The chosen loss's options (every one resolved: set, or the loss's default)."""
+        return {key: getattr(self, key) for key in loss_defaults(self.loss)}
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the chosen loss compares with a reference model (dpo, rdpo)."""
+        return _loss_class(self.loss).needs_reference
+
+    def _resolve_loss_options(self) -> None:
+        """Each option of the chosen loss that is unset takes the loss's default; an option the
+        loss does not have, set anyway (recipe, command line or code), is a ConfigError naming
+        it, never ignored; the loss checks its values itself (a bad one is a ConfigError too).
+        ``logit_metrics`` unset becomes the loss's official definition, and
+        ``precompute_ref_log_probs`` unset becomes true for a loss with a reference."""
+        defaults = loss_defaults(self.loss)
+        foreign = [key for key in LOSS_OPTION_FIELDS
+                   if key not in defaults and getattr(self, key) is not None]
+        if foreign:
+            key = foreign[0]
+            raise ConfigError(f"{key}: not an option of loss {self.loss} (its options: "
+                              f"{', '.join(defaults) or 'none'}); drop {key}, or choose a loss "
+                              f"that has it")
+        for key, default in defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, default)
+        types = _loss_class(self.loss).loss_types
+        if "loss_type" in defaults and self.loss_type not in types:
+            raise ConfigError(f"loss_type: {self.loss_type!r} is not a loss_type of loss "
+                              f"{self.loss} (choose from {', '.join(types)})")
+        for key in ("precompute_ref_log_probs", "precompute_ref_batch_size"):
+            if not self.needs_reference and getattr(self, key) is not None:
+                raise ConfigError(f"{key}: loss {self.loss} uses no reference model; drop {key}")
+        if self.needs_reference and self.precompute_ref_log_probs is None:
+            self.precompute_ref_log_probs = True
+        if self.logit_metrics is None:
+            self.logit_metrics = _loss_class(self.loss).official_logit_metrics
+        if self.loss == "simpo":
+            from simpo_kernels.validation import check_options
+
+            try:  # simpo_loss's own checks (hinge + label_smoothing warns, as the official one)
+                check_options(beta=float(self.beta), gamma_beta_ratio=float(self.gamma_beta_ratio),
+                              label_smoothing=float(self.label_smoothing),
+                              loss_type=self.loss_type, sft_weight=float(self.sft_weight))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(str(exc)) from exc
+            return
+        try:  # the loss checks its own values
+            _loss_class(self.loss)(**self.loss_options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"loss {self.loss}: {error_text(exc)}") from exc
 
     def _check_numbers(self) -> None:
         """Optimizer and schedule values that torch or the Trainer would take as they are, and
@@ -316,6 +408,17 @@ class SimPOConfig(TrainingArguments):
 def _check(ok: bool, key: str, value, accepted: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: must be {accepted}, got {value!r}")
+
+
+def _loss_class(name: str):
+    from simpo_kernels import LOSSES
+
+    return LOSSES[name]
+
+
+def loss_defaults(name: str) -> dict:
+    """The options of loss ``name`` with their defaults (the library's, one source of truth)."""
+    return dict(_loss_class(name).defaults)
 
 
 # dict options that TrainingArguments also reads from a JSON file named by the value
@@ -418,6 +521,20 @@ def resolve_recipe(recipe: Optional[str]) -> Path:
     raise ConfigError(f"recipe {recipe!r} is neither a file nor a packaged recipe ({', '.join(known)})")
 
 
+def _packaged_recipes(loss: str) -> list[str]:
+    """The packaged recipes whose ``loss`` is ``loss`` (a recipe without one is a simpo recipe)."""
+    names = []
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        try:
+            with open(path) as f:
+                recipe = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(recipe, dict) and recipe.get("loss", "simpo") == loss:
+            names.append(path.stem)
+    return names
+
+
 def _field_types():
     types_ = {}
     for cls in ARG_CLASSES:
@@ -463,10 +580,11 @@ class _Parser(HfArgumentParser):
 
 USAGE = "simpo-train [RECIPE] [--key value ...] [--debug]"
 DESCRIPTION = (
-    "Train with SimPO. RECIPE is a YAML file or a packaged recipe name (tiny, gemma-2-9b-it-simpo); "
-    "without one the embedded tiny recipe runs. Every option below can be set in the recipe "
-    "(key: value) and overridden here (--key value); both are read by the same rules. The defaults "
-    "shown are the recipe's. --debug (or SIMPO_DEBUG=1) shows tracebacks of user errors.")
+    "Train with SimPO (or another preference loss: --loss dpo, rdpo, cpo, orpo, rrhf, slic). "
+    "RECIPE is a YAML file or a packaged recipe name (tiny, tiny-dpo, gemma-2-9b-it-simpo, "
+    "gemma-2-9b-it-dpo); without one the embedded tiny recipe runs. Every option below can be set "
+    "in the recipe (key: value) and overridden here (--key value); both are read by the same rules. "
+    "The defaults shown are the recipe's. --debug (or SIMPO_DEBUG=1) shows tracebacks of user errors.")
 
 
 def _cli_parser(defaults: Optional[dict] = None) -> _Parser:
@@ -635,15 +753,25 @@ def parse_args(argv: Optional[list[str]] = None):
         flags = [u for u in unknown if u.startswith("-")] or unknown
         raise ConfigError(f"unknown option(s) {' '.join(flags)} (see simpo-train --help)")
     overrides = vars(namespace)
+    recipe_loss = values.get("loss", "simpo")
     values.update(overrides)
     try:
         model_args, data_args, training_args = _build(values)
     except ConfigError as exc:
         key = str(exc).split(":", 1)[0]
         if key in values and key not in overrides:  # say where a bad recipe value comes from
-            raise ConfigError(f"{recipe_path.name}: {exc}") from None
+            hint = ""
+            if key in LOSS_OPTION_FIELDS and "loss" in overrides and "not an option" in str(exc):
+                packaged = _packaged_recipes(overrides["loss"])
+                hint = (f" (the recipe's loss options are for loss {recipe_loss}; use a recipe "
+                        f"written for loss {overrides['loss']}"
+                        + (f", e.g. {' or '.join(packaged)}" if packaged else "") + ")")
+            raise ConfigError(f"{recipe_path.name}: {exc}{hint}") from None
         raise
     training_args.command_line_keys = frozenset(overrides)
+    if model_args.ref_model_name_or_path and not training_args.needs_reference:
+        raise ConfigError(f"ref_model_name_or_path: loss {training_args.loss} uses no reference "
+                          f"model; drop ref_model_name_or_path")
     _check_relations(overrides, training_args, recipe_path.name)
     resolve_fsdp_options(training_args)
     check_loss_backend(model_args, training_args)

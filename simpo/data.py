@@ -638,7 +638,9 @@ def _batches(rows: int, global_batch: int, drop_last: bool) -> int:
 
 
 class SimPODataCollator:
-    """Pads chosen and rejected rows to one length (right padding) and stacks chosen then rejected."""
+    """Pads chosen and rejected rows to one length (right padding) and stacks chosen then rejected.
+    Rows that carry reference log-probs (``ref_chosen_logps`` / ``ref_rejected_logps``, see
+    :mod:`simpo.reference`) give the batch those two ``[B]`` float64 tensors too."""
 
     def __init__(self, pad_token_id: int, label_pad_token_id: int = -100):
         if pad_token_id is None:
@@ -654,4 +656,7 @@ class SimPODataCollator:
         for key, pad in pads.items():
             data = [list(f[f"{side}_{key}"]) for side in ("chosen", "rejected") for f in features]
             batch[key] = torch.tensor([r + [pad] * (T - len(r)) for r in data], dtype=torch.long)
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in features[0]:
+                batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float64)
         return batch

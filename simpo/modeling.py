@@ -1,7 +1,9 @@
 """Model side of the training system.
 
 * :func:`attach_simpo_head` patches a causal LM *instance* so that its own ``forward`` computes the
-  SimPO loss through :func:`simpo_kernels.simpo_loss` when called with ``simpo=True``: the decoder
+  preference loss (:func:`simpo_kernels.simpo_loss` for SimPO, :func:`simpo_kernels.preference_loss`
+  for the others) when called with ``simpo=True``, and a reference model's per-row log-probability
+  sums (:func:`simpo_kernels.sequence_logps`) when called with ``simpo_reference=True``: the decoder
   runs, then the lm_head weight is read *inside that forward* and handed to the fused loss with the
   final hidden states. Because the read happens inside the forward that DeepSpeed / FSDP run
   through their engine, ZeRO-3 gathers the (otherwise ``[0]``-shaped) lm_head shard for forward and
@@ -10,7 +12,7 @@
   then) is unsharded; a head still sharded there reaches ``simpo_loss`` as a DTensor, which it
   refuses. The forward returns a
   :class:`SimPOModelOutput` (a ``ModelOutput``) so engines can see the tensors in it. Without
-  ``simpo=True`` the model behaves as before (logits, generation, ...).
+  either keyword the model behaves as before (logits, generation, ...).
 * :func:`build_tiny_tokenizer` / :func:`build_tiny_model`: the offline, in-code Gemma-2-architecture
   model and word-level tokenizer of the embedded default.
 """
@@ -25,7 +27,7 @@ from typing import Iterable, Optional
 import torch
 from transformers.utils import ModelOutput
 
-from simpo_kernels import simpo_loss
+from simpo_kernels import LOSSES, preference_loss, sequence_logps, simpo_loss
 
 # Gemma-2 chat format as the official SimPO recipe sets it: a leading BOS, no system role (a system
 # message is folded into the first turn), the assistant role called "model".
@@ -50,7 +52,8 @@ _WORD_RE = re.compile(r"\n|[A-Za-z]+|\d+|[^\sA-Za-z\d]")
 
 @dataclass
 class SimPOModelOutput(ModelOutput):
-    """What a SimPO-patched forward returns: the differentiable loss and detached statistics."""
+    """What a loss-patched forward returns: the differentiable loss and detached statistics.
+    ``metrics``: the loss's official logged metrics (name -> float, no prefix)."""
 
     loss: Optional[torch.Tensor] = None
     chosen_logps: Optional[torch.Tensor] = None
@@ -60,35 +63,76 @@ class SimPOModelOutput(ModelOutput):
     chosen_logits_mean: Optional[torch.Tensor] = None
     rejected_logits_mean: Optional[torch.Tensor] = None
     sft_loss: Optional[torch.Tensor] = None
+    metrics: Optional[dict] = None
 
 
-def _simpo_forward(self, input_ids=None, attention_mask=None, labels=None, *, simpo: bool = False,
-                   **kwargs):
-    if not simpo:
-        return self._simpo_original_forward(input_ids=input_ids, attention_mask=attention_mask,
-                                            labels=labels, **kwargs)
-    if labels is None:
-        raise ValueError("a SimPO forward needs labels (chosen rows first, then rejected rows)")
-    opts = self._simpo_options
+@dataclass
+class ReferenceModelOutput(ModelOutput):
+    """What a reference forward (``simpo_reference=True``) returns: per-row sums of the target
+    log-probabilities ``[R]`` (float32; float64 for a float64 model) and their token counts."""
+
+    logps: Optional[torch.Tensor] = None
+    counts: Optional[torch.Tensor] = None
+
+
+class ReferenceLogps:
+    """The reference model's per-sequence log-probability sums of a batch, ``chosen [B]`` and
+    ``rejected [B]``, as the loss forward takes them (``reference=``).
+
+    A plain object on purpose (not a tensor, tuple, dict or dataclass): the engines walk those
+    among a forward's arguments and cast their floating-point tensors to the compute dtype (FSDP2
+    mixed precision's ``cast_forward_inputs``, DeepSpeed's fp16 auto-cast), which in bf16 would
+    round sums of hundreds of nats to whole nats. Whatever travels in here arrives as it was sent.
+    """
+
+    __slots__ = ("chosen", "rejected")
+
+    def __init__(self, chosen: torch.Tensor, rejected: torch.Tensor):
+        self.chosen, self.rejected = chosen, rejected
+
+
+def _head_inputs(self, input_ids, attention_mask, kwargs):
+    """The decoder's final hidden states and the lm_head weight and bias, read inside this
+    forward: under ZeRO-3 DeepSpeed gathers the head as an external parameter."""
     kwargs.pop("use_cache", None)
     decoder_out = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                      use_cache=False, **kwargs)
     hidden = decoder_out[0]
     head = self.get_output_embeddings()
-    # Read inside this forward: under ZeRO-3 DeepSpeed gathers the head as an external parameter.
     weight, bias = head.weight, getattr(head, "bias", None)
     if weight.dtype != hidden.dtype:  # e.g. autocast: match the matmul dtype autocast would use
         weight = weight.to(hidden.dtype)
         bias = None if bias is None else bias.to(hidden.dtype)
-    out = simpo_loss(
-        hidden, weight, labels,
-        beta=opts["beta"], gamma_beta_ratio=opts["gamma_beta_ratio"],
-        label_smoothing=opts["label_smoothing"], loss_type=opts["loss_type"],
-        sft_weight=opts["sft_weight"], softcap=getattr(self.config, "final_logit_softcapping", None),
-        bias=bias, ignore_index=opts["ignore_index"], backend=opts["backend"],
-        schedule=opts["schedule"], memory_budget=opts["memory_budget"],
-        logit_metrics=opts["logit_metrics"], chunk_size=opts["chunk_size"],
-    )
+    return hidden, weight, bias
+
+
+def _simpo_forward(self, input_ids=None, attention_mask=None, labels=None, *, simpo: bool = False,
+                   simpo_reference: bool = False, reference: Optional[ReferenceLogps] = None,
+                   **kwargs):
+    if not (simpo or simpo_reference):
+        return self._simpo_original_forward(input_ids=input_ids, attention_mask=attention_mask,
+                                            labels=labels, **kwargs)
+    if labels is None:
+        raise ValueError("a preference-loss forward needs labels (chosen rows first, then "
+                         "rejected rows)")
+    opts = self._simpo_options
+    hidden, weight, bias = _head_inputs(self, input_ids, attention_mask, kwargs)
+    softcap = getattr(self.config, "final_logit_softcapping", None)
+    if simpo_reference:  # the reference model's per-row sums: no graph, no [N, V] logits
+        logps, counts = sequence_logps(hidden, weight, labels, softcap=softcap, bias=bias,
+                                       ignore_index=opts["ignore_index"], backend=opts["backend"])
+        return ReferenceModelOutput(logps=logps, counts=counts)
+    common = dict(softcap=softcap, bias=bias, ignore_index=opts["ignore_index"],
+                  backend=opts["backend"], schedule=opts["schedule"],
+                  memory_budget=opts["memory_budget"], logit_metrics=opts["logit_metrics"],
+                  chunk_size=opts["chunk_size"])
+    if opts["loss"] == "simpo":  # exactly the call of the SimPO-only trainer: same numbers
+        out = simpo_loss(hidden, weight, labels, **opts["options"], **common)
+    else:
+        out = preference_loss(hidden, weight, labels, loss=opts["loss"],
+                              ref_chosen_logps=None if reference is None else reference.chosen,
+                              ref_rejected_logps=None if reference is None else reference.rejected,
+                              **opts["options"], **common)
     return SimPOModelOutput(
         loss=out.loss,
         chosen_logps=out.chosen_logps.detach(),
@@ -98,25 +142,33 @@ def _simpo_forward(self, input_ids=None, attention_mask=None, labels=None, *, si
         chosen_logits_mean=out.chosen_logits_mean,
         rejected_logits_mean=out.rejected_logits_mean,
         sft_loss=None if out.sft_loss is None else out.sft_loss.detach(),
+        metrics=out.metrics(),
     )
 
 
-def attach_simpo_head(model: torch.nn.Module, *, beta: float, gamma_beta_ratio: float,
-                      label_smoothing: float = 0.0, loss_type: str = "sigmoid",
-                      sft_weight: float = 0.0, ignore_index: int = -100, backend: str = "auto",
-                      chunk_size: Optional[int] = None, schedule: str = "auto",
-                      memory_budget: Optional[int] = None, logit_metrics: str = "exact") -> torch.nn.Module:
-    """Patch ``model.forward`` (this instance only) to compute SimPO when called with ``simpo=True``.
+def attach_simpo_head(model: torch.nn.Module, *, loss: str = "simpo", ignore_index: int = -100,
+                      backend: str = "auto", chunk_size: Optional[int] = None,
+                      schedule: str = "auto", memory_budget: Optional[int] = None,
+                      logit_metrics: Optional[str] = None, **options) -> torch.nn.Module:
+    """Patch ``model.forward`` (this instance only): called with ``simpo=True`` it computes the
+    preference loss ``loss`` (a name in ``simpo_kernels.LOSSES``) with ``options`` (that loss's
+    options, e.g. ``beta``; unset ones take the loss's defaults), and with
+    ``reference=ReferenceLogps(chosen [B], rejected [B])`` for a loss with a reference; called with
+    ``simpo_reference=True`` it returns the per-row sums of target log-probabilities
+    (:class:`ReferenceModelOutput`), what a reference model contributes. ``loss="simpo"`` calls
+    ``simpo_kernels.simpo_loss``. An unknown option is a TypeError naming it.
 
     Idempotent: patching again only updates the options.
     """
     if model.get_output_embeddings() is None or not hasattr(model, "get_decoder"):
         raise TypeError(f"{type(model).__name__} is not a causal LM with an output embedding")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r} (known: {', '.join(LOSSES)})")
+    LOSSES[loss](**options)  # its own checks: an unknown option or a bad value fails here
     model._simpo_options = dict(
-        beta=float(beta), gamma_beta_ratio=float(gamma_beta_ratio),
-        label_smoothing=float(label_smoothing), loss_type=loss_type, sft_weight=float(sft_weight),
-        ignore_index=int(ignore_index), backend=backend, chunk_size=chunk_size, schedule=schedule,
-        memory_budget=memory_budget, logit_metrics=logit_metrics)
+        loss=loss, options={**LOSSES[loss].defaults, **options}, ignore_index=int(ignore_index),
+        backend=backend, chunk_size=chunk_size, schedule=schedule, memory_budget=memory_budget,
+        logit_metrics=logit_metrics if logit_metrics is not None or loss != "simpo" else "exact")
     if not getattr(model, "_simpo_patched", False):
         model._simpo_original_forward = model.forward
         model.forward = types.MethodType(_simpo_forward, model)

@@ -76,7 +76,7 @@ IGNORED_KEYS = frozenset({
     "dataloader_multiprocessing_context", "dataloader_in_order", "preprocessing_num_workers",
     "ddp_backend", "ddp_timeout", "ddp_bucket_cap_mb", "ddp_broadcast_buffers",
     "ddp_find_unused_parameters", "ddp_static_graph", "local_rank", "use_cpu",
-    "trust_remote_code",
+    "trust_remote_code", "precompute_ref_log_probs", "precompute_ref_batch_size",
     # not used by SimPOTrainer: its loss is a per-micro-batch mean (no num_items_in_batch), it
     # forces remove_unused_columns off and computes its own loss (no HF label smoother)
     "average_tokens_across_devices", "remove_unused_columns", "label_smoothing_factor",

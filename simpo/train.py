@@ -112,6 +112,48 @@ def load_model(model_args, training_args, tokenizer):
                         f"{error_text(exc)}") from exc
 
 
+def load_reference_model(model_args, training_args, tokenizer):
+    """The reference model of a loss with one (dpo, rdpo), loaded like the policy: from
+    ``ref_model_name_or_path``, or the initial policy again (the embedded tiny model is rebuilt
+    from the run's seed: the same weights, and the RNG stream of the run is left untouched)."""
+    import dataclasses
+
+    import torch
+
+    if model_args.ref_model_name_or_path:
+        ref_args = dataclasses.replace(model_args,
+                                       model_name_or_path=model_args.ref_model_name_or_path)
+        return load_model(ref_args, training_args, tokenizer)
+    if is_tiny(model_args):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(training_args.seed)  # as set_seed did before the policy was built
+            return load_model(model_args, training_args, tokenizer)
+    return load_model(model_args, training_args, tokenizer)
+
+
+def reference_key(model_args, training_args, tokenizer) -> dict:
+    """What the precomputed reference log-probs depend on besides the token ids: the reference
+    model (the tiny model's seed, sizes and vocabulary; a saved model's weight files, see
+    :func:`simpo.reference.weight_files_fingerprint`), its load dtype, the run's precision and the
+    attention implementation. A change of any of them recomputes the cached columns."""
+    import hashlib
+    import json
+
+    from .reference import weight_files_fingerprint
+
+    source = model_args.ref_model_name_or_path or model_args.model_name_or_path
+    if not model_args.ref_model_name_or_path and is_tiny(model_args):
+        vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+        reference = {"tiny": {"seed": training_args.seed, "hidden": model_args.tiny_hidden_size,
+                              "layers": model_args.tiny_num_layers,
+                              "vocab": hashlib.sha256(vocab.encode()).hexdigest()}}
+    else:
+        reference = weight_files_fingerprint(source, model_args.model_revision)
+    return {"reference": reference, "torch_dtype": model_args.torch_dtype,
+            "bf16": bool(training_args.bf16), "fp16": bool(training_args.fp16),
+            "attn_implementation": model_args.attn_implementation}
+
+
 def setup_distributed(training_args) -> None:
     """Initialise torch.distributed (through ``training_args.device``) and, under DeepSpeed, its
     communication layer, which a ZeRO-3 model init needs and which accelerate leaves alone on CPU
@@ -212,8 +254,13 @@ def _train_and_save(model_args, data_args, training_args, checkpoint, stop) -> d
 
     set_seed(training_args.seed)
     model = load_model(model_args, training_args, tokenizer)
+    reference = {}
+    if training_args.needs_reference:
+        reference = dict(
+            ref_model=lambda: load_reference_model(model_args, training_args, tokenizer),
+            reference_key=reference_key(model_args, training_args, tokenizer))
     trainer = SimPOTrainer(model=model, args=training_args, train_dataset=train_ds,
-                           eval_dataset=eval_ds, processing_class=tokenizer)
+                           eval_dataset=eval_ds, processing_class=tokenizer, **reference)
     trainer.add_callback(StopOnSignal(stop))
 
     start = time.time()

@@ -1,4 +1,10 @@
-"""``SimPOTrainer``: a ``transformers.Trainer`` whose loss is the SimPO loss of ``simpo_kernels``.
+"""``SimPOTrainer``: a ``transformers.Trainer`` whose loss is the SimPO loss of ``simpo_kernels``,
+or another loss of its preference family (``args.loss``: dpo, rdpo, cpo, orpo, rrhf, slic).
+
+Reference model (dpo, rdpo). The reference log-probs come from data set columns precomputed at
+construction (``precompute_ref_log_probs``, cached in ``output_dir``) or from a frozen reference
+model run in every step; either way the reference is sharded like the policy (a second DeepSpeed
+engine in inference mode under ZeRO-3, FSDP2 under FSDP). See :mod:`simpo.reference`.
 
 Loss computation. The trainer patches the model instance (:func:`simpo.modeling.attach_simpo_head`)
 so that the model's own forward, as run by DeepSpeed / FSDP / DDP, computes the loss from the
@@ -57,18 +63,26 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from simpo_kernels.objective import METRIC_NAMES, official_metrics
+from simpo_kernels import LOSSES
+from simpo_kernels.objective import METRIC_NAMES, official_metrics  # noqa: F401 (re-exported)
 
 from . import run_dir
 from .config import ConfigError, RunStopped, UserError, fsdp_requested
 from .data import SimPODataCollator
-from .modeling import attach_simpo_head, disable_dropout
+from .modeling import ReferenceLogps, attach_simpo_head, disable_dropout
+from .reference import (CACHE_NAME, REF_COLUMNS, add_reference_columns, compute_reference_columns,
+                        has_reference_columns, prepare_reference_model, read_cache,
+                        reference_logps, release_reference_model, tokens_fingerprint, write_cache)
 
 logger = logging.getLogger(__name__)
 
 
 def metrics_from_outputs(outputs, prefix: str = "") -> dict[str, float]:
-    """The official metric dict from a :class:`~simpo.modeling.SimPOModelOutput`."""
+    """The official metric dict from a :class:`~simpo.modeling.SimPOModelOutput` (its loss's
+    official names: ``metrics``, computed by the loss)."""
+    metrics = outputs.get("metrics")
+    if metrics is not None:
+        return {prefix + name: value for name, value in metrics.items()}
     return official_metrics(
         chosen_rewards=outputs["chosen_rewards"], rejected_rewards=outputs["rejected_rewards"],
         chosen_logps=outputs["chosen_logps"], rejected_logps=outputs["rejected_logps"],
@@ -157,15 +171,21 @@ class SimPOTrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, model=None, args=None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, **kwargs):
-        if args is None or not hasattr(args, "beta"):
+                 eval_dataset=None, processing_class=None, ref_model=None,
+                 reference_key: Optional[dict] = None, **kwargs):
+        """``ref_model`` (losses with a reference: dpo, rdpo): the reference model, or a function
+        that loads it (called only when needed: not when every split's log-probs come from the
+        cache); None: a copy of the initial ``model``. ``reference_key``: what identifies the
+        reference model and precision (:func:`simpo.train.reference_key`); with it the
+        precomputed log-probs are cached in ``output_dir`` and reused; without it they are
+        computed at every start."""
+        if args is None or not hasattr(args, "loss_options"):
             raise TypeError("SimPOTrainer needs args=SimPOConfig(...)")
         attach_simpo_head(
-            model, beta=args.beta, gamma_beta_ratio=args.gamma_beta_ratio,
-            label_smoothing=args.label_smoothing, loss_type=args.loss_type,
-            sft_weight=args.sft_weight, ignore_index=args.label_pad_token_id,
+            model, loss=args.loss, ignore_index=args.label_pad_token_id,
             backend=args.loss_backend, chunk_size=args.loss_chunk_size, schedule=args.loss_schedule,
-            memory_budget=args.loss_memory_budget, logit_metrics=args.logit_metrics)
+            memory_budget=args.loss_memory_budget, logit_metrics=args.logit_metrics,
+            **args.loss_options)
         if args.disable_dropout:
             disable_dropout(model)
         if args.remove_unused_columns:
@@ -190,6 +210,131 @@ class SimPOTrainer(Trainer):
         self.add_callback(_DivergenceGuard(self))
         self.add_callback(WholeRunLoss())
         self.add_callback(ScheduleFromArgs())
+        self.ref_model = None  # the in-step reference model (precompute_ref_log_probs false)
+        self._ref_source = ref_model
+        self._reference_available = True  # the module given, or the initial policy, is unused
+        self._reference_key = reference_key
+        if args.needs_reference:
+            if args.precompute_ref_log_probs:
+                self._precompute_reference_columns()
+            else:
+                self.ref_model = prepare_reference_model(self._load_reference(), self)
+        self._reference_available = False  # from here on the policy trains: never copy it
+
+    # -------------------------------------------------------------- the reference model
+
+    def _load_reference(self) -> torch.nn.Module:
+        """The reference model, unprepared: the one given, loaded by the function given, or a
+        copy of the initial policy (refused when ZeRO-3 already partitioned it: pass ref_model)."""
+        source = self._ref_source
+        if source is not None and not isinstance(source, torch.nn.Module):
+            return source()  # a loader: loads the reference afresh each time
+        if not self._reference_available:
+            # the module given was prepared (sharded) and freed, and the policy may have trained
+            raise ValueError("the reference model is needed again (reference log-probs for an "
+                             "eval set given after construction) but was used up: give the eval "
+                             "sets at construction, or ref_model as a function that loads it")
+        self._reference_available = False  # used once: prepared in place / the initial policy
+        if source is not None:
+            return source
+        if any(hasattr(p, "ds_id") for p in self.model.parameters()):
+            raise ValueError("the policy is already partitioned by ZeRO-3 (zero.Init): pass "
+                             "ref_model (the reference model, or a function that loads it)")
+        import copy
+
+        return copy.deepcopy(self.model)
+
+    def _precompute_reference_columns(self) -> None:
+        """Give the train and eval data sets the reference log-prob columns (cached ones where
+        the cache in output_dir matches, computed ones otherwise; see :mod:`simpo.reference`)."""
+        splits = {"train": self.train_dataset}
+        if isinstance(self.eval_dataset, dict):
+            splits.update({f"eval_{k}": v for k, v in self.eval_dataset.items()})
+        elif self.eval_dataset is not None:
+            splits["eval"] = self.eval_dataset
+        done = self._reference_columns(splits)
+        self.train_dataset = done["train"]
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {k: done[f"eval_{k}"] for k in self.eval_dataset}
+        elif self.eval_dataset is not None:
+            self.eval_dataset = done["eval"]
+
+    def _reference_columns(self, splits: dict) -> dict:
+        """``splits`` (name -> tokenised data set) with reference columns. Collective: every
+        process calls it with the same splits."""
+        from accelerate.utils import broadcast_object_list
+
+        todo = {name: ds for name, ds in splits.items()
+                if ds is not None and not has_reference_columns(ds)}
+        out = dict(splits)
+        if not todo:
+            return out
+        key, output_dir = self._reference_key, self.args.output_dir
+        tokens = {name: tokens_fingerprint(ds) for name, ds in todo.items()}
+        found = {}
+        if key is not None:
+            box = [None]
+            if self.args.process_index == 0:
+                box = [{name: read_cache(output_dir, key, name, tokens[name], len(ds))
+                        for name, ds in todo.items()}]
+            if self.args.world_size > 1:
+                broadcast_object_list(box, from_process=0)
+            for name, (values, why) in box[0].items():
+                if values is not None:
+                    found[name] = values
+                    logger.info("reference log-probs of split %r: reused from %s", name,
+                                os.path.join(output_dir, CACHE_NAME))
+                else:
+                    logger.info("reference log-probs of split %r: computing (%s)", name, why)
+        missing = [name for name in todo if name not in found]
+        if missing:
+            ref = prepare_reference_model(self._load_reference(), self)
+            batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+            try:
+                for name in missing:
+                    found[name] = compute_reference_columns(ref, todo[name], self.data_collator,
+                                                            self, batch_size, name)
+            finally:
+                release_reference_model(ref)
+                del ref
+            if key is not None and self.args.process_index == 0:
+                write_cache(output_dir, key, {
+                    name: {"tokens": tokens[name], "chosen": found[name][0],
+                           "rejected": found[name][1]} for name in todo})
+        for name, ds in todo.items():
+            out[name] = add_reference_columns(ds, *found[name])
+        return out
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        # an eval set handed to evaluate() that has no reference columns yet gets them here
+        if (self.args.needs_reference and self.args.precompute_ref_log_probs
+                and eval_dataset is not None and not isinstance(eval_dataset, str)
+                and not has_reference_columns(eval_dataset)):
+            eval_dataset = self._reference_columns({"eval": eval_dataset})["eval"]
+        return super().get_eval_dataloader(eval_dataset)
+
+    def _prepare_inputs(self, inputs):
+        # Under DeepSpeed the base class casts every float tensor to the engine's dtype (bf16):
+        # the reference sums (hundreds of nats) would lose their digits. Move them as they are.
+        ref = {k: inputs[k] for k in REF_COLUMNS if k in inputs}
+        inputs = super()._prepare_inputs({k: v for k, v in inputs.items() if k not in ref})
+        inputs.update({k: v.to(self.args.device) for k, v in ref.items()})
+        return inputs
+
+    def _reference_inputs(self, inputs) -> dict:
+        """The reference log-probs of this batch for the loss (none for a loss without one): the
+        precomputed columns, or the in-step reference model's forward (no gradients)."""
+        if not self.args.needs_reference:
+            return {}
+        if all(k in inputs for k in REF_COLUMNS):
+            return {"reference": ReferenceLogps(*(inputs[k] for k in REF_COLUMNS))}
+        if self.ref_model is None:
+            raise ValueError(f"loss {self.args.loss} needs reference log-probs: the batch has no "
+                             f"ref_chosen_logps / ref_rejected_logps and there is no reference "
+                             f"model (precompute_ref_log_probs false runs one in the step)")
+        chosen, rejected = reference_logps(self.ref_model, inputs,
+                                           self.compute_loss_context_manager)
+        return {"reference": ReferenceLogps(chosen, rejected)}
 
     # -------------------------------------------------------------- FSDP on CPU ranks
 
@@ -480,7 +625,7 @@ class SimPOTrainer(Trainer):
 
     def _simpo_forward(self, model, inputs):
         return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                     labels=inputs["labels"], simpo=True)
+                     labels=inputs["labels"], simpo=True, **self._reference_inputs(inputs))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = self._simpo_forward(model, inputs)
@@ -503,8 +648,7 @@ class SimPOTrainer(Trainer):
 
     def _metric_keys(self, train_eval: str) -> list[str]:
         prefix = "eval_" if train_eval == "eval" else ""
-        names = [n for n in METRIC_NAMES if self.args.logit_metrics != "none" or not n.startswith("logits/")]
-        names += ["sft_loss"] if self.args.sft_weight > 0 else []
+        names = LOSSES[self.args.loss](**self.args.loss_options).metric_names(self.args.logit_metrics)
         return [prefix + n for n in names]
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:

@@ -377,3 +377,129 @@ def test_the_embedded_tiny_model_runs_on_one_thread_unless_omp_num_threads_says(
     n = len(caplog.messages)
     choose_cpu_threads(model_args, args)
     assert torch_threads.get_num_threads() == 2 and len(caplog.messages) == n
+
+
+# ----------------------------------------------------------------------------- --loss and its options
+
+def _loss_defaults(name):
+    from simpo_kernels import LOSSES
+
+    return dict(LOSSES[name].defaults)
+
+
+@pytest.mark.parametrize("loss", ["simpo", "dpo", "rdpo", "cpo", "orpo", "rrhf", "slic"])
+def test_each_loss_takes_its_own_defaults_for_unset_options(tmp_path, loss):
+    """An option left unset takes the chosen loss's default (dpo beta 0.1, simpo beta 2.0); the
+    options the loss does not have stay unset; logit_metrics and precompute_ref_log_probs default
+    to the loss's official choice."""
+    from simpo.config import LOSS_OPTION_FIELDS
+    from simpo_kernels import LOSSES
+
+    _, _, args, _ = parse_args([_recipe(tmp_path, ""), "--loss", loss])
+    defaults = _loss_defaults(loss)
+    assert args.loss_options == defaults
+    assert all(getattr(args, k) is None for k in LOSS_OPTION_FIELDS if k not in defaults)
+    assert args.logit_metrics == ("targets" if loss in ("dpo", "rdpo") else "exact")
+    assert args.precompute_ref_log_probs is (True if loss in ("dpo", "rdpo") else None)
+    assert args.needs_reference is LOSSES[loss].needs_reference
+    assert (args.beta == 2.0) if loss == "simpo" else (args.beta in (None, 0.1))
+
+
+def test_loss_names_and_loss_types_cover_the_library():
+    from simpo.config import LOSS_NAMES, LOSS_OPTION_FIELDS, LOSS_TYPES
+    from simpo_kernels import LOSSES
+
+    assert set(LOSS_NAMES) == set(LOSSES)
+    assert {t for cls in LOSSES.values() for t in cls.loss_types} == set(LOSS_TYPES)
+    assert {k for cls in LOSSES.values() for k in cls.defaults} == set(LOSS_OPTION_FIELDS)
+
+
+@pytest.mark.parametrize("argv,value", [
+    (["--loss", "dpo", "--beta", "0.01", "--loss_type", "ipo"], dict(beta=0.01, loss_type="ipo")),
+    (["--loss", "dpo", "--rpo_alpha", "0.5"], dict(rpo_alpha=0.5, beta=0.1)),
+    (["--loss", "rdpo", "--alpha", "0.2"], dict(alpha=0.2, beta=0.1)),
+    (["--loss", "cpo", "--loss_type", "simpo", "--simpo_gamma", "0.7", "--cpo_alpha", "0"],
+     dict(loss_type="simpo", simpo_gamma=0.7, cpo_alpha=0.0)),
+    (["--loss", "slic", "--delta", "2", "--nll_weight", "0.5"], dict(delta=2.0, nll_weight=0.5)),
+    (["--loss", "orpo", "--beta", "0.25"], dict(beta=0.25)),
+    (["--loss", "dpo", "--precompute_ref_log_probs", "false"], dict()),
+])
+def test_loss_options_from_the_command_line(tmp_path, argv, value):
+    _, _, args, _ = parse_args([_recipe(tmp_path, ""), *argv])
+    for k, v in value.items():
+        assert args.loss_options[k] == v, k
+    if "--precompute_ref_log_probs" in argv:
+        assert args.precompute_ref_log_probs is False
+
+
+@pytest.mark.parametrize("text,argv,message", [
+    ("", ["--loss", "dpo", "--gamma_beta_ratio", "0.5"],
+     "gamma_beta_ratio: not an option of loss dpo (its options: beta, label_smoothing, loss_type, "
+     "rpo_alpha)"),
+    ("", ["--sft_weight", "1"], None),  # simpo has it
+    ("", ["--loss", "simpo", "--rpo_alpha", "1"], "rpo_alpha: not an option of loss simpo"),
+    ("", ["--loss", "orpo", "--label_smoothing", "0.1"], "label_smoothing: not an option of loss orpo"),
+    ("", ["--loss", "rrhf", "--beta", "1"], "beta: not an option of loss rrhf (its options: nll_weight)"),
+    ("loss: dpo\nalpha: 0.1\n", [], "recipe.yaml: alpha: not an option of loss dpo"),
+    ("", ["--loss", "dpo", "--loss_type", "simpo"],
+     "loss_type: 'simpo' is not a loss_type of loss dpo (choose from sigmoid, hinge, ipo, robust, "
+     "sigmoid_norm)"),
+    ("", ["--loss_type", "ipo"], "loss_type: 'ipo' is not a loss_type of loss simpo (choose from "
+                                 "sigmoid, hinge)"),
+    ("", ["--loss", "cpo", "--loss_type", "robust"], "loss_type: 'robust' is not a loss_type of loss cpo"),
+    ("", ["--loss_type", "bogus"], "loss_type: invalid choice: 'bogus'"),
+    ("", ["--loss", "kto"], "loss: invalid choice: 'kto'"),
+    ("", ["--loss", "dpo", "--beta", "0"], "loss dpo: beta must be > 0, got 0.0"),
+    ("", ["--beta", "-1"], "beta"),  # simpo's own checks
+    ("", ["--loss", "orpo", "--precompute_ref_log_probs", "true"],
+     "precompute_ref_log_probs: loss orpo uses no reference model"),
+    ("", ["--precompute_ref_batch_size", "4"], "precompute_ref_batch_size: loss simpo uses no reference"),
+    ("", ["--loss", "dpo", "--precompute_ref_batch_size", "0"], "precompute_ref_batch_size: must be > 0"),
+    ("", ["--ref_model_name_or_path", "org/model"],
+     "ref_model_name_or_path: loss simpo uses no reference model"),
+    ("", ["--loss", "dpo", "--ref_model_name_or_path", "./no/such/dir"],
+     "ref_model_name_or_path: no such file or directory: ./no/such/dir"),
+])
+def test_loss_option_mistakes_are_one_line_config_errors(tmp_path, text, argv, message):
+    recipe = _recipe(tmp_path, text)
+    if message is None:
+        parse_args([recipe, *argv])
+        return
+    with pytest.raises(ConfigError) as info:
+        parse_args([recipe, *argv])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_another_loss_than_the_recipes_points_at_a_recipe_for_it():
+    """`simpo-train --loss dpo` on the tiny (SimPO) recipe: its gamma_beta_ratio is not a dpo
+    option; the error names the recipe's loss and the packaged recipes for dpo."""
+    with pytest.raises(ConfigError) as info:
+        parse_args(["--loss", "dpo"])
+    text = str(info.value)
+    assert text.startswith("tiny.yaml: gamma_beta_ratio: not an option of loss dpo")
+    assert "the recipe's loss options are for loss simpo" in text
+    assert "gemma-2-9b-it-dpo" in text and "tiny-dpo" in text
+
+
+def test_dpo_recipes_are_the_simpo_ones_but_for_the_loss():
+    """recipes/gemma-2-9b-it-dpo.yaml: official Gemma DPO (beta 0.01, lr 5e-7), everything else as
+    the SimPO recipe; tiny-dpo: the embedded default with DPO (+ RPO's NLL term, as tiny's SFT)."""
+    import yaml
+
+    from simpo.config import RECIPES_DIR
+
+    _, _, dpo, _ = parse_args(["gemma-2-9b-it-dpo", "--bf16", "false", "--use_cpu", "true"])
+    assert (dpo.loss, dpo.beta, dpo.learning_rate, dpo.loss_type) == ("dpo", 0.01, 5e-7, "sigmoid")
+    assert dpo.precompute_ref_log_probs is True and dpo.rpo_alpha == 0.0
+    load = lambda name: yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())  # noqa: E731
+    simpo, dpo_recipe = load("gemma-2-9b-it-simpo"), load("gemma-2-9b-it-dpo")
+    differ = {k for k in set(simpo) | set(dpo_recipe) if simpo.get(k) != dpo_recipe.get(k)}
+    assert differ == {"loss", "beta", "gamma_beta_ratio", "sft_weight", "rpo_alpha",
+                      "precompute_ref_log_probs", "logit_metrics", "learning_rate", "output_dir",
+                      "run_name"}
+    tiny, tiny_dpo = load("tiny"), load("tiny-dpo")
+    differ = {k for k in set(tiny) | set(tiny_dpo) if tiny.get(k) != tiny_dpo.get(k)}
+    assert differ == {"loss", "beta", "gamma_beta_ratio", "sft_weight", "rpo_alpha",
+                      "precompute_ref_log_probs", "output_dir"}
+    # the top-level recipes/ is the package's directory (one copy)
+    assert os.path.samefile(os.path.join(ROOT, "recipes"), RECIPES_DIR)

@@ -26,6 +26,7 @@ as it does on GPUs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -81,6 +82,30 @@ def test_fsdp2_two_ranks_match_one_process(model_dir, plain_fsdp2_json, tmp_path
     assert fsdp["lm_head_is_dtensor"]
     assert all(0 < s[0] < vocab for s in shapes) and sum(s[0] for s in shapes) == vocab
     assert single["lm_head_shapes_by_rank"] == [[vocab, 32]]
+    compare_runs(single, fsdp)
+
+
+DPO = ["--loss", "dpo", "--beta", "0.5"]  # beta 0.5: the loss falls by > 0.1 in 5 steps at lr 1e-2
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "in_step"])
+def test_fsdp2_dpo_two_ranks_match_one_process(model_dir, tmp_path, reference):
+    """DPO under FSDP2 (shipped config) on 2 ranks == 1 process with the reference precomputed:
+    with the reference log-probs precomputed by the FSDP2-sharded reference (each rank a share of
+    the batches, gathered), and with the reference sharded like the policy (accelerate's FSDP2
+    preparation) and run in every step. The first step's loss is log 2 (policy == reference)."""
+    single = _worker(model_dir, tmp_path / "single", 4, 2, *DPO, nproc=1)
+    # precomputed: the 4 pairs in one batch of 4, so rank 1 has no batch of its own and runs a
+    # repeated one (a sharded forward is collective: both ranks must run as many)
+    extra = ["--ref_in_step"] if reference == "in_step" else ["--precompute_batch", "4"]
+    fsdp = _worker(model_dir, tmp_path / "fsdp2", 4, 1, "--fsdp", FSDP2_JSON, *DPO, *extra)
+    assert fsdp["world_size"] == 2 and fsdp["fsdp"] and fsdp["lm_head_is_dtensor"]
+    if reference == "in_step":
+        assert fsdp["ref_model"].startswith("FSDP") and not fsdp["ref_columns"]
+    else:
+        assert fsdp["ref_model"] == "NoneType" and fsdp["ref_columns"] and single["ref_columns"]
+    for run in (single, fsdp):
+        assert abs(run["logs"][0]["loss"] - math.log(2)) < 1e-6
     compare_runs(single, fsdp)
 
 

@@ -158,7 +158,7 @@ def test_patched_forward_keeps_ordinary_behaviour(tiny):
     attach_simpo_head(m, beta=3.0, gamma_beta_ratio=0.5)  # idempotent
     after = m(input_ids=ids).logits
     torch.testing.assert_close(before, after)
-    assert m._simpo_options["beta"] == 3.0
+    assert m._simpo_options["options"]["beta"] == 3.0
     with pytest.raises(ValueError, match="labels"):
         m(input_ids=ids, simpo=True)
 

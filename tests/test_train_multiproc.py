@@ -12,6 +12,7 @@ over accumulation) would change both the logged losses and the updates.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -65,6 +66,40 @@ def test_zero3_two_processes_match_one_process(model_dir, single_runs, tmp_path,
     assert zero3["lm_head_shape_outside_forward"] == [0]
     assert single["lm_head_shape_outside_forward"][0] > 0
     compare_runs(single, zero3)
+
+
+DPO = ["--loss", "dpo", "--beta", "0.5"]  # beta 0.5: the loss falls by > 0.1 in 5 steps at lr 1e-2
+
+
+@pytest.fixture(scope="module")
+def single_dpo(model_dir, tmp_path_factory):
+    """1 process x 2 pairs x 2 accumulation steps of DPO, reference log-probs precomputed."""
+    d = tmp_path_factory.mktemp("single_dpo")
+    return run_json([sys.executable, WORKER, str(d / "out.json"), "--work_dir", str(d / "w"),
+                     "--grad_accum", "2", "--model_dir", model_dir, *worker_options(4), *DPO],
+                    d / "out.json")
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "in_step"])
+def test_zero3_dpo_two_processes_match_one_process(model_dir, single_dpo, tmp_path, reference):
+    """DPO under ZeRO-3 on 2 ranks == 1 process (precomputed reference there): with the
+    reference log-probs precomputed over the data set by the ZeRO-3-sharded reference (each rank a
+    share of the batches, gathered), and with the reference as a second, inference-mode DeepSpeed
+    engine run in every step. The first step's loss is log 2 (policy == reference)."""
+    # precomputed: the 4 pairs in one batch of 4, so rank 1 has no batch of its own and runs a
+    # repeated one (a sharded forward is collective: both ranks must run as many)
+    extra = ["--ref_in_step"] if reference == "in_step" else ["--precompute_batch", "4"]
+    zero3 = _two_procs(model_dir, tmp_path, 4, 1, "--deepspeed",
+                       os.path.join(ROOT, "tests", "zero3_cpu.json"), *DPO, *extra)
+    assert zero3["world_size"] == 2 and zero3["deepspeed"]
+    assert zero3["lm_head_shape_outside_forward"] == [0]
+    if reference == "in_step":
+        assert zero3["ref_model"] == "DeepSpeedEngine" and not zero3["ref_columns"]
+    else:
+        assert zero3["ref_model"] == "NoneType" and zero3["ref_columns"] and single_dpo["ref_columns"]
+    for run in (single_dpo, zero3):
+        assert abs(run["logs"][0]["loss"] - math.log(2)) < 1e-6
+    compare_runs(single_dpo, zero3)
 
 
 def test_ddp_two_processes_match_one_process(model_dir, single_runs, tmp_path):

@@ -30,6 +30,12 @@ def main():
     p.add_argument("--evaluate", action="store_true")
     p.add_argument("--save_steps", type=int, default=None,
                    help="save a checkpoint every N steps (default: no checkpoints)")
+    p.add_argument("--loss", default="simpo", help="simpo (beta 2, gamma_beta_ratio 0.5) or dpo")
+    p.add_argument("--beta", type=float, default=None, help="default: 2.0 for simpo, dpo's own")
+    p.add_argument("--precompute_batch", type=int, default=None,
+                   help="dpo: pairs per forward of the reference precompute pass")
+    p.add_argument("--ref_in_step", action="store_true",
+                   help="dpo: the reference model in the step (precompute_ref_log_probs false)")
     a = p.parse_args()
 
     import torch
@@ -41,20 +47,32 @@ def main():
     from simpo.trainer import SimPOTrainer
 
     torch.set_num_threads(1)
+    if a.loss == "simpo":
+        loss_options = dict(beta=2.0 if a.beta is None else a.beta, gamma_beta_ratio=0.5)
+    else:
+        loss_options = dict(beta=a.beta, precompute_ref_log_probs=not a.ref_in_step,
+                            precompute_ref_batch_size=a.precompute_batch)
     args = SimPOConfig(
         output_dir=a.work_dir, max_steps=a.steps, per_device_train_batch_size=a.per_device,
         gradient_accumulation_steps=a.grad_accum, learning_rate=a.lr, lr_scheduler_type="constant",
         logging_steps=1, save_strategy="steps" if a.save_steps else "no",
         save_steps=a.save_steps or 500, report_to="none", use_cpu=True, seed=0,
-        data_seed=0, deepspeed=a.deepspeed, fsdp=bool(a.fsdp), fsdp_config=a.fsdp, beta=2.0, gamma_beta_ratio=0.5, max_length=64,
+        data_seed=0, deepspeed=a.deepspeed, fsdp=bool(a.fsdp), fsdp_config=a.fsdp, max_length=64,
         max_prompt_length=32, disable_tqdm=True, dataloader_num_workers=0,
-        per_device_eval_batch_size=2)
+        per_device_eval_batch_size=2, loss=a.loss, **loss_options)
     setup_distributed(args)  # torch.distributed + deepspeed.comm before a ZeRO-3 from_pretrained
     tok = AutoTokenizer.from_pretrained(a.model_dir)
     raw = load_raw_datasets(None, ["train"])["train"].select(range(a.rows))
     ds = prepare_dataset(raw, tok, args)
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, attn_implementation="eager")
-    trainer = SimPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    # the reference (dpo): the saved model again (under ZeRO-3 from_pretrained partitions it at
+    # load, so the policy cannot be copied)
+    reference = {}
+    if args.needs_reference:
+        reference["ref_model"] = lambda: AutoModelForCausalLM.from_pretrained(
+            a.model_dir, attn_implementation="eager")
+    trainer = SimPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                           **reference)
     trainer.train(resume_from_checkpoint=a.resume)
     head = trainer.model.get_output_embeddings().weight  # outside any forward
     local = head.to_local() if hasattr(head, "to_local") else head  # an FSDP2 DTensor: this rank's rows
@@ -75,6 +93,8 @@ def main():
         with open(a.out, "w") as f:
             json.dump({"world_size": args.world_size, "logs": logs,
                        "deepspeed": trainer.is_deepspeed_enabled,
+                       "ref_model": type(trainer.ref_model).__name__,
+                       "ref_columns": "ref_chosen_logps" in trainer.train_dataset.column_names,
                        "fsdp": trainer.is_fsdp_enabled,
                        "lm_head_is_dtensor": type(head).__name__ == "DTensor",
                        "lm_head_shape_outside_forward": head_shapes[0],
