@@ -1042,7 +1042,7 @@ def predict_precompute(backend: str, shape: Shape, hw: Optional[Hardware] = None
                            loss="precompute")
     full = _predict_simpo(backend, s, hw, kernel_config=kernel_config, torch_chunk=torch_chunk,
                           cce_filtered_frac=DEFAULT_CCE_FILTERED_FRAC, logit_metrics="none", memory_budget=budget)
-    name = full.backend
+    name = TRITON_SCHEDULES[auto_schedule(s, budget)] if backend == "triton" else full.backend
     if name == "triton-pairs":
         sizes = pair_chunk_rows(s, budget) if M else []
         scratch, what = max(sizes, default=0) * V * f, "the largest pair chunk's float32 logits"
@@ -1059,7 +1059,7 @@ def predict_precompute(backend: str, shape: Shape, hw: Optional[Hardware] = None
     else:  # eager
         scratch, what = (b + 2 * f) * N * V, "the full [N, V] logits: input dtype, float32 copy, log-softmax"
     notes = (f"forward only, no gradient, logit_metrics 'none': {full.fwd.flops / 1e12:.1f} TFLOP",) + full.notes
-    return BackendCost(name, s, full.fwd, PassCost((), hw), notes, scratch, what, loss="precompute")
+    return BackendCost(full.backend, s, full.fwd, PassCost((), hw), notes, scratch, what, loss="precompute")
 
 
 def predict_all(shape: Shape, hw: Optional[Hardware] = None, backends: Iterable[str] = BACKENDS,
