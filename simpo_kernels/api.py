@@ -1,8 +1,10 @@
-"""Public API: :func:`simpo_loss` and :func:`simpo_loss_from_logits`.
+"""Public API: :func:`simpo_loss`, :func:`preference_loss` (the paired family), their
+``*_from_logits`` forms, and :func:`sequence_logps` (a reference model's per-sequence sums).
 
 Each call validates its inputs, shifts the labels, resolves the backend and its schedule
 (:mod:`simpo_kernels.schedules`), which computes per-token log-probabilities and logit sums of
-the target positions, and applies :func:`simpo_kernels.objective.simpo_objective`.
+the target positions, and applies :func:`simpo_kernels.objective.preference_objective` with the
+loss's head (:mod:`simpo_kernels.losses`).
 
 Guarantees every backend shares, enforced here once:
 
@@ -12,7 +14,8 @@ Guarantees every backend shares, enforced here once:
   ``nn.Linear`` would be; the backend then runs with autocast off, so its own float32 accumulation
   is kept, and its backward runs with autocast off wherever ``backward()`` is called.
   Given logits are not cast (``log_softmax`` runs in float32 under autocast).
-* Non-finite inputs: a NaN or inf anywhere in hidden states, weight, bias or logits makes every
+* Non-finite inputs: a NaN or inf anywhere in hidden states, weight, bias, logits or the
+  reference values makes every
   value of the result NaN, and every gradient entirely NaN, on every backend. (Stricter than
   the official trainer, whose gradient is NaN only in the rows the value reaches.)
 
@@ -34,10 +37,12 @@ from typing import Optional, Union
 import torch
 
 from . import chunked, eager
-from .objective import LOGIT_METRICS, SimPOOutput, shift_targets, simpo_objective
+from .eager import compute_dtype
+from .losses import PreferenceLoss, SimPOLoss, make_loss
+from .objective import LOGIT_METRICS, Objective, SimPOOutput, preference_objective, shift_targets
 from .schedules import (TargetLayout, check_memory_budget, check_schedule_name, default_memory_budget,
-                        resolve_schedule, run_schedule, run_schedule_triton)
-from .validation import check_hidden_inputs, check_logits_inputs, check_options
+                        forward_logps, resolve_schedule, run_schedule, run_schedule_triton)
+from .validation import check_hidden_inputs, check_logits_inputs, check_references, check_softcap
 
 BACKENDS = ("auto", "eager", "torch", "triton")
 
@@ -220,9 +225,10 @@ def simpo_loss(
         memory_budget: bytes of float32 logits scratch a ``pairs``/``vocab`` chunk may take (default:
             a quarter of free CUDA memory; 256 MiB on CPU).
         logit_metrics: ``"exact"`` (default): the official ``logits/*`` metrics, every position's
-            logits (a GEMV for prompt positions without softcap, their forward logits with one).
-            ``"targets"``: mean logit over target positions only (free). ``"none"``: not computed
-            (``chosen_logits_mean``/``rejected_logits_mean`` are None).
+            logits (a GEMV for prompt positions without softcap, their forward logits with one;
+            with ``sft_weight > 0`` every chosen position but the last, as the official trainer's
+            code does). ``"targets"``: mean logit over target positions only (free). ``"none"``:
+            not computed (``chosen_logits_mean``/``rejected_logits_mean`` are None).
         chunk_size: tokens per chunk of the ``"tokens"`` schedule (default from V and H).
         grad_filter: ``"fused"`` schedule only (a ValueError elsewhere). ``False`` (default): exact
             gradients. ``True``: skip backward tiles whose softmax probabilities are all below the
@@ -235,15 +241,93 @@ def simpo_loss(
     Returns:
         :class:`SimPOOutput`; ``loss`` is differentiable w.r.t. hidden states, weight and bias.
     """
-    opts = check_options(beta=beta, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing,
-                         loss_type=loss_type, sft_weight=sft_weight, softcap=softcap)
-    softcap = opts.pop("softcap")
+    loss = SimPOLoss(beta=beta, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing,
+                     loss_type=loss_type, sft_weight=sft_weight)
+    return _loss_from_hidden(loss, None, None, hidden_states, weight, labels, softcap=softcap, bias=bias,
+                             ignore_index=ignore_index, backend=backend, schedule=schedule,
+                             memory_budget=memory_budget, logit_metrics=logit_metrics, chunk_size=chunk_size,
+                             grad_filter=grad_filter, kernel_options=kernel_options)
+
+
+def preference_loss(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss: Union[str, PreferenceLoss] = "simpo",
+    ref_chosen_logps: Optional[torch.Tensor] = None,
+    ref_rejected_logps: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    schedule: str = "auto",
+    memory_budget: Optional[int] = None,
+    logit_metrics: Optional[str] = None,
+    chunk_size: Optional[int] = None,
+    grad_filter: Union[bool, float] = False,
+    kernel_options: Optional[dict] = None,
+    **options,
+) -> SimPOOutput:
+    """Any loss of the paired preference family, straight from hidden states and the lm_head weight.
+
+    Same inputs, backends, schedules and guarantees as :func:`simpo_loss` (which equals
+    ``preference_loss(..., loss="simpo")``); see :mod:`simpo_kernels.losses` for each loss's formula.
+
+    Args:
+        hidden_states, weight, labels, softcap, bias, ignore_index, backend, schedule, memory_budget,
+            chunk_size, grad_filter, kernel_options: as in :func:`simpo_loss`.
+        loss: a name in :data:`simpo_kernels.losses.LOSSES` (``"simpo"``, ``"dpo"``, ``"rdpo"``,
+            ``"cpo"``, ``"orpo"``, ``"rrhf"``, ``"slic"``) or a configured
+            :class:`~simpo_kernels.losses.PreferenceLoss`.
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` the reference model's per-sequence SUMS of
+            target log-probabilities (:func:`sequence_logps`); required by ``dpo`` and ``rdpo``, an
+            error for the others. Constants: never written, no gradient flows into them.
+        logit_metrics: ``None`` (default): the loss's official ``logits/*`` definition (``"exact"``
+            for SimPO, CPO, ORPO, RRHF, SLiC; ``"targets"`` for DPO and R-DPO, as TRL's
+            ``DPOTrainer``); or ``"exact"``, ``"targets"``, ``"none"`` as in :func:`simpo_loss`.
+        **options: the loss's options (e.g. ``beta``, ``loss_type``); an unknown one is a TypeError.
+
+    Returns:
+        :class:`SimPOOutput` (= ``PreferenceOutput``); ``metrics()`` gives the loss's official names.
+    """
+    loss_fn = make_loss(loss, options)
+    return _loss_from_hidden(loss_fn, ref_chosen_logps, ref_rejected_logps, hidden_states, weight, labels,
+                             softcap=softcap, bias=bias, ignore_index=ignore_index, backend=backend,
+                             schedule=schedule, memory_budget=memory_budget, logit_metrics=logit_metrics,
+                             chunk_size=chunk_size, grad_filter=grad_filter, kernel_options=kernel_options)
+
+
+def _check_logit_metrics(logit_metrics: Optional[str], loss: PreferenceLoss) -> str:
+    if logit_metrics is None:
+        return loss.official_logit_metrics
     if not isinstance(logit_metrics, str) or logit_metrics not in LOGIT_METRICS:
         raise ValueError(f"unknown logit_metrics {logit_metrics!r}; expected one of {LOGIT_METRICS}")
+    return logit_metrics
+
+
+def _in_dtype(refs, dtype: torch.dtype) -> tuple:
+    """Reference sums in the objective's compute dtype (float32, float64 for float64 inputs), so a
+    loss's outputs have one dtype whatever the caller's reference column holds."""
+    return tuple(None if r is None else r.to(dtype) for r in refs)
+
+
+def _rows_of(t) -> int:
+    return t.shape[0] if isinstance(t, torch.Tensor) and t.dim() >= 1 else 0
+
+
+def _loss_from_hidden(loss_fn: PreferenceLoss, ref_chosen, ref_rejected, hidden_states, weight, labels, *,
+                      softcap, bias, ignore_index, backend, schedule, memory_budget, logit_metrics, chunk_size,
+                      grad_filter, kernel_options) -> SimPOOutput:
+    softcap = check_softcap(softcap)
+    logit_metrics = _check_logit_metrics(logit_metrics, loss_fn)
     check_memory_budget(memory_budget)
     device = _device_of(hidden_states)
+    refs = check_references(loss_fn, ref_chosen, ref_rejected, _rows_of(hidden_states), device)
     hidden_states, weight, bias = _autocast_inputs(_autocast_dtype(device), hidden_states, weight, bias)
-    rows, T, H, V, finite, counts = check_hidden_inputs(hidden_states, weight, bias, labels, ignore_index)
+    rows, T, H, V, finite, counts = check_hidden_inputs(
+        hidden_states, weight, bias, labels, ignore_index, also_finite=tuple(r for r in refs if r is not None))
+    objective = Objective(loss_fn, *_in_dtype(refs, compute_dtype(hidden_states.dtype)))
     impl = _resolve_backend(backend, device)
     impl.check_dtype(hidden_states.dtype, device)
     targets = shift_targets(labels.long(), ignore_index)
@@ -262,12 +346,12 @@ def simpo_loss(
             token_logps, logit_sums = eager.token_logprobs(
                 hidden_states.reshape(rows * T, H), weight, bias, targets.reshape(-1),
                 softcap=softcap, ignore_index=ignore_index)
-            return simpo_objective(token_logps.view(rows, T), targets, logit_sums.view(rows, T), V,
-                                   ignore_index=ignore_index, inputs_finite=finite,
-                                   logit_metrics=logit_metrics, **opts)
+            return preference_objective(token_logps.view(rows, T), targets, logit_sums.view(rows, T), V,
+                                        objective=objective, ignore_index=ignore_index, inputs_finite=finite,
+                                        logit_metrics=logit_metrics)
         run = run_schedule if impl is chunked else run_schedule_triton
         return run(impl, sched, hidden_states.reshape(rows * T, H), weight, bias, targets, layout,
-                   softcap=softcap, budget=budget, opts=opts, ignore_index=ignore_index,
+                   softcap=softcap, budget=budget, objective=objective, ignore_index=ignore_index,
                    logit_metrics=logit_metrics, finite=finite, chunk_size=chunk_size, grad_filter=grad_filter,
                    kernel_options=dict(kernel_options or {}))
 
@@ -293,11 +377,40 @@ def simpo_loss_from_logits(
         Other arguments as in :func:`simpo_loss`. The gradient w.r.t. ``logits`` comes back in the
         logits' dtype; no float32 copy of the full logits is made by the ``torch``/``triton`` backends.
     """
-    opts = check_options(beta=beta, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing,
-                         loss_type=loss_type, sft_weight=sft_weight)
-    opts.pop("softcap")
-    rows, T, V, finite = check_logits_inputs(logits, labels, ignore_index)
-    device = logits.device
+    loss = SimPOLoss(beta=beta, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing,
+                     loss_type=loss_type, sft_weight=sft_weight)
+    return _loss_from_logits(loss, None, None, logits, labels, ignore_index=ignore_index, backend=backend,
+                             chunk_size=chunk_size, logit_metrics="exact")
+
+
+def preference_loss_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss: Union[str, PreferenceLoss] = "simpo",
+    ref_chosen_logps: Optional[torch.Tensor] = None,
+    ref_rejected_logps: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+    logit_metrics: Optional[str] = None,
+    **options,
+) -> SimPOOutput:
+    """:func:`preference_loss` from logits the caller already holds (softcap already applied);
+    arguments as in :func:`simpo_loss_from_logits` and :func:`preference_loss`."""
+    loss_fn = make_loss(loss, options)
+    return _loss_from_logits(loss_fn, ref_chosen_logps, ref_rejected_logps, logits, labels,
+                             ignore_index=ignore_index, backend=backend, chunk_size=chunk_size,
+                             logit_metrics=logit_metrics)
+
+
+def _loss_from_logits(loss_fn: PreferenceLoss, ref_chosen, ref_rejected, logits, labels, *, ignore_index, backend,
+                      chunk_size, logit_metrics) -> SimPOOutput:
+    logit_metrics = _check_logit_metrics(logit_metrics, loss_fn)
+    device = _device_of(logits)
+    refs = check_references(loss_fn, ref_chosen, ref_rejected, _rows_of(logits), device)
+    rows, T, V, finite = check_logits_inputs(logits, labels, ignore_index,
+                                             also_finite=tuple(r for r in refs if r is not None))
     impl = _resolve_backend(backend, device)
     kwargs = _backend_options(impl, backend, chunk_size, False)
     impl.check_dtype(logits.dtype, device)
@@ -307,6 +420,58 @@ def simpo_loss_from_logits(
     with _no_autocast(device):
         token_logps, logit_sums = impl.token_logprobs_from_logits(
             logits.reshape(rows * T, V), targets.reshape(-1), ignore_index=ignore_index, **kwargs)
-        return simpo_objective(
-            token_logps.view(rows, T), targets, logit_sums.view(rows, T), V,
-            ignore_index=ignore_index, inputs_finite=finite, **opts)
+        return preference_objective(token_logps.view(rows, T), targets, logit_sums.view(rows, T), V,
+                                    objective=Objective(loss_fn, *_in_dtype(refs, compute_dtype(logits.dtype))),
+                                    ignore_index=ignore_index,
+                                    inputs_finite=finite, logit_metrics=logit_metrics)
+
+
+@torch.no_grad()
+def sequence_logps(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    softcap: Optional[float] = None,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of target log-probabilities, forward only, without the ``[N, V]`` logits:
+    the reference model's values for DPO-style losses (``ref_chosen_logps``, ``ref_rejected_logps``).
+
+    Only target positions are computed (2 n H V FLOPs for n targets): the ``torch`` backend in token
+    chunks, ``triton`` with the fused log-sum-exp forward kernel, ``eager`` by materialising logits.
+
+    Args:
+        hidden_states: ``[R, T, H]`` final hidden states of any ``R >= 1`` rows (no pairing needed).
+        weight, labels, softcap, bias, ignore_index, backend: as in :func:`simpo_loss` (``labels``
+            ``[R, T]``, shifted inside; every row needs at least one target).
+
+    Returns:
+        ``(sums [R], counts [R])``: float32 sums (float64 for float64 inputs; NaN for a row whose
+        inputs are not finite) and int64 target counts.
+    """
+    softcap = check_softcap(softcap)
+    device = _device_of(hidden_states)
+    hidden_states, weight, bias = _autocast_inputs(_autocast_dtype(device), hidden_states, weight, bias)
+    rows, T, H, V, finite, counts = check_hidden_inputs(hidden_states, weight, bias, labels, ignore_index,
+                                                        paired=False)
+    impl = _resolve_backend(backend, device)
+    impl.check_dtype(hidden_states.dtype, device)
+    targets = shift_targets(labels.long(), ignore_index)
+    layout = TargetLayout.build(targets, counts, ignore_index)
+    hidden = hidden_states.reshape(rows * T, H)
+    with _no_autocast(device):
+        if impl is eager:
+            logps, _ = eager.token_logprobs(hidden.index_select(0, layout.idx), weight, bias,
+                                            layout.targets.index_select(0, layout.idx), softcap=softcap,
+                                            ignore_index=-1)
+        else:
+            logps = forward_logps(impl, hidden.index_select(0, layout.idx), weight, bias,
+                                  layout.targets.index_select(0, layout.idx), softcap=softcap)
+    row_of = torch.div(layout.idx, T, rounding_mode="floor")
+    sums = torch.zeros(rows, dtype=logps.dtype, device=logps.device).index_add_(0, row_of, logps)
+    if not finite:
+        sums = sums + float("nan")
+    return sums, torch.tensor(counts, dtype=torch.int64, device=sums.device)

@@ -12,12 +12,11 @@ and the per-row target counts it brings back let every schedule size its compact
 from __future__ import annotations
 
 import numbers
-import warnings
 from typing import Optional
 
 import torch
 
-from .objective import LOSS_TYPES
+from .losses import PreferenceLoss, SimPOLoss
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -37,34 +36,49 @@ def check_options(
     """Validate the SimPO options; returns them as plain Python floats (``softcap``: float or None).
 
     Any real number is accepted (``numpy.float32(2.0)`` included) and converted once here, so that
-    no NumPy scalar ever meets a tensor inside the objective.
+    no NumPy scalar ever meets a tensor inside the objective. The rules are the loss's own
+    (:class:`simpo_kernels.losses.SimPOLoss`).
     """
-    if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
-    out = {}
-    for name, value in (("beta", beta), ("gamma_beta_ratio", gamma_beta_ratio),
-                        ("label_smoothing", label_smoothing), ("sft_weight", sft_weight)):
-        value = _real(name, value)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"{name} must be finite, got {value}")
-        out[name] = value
-    if out["beta"] <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= out["label_smoothing"] <= 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
-    if out["sft_weight"] < 0:
-        raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
-    if loss_type == "hinge" and out["label_smoothing"] > 0:
-        # Same behaviour as the official trainer: warn, and the hinge loss ignores it.
-        warnings.warn("You are using the hinge loss type that does not support label smoothing; "
-                      "label_smoothing is ignored.", UserWarning, stacklevel=3)
-    if softcap is not None:
-        softcap = _real("softcap", softcap, "a positive number or None")
-        if not (softcap > 0 and softcap != float("inf")):
-            raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
-    out["loss_type"] = loss_type
-    out["softcap"] = softcap
+    out = dict(SimPOLoss(beta=beta, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing,
+                         loss_type=loss_type, sft_weight=sft_weight).options)
+    out["softcap"] = check_softcap(softcap)
     return out
+
+
+def check_softcap(softcap) -> Optional[float]:
+    """``None`` or a positive finite real -> float or None."""
+    if softcap is None:
+        return None
+    softcap = _real("softcap", softcap, "a positive number or None")
+    if not (softcap > 0 and softcap != float("inf")):
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
+    return softcap
+
+
+def check_references(loss: PreferenceLoss, ref_chosen, ref_rejected, rows: int,
+                     device: torch.device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The reference model's per-sequence sums: both ``[B]`` float tensors for a loss that needs
+    them, both None for one that does not (a value it would ignore is an error, not a silent no-op).
+    Returns them detached, on ``device``, in at least float32 (never the caller's tensors)."""
+    given = [n for n, t in (("ref_chosen_logps", ref_chosen), ("ref_rejected_logps", ref_rejected)) if t is not None]
+    if not loss.needs_reference:
+        if given:
+            raise ValueError(f"loss={loss.name!r} uses no reference model, but {' and '.join(given)} "
+                             f"{'were' if len(given) > 1 else 'was'} given")
+        return None, None
+    if len(given) < 2:
+        missing = [n for n in ("ref_chosen_logps", "ref_rejected_logps") if n not in given]
+        raise ValueError(f"loss={loss.name!r} needs the reference model's per-sequence log-prob sums: "
+                         f"{' and '.join(missing)} missing (compute them with simpo_kernels.sequence_logps)")
+    B = rows // 2
+    out = []
+    for name, t in (("ref_chosen_logps", ref_chosen), ("ref_rejected_logps", ref_rejected)):
+        _check_float(name, t)
+        if tuple(t.shape) != (B,):
+            raise ValueError(f"{name} must have shape [B] = [{B}] (one value per pair), got {list(t.shape)}")
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        out.append(t.detach().to(device=device, dtype=dtype, copy=True))
+    return out[0], out[1]
 
 
 def _refuse_dtensor(name: str, t: torch.Tensor) -> None:
@@ -93,7 +107,7 @@ def _check_float(name: str, t: torch.Tensor) -> None:
 
 
 def check_labels(labels: torch.Tensor, rows: int, T: int, vocab_size: int, ignore_index: int,
-                 finite: Optional[torch.Tensor] = None) -> tuple[bool, list[int]]:
+                 finite: Optional[torch.Tensor] = None, paired: bool = True) -> tuple[bool, list[int]]:
     """Labels: integer ``[rows, T]``, ids in ``[0, V)`` or ``ignore_index``, >= 1 target per row.
 
     ``finite`` (a 0-dim bool tensor from :func:`all_finite`) rides along in the same host transfer.
@@ -107,7 +121,8 @@ def check_labels(labels: torch.Tensor, rows: int, T: int, vocab_size: int, ignor
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if labels.dim() != 2 or tuple(labels.shape) != (rows, T):
-        raise ValueError(f"labels must have shape [2B, T] = {[rows, T]}, got {list(labels.shape)}")
+        raise ValueError(f"labels must have shape [{'2B' if paired else 'R'}, T] = {[rows, T]}, "
+                         f"got {list(labels.shape)}")
     if T < 2:
         raise ValueError(f"sequences need at least 2 positions (position t predicts label t+1), got T={T}")
     valid = labels != ignore_index
@@ -141,11 +156,12 @@ def check_pair_rows(rows: int, what: str) -> None:
 
 def check_hidden_inputs(
     hidden_states: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-    labels: torch.Tensor, ignore_index: int,
+    labels: torch.Tensor, ignore_index: int, also_finite: tuple = (), paired: bool = True,
 ) -> tuple[int, int, int, int, bool, list[int]]:
     """Returns ``(rows, T, H, V, inputs_finite, target_counts)``; ``inputs_finite`` is False when
-    any element of hidden states, weight or bias is NaN or infinite (found in the labels' host
-    transfer); ``target_counts[r]`` is row ``r``'s number of target tokens."""
+    any element of hidden states, weight, bias or ``also_finite`` (reference values) is NaN or
+    infinite (found in the labels' host transfer); ``target_counts[r]`` is row ``r``'s number of
+    target tokens. ``paired=False`` accepts any number of rows (``sequence_logps``)."""
     _check_float("hidden_states", hidden_states)
     _check_float("weight", weight)
     if hidden_states.dim() != 3:
@@ -154,7 +170,10 @@ def check_hidden_inputs(
         raise ValueError(f"weight must be the lm_head weight [V, H], got shape {list(weight.shape)}")
     rows, T, H = hidden_states.shape
     V, Hw = weight.shape
-    check_pair_rows(rows, "hidden_states")
+    if paired:
+        check_pair_rows(rows, "hidden_states")
+    elif rows == 0:
+        raise ValueError("hidden_states has no rows")
     if Hw != H:
         raise ValueError(f"hidden size mismatch: hidden_states {list(hidden_states.shape)} has H={H} "
                          f"but weight {list(weight.shape)} has H={Hw}")
@@ -172,12 +191,13 @@ def check_hidden_inputs(
     devices = {t.device for t in (hidden_states, weight, labels, bias) if isinstance(t, torch.Tensor)}
     if len(devices) > 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
-    finite, counts = check_labels(labels, rows, T, V, ignore_index, all_finite(hidden_states, weight, bias))
+    finite, counts = check_labels(labels, rows, T, V, ignore_index,
+                                  all_finite(hidden_states, weight, bias, *also_finite), paired=paired)
     return rows, T, H, V, finite, counts
 
 
 def check_logits_inputs(logits: torch.Tensor, labels: torch.Tensor,
-                        ignore_index: int) -> tuple[int, int, int, bool]:
+                        ignore_index: int, also_finite: tuple = ()) -> tuple[int, int, int, bool]:
     """Returns ``(rows, T, V, logits_finite)``."""
     _check_float("logits", logits)
     if logits.dim() != 3:
@@ -188,7 +208,7 @@ def check_logits_inputs(logits: torch.Tensor, labels: torch.Tensor,
         raise ValueError(f"empty vocabulary: logits shape {list(logits.shape)}")
     if isinstance(labels, torch.Tensor) and labels.device != logits.device:
         raise ValueError(f"logits ({logits.device}) and labels ({labels.device}) must be on one device")
-    finite, _ = check_labels(labels, rows, T, V, ignore_index, all_finite(logits))
+    finite, _ = check_labels(labels, rows, T, V, ignore_index, all_finite(logits, *also_finite))
     return rows, T, V, finite
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from simpo_kernels import simpo_loss
-from simpo_kernels.objective import METRIC_NAMES, sequence_logp_grads, simpo_objective
+from simpo_kernels.losses import LOSSES
+from simpo_kernels.objective import METRIC_NAMES, Objective, sequence_logp_grads, simpo_objective
 from simpo_kernels.schedules import SCHEDULES, resolve_schedule
 from simpo_kernels.schedules.common import TargetLayout, vocab_chunk
 from simpo_kernels.schedules.pairs import pair_chunks
@@ -217,7 +218,7 @@ def test_sequence_logp_grads_is_the_objective_derivative():
     want, = torch.autograd.grad(out.loss, logps)
     sums, cnt = (logps * mask).sum(-1).detach(), mask.sum(-1).double()
     gc, gr = sequence_logp_grads(sums[:B], cnt[:B], sums[B:], cnt[B:], num_pairs=B,
-                                 chosen_tokens=int(cnt[:B].sum()), **opts)
+                                 chosen_tokens=int(cnt[:B].sum()), objective=Objective(LOSSES["simpo"](**opts)))
     got = torch.cat([gc, gr])[:, None].expand(2 * B, T) * mask
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-15)
 

@@ -31,7 +31,7 @@ import torch
 from .. import chunked
 from ..eager import compute_dtype
 from ..matmul import LinearHead
-from ..objective import SimPOOutput, simpo_objective
+from ..objective import Objective, SimPOOutput, preference_objective
 from ..tuned import schedule_order
 from . import pairs, vocab
 from .common import TargetLayout, TorchRows, TritonRows, chunked_forward_stats, other_logit_sums, vocab_chunk
@@ -45,7 +45,7 @@ AUTO_MIN_VOCAB_CHUNK = 128
 CPU_BUDGET_BYTES = 256 * 2**20
 
 __all__ = ["SCHEDULES", "TargetLayout", "TorchRows", "TritonRows", "check_memory_budget", "check_schedule_name",
-           "default_memory_budget", "resolve_schedule", "run_schedule", "run_schedule_triton"]
+           "default_memory_budget", "forward_logps", "resolve_schedule", "run_schedule", "run_schedule_triton"]
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -110,7 +110,8 @@ def run_schedule_triton(*args, **kwargs) -> SimPOOutput:
 
 
 def run_schedule(impl, sched: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 targets: torch.Tensor, layout: TargetLayout, *, softcap, budget: int, opts: dict, ignore_index: int,
+                 targets: torch.Tensor, layout: TargetLayout, *, softcap, budget: int, objective: Objective,
+                 ignore_index: int,
                  logit_metrics: str, finite: bool, chunk_size: Optional[int], grad_filter,
                  kernel_options: Optional[dict] = None) -> SimPOOutput:
     """Run schedule ``sched`` of backend module ``impl`` on the target positions of ``hidden``.
@@ -118,10 +119,10 @@ def run_schedule(impl, sched: str, hidden: torch.Tensor, weight: torch.Tensor, b
     Args:
         impl: :mod:`simpo_kernels.chunked` or :mod:`simpo_kernels.kernels`. sched: a resolved schedule.
         hidden: ``[2B * T, H]``; weight ``[V, H]``; bias ``[V]`` or None. targets: ``[2B, T]`` shifted
-            labels; layout: their :class:`TargetLayout`. opts: the checked SimPO options.
+            labels; layout: their :class:`TargetLayout`. objective: the loss and its reference values.
 
     Returns:
-        The :class:`SimPOOutput` of :func:`simpo_objective` (``pairs``: of its own Function).
+        The :class:`SimPOOutput` of :func:`preference_objective` (``pairs``: of its own Function).
     """
     if bias is not None and bias.stride(0) != 1:  # the row kernels index the bias with unit stride
         bias = bias.contiguous()
@@ -154,10 +155,9 @@ def run_schedule(impl, sched: str, hidden: torch.Tensor, weight: torch.Tensor, b
             0, pos, other_logit_sums(hidden, weight, bias, pos, softcap, cdtype, forward_sums))
 
     if sched == "pairs":
-        options = dict(opts, ignore_index=ignore_index)
-        return pairs.simpo_loss_pairs(hidden, weight, bias, targets, layout, softcap=softcap, rows_op=rows_op,
-                                               memory_budget=budget, options=options, logit_metrics=logit_metrics,
-                                               other_sums=other_sums, finite=finite)
+        return pairs.loss_pairs(hidden, weight, bias, targets, layout, softcap=softcap, rows_op=rows_op,
+                                memory_budget=budget, objective=objective, ignore_index=ignore_index,
+                                logit_metrics=logit_metrics, other_sums=other_sums, finite=finite)
     h_t = hidden.index_select(0, layout.idx)
     tgt_t = layout.targets.index_select(0, layout.idx)
     if sched == "tokens":
@@ -172,5 +172,18 @@ def run_schedule(impl, sched: str, hidden: torch.Tensor, weight: torch.Tensor, b
     token_logps = torch.zeros(N, dtype=logps_t.dtype, device=hidden.device).index_copy(0, layout.idx, logps_t)
     sums = torch.zeros(N, dtype=cdtype, device=hidden.device) if other_sums is None else other_sums
     sums = sums.index_copy(0, layout.idx, sums_t.detach().to(cdtype))
-    return simpo_objective(token_logps.view(rows, T), targets, sums.view(rows, T), V, ignore_index=ignore_index,
-                           inputs_finite=finite, logit_metrics=logit_metrics, **opts)
+    return preference_objective(token_logps.view(rows, T), targets, sums.view(rows, T), V, objective=objective,
+                                ignore_index=ignore_index, inputs_finite=finite, logit_metrics=logit_metrics)
+
+
+@torch.compiler.disable
+def forward_logps(impl, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  targets: torch.Tensor, *, softcap) -> torch.Tensor:
+    """Target log-probabilities ``[n]`` of ``hidden [n, H]`` (every row a target), forward only:
+    token chunks on the ``torch`` backend, the fused log-sum-exp forward kernel on ``triton``."""
+    with torch.no_grad():
+        if impl is chunked:
+            logps, _ = chunked.token_logprobs(hidden, weight, bias, targets, softcap=softcap, ignore_index=-1)
+        else:
+            logps, _ = impl.token_logprobs(hidden, weight, bias, targets, softcap=softcap, ignore_index=-1)
+    return logps

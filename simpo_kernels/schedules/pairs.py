@@ -1,14 +1,15 @@
 """The ``pairs`` schedule: exact gradients formed in the forward, a chunk of whole pairs at a time.
 
-The SimPO gradient is pair-local: a token's ``g_t = dL/dl_t`` depends only on its own pair's two
-length-normalised log-probabilities (plus the SFT term, whose normaliser the labels give), see
+Every paired loss's gradient is pair-local: a token's ``g_t = dL/dl_t`` depends only on its own
+pair's two per-sequence sums and counts and the pair's reference values (plus the NLL term, whose
+normaliser the labels give), see
 :func:`simpo_kernels.objective.sequence_logp_grads`. So once a chunk's logits exist, everything
 its gradient needs is known, and they are used once, never recomputed. Per chunk of whole pairs
 (as many as ``memory_budget`` bytes of float32 logits allow, at least one), target rows only:
 
     z = H_c W^T                                   matmul, float32 out          2 n_c H V
     lse, target logit, logit sum                  row kernel on z
-    a = segment means of logp; g = dL/da / len    the SimPO head, on 2b numbers
+    s = segment sums of logp; g = dL/ds           the loss's head, on 2b numbers
     dz = g (onehot - p) (1 - tanh^2)              row kernel, written over z in the operand dtype
     dH[rows] = dz W                               matmul, float32 out          2 n_c H V
     dW      += dz^T H_c                           matmul, float32 accumulator  2 n_c H V
@@ -32,7 +33,7 @@ import torch
 
 from ..eager import compute_dtype
 from ..matmul import LinearHead
-from ..objective import SimPOOutput, sequence_logp_grads, simpo_objective
+from ..objective import Objective, SimPOOutput, preference_objective, sequence_logp_grads
 from ..validation import refuse_double_backward
 from .common import TargetLayout
 
@@ -56,12 +57,12 @@ def pair_chunks(layout: TargetLayout, budget: int, row_bytes: int) -> list[tuple
     return chunks
 
 
-class PairsSimPOLoss(torch.autograd.Function):
-    """``(hidden [N, H], weight [V, H], bias [V] | None)`` -> the SimPO outputs (see :data:`_OUTPUTS`)."""
+class PairsLoss(torch.autograd.Function):
+    """``(hidden [N, H], weight [V, H], bias [V] | None)`` -> the loss's outputs (see :data:`_OUTPUTS`)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, layout, softcap, rows_op, budget, options, logit_metrics,
-                other_sums, finite, needs):
+    def forward(ctx, hidden, weight, bias, targets, layout, softcap, rows_op, budget, objective, ignore_index,
+                logit_metrics, other_sums, finite, needs, holder):
         ctx.set_materialize_grads(False)
         ctx.backend = rows_op.BACKEND
         need_h, need_w, need_b = needs
@@ -73,9 +74,7 @@ class PairsSimPOLoss(torch.autograd.Function):
         cdtype = compute_dtype(hidden.dtype)
         head = LinearHead(weight, bias, cdtype)
         dev = hidden.device
-        chosen_tokens = layout.offsets[B]  # the SFT normaliser: targets of all chosen rows
-        grad_opts = {k: options[k] for k in ("beta", "gamma_beta_ratio", "label_smoothing", "loss_type",
-                                             "sft_weight")}
+        chosen_tokens = layout.offsets[B]  # the NLL normaliser: targets of all chosen rows
 
         logps = torch.zeros(N, dtype=cdtype, device=dev)
         sums = torch.zeros(N, dtype=cdtype, device=dev) if other_sums is None else other_sums.to(cdtype).clone()
@@ -104,7 +103,7 @@ class PairsSimPOLoss(torch.autograd.Function):
             seq_sum = torch.zeros(2 * b, dtype=cdtype, device=dev).index_add_(0, seq, logp)
             seq_len = torch.zeros(2 * b, dtype=cdtype, device=dev).index_add_(0, seq, torch.ones_like(logp))
             g_c, g_r = sequence_logp_grads(seq_sum[:b], seq_len[:b], seq_sum[b:], seq_len[b:], num_pairs=B,
-                                           chosen_tokens=chosen_tokens, **grad_opts)
+                                           chosen_tokens=chosen_tokens, objective=objective, p0=p0)
             g = torch.cat([g_c, g_r]).index_select(0, seq)
             dz = rows_op.grad(z, bias, tgt, lse, g, 0, softcap, head.grad_dtype)
             del z  # dz reuses its storage
@@ -117,9 +116,10 @@ class PairsSimPOLoss(torch.autograd.Function):
                 head.addmm_(d_w, dz.t(), h)
             del dz, h
 
-        out = simpo_objective(logps.view(layout.rows, T), targets, sums.view(layout.rows, T), V,
-                              ignore_index=options["ignore_index"], inputs_finite=finite,
-                              logit_metrics=logit_metrics, **grad_opts)
+        out = preference_objective(logps.view(layout.rows, T), targets, sums.view(layout.rows, T), V,
+                                   objective=objective, ignore_index=ignore_index, inputs_finite=finite,
+                                   logit_metrics=logit_metrics)
+        holder["extra"] = out.extra  # scalar metrics (detached), returned beside the outputs
         ctx.grads = [d_h, None if d_w is None else d_w.to(weight.dtype), None if d_b is None else d_b.to(bias.dtype)]
         ctx.used = False
         values = [getattr(out, k) for k in _OUTPUTS]
@@ -137,7 +137,7 @@ class PairsSimPOLoss(torch.autograd.Function):
                 f"schedule='pairs' forms the gradient of `loss` during the forward and can only "
                 f"backpropagate `loss`; this backward also reaches {names}. Use schedule='vocab' or "
                 f"schedule='fused' (or backend='torch') to differentiate those.")
-        nones = (None,) * 10
+        nones = (None,) * 12
         if grad_loss is None:
             return (None, None, None) + nones
         if ctx.used:
@@ -153,21 +153,23 @@ class PairsSimPOLoss(torch.autograd.Function):
         return tuple(grads) + nones
 
 
-def simpo_loss_pairs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-                     layout: TargetLayout, *, softcap: Optional[float], rows_op, memory_budget: int, options: dict,
-                     logit_metrics: str, other_sums: Optional[torch.Tensor], finite: bool) -> SimPOOutput:
-    """The whole SimPO loss of a ``[2B, T]`` batch by the pairs schedule.
+def loss_pairs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+               layout: TargetLayout, *, softcap: Optional[float], rows_op, memory_budget: int, objective: Objective,
+               ignore_index: int, logit_metrics: str, other_sums: Optional[torch.Tensor],
+               finite: bool) -> SimPOOutput:
+    """The whole loss of a ``[2B, T]`` batch by the pairs schedule.
 
     Args:
         hidden: ``[2B * T, H]``. weight ``[V, H]``, bias ``[V]`` or None. targets: ``[2B, T]`` shifted
-            labels. layout: their :class:`TargetLayout`. options: the SimPO options and ``ignore_index``.
+            labels. layout: their :class:`TargetLayout`. objective: the loss and its reference values.
         other_sums: ``[2B * T]`` logit sums already computed for the metric-only positions, or None.
     """
     grad = torch.is_grad_enabled()
     needs = tuple(bool(grad and t is not None and t.requires_grad) for t in (hidden, weight, bias))
-    values = PairsSimPOLoss.apply(hidden, weight, bias, targets, layout, softcap, rows_op, int(memory_budget),
-                                  options, logit_metrics, other_sums, finite, needs)
+    holder = {}
+    values = PairsLoss.apply(hidden, weight, bias, targets, layout, softcap, rows_op, int(memory_budget),
+                             objective, ignore_index, logit_metrics, other_sums, finite, needs, holder)
     out = dict(zip(_OUTPUTS, values))
-    if options["sft_weight"] <= 0.0:
+    if objective.loss.nll_weight <= 0.0:
         out["sft_loss"] = None
-    return SimPOOutput(**out)
+    return SimPOOutput(**out, extra=holder.get("extra", {}), nll_metric=objective.loss.nll_metric)
