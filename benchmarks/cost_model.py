@@ -82,10 +82,10 @@ precompute pass below, added to the step's forward: ``+2MHV`` FLOPs (``2NHV`` wi
 a target).
 
 The reference precompute pass (:func:`predict_precompute`; ``sequence_logps``): per-row sums of
-target log-probabilities without gradient, once over the data set. It is the backend's no-grad
-forward over the ``M`` target rows with no metric-only rows (``logit_metrics="none"``): ``2MHV``
-FLOPs, no backward, and for the ``fused`` kernel no logits in memory at all (``pairs``/``vocab``:
-float32 logit chunks under the memory budget; ``eager``: the full ``[N, V]`` logits).
+target log-probabilities without gradient, once over the data set: a forward over the ``M`` target
+rows only (no metric-only rows), ``2MHV`` FLOPs (``2NHV`` with every position a target), no
+backward; ``triton`` runs the fused log-sum-exp kernel (no logits in memory at all), ``torch`` token
+chunks, ``eager`` the ``[M, V]`` logits.
 
 The per-backend counts, and where they come from in the code, are in the ``_eager``, ``_torch``,
 ``_pairs``, ``_vocab``, ``_fused``, ``_liger``, ``_cce`` and ``_floor`` docstrings (``triton`` is
@@ -119,9 +119,10 @@ DEFAULT_LOGIT_METRICS = "exact"
 #: Where a loss's reference log-probs come from: read from the data set (``precomputed``), or a
 #: frozen reference model run in every step (``in-step``; its head modelled, its body not).
 REFERENCES = ("precomputed", "in-step")
-#: Backends with a precompute pass (``sequence_logps(backend=...)``; ``cce``: its forward summed per
-#: row; ``floor``: ``2NHV``, reading H and W once). Liger has none (no per-token output).
-PRECOMPUTE_BACKENDS = ("eager", "torch", "triton", "triton-pairs", "triton-vocab", "triton-fused", "cce", "floor")
+#: Backends with a precompute pass (``sequence_logps(backend=...)``, which has no schedule option;
+#: ``cce``: its forward summed per row; ``floor``: ``2NHV``, reading H and W once). Liger has none
+#: (no per-token output).
+PRECOMPUTE_BACKENDS = ("eager", "torch", "triton", "cce", "floor")
 
 #: Bytes of float32 logits a ``pairs``/``vocab`` chunk may take (``simpo_loss(memory_budget=)``).
 #: The library's default is a quarter of the free CUDA memory at call time (at least 256 MiB): on an
@@ -976,10 +977,10 @@ def predict(
     cost = replace(cost, loss=profile.name, reference=ref, logit_metrics=mode)
     if ref != "in-step":
         return cost
-    if backend not in PRECOMPUTE_BACKENDS:
+    if backend not in _PRECOMPUTE_OF:
         raise ValueError(f"{backend} has no precompute pass for an in-step reference; expected one of "
-                         f"{PRECOMPUTE_BACKENDS}")
-    head = predict_precompute(backend, shape, hw, kernel_config=kernel_config, torch_chunk=torch_chunk,
+                         f"{tuple(_PRECOMPUTE_OF)}")
+    head = predict_precompute(_PRECOMPUTE_OF[backend], shape, hw, kernel_config=kernel_config, torch_chunk=torch_chunk,
                               memory_budget=memory_budget)
     phases = tuple(replace(p, name=f"in-step reference: {p.name}") for p in head.fwd.phases)
     note = (f"in-step frozen reference: its head's no-grad forward added to every step "
@@ -1021,45 +1022,55 @@ def _predict_simpo(backend: str, shape: Shape, hw: Optional[Hardware], *, kernel
 
 def predict_precompute(backend: str, shape: Shape, hw: Optional[Hardware] = None, *, kernel_config=None,
                        torch_chunk: Optional[int] = None, memory_budget: Optional[int] = None) -> BackendCost:
-    """The reference precompute pass (``sequence_logps(backend=...)``; :data:`PRECOMPUTE_BACKENDS`):
-    per-row sums of target log-probabilities, no gradient, once per batch of the data set.
+    """The reference precompute pass (:data:`PRECOMPUTE_BACKENDS`): per-row sums of target
+    log-probabilities, no gradient, once per batch of the data set. ``simpo_kernels.sequence_logps``
+    (``api.py``) gathers the ``M`` target rows and runs, without any metric-only row:
 
-    ``fwd`` is ``backend``'s no-grad forward with ``logit_metrics="none"`` (the target rows only:
-    ``2MHV`` FLOPs; ``floor``: ``2NHV``, H and W read once); ``bwd`` is empty. ``scratch_bytes``:
-    the forward's own working memory beyond the inputs (and the gathered target rows): none of size
-    ``M x V`` for ``fused`` (its statistics are ``O(M)``), the float32 logit chunks for
-    ``pairs``/``vocab`` (at most the memory budget), one chunk's working set for ``torch``, and for
-    ``eager`` the full logits (input dtype, a float32 copy and the float32 log-softmax:
-    ``(b + 8) * N * V``)."""
+    * ``triton``: the fused ``lse_forward`` kernel (:func:`_fused_forward`, as the ``fused``
+      schedule's forward; ``sequence_logps`` takes no schedule): ``2MHV`` FLOPs, no logits in memory;
+    * ``torch``: the token-chunk forward (:func:`_tokens_forward`), one chunk's logits at a time;
+    * ``eager``: ``eager.token_logprobs`` on the gathered rows: the ``[M, V]`` logits (input dtype,
+      then float32) and the eager forward's passes over them (:func:`_eager` at ``M`` tokens);
+    * ``cce`` (the peer): its forward kernel (:func:`_cce`'s ``fwd``) over the ``M`` targets;
+    * ``floor``: ``2NHV`` with H and W read once.
+
+    ``bwd`` is empty. ``scratch_bytes``: the working memory beyond the inputs and the gathered rows."""
     if backend not in PRECOMPUTE_BACKENDS:
         raise ValueError(f"unknown precompute backend {backend!r}; expected one of {PRECOMPUTE_BACKENDS}")
     s, hw = shape, (Hardware() if hw is None else hw)
-    budget = _memory_budget(memory_budget)
     N, M, H, V, b, f = s.tokens, s.target_rows, s.hidden, s.vocab, s.dtype_bytes, FLOAT32_BYTES
     if backend == "floor":
         fwd = PassCost((Phase("2NHV floor: logits", 2.0 * N * H * V, (N + V) * H * b),), hw)
         return BackendCost("floor", s, fwd, PassCost((), hw), ("2NHV FLOPs; reads H, W once",), 0.0, "none",
                            loss="precompute")
-    full = _predict_simpo(backend, s, hw, kernel_config=kernel_config, torch_chunk=torch_chunk,
-                          cce_filtered_frac=DEFAULT_CCE_FILTERED_FRAC, logit_metrics="none", memory_budget=budget)
-    name = TRITON_SCHEDULES[auto_schedule(s, budget)] if backend == "triton" else full.backend
-    if name == "triton-pairs":
-        sizes = pair_chunk_rows(s, budget) if M else []
-        scratch, what = max(sizes, default=0) * V * f, "the largest pair chunk's float32 logits"
-    elif name == "triton-vocab":
-        cols = vocab_chunk_columns(M, V, budget) if M else 0
-        scratch, what = M * cols * f, f"float32 logits [M, {cols}] (one vocabulary chunk)"
-    elif name == "triton-fused":
-        scratch, what = 0.0, "no logits: O(M) statistics only"
-    elif name == "torch":
-        C = torch_chunk_size(s) if torch_chunk is None else torch_chunk
+    gather = _gather_rows(s, M, "target") if M else []
+    if backend == "triton":
+        cfg = default_kernel_config() if kernel_config is None else kernel_config
+        main, w_reads, group = _fused_forward(s, hw, cfg, M, "targets")
+        phases = gather + main
+        scratch, what = 0.0, "no logits: O(M) log-sum-exp statistics"
+        note = f"fused lse_forward over the M target rows: W read {w_reads}x (groups of {group} token blocks)"
+    elif backend == "torch":
+        C = torch_chunk_size(s) if torch_chunk is None else _positive_int("chunk_size", torch_chunk)
+        phases = gather + _tokens_forward(s, M, C, "targets")
         scratch, what = min(C, max(M, 1)) * V * (2 * f + b), f"one chunk's logits working set [{C}, V]"
-    elif name == "cce":
-        scratch, what = 0.0, "no logits: O(M) statistics only"
-    else:  # eager
-        scratch, what = (b + 2 * f) * N * V, "the full [N, V] logits: input dtype, float32 copy, log-softmax"
-    notes = (f"forward only, no gradient, logit_metrics 'none': {full.fwd.flops / 1e12:.1f} TFLOP",) + full.notes
-    return BackendCost(full.backend, s, full.fwd, PassCost((), hw), notes, scratch, what, loss="precompute")
+        note = f"token chunks of {C}: W read from HBM {_cdiv(M, C) if M else 0}x"
+    elif backend == "eager":
+        phases = gather + (list(_eager(replace(s, tokens=M), hw).fwd.phases) if M else [])
+        scratch, what = (b + 2 * f) * M * V, "the [M, V] target-row logits: input dtype, float32 copy, log-softmax"
+        note = "eager.token_logprobs on the gathered target rows ([M, V] logits)"
+    else:  # cce
+        phases = list(_cce(s, hw).fwd.phases)
+        scratch, what = 0.0, "no logits: O(M) log-sum-exp statistics"
+        note = "CCE's lse forward kernel and indexed dot over the M targets"
+    fwd = PassCost(tuple(phases), hw)
+    notes = (f"forward only, no gradient, no metric-only rows: {fwd.flops / 1e12:.1f} TFLOP; {note}",)
+    return BackendCost(backend, s, fwd, PassCost((), hw), notes, scratch, what, loss="precompute")
+
+
+#: The precompute pass an in-step frozen reference runs (``sequence_logps`` has no schedule option).
+_PRECOMPUTE_OF = {"eager": "eager", "torch": "torch", "triton": "triton", "triton-pairs": "triton",
+                  "triton-vocab": "triton", "triton-fused": "triton", "cce": "cce", "floor": "floor"}
 
 
 def predict_all(shape: Shape, hw: Optional[Hardware] = None, backends: Iterable[str] = BACKENDS,
@@ -1081,7 +1092,7 @@ def predict_losses(shape: Shape, hw: Optional[Hardware] = None, backend: str = "
         if loss_profile(loss).needs_reference:
             out[f"{loss}, in-step reference"] = predict(backend, shape, hw, loss=loss, reference="in-step", **kw)
     pre = {k: v for k, v in kw.items() if k in ("kernel_config", "torch_chunk", "memory_budget")}
-    out["precompute"] = predict_precompute(backend, shape, hw, **pre)
+    out["precompute"] = predict_precompute(_PRECOMPUTE_OF.get(backend, backend), shape, hw, **pre)
     return out
 
 
@@ -1321,7 +1332,7 @@ def losses_table(shape: Shape, hw: Optional[Hardware] = None, *, backends: Seque
             lines.append(f"| {backend} | {loss} | {c.reference or 'none'} | {nll} | {c.logit_metrics} | "
                          f"{c.fwd.ms:.1f} | {t.ms:.1f} | {t.flops / 1e12:.1f} | {t.hbm_bytes / 1e9:.1f} | "
                          f"{t.ms / floor.ms:.2f} | {exact.fwd_bwd.ms:.1f} |")
-    pre = predict_precompute(backends[0], shape, hw,
+    pre = predict_precompute(_PRECOMPUTE_OF.get(backends[0], backends[0]), shape, hw,
                              **{k: v for k, v in kw.items() if k in ("kernel_config", "torch_chunk", "memory_budget")})
     lines += ["", "- Every paired loss reaches the head only through per-sequence sums (or means), the reference's "
                   "`[B]` sums and the chosen-row NLL (the same sums): at equal `logit_metrics` each costs exactly "
@@ -1333,8 +1344,8 @@ def losses_table(shape: Shape, hw: Optional[Hardware] = None, *, backends: Seque
               f"(2NHV = {2.0 * shape.tokens * shape.hidden * shape.vocab / 1e12:.1f} TFLOP with every position a "
               f"target); the reference model's body forward (not modelled) comes on top.",
               f"- Precompute pass ({backends[0]}): forward only, 2MHV FLOPs, scratch "
-              f"{(pre.scratch_bytes or 0) / 2**20:.0f} MiB ({pre.scratch}); the `[N, V]` logits are never "
-              f"materialised except by `eager`.",
+              f"{(pre.scratch_bytes or 0) / 2**20:.0f} MiB ({pre.scratch}); `eager` holds the `[M, V]` "
+              f"logits of the target rows.",
               "- `x 6NHV floor`: against the dense 6NHV at the same rate (the precompute row against it too: "
               "its own floor is 2MHV)."]
     return "\n".join(lines)
@@ -1449,7 +1460,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                                                memory_budget=budget) for b in backends}
             else:
                 if default and args.reference == "in-step":  # Liger has no head pass to run a reference with
-                    backends = [b for b in backends if b in PRECOMPUTE_BACKENDS]
+                    backends = [b for b in backends if b in _PRECOMPUTE_OF]
                 costs = predict_all(shape, hw, backends, kernel_config=cfg, torch_chunk=args.torch_chunk,
                                     cce_filtered_frac=args.cce_filtered_frac, logit_metrics=args.logit_metrics,
                                     memory_budget=budget, loss=args.loss, reference=args.reference)

@@ -459,37 +459,42 @@ def test_each_loss_defaults_to_its_official_logit_metrics():
 
 @pytest.mark.parametrize("frac", [0.4, 1.0])
 def test_precompute_is_a_forward_only_2mhv_pass(frac):
+    """sequence_logps: the target rows' forward only (triton: the fused lse_forward kernel; torch:
+    token chunks; eager: the [M, V] logits), 2MHV FLOPs, no backward; the floor is 2NHV."""
     s = gemma(target_frac=frac)
     M, b = s.target_rows, 2
-    for backend in ("torch", "triton", "triton-pairs", "triton-vocab", "triton-fused", "cce"):
+    same = {"triton": "triton-fused", "torch": "torch", "cce": "cce"}  # the backends' own no-grad forwards
+    for backend in ("torch", "triton", "cce", "eager"):
         c = CM.predict_precompute(backend, s)
         assert c.fwd.flops == 2.0 * M * H * V, backend  # the target rows' logits, nothing else
         assert c.bwd.flops == 0 and c.bwd.hbm_bytes == 0 and c.bwd.ms == 0 and c.fwd_bwd.ms == c.fwd.ms
-        assert c.loss == "precompute"
-        # the no-grad forward of the same backend with no metric-only rows
-        assert c.fwd.ms == CM.predict(backend, s, logit_metrics="none").fwd.ms
+        assert c.loss == "precompute" and c.backend == backend
+        if backend in same:
+            assert c.fwd.ms == CM.predict(same[backend], s, logit_metrics="none").fwd.ms, backend
+    assert CM.predict_precompute("triton", s).fwd.atomic_bytes == 0
     floor = CM.predict_precompute("floor", s)
     assert floor.fwd.flops == 2.0 * N * H * V and floor.fwd.hbm_bytes == (N + V) * H * b
-    assert CM.predict_precompute("eager", s).fwd.flops == 2.0 * N * H * V  # eager never skips a position
     if frac == 1.0:  # every position a target: the precompute pass is the 2NHV forward
         assert CM.predict_precompute("triton", s).fwd.flops == 2.0 * N * H * V == floor.fwd.flops
-    # its memory: no logits for the fused kernel, the budgeted chunk for pairs, the full logits for eager
-    assert CM.predict_precompute("triton-fused", s).scratch_bytes == 0
-    assert CM.predict_precompute("triton-pairs", s).scratch_bytes == M * V * 4  # one chunk under 8 GiB
-    auto = CM.predict_precompute("triton", s)  # auto picks pairs here
-    assert (auto.backend, auto.scratch_bytes) == ("triton", M * V * 4)
-    assert CM.predict_precompute("eager", s).scratch_bytes == (b + 8) * N * V
-    with pytest.raises(ValueError, match="unknown precompute backend 'liger'"):
-        CM.predict_precompute("liger", s)
+    # its memory: no logits for triton's fused kernel and CCE, one chunk for torch, [M, V] for eager
+    assert CM.predict_precompute("triton", s).scratch_bytes == 0 == CM.predict_precompute("cce", s).scratch_bytes
+    assert CM.predict_precompute("torch", s).scratch_bytes == CM.torch_chunk_size(s) * V * (8 + b)
+    assert CM.predict_precompute("eager", s).scratch_bytes == (b + 8) * M * V
+    # triton: W read once per raster group, far fewer bytes than the eager [M, V] passes
+    assert CM.predict_precompute("triton", s).fwd.hbm_bytes < CM.predict_precompute("eager", s).fwd.hbm_bytes / 5
+    for bad in ("liger", "triton-pairs"):
+        with pytest.raises(ValueError, match=f"unknown precompute backend '{bad}'"):
+            CM.predict_precompute(bad, s)
 
 
 def test_in_step_reference_adds_the_heads_forward_to_every_step():
     s = gemma(target_frac=0.4)
     M = s.target_rows
-    for backend in ("triton", "triton-fused", "torch", "eager", "cce"):
+    for backend, head_backend in (("triton", "triton"), ("triton-pairs", "triton"), ("triton-fused", "triton"),
+                                  ("torch", "torch"), ("eager", "eager"), ("cce", "cce")):
         pre = CM.predict(backend, s, loss="dpo")
         inst = CM.predict(backend, s, loss="dpo", reference="in-step")
-        head = CM.predict_precompute(backend, s)
+        head = CM.predict_precompute(head_backend, s)
         assert inst.reference == "in-step" and pre.reference == "precomputed"
         assert inst.fwd_bwd.flops - pre.fwd_bwd.flops == head.fwd.flops
         assert inst.fwd.ms == pytest.approx(pre.fwd.ms + head.fwd.ms, rel=1e-12)
@@ -533,7 +538,8 @@ def test_cli_loss_reference_and_precompute(capsys):
     pre = CM.main(["--precompute", "--summary", "--target-frac", "0.4"])
     assert "the reference precompute pass" in pre and "| liger |" not in pre
     assert _row(pre, "| floor |").split("|")[5].strip() == "15.0"  # 2NHV
-    assert _row(pre, "| triton-fused |").split("|")[5].strip() == "6.0"  # 2MHV
+    assert _row(pre, "| triton |").split("|")[5].strip() == "6.0"  # 2MHV
+    assert _row(pre, "| eager |").split("|")[5].strip() == "6.0"  # target rows only, as sequence_logps
     capsys.readouterr()
     with pytest.raises(SystemExit):
         CM.main(["--loss", "simpo", "--reference", "in-step"])

@@ -192,6 +192,14 @@ def test_float32_reference_matches_float64(small_ctx):
         assert ref32["kind"] == f"float32-{backend}"
         for k in ("loss", "logps", "dh", "dw"):
             assert M.rel_err(ref32[k], ref64[k]) < 1e-5, (backend, k)
+    # DPO: preference_loss on float32 copies against the float64 DPO reference
+    ctx = M.CaseContext(C.make_case(C.FAMILIES["cpu-small-dpo"], 256), CPU)
+    ref64 = ctx.reference(30.0)
+    for backend in ("eager", "torch"):
+        ref32 = M._float32_reference(backend, ctx.case, ctx.hidden, ctx.weight, ctx.labels, 30.0, ctx.ref_logps)
+        for k in ("loss", "logps", "dh", "dw"):
+            assert M.rel_err(ref32[k], ref64[k]) < 1e-5, ("dpo", backend, k)
+    ctx.close()
 
 
 def test_rel_err_chunked_and_nonfinite():
