@@ -139,7 +139,7 @@ def inputs_step(cp: Campaign, case: C.Case, group: str) -> Optional[M.CaseContex
     row = cp.call.run_step("reference", inputs, predicted_s=cp.guard(1.0 + P.reference_seconds(case, frac, cp.fixed)),
                            group=group, case=case.id, family=case.family, tokens=case.tokens, hidden=case.hidden,
                            vocab=case.vocab, softcap=case.softcap, dtype=case.dtype, layout=case.layout,
-                           loss=case.loss, target_frac=round(frac, 4))
+                           objective=case.loss, target_frac=round(frac, 4))  # "loss": the reference's value
     ctx = holder.get("ctx")
     if row["status"] != "ok" and ctx is not None:
         ctx.close()
