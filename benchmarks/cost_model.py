@@ -1351,6 +1351,19 @@ def losses_table(shape: Shape, hw: Optional[Hardware] = None, *, backends: Seque
     return "\n".join(lines)
 
 
+def losses_markdown(hw: Optional[Hardware] = None, *, family: str = "gemma2-9b", tokens: int = 8192,
+                    target_frac: float = 0.4, **kw) -> str:
+    """:func:`losses_table` at a family's shape (default: the Gemma-2-9B head, N=8192, the
+    UltraFeedback-like 40% targets) as a markdown document: ``benchmarks/results/losses_predicted.md``,
+    and what ``--losses-table`` prints. ``kw``: :func:`losses_table` options."""
+    cmd = (f"python -m benchmarks.cost_model --family {family} --tokens {tokens} --target-frac {target_frac:g} "
+           f"--losses-table --out benchmarks/results/losses_predicted.md")
+    shape = shape_for_family(family, tokens, target_frac)
+    return "\n".join([f"# Predicted cost of each preference loss ({family})", "",
+                      f"Predictions of `benchmarks/cost_model.py`, not measurements. Regenerate with `{cmd}`.", "",
+                      losses_table(shape, hw, **kw), ""])
+
+
 def _parse_kernel_config(text: Optional[str]):
     if not text:
         return None
@@ -1427,11 +1440,13 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         lm = DEFAULT_LOGIT_METRICS if args.logit_metrics is None else args.logit_metrics
         if args.losses_table:
             frac = 0.4 if args.target_frac is None else args.target_frac
-            shape = replace(shape_for_family(args.family, args.tokens, frac), **over)
             backends = [b for b in args.backends.split(",") if b] if args.backends != ",".join(BACKENDS) \
                 else ["triton", "eager"]
-            text = losses_table(shape, hw, backends=backends, kernel_config=cfg, torch_chunk=args.torch_chunk,
-                                memory_budget=budget) + "\n"
+            kw = dict(backends=backends, kernel_config=cfg, torch_chunk=args.torch_chunk, memory_budget=budget)
+            if over:
+                text = losses_table(replace(shape_for_family(args.family, args.tokens, frac), **over), hw, **kw) + "\n"
+            else:
+                text = losses_markdown(hw, family=args.family, tokens=args.tokens, target_frac=frac, **kw)
         elif args.logit_metrics_table and args.schedules_table and plain:
             text = schedules_markdown(hw, family=args.family, tokens=args.tokens, kernel_config=cfg,
                                       torch_chunk=args.torch_chunk, memory_budget=budget)

@@ -527,6 +527,11 @@ def test_losses_table_predicts_each_loss_at_the_9b_head(capsys):
     pre = next(line for line in text.splitlines() if line.startswith("| triton | reference precompute"))
     assert pre.split("|")[8].strip() == "6.0"  # 2MHV
     assert "| eager | dpo | precomputed |" in text
+    # the committed table is this output (regenerate with the command in its header)
+    from pathlib import Path
+
+    committed = Path(__file__).resolve().parent / "results" / "losses_predicted.md"
+    assert committed.read_text() == text == CM.losses_markdown()
 
 
 def test_cli_loss_reference_and_precompute(capsys):
