@@ -235,11 +235,14 @@ def make_ref_logps(case: C.Case, sums: torch.Tensor, seed: int = 0) -> tuple:
     return ref[:B].clone(), ref[B:].clone()
 
 
-def float64_reference_dpo(hidden, weight, labels, softcap, ref_logps, beta: float = C.DPO_BETA) -> dict:
+def float64_reference_dpo(hidden, weight, labels, softcap, ref_logps, beta: float = C.DPO_BETA,
+                          sums: Optional[torch.Tensor] = None) -> dict:
     """The exact float64 DPO loss (:func:`benchmarks.cases.dpo_loss` on the per-row sums), its per-row
-    log-probs (SUMS, chosen first), dL/dhidden and dL/dweight: the float64 pass for the sums, the head
-    by autograd on them (``dL/dsum`` per row), then the weighted float64 pass for the gradients."""
-    sums, _ = _float64_targets(hidden, weight, labels, softcap)
+    log-probs (SUMS, chosen first), dL/dhidden and dL/dweight: the float64 pass for the sums (or
+    ``sums``, that pass's output already made), the head by autograd on them (``dL/dsum`` per row),
+    then the weighted float64 pass for the gradients."""
+    if sums is None:
+        sums, _ = _float64_targets(hidden, weight, labels, softcap)
     s = sums.clone().requires_grad_(True)
     loss = C.dpo_loss(s, ref_logps[0].to(s.device, torch.float64), ref_logps[1].to(s.device, torch.float64), beta)
     (g_rows,) = torch.autograd.grad(loss, s)
@@ -321,7 +324,7 @@ class CaseContext:
         if mode == "float64" or (mode == "auto" and self.device.type != "cuda"):
             if self.case.loss == "dpo":
                 return float64_reference_dpo(self.hidden, self.weight, self.labels, softcap, self.ref_logps,
-                                             self.case.beta)
+                                             self.case.beta, sums=self.float64_sums(softcap)[0])
             return float64_reference(self.hidden, self.weight, self.labels, softcap)
         backends = ["eager", "torch"]  # eager where it fits, else chunked
         # float32 eager holds ~8 [N, V] float32 buffers (logits, softcap, log-softmax, grads):

@@ -191,6 +191,8 @@ def test_calibrate_takes_the_measured_fixed_costs(tmp_path):
                   {"kind": "exact", "impl": "triton-fused", "status": "ok", "check_s": 4.5, "new_shape": True},
                   {"kind": "case", "impl": "liger", "status": "ok", "check_s": 44.0, "new_shape": True},
                   {"kind": "case", "impl": "cce", "status": "error:x", "check_s": 99.0},
+                  {"kind": "precompute", "impl": "triton", "status": "ok", "check_s": 2.5},
+                  {"kind": "precompute", "impl": "triton", "status": "ok", "check_s": 0.4},
                   {"kind": "pytest", "status": "ok", "wall_s": 77.0},
                   {"kind": "train-build", "status": "ok", "wall_s": 9.0},
                   {"kind": "train", "path": "triton", "status": "ok", "warmup_ms": 31000.0}]}
@@ -199,6 +201,7 @@ def test_calibrate_takes_the_measured_fixed_costs(tmp_path):
     assert fixed == json.loads(table_path.read_text())
     assert fixed["first_call_s"]["triton-fused"] == 21.0 and fixed["new_shape_s"]["triton-fused"] == 4.5
     assert fixed["first_call_s"]["liger"] == 44.0
+    assert fixed["first_call_s"]["precompute-triton"] == 2.5  # the first precompute call of triton
     assert fixed["first_call_s"]["cce"] == before["first_call_s"]["cce"]  # a failed step measures nothing
     assert (fixed["pytest_cuda_s"], fixed["train_build_s"], fixed["train_first_step_s"]["triton"],
             fixed["startup_s"]) == (77.0, 9.0, 31.0, 12.5)

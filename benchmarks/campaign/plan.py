@@ -228,10 +228,10 @@ def gemm_seconds(m: int, n: int, k: int, tflops: float = 700.0) -> float:
 
 
 def reference_seconds(case: C.Case, target_frac: float, fixed: dict) -> float:
-    """The float64 reference on the GPU: ~8 N H V float64 FLOPs on the target rows, plus set-up; a
-    case with a reference (DPO) first makes its reference values from a float64 forward (2 N H V)."""
-    passes = 8.0 + (2.0 if case.needs_reference else 0.0)
-    return fixed["reference_fixed_s"] + passes * target_frac * case.tokens * case.hidden * case.vocab / (
+    """The float64 reference on the GPU: ~8 N H V float64 FLOPs on the target rows, plus set-up (a
+    case with a reference, DPO, makes its reference values from the first 2 N H V of them, the sums
+    pass the reference then reuses)."""
+    return fixed["reference_fixed_s"] + 8.0 * target_frac * case.tokens * case.hidden * case.vocab / (
         FP64_TFLOPS * 1e12)
 
 
