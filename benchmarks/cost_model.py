@@ -1480,7 +1480,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                                     cce_filtered_frac=args.cce_filtered_frac, logit_metrics=args.logit_metrics,
                                     memory_budget=budget, loss=args.loss, reference=args.reference)
             if "floor" not in costs:
-                costs["floor"] = predict_precompute("floor", shape, hw) if args.precompute else predict("floor", shape, hw)
+                costs["floor"] = (predict_precompute("floor", shape, hw) if args.precompute
+                                  else predict("floor", shape, hw))
             text = _report(args, shape, hw, costs, budget)
     except ValueError as exc:
         ap.error(str(exc))

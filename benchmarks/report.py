@@ -279,8 +279,8 @@ def _precompute_table(rows) -> list:
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = r.get("errors") or {}
-        out.append(f"| {r['family']} | {r['tokens']} | {r['impl']} | {r['status'][:30]} | {r.get('target_frac', '-')} | "
-                   f"{f(r.get('fwd_ms'), '.2f')} | {f(r.get('pred_fwd_ms'), '.2f')} | {f(r.get('x_floor'), '.2f')} | "
+        out.append(f"| {r['family']} | {r['tokens']} | {r['impl']} | {r['status'][:30]} | "
+                   f"{r.get('target_frac', '-')} | {f(r.get('fwd_ms'), '.2f')} | {f(r.get('pred_fwd_ms'), '.2f')} | {f(r.get('x_floor'), '.2f')} | "
                    f"{f(r.get('fwd_peak_mem_mib'), '.0f')} | {f(e.get('sums'), '.1e')} |")
     return out
 

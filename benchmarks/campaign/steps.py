@@ -562,7 +562,8 @@ def summary(call: Call) -> str:
     parts.append(table(cases, ["case", "impl", "fwd_bwd_ms", "x_floor", "pred_ms", "peak_MiB", "status"]))
     pre = [{"case": r["case"], "impl": r["impl"], "fwd_ms": r.get("fwd_ms"), "x_2NHV": r.get("x_floor"),
             "pred_ms": r.get("pred_fwd_ms"), "peak_MiB": r.get("fwd_peak_mem_mib"),
-            "sums_err": (r.get("errors") or {}).get("sums"), "status": r["status"][:40]} for r in call.rows("precompute")]
+            "sums_err": (r.get("errors") or {}).get("sums"), "status": r["status"][:40]}
+           for r in call.rows("precompute")]
     if pre:
         parts.append("reference precompute pass (sequence_logps, forward only):\n"
                      + table(pre, ["case", "impl", "fwd_ms", "x_2NHV", "pred_ms", "peak_MiB", "sums_err", "status"]))
