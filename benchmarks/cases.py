@@ -20,6 +20,20 @@ Implementations:
                            ``options=LinearCrossEntropyOptions()``) per-token losses + the same
                            SimPO head; no softcap support (marked ``softcap_unsupported`` like Liger)
 
+Losses (``Family.loss``): every family measures SimPO (``simpo_loss``) except the ``-dpo`` ones,
+which measure DPO (``preference_loss(loss="dpo", beta=DPO_BETA)``, the official Gemma-2 DPO beta)
+with a precomputed reference: ``ref_chosen_logps`` / ``ref_rejected_logps`` are fixed ``[B]``
+tensors made once per case (:func:`benchmarks.measure.make_ref_logps`: the float64 per-row sums of the inputs
+themselves, each moved by ``N(0, 1) / beta``, so ``beta * d`` is O(1) and the loss is neither
+saturated nor trivially ``log 2``). The peers that give per-token losses (``cce``, ``cce-nofilter``,
+``torch-lce``) get a DPO head written here (:func:`dpo_loss` on the per-row sums); Liger's DPO takes
+a reference model's hidden states and weight (an in-step reference), never precomputed log-probs,
+so it is not run at the ``-dpo`` families.
+
+The reference precompute pass (``sequence_logps``: per-row sums and counts of target log-probs,
+no gradient) is its own kind of impl (:func:`build_precompute`): ``eager``, ``torch``, ``triton``
+(the library's backends) and ``cce`` (its forward: per-token losses, summed per row).
+
 ``IMPLS`` are the impls the runner and the pytest suites time by default, each modelled by
 ``benchmarks/cost_model.py`` under its own name; ``VARIANT_IMPLS`` are variants of a peer, run on
 request (``--impls``) and by the campaign's ``bench`` call, and predicted with their base's model
@@ -57,6 +71,14 @@ IMPLS = ("eager", "torch", "triton", *TRITON_SCHEDULE_IMPLS, "liger", "cce")
 VARIANT_IMPLS = {"cce-nofilter": "cce", "torch-lce": "liger"}
 ALL_IMPLS = (*IMPLS, *VARIANT_IMPLS)
 LAYOUTS = ("random", "ultrafeedback", "full")
+#: The losses the families measure (``Family.loss``) and the DPO beta: the official Gemma-2-9B DPO
+#: recipe's 0.01 (gemma-2-9b-it-DPO; SimPO keeps its own recipe, :data:`BETA`).
+BENCH_LOSSES = ("simpo", "dpo")
+DPO_BETA = 0.01
+#: impls that can run a DPO head on a precomputed reference (Liger's DPO cannot: see above)
+DPO_IMPLS = ("eager", "torch", "triton", *TRITON_SCHEDULE_IMPLS, "cce", "cce-nofilter", "torch-lce")
+#: sequence_logps (the reference precompute pass): the library's backends and CCE's forward
+PRECOMPUTE_IMPLS = ("eager", "torch", "triton", "cce")
 
 
 def cost_backend(impl: str) -> str:
@@ -76,6 +98,13 @@ class Family:
     cpu: bool = False  # a small shape meant for CPU smoke runs
     impls: tuple = ALL_IMPLS  # which impls the family is meant for
     layout: str = "random"  # how labels are laid out (LAYOUTS; make_labels)
+    loss: str = "simpo"  # the loss measured (BENCH_LOSSES); "dpo": with a precomputed reference
+
+    def __post_init__(self):
+        if self.loss not in BENCH_LOSSES:
+            raise ValueError(f"{self.name}: unknown loss {self.loss!r}; expected one of {BENCH_LOSSES}")
+        if self.loss == "dpo" and "liger" in self.impls:
+            raise ValueError(f"{self.name}: Liger's DPO takes no precomputed reference log-probs")
 
 
 #: GPU families: the real lm_head shapes (DESIGN section 2), rows of 2048 tokens
@@ -89,6 +118,10 @@ FAMILIES = {
                            layout="ultrafeedback"),
     # The target shape with every position a target (no prompt, no padding): the most work per token.
     "gemma2-9b-full": Family("gemma2-9b-full", 3584, 256000, 30.0, "bfloat16", GPU_TOKENS, 2048, layout="full"),
+    # DPO (beta 0.01, precomputed reference) on the same realistic batch: the family of the
+    # campaign's DPO rows and of its reference precompute rows (sequence_logps).
+    "gemma2-9b-uf-dpo": Family("gemma2-9b-uf-dpo", 3584, 256000, 30.0, "bfloat16", GPU_TOKENS, 2048,
+                               layout="ultrafeedback", impls=DPO_IMPLS, loss="dpo"),
     "gemma2-2b": Family("gemma2-2b", 2304, 256000, 30.0, "bfloat16", GPU_TOKENS, 2048),
     "llama3-8b": Family("llama3-8b", 4096, 128256, None, "bfloat16", GPU_TOKENS, 2048),
     # CPU smoke shapes (CI): small enough that the float64 reference is instant. V and H are not
@@ -103,6 +136,9 @@ FAMILIES = {
     "cpu-small-full": Family("cpu-small-full", 64, 1000, 30.0, "bfloat16", (256,), 64, cpu=True,
                              impls=("eager", "torch", "liger", "cce", "cce-nofilter", "torch-lce"),
                              layout="full"),
+    "cpu-small-dpo": Family("cpu-small-dpo", 64, 1000, 30.0, "bfloat16", (256,), 64, cpu=True,
+                            impls=("eager", "torch", "cce", "cce-nofilter", "torch-lce"), layout="ultrafeedback",
+                            loss="dpo"),
     # The Triton interpreter does no bf16 arithmetic (DESIGN section 5) and is slow: a minuscule
     # float32 shape, run only with TRITON_INTERPRET=1.
     "cpu-interp": Family("cpu-interp", 40, 300, 30.0, "float32", (64,), 16, cpu=True,
@@ -111,9 +147,11 @@ FAMILIES = {
     # take every triton schedule through check and timing within a minute on two cores.
     "cpu-interp-tiny": Family("cpu-interp-tiny", 16, 130, 30.0, "float32", (32,), 8, cpu=True,
                               impls=("eager", "triton", *TRITON_SCHEDULE_IMPLS)),
+    "cpu-interp-tiny-dpo": Family("cpu-interp-tiny-dpo", 16, 130, 30.0, "float32", (32,), 8, cpu=True,
+                                  impls=("eager", "triton", *TRITON_SCHEDULE_IMPLS), loss="dpo"),
 }
 GPU_FAMILIES = ("gemma2-9b", "gemma2-2b", "llama3-8b")
-CPU_FAMILIES = ("cpu-small", "cpu-small-nocap", "cpu-interp")
+CPU_FAMILIES = ("cpu-small", "cpu-small-nocap", "cpu-interp", "cpu-small-dpo", "cpu-interp-tiny-dpo")
 
 
 @dataclass(frozen=True)
@@ -127,6 +165,16 @@ class Case:
     rows: int
     seq: int
     layout: str = "random"
+    loss: str = "simpo"
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss takes precomputed reference log-probs (``benchmarks.measure.make_ref_logps``)."""
+        return self.loss == "dpo"
+
+    @property
+    def beta(self) -> float:
+        return DPO_BETA if self.loss == "dpo" else BETA
 
     @property
     def id(self) -> str:
@@ -152,7 +200,7 @@ def make_case(family: Family, tokens: int) -> Case:
     if rows % 2 or tokens % rows:
         raise ValueError(f"{family.name}: {tokens} tokens do not split into an even number of rows")
     return Case(family.name, family.hidden, family.vocab, family.softcap, family.dtype, tokens,
-                rows, tokens // rows, family.layout)
+                rows, tokens // rows, family.layout, family.loss)
 
 
 def cases_for(families, tokens=None) -> list[Case]:
@@ -268,10 +316,34 @@ def triton_unavailable(device) -> Optional[str]:
     return None
 
 
+RefLogps = Optional[tuple]  # (ref_chosen_logps [B], ref_rejected_logps [B]) on the inputs' device
+
+
+def _refs(case: Case, ref_logps: RefLogps) -> RefLogps:
+    """The case's reference values: required where its loss takes them, refused elsewhere."""
+    if case.needs_reference and ref_logps is None:
+        raise ValueError(f"{case.id}: loss {case.loss!r} needs ref_logps (benchmarks.measure.make_ref_logps)")
+    if not case.needs_reference and ref_logps is not None:
+        raise ValueError(f"{case.id}: loss {case.loss!r} takes no reference log-probs")
+    return ref_logps
+
+
+def dpo_loss(sums: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             beta: float = DPO_BETA) -> torch.Tensor:
+    """DPO (sigmoid, Rafailov et al. 2023) from per-row SUMS of target log-probs ``[2B]`` (chosen
+    rows first) and the reference's sums ``[B]`` each: ``mean_i -logsigmoid(beta * ((s_c - r_c) -
+    (s_r - r_r)))``. Written here from the formula for the peers' heads and the float64 reference."""
+    B = sums.shape[0] // 2
+    d = (sums[:B] - ref_chosen.to(sums.dtype)) - (sums[B:] - ref_rejected.to(sums.dtype))
+    return -F.logsigmoid(beta * d).mean()
+
+
 def simpo_kernels_impl(backend: str, case: Case, device, schedule: str = "auto", name: Optional[str] = None,
-                       **options) -> Impl:
-    """``simpo_loss(backend=..., schedule=..., **options)`` at ``case``; :class:`Unavailable` where
-    the triton backend cannot run (no CUDA and no interpreter, or the interpreter refused)."""
+                       ref_logps: RefLogps = None, **options) -> Impl:
+    """``simpo_loss(backend=..., schedule=..., **options)`` at ``case`` (a ``-dpo`` case:
+    ``preference_loss(loss="dpo", beta=DPO_BETA, ref_chosen_logps=..., ref_rejected_logps=...)``,
+    whose log-probs are per-row sums, with its official ``logit_metrics``); :class:`Unavailable`
+    where the triton backend cannot run (no CUDA and no interpreter, or the interpreter refused)."""
     from simpo_kernels import simpo_loss
 
     if backend == "triton":
@@ -280,14 +352,40 @@ def simpo_kernels_impl(backend: str, case: Case, device, schedule: str = "auto",
         reason = triton_unavailable(device)
         if reason:
             raise Unavailable(reason)
+    refs = _refs(case, ref_logps)
 
-    def fn(hidden, weight, labels):
-        out = simpo_loss(hidden, weight, labels, beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO,
-                         softcap=case.softcap, ignore_index=IGNORE_INDEX, backend=backend, schedule=schedule,
-                         **options)
-        return out.loss, torch.cat([out.chosen_logps, out.rejected_logps])
+    if case.loss == "simpo":
+        def fn(hidden, weight, labels):
+            out = simpo_loss(hidden, weight, labels, beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO,
+                             softcap=case.softcap, ignore_index=IGNORE_INDEX, backend=backend, schedule=schedule,
+                             **options)
+            return out.loss, torch.cat([out.chosen_logps, out.rejected_logps])
+    else:
+        from simpo_kernels import preference_loss
+
+        def fn(hidden, weight, labels):
+            out = preference_loss(hidden, weight, labels, loss=case.loss, ref_chosen_logps=refs[0],
+                                  ref_rejected_logps=refs[1], beta=case.beta, softcap=case.softcap,
+                                  ignore_index=IGNORE_INDEX, backend=backend, schedule=schedule, **options)
+            return out.loss, torch.cat([out.chosen_logps, out.rejected_logps])
 
     return Impl(name or backend, fn, case.softcap)
+
+
+def _pair_head(case: Case, refs: RefLogps):
+    """The peers' head on per-row sums and counts of target log-probs (``[2B]`` each): SimPO on the
+    means, or DPO (:func:`dpo_loss`) on the sums. Returns ``fn(sums, counts) -> (loss, logps)``."""
+    B = case.rows // 2
+
+    def simpo(sums, counts):
+        logps = sums / counts
+        u = BETA * (logps[:B] - logps[B:] - GAMMA_BETA_RATIO)
+        return -F.logsigmoid(u).mean(), logps
+
+    def dpo(sums, counts):
+        return dpo_loss(sums, refs[0], refs[1], case.beta), sums
+
+    return dpo if case.loss == "dpo" else simpo
 
 
 def _liger_impl(case: Case, device) -> Impl:
@@ -316,7 +414,9 @@ def _liger_impl(case: Case, device) -> Impl:
     return Impl("liger", fn, None, notes)
 
 
-def _cce_impl(case: Case, device, name: str = "cce") -> Impl:
+def _cce_nll(case: Case, device, name: str = "cce"):
+    """CCE's per-token losses ``[2B, T-1]`` (``shift=True``: entry t is ``-log p(labels[t+1] | h_t)``,
+    0 where ignored) as ``fn(hidden, weight, labels)``, and the notes of the path it takes."""
     try:
         from cut_cross_entropy import linear_cross_entropy
     except ImportError as exc:
@@ -329,28 +429,37 @@ def _cce_impl(case: Case, device, name: str = "cce") -> Impl:
     impl = "cce" if device.type == "cuda" else "torch_compile"
     notes = [] if impl == "cce" else ["torch_compile_fallback"]
     kwargs = {} if impl != "cce" else {"filter_eps": None} if name == "cce-nofilter" else {"filter_eps": "high"}
-    B = case.rows // 2
+
+    def nll(hidden, weight, labels):
+        return linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, softcap=case.softcap,
+                                    reduction="none", shift=True, impl=impl, **kwargs)
+
+    return nll, notes
+
+
+def _row_sums(nll: torch.Tensor, labels: torch.Tensor):
+    """Per-row sums of target log-probs and counts from per-token losses ``[2B, T-1]``."""
+    mask = (labels[:, 1:] != IGNORE_INDEX).to(nll.dtype)
+    return -(nll * mask).sum(-1), mask.sum(-1)
+
+
+def _cce_impl(case: Case, device, name: str = "cce", ref_logps: RefLogps = None) -> Impl:
+    nll, notes = _cce_nll(case, device, name)
+    head = _pair_head(case, _refs(case, ref_logps))
 
     def fn(hidden, weight, labels):
-        # shift=True: output [2B, T-1], entry t is -log p(labels[t+1] | h_t), 0 where ignored.
-        nll = linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX,
-                                   softcap=case.softcap, reduction="none", shift=True, impl=impl,
-                                   **kwargs)
-        mask = (labels[:, 1:] != IGNORE_INDEX).to(nll.dtype)
-        logps = -(nll * mask).sum(-1) / mask.sum(-1)
-        u = BETA * (logps[:B] - logps[B:] - GAMMA_BETA_RATIO)
-        return -F.logsigmoid(u).mean(), logps
+        return head(*_row_sums(nll(hidden, weight, labels), labels))
 
     return Impl(name, fn, case.softcap, notes)
 
 
-def _torch_lce_impl(case: Case, device) -> Impl:
+def _torch_lce_impl(case: Case, device, ref_logps: RefLogps = None) -> Impl:
     lce = getattr(F, "linear_cross_entropy", None)
     options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
     if lce is None or options is None:
         raise Unavailable(f"torch {torch.__version__} has no F.linear_cross_entropy (torch >= 2.13)")
-    B = case.rows // 2
     notes = ["softcap_unsupported"] if case.softcap is not None else []
+    head = _pair_head(case, _refs(case, ref_logps))
 
     def fn(hidden, weight, labels):
         # the shift by hand: position t predicts labels[t+1]; 0 loss where ignored
@@ -358,27 +467,62 @@ def _torch_lce_impl(case: Case, device) -> Impl:
         target = labels[:, 1:].reshape(-1)
         nll = lce(h, weight, target, reduction="none", ignore_index=IGNORE_INDEX, options=options())
         nll = nll.float().view(labels.shape[0], -1)  # bf16 per-token losses: sum them in float32
-        mask = (labels[:, 1:] != IGNORE_INDEX).to(nll.dtype)
-        logps = -(nll * mask).sum(-1) / mask.sum(-1)
-        u = BETA * (logps[:B] - logps[B:] - GAMMA_BETA_RATIO)
-        return -F.logsigmoid(u).mean(), logps
+        return head(*_row_sums(nll, labels))
 
     return Impl("torch-lce", fn, None, notes)
 
 
-def build_impl(name: str, case: Case, device) -> Impl:
-    """The impl ``name`` for ``case`` on ``device``; raises :class:`Unavailable` with a reason."""
+def build_impl(name: str, case: Case, device, ref_logps: RefLogps = None) -> Impl:
+    """The impl ``name`` for ``case`` on ``device``; raises :class:`Unavailable` with a reason.
+    ``ref_logps``: the precomputed reference values of a ``-dpo`` case (required there)."""
     fam = FAMILIES[case.family]
     if name not in fam.impls:
         raise Unavailable(f"{name} not run at {case.family}")
     if name in ("eager", "torch", "triton"):
-        return simpo_kernels_impl(name, case, device)
+        return simpo_kernels_impl(name, case, device, ref_logps=ref_logps)
     if name in TRITON_SCHEDULE_IMPLS:
-        return simpo_kernels_impl("triton", case, device, TRITON_SCHEDULE_IMPLS[name], name)
+        return simpo_kernels_impl("triton", case, device, TRITON_SCHEDULE_IMPLS[name], name, ref_logps=ref_logps)
     if name == "liger":
+        _refs(case, ref_logps)
         return _liger_impl(case, device)
     if name in ("cce", "cce-nofilter"):
-        return _cce_impl(case, device, name)
+        return _cce_impl(case, device, name, ref_logps)
     if name == "torch-lce":
-        return _torch_lce_impl(case, device)
+        return _torch_lce_impl(case, device, ref_logps)
     raise ValueError(f"unknown impl {name!r}; expected one of {ALL_IMPLS}")
+
+
+def build_precompute(name: str, case: Case, device) -> Impl:
+    """The reference precompute pass ``name`` (:data:`PRECOMPUTE_IMPLS`) at ``case``:
+    ``fn(hidden, weight, labels) -> (sums [2B], counts [2B])``, per-row sums of target log-probs
+    (float32 for 16-bit inputs) and their token counts, called without gradient.
+
+    ``eager`` / ``torch`` / ``triton``: ``simpo_kernels.sequence_logps(backend=...)``; ``cce``: CCE's
+    forward (per-token losses, its default path) summed per row. :class:`Unavailable` with a reason
+    where it cannot run here."""
+    if name not in PRECOMPUTE_IMPLS:
+        raise ValueError(f"unknown precompute impl {name!r}; expected one of {PRECOMPUTE_IMPLS}")
+    if name == "cce":
+        nll, notes = _cce_nll(case, device, "cce")
+
+        def cce_fn(hidden, weight, labels):
+            sums, counts = _row_sums(nll(hidden, weight, labels).float(), labels)
+            return sums, counts.long()
+
+        return Impl("cce", cce_fn, case.softcap, notes)
+    if name == "triton":
+        if device.type != "cuda" and not FAMILIES[case.family].cpu:
+            raise Unavailable("triton interpreter only at CPU smoke shapes")
+        reason = triton_unavailable(device)
+        if reason:
+            raise Unavailable(reason)
+    try:
+        from simpo_kernels import sequence_logps
+    except ImportError as exc:
+        raise Unavailable(f"simpo_kernels has no sequence_logps ({exc})") from None
+
+    def fn(hidden, weight, labels):
+        return sequence_logps(hidden, weight, labels, softcap=case.softcap, ignore_index=IGNORE_INDEX,
+                              backend=name)
+
+    return Impl(name, fn, case.softcap)

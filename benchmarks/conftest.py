@@ -24,7 +24,8 @@ def pytest_addoption(parser):
     g.addoption("--bench-device", default=None, help="cuda or cpu (default: cuda if available)")
     g.addoption("--bench-families", default=None, help="comma list of case families")
     g.addoption("--bench-tokens", default=None, help="comma list of token counts (GPU families)")
-    g.addoption("--bench-impls", default=",".join(C.IMPLS), help="comma list of impls")
+    g.addoption("--bench-impls", default=",".join(C.IMPLS), help="comma list of impls (the precompute "
+                                                                 "suite runs benchmarks.cases.PRECOMPUTE_IMPLS)")
 
 
 def _device(config) -> torch.device:
@@ -33,7 +34,8 @@ def _device(config) -> torch.device:
 
 
 def pytest_generate_tests(metafunc):
-    if not {"case", "impl"} <= set(metafunc.fixturenames):
+    precompute = {"precompute_case", "precompute_impl"} <= set(metafunc.fixturenames)
+    if not ({"case", "impl"} <= set(metafunc.fixturenames) or precompute):
         return
     cfg = metafunc.config
     device = _device(cfg)
@@ -44,10 +46,15 @@ def pytest_generate_tests(metafunc):
     impls = cfg.getoption("--bench-impls").split(",")
     params = []
     for case in C.cases_for(fams, toks):
+        fam = C.FAMILIES[case.family]
+        if precompute:  # the precompute pass at the DPO families (the loss that needs it)
+            if fam.loss == "dpo":
+                params += [pytest.param(case, i, id=f"{case.id}-{i}") for i in C.PRECOMPUTE_IMPLS if i in fam.impls]
+            continue
         for impl in impls:
-            if impl in C.FAMILIES[case.family].impls:
+            if impl in fam.impls:
                 params.append(pytest.param(case, impl, id=f"{case.id}-{impl}"))
-    metafunc.parametrize("case,impl", params)
+    metafunc.parametrize("precompute_case,precompute_impl" if precompute else "case,impl", params)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@
     python -m benchmarks.cost_model --family gemma2-9b --tokens 8192 --target-frac 0.5 [--summary]
         [--logit-metrics exact|targets|none] [--memory-budget BYTES]
     python -m benchmarks.cost_model --logit-metrics-table --schedules-table [--out FILE.md]
+    python -m benchmarks.cost_model --family gemma2-9b --tokens 8192 --target-frac 0.4 --losses-table
+    python -m benchmarks.cost_model --loss dpo [--reference in-step] [--precompute]
 
 For every implementation the benchmarks time (``eager``; ``torch``, its ``tokens`` schedule;
 ``triton``, i.e. ``schedule="auto"``, and each triton schedule pinned: ``triton-pairs``,
@@ -62,6 +64,29 @@ Time (assumptions, all of them):
 * Elementwise PyTorch kernels are unfused: each reads its inputs and writes its output once
   (reductions such as ``log_softmax`` read their input twice: max/sum, then the write pass).
 
+Losses (``loss=``, a name in ``simpo_kernels.LOSSES``, read at call time): every paired loss of
+the family (SimPO, DPO, R-DPO, CPO, ORPO, RRHF, SLiC) reaches the lm_head only through per-sequence
+sums or means of target log-probabilities, optional reference sums (``[B]`` tensors) and an optional
+chosen-row NLL, which is the same per-row sums again: the per-token gradient is still one scalar per
+sequence (``dL/ds`` of its row, plus the NLL weight over the chosen token count, known from the
+labels before any logit). So at equal ``logit_metrics`` every loss has SimPO's matmul FLOPs, HBM and
+atomic bytes, per backend and schedule, and the ``pairs`` schedule still forms its gradients in the
+forward; the heads themselves are ``O(B)`` and not counted. What differs per loss is only its
+official ``logit_metrics`` (``"targets"`` for DPO and R-DPO, as TRL's DPOTrainer: no metric-only
+rows; ``"exact"`` for the others), the default of :func:`predict` (``logit_metrics=None``).
+A reference (DPO, R-DPO) comes either ``precomputed`` (the default: per-row sums read from the data
+set, ``O(B)`` bytes, nothing else) or ``in-step`` (a frozen reference model run in every step, no
+gradient): only its head is modelled, the reference model's own forward of the body is not (it is
+the policy's body forward again, outside this module's scope). The reference's head is the
+precompute pass below, added to the step's forward: ``+2MHV`` FLOPs (``2NHV`` with every position
+a target).
+
+The reference precompute pass (:func:`predict_precompute`; ``sequence_logps``): per-row sums of
+target log-probabilities without gradient, once over the data set: a forward over the ``M`` target
+rows only (no metric-only rows), ``2MHV`` FLOPs (``2NHV`` with every position a target), no
+backward; ``triton`` runs the fused log-sum-exp kernel (no logits in memory at all), ``torch`` token
+chunks, ``eager`` the ``[M, V]`` logits.
+
 The per-backend counts, and where they come from in the code, are in the ``_eager``, ``_torch``,
 ``_pairs``, ``_vocab``, ``_fused``, ``_liger``, ``_cce`` and ``_floor`` docstrings (``triton`` is
 the one of ``_pairs``/``_vocab``/``_fused`` that :func:`auto_schedule` picks). These are
@@ -89,7 +114,15 @@ TRITON_SCHEDULES = {"pairs": "triton-pairs", "vocab": "triton-vocab", "fused": "
 SCHEDULE_BACKENDS = {**TRITON_SCHEDULES, "tokens": "torch"}
 PASSES = ("fwd", "bwd", "fwd_bwd")
 LOGIT_METRICS = ("exact", "targets", "none")
+#: ``simpo_loss``'s default (and SimPO's official definition); other losses: :func:`loss_profile`.
 DEFAULT_LOGIT_METRICS = "exact"
+#: Where a loss's reference log-probs come from: read from the data set (``precomputed``), or a
+#: frozen reference model run in every step (``in-step``; its head modelled, its body not).
+REFERENCES = ("precomputed", "in-step")
+#: Backends with a precompute pass (``sequence_logps(backend=...)``, which has no schedule option;
+#: ``cce``: its forward summed per row; ``floor``: ``2NHV``, reading H and W once). Liger has none
+#: (no per-token output).
+PRECOMPUTE_BACKENDS = ("eager", "torch", "triton", "cce", "floor")
 
 #: Bytes of float32 logits a ``pairs``/``vocab`` chunk may take (``simpo_loss(memory_budget=)``).
 #: The library's default is a quarter of the free CUDA memory at call time (at least 256 MiB): on an
@@ -126,6 +159,7 @@ CCE_BLOCK_V = 128
 CCE_GROUP_B = 8
 
 FLOAT32_BYTES = 4
+MIB_BYTES = 2 ** 20
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -284,6 +318,11 @@ class BackendCost:
     #: gradients (input dtype), in bytes, and what it is; None where not modelled (eager, peers).
     scratch_bytes: Optional[float] = None
     scratch: str = ""
+    #: the loss (every paired loss costs the same at equal ``logit_metrics``) and, for losses with a
+    #: reference, where it comes from (:data:`REFERENCES`; None: the loss takes none)
+    loss: str = "simpo"
+    reference: Optional[str] = None
+    logit_metrics: Optional[str] = None
 
     @property
     def fwd_bwd(self) -> PassCost:
@@ -860,10 +899,52 @@ def _floor(s: Shape, hw: Hardware) -> BackendCost:
 # Public entry points
 
 
+def loss_profile(loss: str) -> SimpleNamespace:
+    """What the model needs of ``loss`` (a name in ``simpo_kernels.LOSSES``, read at call time):
+    ``name``, ``needs_reference``, ``logit_metrics`` (its official definition, the default of
+    :func:`predict`) and ``nll_weight`` (its default chosen-NLL weight; the term costs nothing
+    extra: it is the chosen rows' sums again). ValueError for an unknown loss."""
+    if loss == "simpo":  # simpo_loss's own defaults: no reference, every position's logits, no SFT term
+        return SimpleNamespace(name="simpo", needs_reference=False, logit_metrics=DEFAULT_LOGIT_METRICS,
+                               nll_weight=0.0)
+    losses = loss_names()
+    if not isinstance(loss, str) or loss not in losses:
+        raise ValueError(f"unknown loss {loss!r}; expected one of {losses}")
+    import simpo_kernels
+
+    cls = simpo_kernels.LOSSES[loss]
+    official = getattr(cls, "official_logit_metrics", None)
+    if official not in LOGIT_METRICS:
+        raise ValueError(f"simpo_kernels.LOSSES[{loss!r}] states no official logit_metrics ({official!r})")
+    return SimpleNamespace(name=loss, needs_reference=bool(cls.needs_reference), logit_metrics=official,
+                           nll_weight=float(cls().nll_weight))
+
+
+def loss_names() -> tuple:
+    """``tuple(simpo_kernels.LOSSES)``, imported at call time (ValueError if the library has none)."""
+    try:
+        import simpo_kernels
+
+        return tuple(simpo_kernels.LOSSES)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"simpo_kernels.LOSSES is not importable ({exc})") from exc
+
+
+def _reference(profile: SimpleNamespace, reference: Optional[str]) -> Optional[str]:
+    if reference is not None and reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+    if not profile.needs_reference:
+        if reference == "in-step":
+            raise ValueError(f"loss {profile.name!r} takes no reference model (reference='in-step')")
+        return None
+    return reference or "precomputed"
+
+
 def predict(
     backend: str, shape: Shape, hw: Optional[Hardware] = None, *, kernel_config=None,
     torch_chunk: Optional[int] = None, cce_filtered_frac: float = DEFAULT_CCE_FILTERED_FRAC,
-    logit_metrics: str = DEFAULT_LOGIT_METRICS, memory_budget: Optional[int] = None,
+    logit_metrics: Optional[str] = None, memory_budget: Optional[int] = None, loss: str = "simpo",
+    reference: Optional[str] = None,
 ) -> BackendCost:
     """Predicted cost of ``backend`` (one of :data:`BACKENDS`) at ``shape`` on ``hw``.
 
@@ -872,19 +953,47 @@ def predict(
             (default: its defaults, constructed at call time).
         torch_chunk: tokens per chunk for ``torch`` (default: the backend's own default).
         cce_filtered_frac: share of CCE's backward tiles skipped by gradient filtering, in [0, 1].
-        logit_metrics: ``simpo_loss(logit_metrics=)``: ``"exact"`` (default), ``"targets"`` or
-            ``"none"``; what the ``N - M`` metric-only rows cost (our compacted paths only).
+        logit_metrics: ``"exact"``, ``"targets"`` or ``"none"``: what the ``N - M`` metric-only rows
+            cost (our compacted paths only); None (default): ``loss``'s official definition
+            (``"exact"`` for SimPO, as ``simpo_loss``; ``"targets"`` for DPO, R-DPO).
         memory_budget: ``simpo_loss(memory_budget=)`` in bytes, for the ``pairs``/``vocab`` chunks
             and the ``auto`` choice (default :data:`DEFAULT_MEMORY_BUDGET`).
+        loss: a name in ``simpo_kernels.LOSSES`` (default ``"simpo"``). Every paired loss costs what
+            SimPO costs at the same ``logit_metrics`` (module docstring).
+        reference: for a loss with a reference: ``"precomputed"`` (default; nothing extra) or
+            ``"in-step"`` (the frozen reference's head, :func:`predict_precompute`'s forward, added
+            to the forward). ValueError for a loss without one.
 
     Raises:
-        ValueError: unknown backend, or an argument out of range (naming it).
+        ValueError: unknown backend or loss, or an argument out of range (naming it).
     """
     if not isinstance(shape, Shape):
         raise ValueError(f"shape must be a cost_model.Shape, got {type(shape).__name__}")
+    profile = loss_profile(loss)
+    ref = _reference(profile, reference)
+    mode = _logit_metrics(profile.logit_metrics if logit_metrics is None else logit_metrics)
+    cost = _predict_simpo(backend, shape, hw, kernel_config=kernel_config, torch_chunk=torch_chunk,
+                          cce_filtered_frac=cce_filtered_frac, logit_metrics=mode, memory_budget=memory_budget)
+    cost = replace(cost, loss=profile.name, reference=ref, logit_metrics=mode)
+    if ref != "in-step":
+        return cost
+    if backend not in _PRECOMPUTE_OF:
+        raise ValueError(f"{backend} has no precompute pass for an in-step reference; expected one of "
+                         f"{tuple(_PRECOMPUTE_OF)}")
+    head = predict_precompute(_PRECOMPUTE_OF[backend], shape, hw, kernel_config=kernel_config, torch_chunk=torch_chunk,
+                              memory_budget=memory_budget)
+    phases = tuple(replace(p, name=f"in-step reference: {p.name}") for p in head.fwd.phases)
+    note = (f"in-step frozen reference: its head's no-grad forward added to every step "
+            f"(+{head.fwd.flops / 1e12:.1f} TFLOP); the reference model's body is not modelled",)
+    return replace(cost, fwd=PassCost(phases + cost.fwd.phases, cost.fwd.hw), notes=note + cost.notes)
+
+
+def _predict_simpo(backend: str, shape: Shape, hw: Optional[Hardware], *, kernel_config, torch_chunk,
+                   cce_filtered_frac: float, logit_metrics: str, memory_budget: Optional[int]) -> BackendCost:
+    """The lm_head cost of ``backend`` at ``logit_metrics`` (the same for every paired loss)."""
     hw = Hardware() if hw is None else hw
     _fraction("cce_filtered_frac", cce_filtered_frac)
-    mode = _logit_metrics(logit_metrics)
+    mode = logit_metrics
     budget = _memory_budget(memory_budget)
     if backend == "eager":
         return _eager(shape, hw)
@@ -911,10 +1020,80 @@ def predict(
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+def predict_precompute(backend: str, shape: Shape, hw: Optional[Hardware] = None, *, kernel_config=None,
+                       torch_chunk: Optional[int] = None, memory_budget: Optional[int] = None) -> BackendCost:
+    """The reference precompute pass (:data:`PRECOMPUTE_BACKENDS`): per-row sums of target
+    log-probabilities, no gradient, once per batch of the data set. ``simpo_kernels.sequence_logps``
+    (``api.py``) gathers the ``M`` target rows and runs, without any metric-only row:
+
+    * ``triton``: the fused ``lse_forward`` kernel (:func:`_fused_forward`, as the ``fused``
+      schedule's forward; ``sequence_logps`` takes no schedule): ``2MHV`` FLOPs, no logits in memory;
+    * ``torch``: the token-chunk forward (:func:`_tokens_forward`), one chunk's logits at a time;
+    * ``eager``: ``eager.token_logprobs`` on the gathered rows: the ``[M, V]`` logits (input dtype,
+      then float32) and the eager forward's passes over them (:func:`_eager` at ``M`` tokens);
+    * ``cce`` (the peer): its forward kernel (:func:`_cce`'s ``fwd``) over the ``M`` targets;
+    * ``floor``: ``2NHV`` with H and W read once.
+
+    ``bwd`` is empty. ``scratch_bytes``: the working memory beyond the inputs and the gathered rows."""
+    if backend not in PRECOMPUTE_BACKENDS:
+        raise ValueError(f"unknown precompute backend {backend!r}; expected one of {PRECOMPUTE_BACKENDS}")
+    s, hw = shape, (Hardware() if hw is None else hw)
+    N, M, H, V, b, f = s.tokens, s.target_rows, s.hidden, s.vocab, s.dtype_bytes, FLOAT32_BYTES
+    if backend == "floor":
+        fwd = PassCost((Phase("2NHV floor: logits", 2.0 * N * H * V, (N + V) * H * b),), hw)
+        return BackendCost("floor", s, fwd, PassCost((), hw), ("2NHV FLOPs; reads H, W once",), 0.0, "none",
+                           loss="precompute")
+    gather = _gather_rows(s, M, "target") if M else []
+    if backend == "triton":
+        cfg = default_kernel_config() if kernel_config is None else kernel_config
+        main, w_reads, group = _fused_forward(s, hw, cfg, M, "targets")
+        phases = gather + main
+        scratch, what = 0.0, "no logits: O(M) log-sum-exp statistics"
+        note = f"fused lse_forward over the M target rows: W read {w_reads}x (groups of {group} token blocks)"
+    elif backend == "torch":
+        C = torch_chunk_size(s) if torch_chunk is None else _positive_int("chunk_size", torch_chunk)
+        phases = gather + _tokens_forward(s, M, C, "targets")
+        scratch, what = min(C, max(M, 1)) * V * (2 * f + b), f"one chunk's logits working set [{C}, V]"
+        note = f"token chunks of {C}: W read from HBM {_cdiv(M, C) if M else 0}x"
+    elif backend == "eager":
+        phases = gather + (list(_eager(replace(s, tokens=M), hw).fwd.phases) if M else [])
+        scratch, what = (b + 2 * f) * M * V, "the [M, V] target-row logits: input dtype, float32 copy, log-softmax"
+        note = "eager.token_logprobs on the gathered target rows ([M, V] logits)"
+    else:  # cce
+        phases = list(_cce(s, hw).fwd.phases)
+        scratch, what = 0.0, "no logits: O(M) log-sum-exp statistics"
+        note = "CCE's lse forward kernel and indexed dot over the M targets"
+    fwd = PassCost(tuple(phases), hw)
+    notes = (f"forward only, no gradient, no metric-only rows: {fwd.flops / 1e12:.1f} TFLOP; {note}",)
+    return BackendCost(backend, s, fwd, PassCost((), hw), notes, scratch, what, loss="precompute")
+
+
+#: The precompute pass an in-step frozen reference runs (``sequence_logps`` has no schedule option).
+_PRECOMPUTE_OF = {"eager": "eager", "torch": "torch", "triton": "triton", "triton-pairs": "triton",
+                  "triton-vocab": "triton", "triton-fused": "triton", "cce": "cce", "floor": "floor"}
+
+
 def predict_all(shape: Shape, hw: Optional[Hardware] = None, backends: Iterable[str] = BACKENDS,
                 **kw) -> dict:
     """``{backend: BackendCost}`` for ``backends`` (default: all, floor included)."""
     return {name: predict(name, shape, hw, **kw) for name in backends}
+
+
+def predict_losses(shape: Shape, hw: Optional[Hardware] = None, backend: str = "triton", **kw) -> dict:
+    """``{label: BackendCost}``: ``backend`` at ``shape`` for every loss of ``simpo_kernels.LOSSES``
+    (its official ``logit_metrics``, reference precomputed), then for each loss with a reference the
+    in-step alternative (``"<loss>, in-step reference"``), then the precompute pass
+    (``"precompute"``). ``kw``: :func:`predict` options."""
+    out = {}
+    names = loss_names()
+    for loss in names:
+        out[loss] = predict(backend, shape, hw, loss=loss, **kw)
+    for loss in names:
+        if loss_profile(loss).needs_reference:
+            out[f"{loss}, in-step reference"] = predict(backend, shape, hw, loss=loss, reference="in-step", **kw)
+    pre = {k: v for k, v in kw.items() if k in ("kernel_config", "torch_chunk", "memory_budget")}
+    out["precompute"] = predict_precompute(_PRECOMPUTE_OF.get(backend, backend), shape, hw, **pre)
+    return out
 
 
 def shape_for_family(family: str, tokens: int, target_frac: float = DEFAULT_TARGET_FRAC) -> Shape:
@@ -941,14 +1120,22 @@ def prediction_fields(row: dict, target_frac: float, matmul_tflops: Optional[flo
     ``softcap`` as applied, ``dtype``): ``{target_frac, pred_fwd_ms, pred_fwd_bwd_ms,
     pred_matmul_tflops, pred_hbm_tbps}``. ``matmul_tflops`` is the rate measured in the same call
     where there is one (default: :data:`DEFAULT_MATMUL_TFLOPS`); ``kernel_config`` as in
-    :func:`predict`. The benchmarks call
-    ``simpo_loss`` with ``logit_metrics="exact"`` and the default memory budget (a quarter of free
-    memory, modelled as :data:`DEFAULT_MEMORY_BUDGET`)."""
+    :func:`predict`. ``row["loss"]`` (default ``"simpo"``): the loss measured, at its official
+    ``logit_metrics`` with a precomputed reference, as the benchmarks call it (``simpo_loss``:
+    ``"exact"``; ``preference_loss(loss="dpo")``: ``"targets"``); ``"precompute"``: the precompute
+    pass (:func:`predict_precompute`; ``pred_fwd_bwd_ms`` None). The default memory budget (a
+    quarter of free memory) is modelled as :data:`DEFAULT_MEMORY_BUDGET`."""
     hw = Hardware(matmul_tflops=matmul_tflops or DEFAULT_MATMUL_TFLOPS, hbm_tbps=hbm_tbps or DEFAULT_HBM_TBPS)
     shape = Shape(tokens=row["tokens"], hidden=row["hidden"], vocab=row["vocab"],
                   dtype_bytes=DTYPE_BYTES[row["dtype"]], softcap=row.get("softcap") is not None,
                   target_frac=min(1.0, max(0.0, target_frac)), row_len=row.get("seq") or 2048)
-    cost = predict(row["impl"], shape, hw, kernel_config=kernel_config)
+    loss = row.get("loss") or "simpo"
+    if loss == "precompute":
+        cost = predict_precompute(row["impl"], shape, hw, kernel_config=kernel_config)
+        return {"target_frac": round(shape.target_frac, 4), "pred_fwd_ms": cost.fwd.ms, "pred_fwd_bwd_ms": None,
+                "pred_fwd_tflop": cost.fwd.flops / 1e12, "pred_scratch_mib": cost.scratch_bytes / MIB_BYTES,
+                "pred_matmul_tflops": hw.matmul_tflops, "pred_hbm_tbps": hw.hbm_tbps}
+    cost = predict(row["impl"], shape, hw, kernel_config=kernel_config, loss=loss)
     return {"target_frac": round(shape.target_frac, 4), "pred_fwd_ms": cost.fwd.ms,
             "pred_fwd_bwd_ms": cost.fwd_bwd.ms, "pred_matmul_tflops": hw.matmul_tflops,
             "pred_hbm_tbps": hw.hbm_tbps}
@@ -987,7 +1174,7 @@ def table_long(costs: dict, passes: Sequence[str] = PASSES) -> str:
     for name, cost in costs.items():
         for p in passes:
             pc = cost.pass_cost(p)
-            ratio = pc.ms / floor.pass_cost(p).ms if floor is not None else float("nan")
+            ratio = pc.ms / floor.pass_cost(p).ms if floor is not None and floor.pass_cost(p).ms else float("nan")
             lines.append(f"| {name} | {p} | {_g(pc.flops / 1e12, '.1f')} | {_g(pc.hbm_bytes / 1e9, '.1f')} | "
                          f"{_g(pc.atomic_bytes / 1e9, '.1f')} | {_g(pc.ms, '.1f')} | {_g(ratio, '.2f')} |")
     return "\n".join(lines)
@@ -1113,6 +1300,70 @@ def schedules_markdown(hw: Optional[Hardware] = None, *, family: str = "gemma2-9
         "## Schedules", "", schedules_table(replace(base, softcap=True), fracs, hw, **kw), ""])
 
 
+def losses_table(shape: Shape, hw: Optional[Hardware] = None, *, backends: Sequence[str] = ("triton", "eager"),
+                 **kw) -> str:
+    """Markdown: the predicted cost of every loss of ``simpo_kernels.LOSSES`` per backend at
+    ``shape`` (:func:`predict_losses`): each loss at its official ``logit_metrics`` with a
+    precomputed reference, the in-step reference alternative of the losses that take one, and the
+    reference precompute pass (forward only); with the fwd+bwd at ``logit_metrics="exact"`` beside,
+    where every loss costs the same. ``kw``: :func:`predict` options."""
+    hw = Hardware() if hw is None else hw
+    floor = predict("floor", shape, hw).fwd_bwd
+    lines = [f"Predicted cost per loss at {_shape_text(shape)}, softcap {'30' if shape.softcap else 'none'}, target "
+             f"fraction {shape.target_frac:g} (M={shape.target_rows}), at {_rates(hw)} "
+             f"(`benchmarks/cost_model.py`; predictions, not measurements):", "",
+             "| backend | loss | reference | NLL term (default weight) | logit_metrics | fwd ms | fwd+bwd ms "
+             "| fwd+bwd TFLOP | HBM GB | x 6NHV floor | fwd+bwd ms at `exact` |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for backend in backends:
+        costs = predict_losses(shape, hw, backend, **kw)
+        for label, c in costs.items():
+            if label == "precompute":
+                t = c.fwd
+                lines.append(f"| {backend} | reference precompute (`sequence_logps`, once per batch of the data set) "
+                             f"| - | - | none | {t.ms:.1f} | - (no backward) | {t.flops / 1e12:.1f} | "
+                             f"{t.hbm_bytes / 1e9:.1f} | {t.ms / floor.ms:.2f} | - |")
+                continue
+            loss = label.split(",")[0]
+            prof = loss_profile(loss)
+            exact = predict(backend, shape, hw, loss=loss, reference=c.reference, logit_metrics="exact", **kw)
+            nll = f"yes ({prof.nll_weight:g})" if prof.nll_weight > 0 else "no (0)"
+            t = c.fwd_bwd
+            lines.append(f"| {backend} | {loss} | {c.reference or 'none'} | {nll} | {c.logit_metrics} | "
+                         f"{c.fwd.ms:.1f} | {t.ms:.1f} | {t.flops / 1e12:.1f} | {t.hbm_bytes / 1e9:.1f} | "
+                         f"{t.ms / floor.ms:.2f} | {exact.fwd_bwd.ms:.1f} |")
+    pre = predict_precompute(_PRECOMPUTE_OF.get(backends[0], backends[0]), shape, hw,
+                             **{k: v for k, v in kw.items() if k in ("kernel_config", "torch_chunk", "memory_budget")})
+    lines += ["", "- Every paired loss reaches the head only through per-sequence sums (or means), the reference's "
+                  "`[B]` sums and the chosen-row NLL (the same sums): at equal `logit_metrics` each costs exactly "
+                  "SimPO's FLOPs and bytes (last column). The differences are the official `logit_metrics` "
+                  "(`targets` for DPO and R-DPO: no metric-only rows) and, for an in-step reference, its head's "
+                  "forward in every step.",
+              f"- In-step reference: the frozen reference model's head (`sequence_logps`, no gradient) adds "
+              f"2MHV = {2.0 * shape.target_rows * shape.hidden * shape.vocab / 1e12:.1f} TFLOP per step "
+              f"(2NHV = {2.0 * shape.tokens * shape.hidden * shape.vocab / 1e12:.1f} TFLOP with every position a "
+              f"target); the reference model's body forward (not modelled) comes on top.",
+              f"- Precompute pass ({backends[0]}): forward only, 2MHV FLOPs, scratch "
+              f"{(pre.scratch_bytes or 0) / 2**20:.0f} MiB ({pre.scratch}); `eager` holds the `[M, V]` "
+              f"logits of the target rows.",
+              "- `x 6NHV floor`: against the dense 6NHV at the same rate (the precompute row against it too: "
+              "its own floor is 2MHV)."]
+    return "\n".join(lines)
+
+
+def losses_markdown(hw: Optional[Hardware] = None, *, family: str = "gemma2-9b", tokens: int = 8192,
+                    target_frac: float = 0.4, **kw) -> str:
+    """:func:`losses_table` at a family's shape (default: the Gemma-2-9B head, N=8192, the
+    UltraFeedback-like 40% targets) as a markdown document: ``benchmarks/results/losses_predicted.md``,
+    and what ``--losses-table`` prints. ``kw``: :func:`losses_table` options."""
+    cmd = (f"python -m benchmarks.cost_model --family {family} --tokens {tokens} --target-frac {target_frac:g} "
+           f"--losses-table --out benchmarks/results/losses_predicted.md")
+    shape = shape_for_family(family, tokens, target_frac)
+    return "\n".join([f"# Predicted cost of each preference loss ({family})", "",
+                      f"Predictions of `benchmarks/cost_model.py`, not measurements. Regenerate with `{cmd}`.", "",
+                      losses_table(shape, hw, **kw), ""])
+
+
 def _parse_kernel_config(text: Optional[str]):
     if not text:
         return None
@@ -1144,8 +1395,19 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     cap.add_argument("--softcap", dest="softcap", action="store_true", default=None)
     cap.add_argument("--no-softcap", dest="softcap", action="store_false")
     ap.add_argument("--backends", default=",".join(BACKENDS), help="comma list of %s" % ",".join(BACKENDS))
-    ap.add_argument("--logit-metrics", default=DEFAULT_LOGIT_METRICS, choices=LOGIT_METRICS,
-                    help="simpo_loss(logit_metrics=): what the metric-only rows cost (default %(default)s)")
+    ap.add_argument("--logit-metrics", default=None, choices=LOGIT_METRICS,
+                    help="logit_metrics=: what the metric-only rows cost (default: the loss's official "
+                         f"definition, {DEFAULT_LOGIT_METRICS!r} for simpo)")
+    ap.add_argument("--loss", default="simpo", help="a name in simpo_kernels.LOSSES (default %(default)s): every "
+                                                   "paired loss costs SimPO's at equal logit_metrics")
+    ap.add_argument("--reference", default=None, choices=REFERENCES,
+                    help="for a loss with a reference: precomputed (default) or in-step (a frozen reference "
+                         "model's head in every step)")
+    ap.add_argument("--precompute", action="store_true",
+                    help="the reference precompute pass (sequence_logps: forward only) per backend instead")
+    ap.add_argument("--losses-table", action="store_true",
+                    help="every loss's predicted cost (triton and eager, or --backends), the in-step "
+                         "reference and the precompute pass")
     ap.add_argument("--memory-budget", type=int, default=DEFAULT_MEMORY_BUDGET, metavar="BYTES",
                     help="simpo_loss(memory_budget=) for the pairs/vocab chunks and the auto schedule "
                          "(default %(default)s = 8 GiB)")
@@ -1174,8 +1436,18 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         budget = _memory_budget(args.memory_budget)
         over = {k: v for k, v in (("hidden", args.hidden), ("vocab", args.vocab),
                                   ("dtype_bytes", args.dtype_bytes), ("softcap", args.softcap)) if v is not None}
-        plain = not over and args.target_frac is None and args.logit_metrics == DEFAULT_LOGIT_METRICS
-        if args.logit_metrics_table and args.schedules_table and plain:
+        plain = not over and args.target_frac is None and args.logit_metrics in (None, DEFAULT_LOGIT_METRICS)
+        lm = DEFAULT_LOGIT_METRICS if args.logit_metrics is None else args.logit_metrics
+        if args.losses_table:
+            frac = 0.4 if args.target_frac is None else args.target_frac
+            backends = [b for b in args.backends.split(",") if b] if args.backends != ",".join(BACKENDS) \
+                else ["triton", "eager"]
+            kw = dict(backends=backends, kernel_config=cfg, torch_chunk=args.torch_chunk, memory_budget=budget)
+            if over:
+                text = losses_table(replace(shape_for_family(args.family, args.tokens, frac), **over), hw, **kw) + "\n"
+            else:
+                text = losses_markdown(hw, family=args.family, tokens=args.tokens, target_frac=frac, **kw)
+        elif args.logit_metrics_table and args.schedules_table and plain:
             text = schedules_markdown(hw, family=args.family, tokens=args.tokens, kernel_config=cfg,
                                       torch_chunk=args.torch_chunk, memory_budget=budget)
         elif args.logit_metrics_table or args.schedules_table:
@@ -1190,17 +1462,26 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                 base = replace(shape_for_family(args.family, args.tokens, fracs[0]), **over)
                 if args.softcap is None:
                     base = replace(base, softcap=True)
-                parts.append(schedules_table(base, fracs, hw, logit_metrics=args.logit_metrics, **kw))
+                parts.append(schedules_table(base, fracs, hw, logit_metrics=lm, **kw))
             text = "\n\n".join(parts) + "\n"
         else:
             frac = DEFAULT_TARGET_FRAC if args.target_frac is None else args.target_frac
             shape = replace(shape_for_family(args.family, args.tokens, frac), **over)
             backends = [b for b in args.backends.split(",") if b]
-            costs = predict_all(shape, hw, backends, kernel_config=cfg, torch_chunk=args.torch_chunk,
-                                cce_filtered_frac=args.cce_filtered_frac, logit_metrics=args.logit_metrics,
-                                memory_budget=budget)
+            default = args.backends == ",".join(BACKENDS)
+            if args.precompute:
+                backends = list(PRECOMPUTE_BACKENDS) if default else backends
+                costs = {b: predict_precompute(b, shape, hw, kernel_config=cfg, torch_chunk=args.torch_chunk,
+                                               memory_budget=budget) for b in backends}
+            else:
+                if default and args.reference == "in-step":  # Liger has no head pass to run a reference with
+                    backends = [b for b in backends if b in _PRECOMPUTE_OF]
+                costs = predict_all(shape, hw, backends, kernel_config=cfg, torch_chunk=args.torch_chunk,
+                                    cce_filtered_frac=args.cce_filtered_frac, logit_metrics=args.logit_metrics,
+                                    memory_budget=budget, loss=args.loss, reference=args.reference)
             if "floor" not in costs:
-                costs["floor"] = predict("floor", shape, hw)
+                costs["floor"] = (predict_precompute("floor", shape, hw) if args.precompute
+                                  else predict("floor", shape, hw))
             text = _report(args, shape, hw, costs, budget)
     except ValueError as exc:
         ap.error(str(exc))
@@ -1213,10 +1494,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 def _report(args, shape: Shape, hw: Hardware, costs: dict, budget: int) -> str:
     dtype = {2: "16-bit", 4: "float32"}[shape.dtype_bytes]
+    some = next(iter(costs.values()))
+    what = ("the reference precompute pass (sequence_logps: forward only, logit_metrics 'none')" if args.precompute
+            else f"loss {some.loss!r}" + (f", reference {some.reference}" if some.reference else "")
+            + f"; logit_metrics {some.logit_metrics!r}")
     head = (f"Cost model (predictions, not measurements): {args.family} N={shape.tokens} H={shape.hidden} "
             f"V={shape.vocab} {dtype}, softcap {'on' if shape.softcap else 'off'}, target fraction "
-            f"{shape.target_frac:g} (M={shape.target_rows} rows with a target); logit_metrics "
-            f"{args.logit_metrics!r}, memory budget {budget / 2**30:g} GiB.\n"
+            f"{shape.target_frac:g} (M={shape.target_rows} rows with a target); {what}, "
+            f"memory budget {budget / 2**30:g} GiB.\n"
             f"Rates: matmul {hw.matmul_tflops:g} TFLOP/s, HBM {hw.hbm_tbps:g} TB/s, atomics "
             f"{hw.atomic_bytes_per_s / 1e12:g} TB/s, L2 {hw.l2_bytes / 2**20:g} MiB, {hw.sms} SMs; "
             f"CCE filtered tiles {args.cce_filtered_frac:g}.")

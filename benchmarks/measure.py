@@ -175,15 +175,97 @@ def float64_reference(hidden, weight, labels, softcap, *, beta: float = C.BETA,
             "dh": out["dhidden"], "dw": out["dweight"]}
 
 
-def _float32_reference(backend, case, hidden, weight, labels, softcap):
+def _float64_targets(hidden, weight, labels, softcap, g_rows=None):
+    """One float64 pass over the target positions of ``hidden [R,T,H]``, ``weight [V,H]``,
+    ``labels [R,T]`` (position t predicts ``labels[t+1]``; softcap ``s * tanh(z / s)``), chunked as
+    :func:`float64_reference`, on the inputs' device; written here from DESIGN section 1, sharing
+    no code with ``simpo_kernels``.
+
+    ``g_rows`` None: returns per-row ``(sums [R], counts [R])`` of the target log-probabilities
+    (float64, no gradient). ``g_rows [R]``: returns ``(dhidden [R,T,H], dweight [V,H])``, the
+    gradients of ``sum_t g_rows[row(t)] * logp_t`` (float64)."""
+    R, T, H = hidden.shape
+    dev = hidden.device
+    h64 = hidden.detach().reshape(R * T, H).to(torch.float64)
+    w64 = weight.detach().to(torch.float64)
+    tgt = torch.full((R, T), C.IGNORE_INDEX, dtype=torch.long, device=dev)
+    tgt[:, :-1] = labels[:, 1:]
+    tgt = tgt.reshape(-1)
+    idx = (tgt != C.IGNORE_INDEX).nonzero().squeeze(1)
+    row_of = idx // T
+    chunk = max(1, REFERENCE_CHUNK_ELEMENTS // weight.shape[0])
+
+    def logps(h, w, y):
+        z = h @ w.t()
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        return z.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
+
+    if g_rows is None:
+        sums = torch.zeros(R, dtype=torch.float64, device=dev)
+        with torch.no_grad():
+            for s in range(0, idx.numel(), chunk):
+                i = idx[s:s + chunk]
+                sums.index_add_(0, row_of[s:s + chunk], logps(h64[i], w64, tgt[i]))
+        counts = torch.zeros(R, dtype=torch.float64, device=dev).index_add_(
+            0, row_of, torch.ones_like(row_of, dtype=torch.float64))
+        return sums, counts
+    g_rows = g_rows.detach().to(device=dev, dtype=torch.float64)
+    w64.requires_grad_(True)
+    dh = torch.zeros_like(h64)
+    for s in range(0, idx.numel(), chunk):
+        i = idx[s:s + chunk]
+        h = h64[i].requires_grad_(True)
+        (logps(h, w64, tgt[i]) * g_rows[row_of[s:s + chunk]]).sum().backward()
+        dh.index_copy_(0, i, h.grad)
+    dw = w64.grad if w64.grad is not None else torch.zeros_like(w64)
+    return dh.view(R, T, H), dw.detach()
+
+
+def make_ref_logps(case: C.Case, sums: torch.Tensor, seed: int = 0) -> tuple:
+    """The fixed reference values of a ``-dpo`` case: the float64 per-row sums of its own inputs
+    (``sums [2B]``, :func:`_float64_targets`), each moved by ``N(0, 1) / beta`` (a seeded CPU draw),
+    as ``(ref_chosen_logps [B], ref_rejected_logps [B])`` float32 on the sums' device. A policy equal
+    to its reference would give ``d = 0`` and the loss ``log 2`` exactly; this keeps ``beta * d``
+    O(1) (``N(0, 2)``), so the loss and its gradients are neither trivial nor saturated."""
+    g = torch.Generator().manual_seed(seed + 2)
+    noise = torch.randn(sums.shape[0], generator=g, dtype=torch.float64) / case.beta
+    ref = (sums.detach().to(torch.float64) + noise.to(sums.device)).to(torch.float32)
+    B = sums.shape[0] // 2
+    return ref[:B].clone(), ref[B:].clone()
+
+
+def float64_reference_dpo(hidden, weight, labels, softcap, ref_logps, beta: float = C.DPO_BETA,
+                          sums: Optional[torch.Tensor] = None) -> dict:
+    """The exact float64 DPO loss (:func:`benchmarks.cases.dpo_loss` on the per-row sums), its per-row
+    log-probs (SUMS, chosen first), dL/dhidden and dL/dweight: the float64 pass for the sums (or
+    ``sums``, that pass's output already made), the head by autograd on them (``dL/dsum`` per row),
+    then the weighted float64 pass for the gradients."""
+    if sums is None:
+        sums, _ = _float64_targets(hidden, weight, labels, softcap)
+    s = sums.clone().requires_grad_(True)
+    loss = C.dpo_loss(s, ref_logps[0].to(s.device, torch.float64), ref_logps[1].to(s.device, torch.float64), beta)
+    (g_rows,) = torch.autograd.grad(loss, s)
+    dh, dw = _float64_targets(hidden, weight, labels, softcap, g_rows)
+    return {"kind": "float64", "loss": loss.detach(), "logps": sums, "dh": dh, "dw": dw}
+
+
+def _float32_reference(backend, case, hidden, weight, labels, softcap, ref_logps=None):
     """``backend`` ("eager" or "torch") on float32 copies of the inputs, full-precision matmuls
     (no tf32): error ~1e-6 against float64, far below the bf16 tolerances, and it runs on the GPU.
     """
     from simpo_kernels import simpo_loss
 
     def fn(h, w, lab):
-        out = simpo_loss(h, w, lab, beta=C.BETA, gamma_beta_ratio=C.GAMMA_BETA_RATIO,
-                         softcap=softcap, backend=backend)
+        if case.loss == "simpo":
+            out = simpo_loss(h, w, lab, beta=C.BETA, gamma_beta_ratio=C.GAMMA_BETA_RATIO,
+                             softcap=softcap, backend=backend)
+        else:
+            from simpo_kernels import preference_loss
+
+            out = preference_loss(h, w, lab, loss=case.loss, ref_chosen_logps=ref_logps[0],
+                                  ref_rejected_logps=ref_logps[1], beta=case.beta, softcap=softcap,
+                                  backend=backend)
         return out.loss, torch.cat([out.chosen_logps, out.rejected_logps])
 
     prec = torch.get_float32_matmul_precision()
@@ -207,7 +289,10 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 
 
 class CaseContext:
-    """Inputs of one case on one device, and its references (computed lazily, per softcap)."""
+    """Inputs of one case on one device, and its references (computed lazily, per softcap).
+
+    A ``-dpo`` case also holds its precomputed reference values, ``ref_logps`` (made once, at
+    construction, from :meth:`float64_sums`: :func:`make_ref_logps`); None for the others."""
 
     def __init__(self, case: C.Case, device, seed: int = 0, reference: str = "auto"):
         """``reference``: "auto" (float64 on CPU, float32 on CUDA), "float64" or "float32"."""
@@ -217,6 +302,16 @@ class CaseContext:
         self.reference_mode = reference
         self.hidden, self.weight, self.labels = C.make_inputs(case, self.device, seed)
         self._refs: dict = {}
+        self._sums: dict = {}
+        self.ref_logps = make_ref_logps(case, self.float64_sums(case.softcap)[0], seed) if case.needs_reference \
+            else None
+
+    def float64_sums(self, softcap) -> tuple:
+        """``(sums [2B], counts [2B])`` float64 of the target log-probs at ``softcap`` (cached): what
+        the precompute pass (``sequence_logps``) must return."""
+        if softcap not in self._sums:
+            self._sums[softcap] = _float64_targets(self.hidden, self.weight, self.labels, softcap)
+        return self._sums[softcap]
 
     def reference(self, softcap):
         if softcap not in self._refs:
@@ -227,6 +322,9 @@ class CaseContext:
         args = (self.case, self.hidden, self.weight, self.labels, softcap)
         mode = self.reference_mode
         if mode == "float64" or (mode == "auto" and self.device.type != "cuda"):
+            if self.case.loss == "dpo":
+                return float64_reference_dpo(self.hidden, self.weight, self.labels, softcap, self.ref_logps,
+                                             self.case.beta, sums=self.float64_sums(softcap)[0])
             return float64_reference(self.hidden, self.weight, self.labels, softcap)
         backends = ["eager", "torch"]  # eager where it fits, else chunked
         # float32 eager holds ~8 [N, V] float32 buffers (logits, softcap, log-softmax, grads):
@@ -236,7 +334,7 @@ class CaseContext:
             backends.remove("eager")
         for backend in backends:
             try:
-                return _float32_reference(backend, *args)
+                return _float32_reference(backend, *args, ref_logps=self.ref_logps)
             except Exception as exc:  # noqa: BLE001 - OOM is expected at large N
                 if not is_oom(exc):
                     raise
@@ -244,8 +342,9 @@ class CaseContext:
         return {"kind": "none", "error": "reference out of memory (float32 eager and torch)"}
 
     def close(self):
-        self.hidden = self.weight = self.labels = None
+        self.hidden = self.weight = self.labels = self.ref_logps = None
         self._refs.clear()
+        self._sums.clear()
         free_memory(self.device)
 
 
@@ -314,11 +413,60 @@ def measure(impl: C.Impl, ctx: CaseContext, *, target_s: float = 0.5, min_reps: 
     return row
 
 
+def check_precompute(impl: C.Impl, ctx: CaseContext) -> dict:
+    """Run the precompute pass ``impl`` (:func:`benchmarks.cases.build_precompute`) once without
+    gradient and compare with the float64 per-row sums (relative norm error, the loss tolerance of
+    the dtype) and counts (exactly). Returns ``ok``, ``errors`` (``sums``, ``counts``: the number of
+    rows whose count differs), ``reference`` and ``detail``."""
+    sums64, counts64 = ctx.float64_sums(impl.softcap)
+    sums, counts = _fwd(impl.fn, ctx.hidden, ctx.weight, ctx.labels)
+    bad = []
+    want = torch.float64 if ctx.case.dtype == "float64" else torch.float32
+    if sums.dtype != want or counts.dtype != torch.int64:
+        bad.append(f"dtypes {sums.dtype}/{counts.dtype}, expected {want}/torch.int64")
+    errors = {"sums": rel_err(sums, sums64),
+              "counts": int((counts.detach().to(counts64.device, torch.float64) != counts64).sum())
+              if counts.shape == counts64.shape else counts64.numel()}
+    tol = TOLERANCES[ctx.case.dtype][0]
+    if not errors["sums"] <= tol:
+        bad.append(f"sums {errors['sums']:.2e}>{tol:.0e}")
+    if errors["counts"]:
+        bad.append(f"counts differ in {errors['counts']} rows")
+    return {"ok": not bad, "errors": errors, "reference": "float64", "detail": ";".join(bad) or None}
+
+
+def measure_precompute(impl: C.Impl, ctx: CaseContext, *, target_s: float = 0.5, min_reps: int = 3,
+                       max_reps: int = 20, check_first: bool = True) -> dict:
+    """The precompute pass: check (:func:`check_precompute`), then the median forward time
+    (``fwd_ms``; no gradient) and its peak extra memory (``fwd_peak_mem_mib``, CUDA). Status as
+    :func:`measure`."""
+    row = {"status": "ok", "fwd_ms": None, "fwd_peak_mem_mib": None, "errors": None, "reference": None}
+    try:
+        if check_first:
+            res = check_precompute(impl, ctx)
+            row["errors"], row["reference"] = res["errors"], res["reference"]
+            if not res["ok"]:
+                row["status"] = f"mismatch:{res['detail']}"
+                return row
+        h, w, lab = ctx.hidden, ctx.weight, ctx.labels
+        t = time_fn(lambda: _fwd(impl.fn, h, w, lab), ctx.device, target_s=target_s, min_reps=min_reps,
+                    max_reps=max_reps)
+        row.update(fwd_ms=t["median_ms"], fwd_ms_range=[t["min_ms"], t["max_ms"]], reps=t["reps"])
+        row["fwd_peak_mem_mib"] = peak_extra_mib(lambda: _fwd(impl.fn, h, w, lab), ctx.device)
+    except Exception as exc:  # noqa: BLE001
+        if not is_oom(exc):
+            raise
+        row["status"] = "oom"
+    finally:
+        free_memory(ctx.device)
+    return row
+
+
 def case_row(case: C.Case, impl_name: str, softcap, notes) -> dict:
     """The descriptive fields of a result row (schema in benchmarks/README.md)."""
     return {"impl": impl_name, "family": case.family, "tokens": case.tokens, "rows": case.rows,
             "seq": case.seq, "hidden": case.hidden, "vocab": case.vocab, "softcap": softcap,
-            "dtype": case.dtype, "notes": list(notes)}
+            "dtype": case.dtype, "loss": case.loss, "notes": list(notes)}
 
 
 def run_impl(impl_name: str, ctx: CaseContext, *, catch_errors: bool = True, **kw) -> dict:
@@ -327,7 +475,7 @@ def run_impl(impl_name: str, ctx: CaseContext, *, catch_errors: bool = True, **k
     With ``catch_errors`` (the runner: one failing peer must not end a whole GPU call) any other
     exception becomes status ``error:<type>: <message>`` and its traceback goes to stderr."""
     try:
-        impl = C.build_impl(impl_name, ctx.case, ctx.device)
+        impl = C.build_impl(impl_name, ctx.case, ctx.device, ref_logps=ctx.ref_logps)
     except C.Unavailable as exc:
         row = case_row(ctx.case, impl_name, ctx.case.softcap, [])
         row.update(status=f"skipped:{exc}", fwd_ms=None, fwd_bwd_ms=None, peak_mem_mib=None)

@@ -44,6 +44,9 @@ def from_campaign(data: dict) -> dict:
            "matmul_bf16_tflops": data.get("matmul_bf16_tflops"), "call": data.get("call"),
            "dry_run": data.get("dry_run"),
            "cases": [dict(s) for s in steps if s.get("kind") == "case"]}
+    precompute = [dict(s) for s in steps if s.get("kind") == "precompute"]
+    if precompute:
+        out["precompute"] = precompute
     train = [dict(s) for s in steps if s.get("kind") == "train"]
     if train:
         model = data.get("train_model") or {}
@@ -82,6 +85,8 @@ def load(paths) -> dict:
         for key in ("e2e", "check"):
             if key in data and key not in merged:
                 merged[key] = data[key]
+        if data.get("precompute"):
+            merged["precompute"] = list(merged.get("precompute", [])) + list(data["precompute"])
     if merged is None:
         raise ValueError("no result files given")
     return merged
@@ -145,7 +150,8 @@ def plot_family(data: dict, family: str, path: Path) -> Path:
         else:
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center")
     cap = c0.get("softcap")
-    fig.suptitle(f"SimPO lm_head loss, {family}: H={H}, V={V}, {c0['dtype']}, "
+    loss = {"simpo": "SimPO", "dpo": "DPO (precomputed reference)"}.get(c0.get("loss") or "simpo", c0.get("loss"))
+    fig.suptitle(f"{loss} lm_head loss, {family}: H={H}, V={V}, {c0['dtype']}, "
                  f"softcap {cap if cap is not None else 'none'}{_layout_text(cases)}; "
                  f"{data.get('device')} (x = out of memory)", fontsize=10)
     fig.tight_layout()
@@ -219,8 +225,10 @@ def table(data: dict) -> str:
         tokens = sorted({c["tokens"] for c in cases})
         lines.append("")
         cap = next((c["softcap"] for c in cases if c.get("softcap") is not None), None)
+        loss = c0.get("loss") or "simpo"
         lines.append(f"### {fam} (H={c0['hidden']}, V={c0['vocab']}, {c0['dtype']}, "
-                     f"softcap {cap if cap is not None else 'none'}{_layout_text(cases)})")
+                     f"softcap {cap if cap is not None else 'none'}{_layout_text(cases)}"
+                     + ("" if loss == "simpo" else f"; loss {loss}, reference precomputed") + ")")
         lines.append("")
         lines.append("| impl | " + " | ".join(f"N={n}" for n in tokens) + " |")
         lines.append("|---|" + "---|" * len(tokens))
@@ -239,6 +247,7 @@ def table(data: dict) -> str:
         for impl, ns in notes.items():
             lines.append(f"`*` {impl}: {', '.join(sorted(ns))}.")
     lines += _prediction_table(data["cases"])
+    lines += _precompute_table(data.get("precompute"))
     lines += _check_tables(data.get("check"))
     e2e = data.get("e2e")
     if e2e and e2e.get("paths"):
@@ -257,6 +266,23 @@ def table(data: dict) -> str:
                          f"{f(p.get('step_ms'))} | {f(p.get('tokens_per_s'), '.0f')} | "
                          f"{f(p.get('peak_mem_mib'), '.0f')} | {big} |")
     return "\n".join(lines) + "\n"
+
+
+def _precompute_table(rows) -> list:
+    """The reference precompute pass (``sequence_logps``, forward only, no gradient): measured
+    forward ms beside the cost model's (2MHV), peak extra memory, error of the sums against float64."""
+    if not rows:
+        return []
+    f = (lambda v, spec: "-" if v is None else format(v, spec))
+    out = ["", "### Reference precompute pass (`sequence_logps`: per-row sums, forward only, no logits kept)", "",
+           "| family | N | impl | status | target frac | fwd ms | pred_fwd_ms | x 2NHV | peak MiB | sums rel err |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e = r.get("errors") or {}
+        out.append(f"| {r['family']} | {r['tokens']} | {r['impl']} | {r['status'][:30]} | "
+                   f"{r.get('target_frac', '-')} | {f(r.get('fwd_ms'), '.2f')} | {f(r.get('pred_fwd_ms'), '.2f')} | {f(r.get('x_floor'), '.2f')} | "
+                   f"{f(r.get('fwd_peak_mem_mib'), '.0f')} | {f(e.get('sums'), '.1e')} |")
+    return out
 
 
 def _check_tables(check) -> list:

@@ -140,6 +140,19 @@ def test_the_plan_runs_the_decisive_steps_first_and_fits_the_device_budget():
         for impl in ("triton-pairs", "triton-vocab", "triton-fused", "eager", "liger", "cce", "cce-nofilter",
                      "torch-lce"):
             assert f"{case} {impl}" in what
+    # DPO with a precomputed reference at the 9B head, then the precompute pass on the same inputs
+    dpo = [w for g, w, _ in steps if g == "head" and w.startswith("gemma2-9b-uf-dpo-N8192")]
+    assert dpo == ["gemma2-9b-uf-dpo-N8192 inputs + float64 reference"] + [
+        f"gemma2-9b-uf-dpo-N8192 {i}" for i in ("triton", "eager", "cce-nofilter", "torch-lce")] + [
+        f"gemma2-9b-uf-dpo-N8192 precompute {i}" for i in ("triton", "eager", "cce")]
+    pred = {w: p for _, w, p in steps}
+    assert all(0 < pred[w] < 15 for w in dpo), {w: pred[w] for w in dpo}
+    case = P.case_of("gemma2-9b-uf-dpo", 8192)
+    frac = P.target_frac(case)
+    # the DPO rows' predictions are the cost model's DPO ones (official "targets": below SimPO's on the same batch)
+    simpo = P.predicted_ms(P.case_of("gemma2-9b-uf", 8192), frac, "triton")
+    assert 0 < P.predicted_ms(case, frac, "triton") < simpo
+    assert 0 < P.predicted_ms(case, frac, "triton", precompute=True) < P.predicted_ms(case, frac, "triton")
     for case in ("gemma2-9b-N32768", "gemma2-9b-N65536"):
         assert f"{case} triton-fused" in what and f"{case} eager" not in what  # eager cannot fit there
     fixed = P.load_fixed()
@@ -178,6 +191,8 @@ def test_calibrate_takes_the_measured_fixed_costs(tmp_path):
                   {"kind": "exact", "impl": "triton-fused", "status": "ok", "check_s": 4.5, "new_shape": True},
                   {"kind": "case", "impl": "liger", "status": "ok", "check_s": 44.0, "new_shape": True},
                   {"kind": "case", "impl": "cce", "status": "error:x", "check_s": 99.0},
+                  {"kind": "precompute", "impl": "triton", "status": "ok", "check_s": 2.5},
+                  {"kind": "precompute", "impl": "triton", "status": "ok", "check_s": 0.4},
                   {"kind": "pytest", "status": "ok", "wall_s": 77.0},
                   {"kind": "train-build", "status": "ok", "wall_s": 9.0},
                   {"kind": "train", "path": "triton", "status": "ok", "warmup_ms": 31000.0}]}
@@ -186,6 +201,7 @@ def test_calibrate_takes_the_measured_fixed_costs(tmp_path):
     assert fixed == json.loads(table_path.read_text())
     assert fixed["first_call_s"]["triton-fused"] == 21.0 and fixed["new_shape_s"]["triton-fused"] == 4.5
     assert fixed["first_call_s"]["liger"] == 44.0
+    assert fixed["first_call_s"]["precompute-triton"] == 2.5  # the first precompute call of triton
     assert fixed["first_call_s"]["cce"] == before["first_call_s"]["cce"]  # a failed step measures nothing
     assert (fixed["pytest_cuda_s"], fixed["train_build_s"], fixed["train_first_step_s"]["triton"],
             fixed["startup_s"]) == (77.0, 9.0, 31.0, 12.5)
@@ -315,6 +331,51 @@ def test_dry_run_heads_check_every_peer(dry_run):
     assert by[("cpu-small-full-N256", "eager")]["target_frac"] > 0.98  # every position a target
     assert abs(by[("cpu-small-uf-N256", "eager")]["target_frac"] - 0.4) < 0.03
     assert {r["group"] for r in cases} == {"head", "memory"}
+
+
+def test_dry_run_dpo_and_precompute_rows_are_exact(dry_run):
+    """DPO (precomputed reference) rows at both dry-run DPO families, and the reference precompute
+    pass on the same inputs, checked against float64 before they were timed; predictions beside."""
+    skip_if_interpreter_refused(dry_run["result"])
+    from benchmarks import cost_model as CM
+    from benchmarks import measure as M
+
+    by = {(r["case"], r["impl"]): r for r in rows(dry_run["result"], "case")}
+    tiny, small = "cpu-interp-tiny-dpo-N32", "cpu-small-dpo-N256"
+    assert [i for c, i in by if c == small] == ["eager", "cce-nofilter", "torch-lce"]
+    assert [i for c, i in by if c == tiny] == ["triton", "eager"]
+    for (case, impl), r in by.items():
+        if case not in (tiny, small):
+            continue
+        tol_val, tol_grad = M.TOLERANCES[r["dtype"]]
+        e = r["errors"]
+        assert r["passed"] and r["loss"] == "dpo" and r["reference"] == "float64", r
+        assert e["loss"] < tol_val and e["logps"] < tol_val and e["dhidden"] < tol_grad and e["dweight"] < tol_grad, r
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["pred_fwd_bwd_ms"] > 0, r
+    # float32 under the interpreter: our DPO on the pairs schedule (auto) is float32-exact
+    assert by[(tiny, "triton")]["errors"]["loss"] < 1e-5 and by[(tiny, "triton")]["errors"]["dweight"] < 1e-4
+    assert by[(small, "torch-lce")]["softcap"] is None  # checked against the no-softcap DPO reference
+    # the DPO rows are predicted as DPO: the cost model at loss="dpo" (its official logit_metrics)
+    r = by[(tiny, "triton")]
+    shape = CM.Shape(tokens=r["tokens"], hidden=r["hidden"], vocab=r["vocab"], dtype_bytes=4, softcap=True,
+                     target_frac=r["target_frac"], row_len=r["seq"])
+    assert r["pred_fwd_bwd_ms"] == pytest.approx(CM.predict("triton", shape, loss="dpo").fwd_bwd.ms, rel=1e-3)
+    inputs = [s for s in rows(dry_run["result"], "reference") if s["case"] in (tiny, small)]
+    assert [s["objective"] for s in inputs] == ["dpo", "dpo"] and all(s["status"] == "ok" for s in inputs)
+    assert all(0.1 < s["loss"] < 3 for s in inputs)  # the float64 DPO loss: not saturated by the reference values
+    pre = {(r["case"], r["impl"]): r for r in rows(dry_run["result"], "precompute")}
+    assert set(pre) == {(small, "eager"), (small, "cce"), (tiny, "triton"), (tiny, "eager")}
+    for (case, impl), r in pre.items():
+        tol = M.TOLERANCES[r["dtype"]][0]
+        assert r["status"] == "ok" and r["passed"] and r["reference"] == "float64", r
+        assert r["errors"]["counts"] == 0 and r["errors"]["sums"] < tol, r  # exact counts, sums to the dtype
+        assert r["fwd_ms"] > 0 and r["check_s"] > 0 and "fwd_bwd_ms" not in r, r  # forward only
+        assert r["pred_fwd_ms"] > 0 and r["pred_fwd_tflop"] > 0, r
+    assert pre[(tiny, "triton")]["errors"]["sums"] < 1e-5  # float32: sums to float32 rounding
+    with tarfile.open(dry_run["out"] / TARBALL) as tar:
+        bench = tar.extractfile("./bench.md").read().decode()
+    assert "### Reference precompute pass" in bench and "### cpu-small-dpo " in bench
+    assert "reference precompute pass (sequence_logps, forward only)" in dry_run["stdout"]
 
 
 def test_dry_run_train_step_paths_agree(dry_run):

@@ -417,3 +417,146 @@ def test_runner_and_report_show_predictions(tmp_path):
     assert "pred_fwd_bwd_ms" in md
     line = next(ln for ln in md.splitlines() if ln.startswith("| cpu-small | 256 | eager |"))
     assert math.isfinite(float(line.split("|")[-2]))  # measured / predicted
+
+
+# ------------------------------------------------------------------------------------------ losses
+
+
+def test_every_paired_loss_costs_simpos_flops_and_bytes():
+    """The head sees per-sequence sums only: at equal logit_metrics every loss of the family (DPO with a
+    precomputed reference included) has SimPO's FLOPs, HBM and atomic bytes and time, per backend."""
+    names = CM.loss_names()
+    assert {"simpo", "dpo", "rdpo", "cpo", "orpo", "rrhf", "slic"} <= set(names)
+    s = gemma(target_frac=0.4)
+    for backend in CM.BACKENDS:
+        for mode in CM.LOGIT_METRICS:
+            base = CM.predict(backend, s, logit_metrics=mode)
+            for loss in names:
+                c = CM.predict(backend, s, logit_metrics=mode, loss=loss)
+                assert c.loss == loss and c.logit_metrics == mode
+                assert c.reference == ("precomputed" if CM.loss_profile(loss).needs_reference else None)
+                for p in CM.PASSES:
+                    a, b = c.pass_cost(p), base.pass_cost(p)
+                    assert (a.flops, a.hbm_bytes, a.atomic_bytes, a.ms) == (b.flops, b.hbm_bytes, b.atomic_bytes,
+                                                                            b.ms), (backend, mode, loss, p)
+
+
+def test_each_loss_defaults_to_its_official_logit_metrics():
+    s = gemma(target_frac=0.4)
+    M, O = s.target_rows, N - s.target_rows
+    official = {name: CM.loss_profile(name).logit_metrics for name in CM.loss_names()}
+    assert official == {"simpo": "exact", "dpo": "targets", "rdpo": "targets", "cpo": "exact", "orpo": "exact",
+                        "rrhf": "exact", "slic": "exact"}
+    assert [n for n in CM.loss_names() if CM.loss_profile(n).needs_reference] == ["dpo", "rdpo"]
+    dpo, simpo = CM.predict("triton", s, loss="dpo"), CM.predict("triton", s)
+    # DPO at the 9B head: the pairs schedule's 6MHV with no metric-only rows; SimPO adds their forward
+    assert dpo.fwd_bwd.flops == 6.0 * M * H * V == CM.predict("triton", s, logit_metrics="targets").fwd_bwd.flops
+    assert simpo.fwd_bwd.flops - dpo.fwd_bwd.flops == 2.0 * O * H * V
+    assert dpo.bwd.flops == simpo.bwd.flops and dpo.bwd.hbm_bytes == simpo.bwd.hbm_bytes
+    with pytest.raises(ValueError, match="unknown loss 'kto'"):
+        CM.predict("triton", s, loss="kto")
+
+
+@pytest.mark.parametrize("frac", [0.4, 1.0])
+def test_precompute_is_a_forward_only_2mhv_pass(frac):
+    """sequence_logps: the target rows' forward only (triton: the fused lse_forward kernel; torch:
+    token chunks; eager: the [M, V] logits), 2MHV FLOPs, no backward; the floor is 2NHV."""
+    s = gemma(target_frac=frac)
+    M, b = s.target_rows, 2
+    same = {"triton": "triton-fused", "torch": "torch", "cce": "cce"}  # the backends' own no-grad forwards
+    for backend in ("torch", "triton", "cce", "eager"):
+        c = CM.predict_precompute(backend, s)
+        assert c.fwd.flops == 2.0 * M * H * V, backend  # the target rows' logits, nothing else
+        assert c.bwd.flops == 0 and c.bwd.hbm_bytes == 0 and c.bwd.ms == 0 and c.fwd_bwd.ms == c.fwd.ms
+        assert c.loss == "precompute" and c.backend == backend
+        if backend in same:
+            assert c.fwd.ms == CM.predict(same[backend], s, logit_metrics="none").fwd.ms, backend
+    assert CM.predict_precompute("triton", s).fwd.atomic_bytes == 0
+    floor = CM.predict_precompute("floor", s)
+    assert floor.fwd.flops == 2.0 * N * H * V and floor.fwd.hbm_bytes == (N + V) * H * b
+    if frac == 1.0:  # every position a target: the precompute pass is the 2NHV forward
+        assert CM.predict_precompute("triton", s).fwd.flops == 2.0 * N * H * V == floor.fwd.flops
+    # its memory: no logits for triton's fused kernel and CCE, one chunk for torch, [M, V] for eager
+    assert CM.predict_precompute("triton", s).scratch_bytes == 0 == CM.predict_precompute("cce", s).scratch_bytes
+    assert CM.predict_precompute("torch", s).scratch_bytes == CM.torch_chunk_size(s) * V * (8 + b)
+    assert CM.predict_precompute("eager", s).scratch_bytes == (b + 8) * M * V
+    # triton: W read once per raster group, far fewer bytes than the eager [M, V] passes
+    assert CM.predict_precompute("triton", s).fwd.hbm_bytes < CM.predict_precompute("eager", s).fwd.hbm_bytes / 5
+    for bad in ("liger", "triton-pairs"):
+        with pytest.raises(ValueError, match=f"unknown precompute backend '{bad}'"):
+            CM.predict_precompute(bad, s)
+
+
+def test_in_step_reference_adds_the_heads_forward_to_every_step():
+    s = gemma(target_frac=0.4)
+    M = s.target_rows
+    for backend, head_backend in (("triton", "triton"), ("triton-pairs", "triton"), ("triton-fused", "triton"),
+                                  ("torch", "torch"), ("eager", "eager"), ("cce", "cce")):
+        pre = CM.predict(backend, s, loss="dpo")
+        inst = CM.predict(backend, s, loss="dpo", reference="in-step")
+        head = CM.predict_precompute(head_backend, s)
+        assert inst.reference == "in-step" and pre.reference == "precomputed"
+        assert inst.fwd_bwd.flops - pre.fwd_bwd.flops == head.fwd.flops
+        assert inst.fwd.ms == pytest.approx(pre.fwd.ms + head.fwd.ms, rel=1e-12)
+        assert inst.bwd.phases == pre.bwd.phases  # no gradient through the reference
+    assert CM.predict("triton", s, loss="dpo", reference="in-step").fwd_bwd.flops == 8.0 * M * H * V
+    with pytest.raises(ValueError, match="takes no reference model"):
+        CM.predict("triton", s, reference="in-step")
+    with pytest.raises(ValueError, match="reference must be one of"):
+        CM.predict("triton", s, loss="dpo", reference="frozen")
+    with pytest.raises(ValueError, match="liger has no precompute pass"):
+        CM.predict("liger", s, loss="dpo", reference="in-step")
+
+
+def test_losses_table_predicts_each_loss_at_the_9b_head(capsys):
+    text = CM.main(["--family", "gemma2-9b", "--tokens", "8192", "--losses-table"])
+    assert capsys.readouterr().out == text
+    assert "predictions, not measurements" in text and "target fraction 0.4 (M=3277)" in text
+    rows = {(r[1], r[2], r[3]): r for r in (line.split("|") for line in text.splitlines()
+                                           if line.startswith("| triton |") or line.startswith("| eager |"))
+            if len(r) > 10}
+    cell = lambda backend, loss, ref, col: rows[(f" {backend} ", f" {loss} ", f" {ref} ")][col].strip()  # noqa: E731
+    for loss in CM.loss_names():
+        ref = "precomputed" if CM.loss_profile(loss).needs_reference else "none"
+        # fwd+bwd ms at logit_metrics="exact" is the same for every loss (the last column)
+        assert cell("triton", loss, ref, 11) == cell("triton", "simpo", "none", 11)
+    # TFLOP: SimPO exact 6MHV + 2(N-M)HV = 27.1; DPO targets 6MHV = 18.0; in-step + 2MHV = 24.1
+    assert cell("triton", "simpo", "none", 8) == "27.1" and cell("triton", "dpo", "precomputed", 8) == "18.0"
+    assert cell("triton", "dpo", "in-step", 8) == "24.1" and cell("triton", "rdpo", "in-step", 8) == "24.1"
+    assert cell("triton", "dpo", "precomputed", 5) == "targets" and cell("triton", "cpo", "none", 4) == "yes (1)"
+    pre = next(line for line in text.splitlines() if line.startswith("| triton | reference precompute"))
+    assert pre.split("|")[8].strip() == "6.0"  # 2MHV
+    assert "| eager | dpo | precomputed |" in text
+    # the committed table is this output (regenerate with the command in its header)
+    from pathlib import Path
+
+    committed = Path(__file__).resolve().parent / "results" / "losses_predicted.md"
+    assert committed.read_text() == text == CM.losses_markdown()
+
+
+def test_cli_loss_reference_and_precompute(capsys):
+    dpo = CM.main(["--loss", "dpo", "--summary", "--target-frac", "0.4"])
+    assert "loss 'dpo', reference precomputed; logit_metrics 'targets'" in dpo
+    assert _row(dpo, "| triton |").split("|")[5].strip() == "18.0"
+    inst = CM.main(["--loss", "dpo", "--reference", "in-step", "--summary", "--target-frac", "0.4"])
+    assert "| liger |" not in inst and _row(inst, "| triton |").split("|")[5].strip() == "24.1"
+    pre = CM.main(["--precompute", "--summary", "--target-frac", "0.4"])
+    assert "the reference precompute pass" in pre and "| liger |" not in pre
+    assert _row(pre, "| floor |").split("|")[5].strip() == "15.0"  # 2NHV
+    assert _row(pre, "| triton |").split("|")[5].strip() == "6.0"  # 2MHV
+    assert _row(pre, "| eager |").split("|")[5].strip() == "6.0"  # target rows only, as sequence_logps
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        CM.main(["--loss", "simpo", "--reference", "in-step"])
+    assert "takes no reference model" in capsys.readouterr().err
+
+
+def test_prediction_fields_follow_the_rows_loss():
+    row = {"impl": "triton", "tokens": N, "seq": 2048, "hidden": H, "vocab": V, "softcap": 30.0, "dtype": "bfloat16"}
+    simpo = CM.prediction_fields(row, 0.4)
+    dpo = CM.prediction_fields({**row, "loss": "dpo"}, 0.4)
+    assert dpo["pred_fwd_bwd_ms"] < simpo["pred_fwd_bwd_ms"]  # official "targets": no metric-only rows
+    assert dpo["pred_fwd_bwd_ms"] == CM.predict("triton", gemma(target_frac=0.4), logit_metrics="targets").fwd_bwd.ms
+    pre = CM.prediction_fields({**row, "loss": "precompute"}, 0.4)
+    assert pre["pred_fwd_bwd_ms"] is None and pre["pred_fwd_tflop"] == pytest.approx(2 * 3277 * H * V / 1e12)
+    assert pre["pred_fwd_ms"] == CM.predict_precompute("triton", gemma(target_frac=0.4)).fwd.ms

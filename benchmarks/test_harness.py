@@ -5,6 +5,7 @@ plots end to end, and the end-to-end training step and its batch search run."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -44,7 +45,17 @@ def test_gpu_shapes():
     assert C.FAMILIES["llama3-8b"].softcap is None and C.FAMILIES["llama3-8b"].vocab == 128256
     assert len(C.cases_for(C.GPU_FAMILIES)) == 16  # 5 token counts each, 65536 at gemma2-9b
     assert (C.make_case(C.FAMILIES["gemma2-9b"], 65536).rows, C.cases_for(["gemma2-2b"], [65536])) == (32, [])
-    assert [c.tokens for c in C.cases_for(C.CPU_FAMILIES)] == [256, 256, 64]  # CPU smoke unchanged
+    # CPU smoke: SimPO (cpu-small, -nocap, the interpreter's), DPO (cpu-small-dpo, the interpreter's tiny one)
+    assert [c.tokens for c in C.cases_for(C.CPU_FAMILIES)] == [256, 256, 64, 256, 32]
+    assert [C.FAMILIES[f].loss for f in C.CPU_FAMILIES] == ["simpo"] * 3 + ["dpo"] * 2
+    dpo = C.make_case(C.FAMILIES["gemma2-9b-uf-dpo"], 8192)
+    assert (dpo.hidden, dpo.vocab, dpo.softcap, dpo.layout, dpo.loss, dpo.beta) == (3584, 256000, 30.0, "ultrafeedback",
+                                                                                 "dpo", 0.01)
+    assert dpo.needs_reference and not C.make_case(C.FAMILIES["gemma2-9b-uf"], 8192).needs_reference
+    with pytest.raises(ValueError, match="no precomputed reference"):
+        C.Family("x", 8, 16, None, "float32", (8,), 4, loss="dpo")  # every impl, Liger's DPO included
+    with pytest.raises(ValueError, match="unknown loss"):
+        C.Family("x", 8, 16, None, "float32", (8,), 4, impls=("eager",), loss="kto")
 
 
 def _wrong(scale_grad):
@@ -87,7 +98,7 @@ def test_runner_records_impl_errors(small_ctx, monkeypatch):
     def broken(h, w, lab):
         raise RuntimeError("triton compile failed")
 
-    monkeypatch.setattr(C, "build_impl", lambda name, case, dev: C.Impl(name, broken, 30.0))
+    monkeypatch.setattr(C, "build_impl", lambda name, case, dev, ref_logps=None: C.Impl(name, broken, 30.0))
     row = M.run_impl("triton", small_ctx)
     assert row["status"].startswith("error:RuntimeError: triton compile failed")
     with pytest.raises(RuntimeError):
@@ -181,6 +192,14 @@ def test_float32_reference_matches_float64(small_ctx):
         assert ref32["kind"] == f"float32-{backend}"
         for k in ("loss", "logps", "dh", "dw"):
             assert M.rel_err(ref32[k], ref64[k]) < 1e-5, (backend, k)
+    # DPO: preference_loss on float32 copies against the float64 DPO reference
+    ctx = M.CaseContext(C.make_case(C.FAMILIES["cpu-small-dpo"], 256), CPU)
+    ref64 = ctx.reference(30.0)
+    for backend in ("eager", "torch"):
+        ref32 = M._float32_reference(backend, ctx.case, ctx.hidden, ctx.weight, ctx.labels, 30.0, ctx.ref_logps)
+        for k in ("loss", "logps", "dh", "dw"):
+            assert M.rel_err(ref32[k], ref64[k]) < 1e-5, ("dpo", backend, k)
+    ctx.close()
 
 
 def test_rel_err_chunked_and_nonfinite():
@@ -205,6 +224,111 @@ def test_peers_wired_like_the_official_objective(small_ctx):
             if name == "liger" and ctx.case.softcap is not None:
                 assert impl.softcap is None and "softcap_unsupported" in impl.notes
         ctx.close()
+
+
+def _full_logits_dpo(hidden, weight, labels, softcap, ref_chosen, ref_rejected, beta):
+    """DPO in float64 from the full ``[2B, T, V]`` logits, written from the formula in the test (the
+    shift, the softcap, ``log_softmax``, per-row sums, ``-logsigmoid(beta * d)``): loss, sums, dH, dW."""
+    h = hidden.detach().double().requires_grad_(True)
+    w = weight.detach().double().requires_grad_(True)
+    z = h @ w.t()
+    z = softcap * torch.tanh(z / softcap)
+    logp = z[:, :-1].log_softmax(-1)
+    y = labels[:, 1:]
+    mask = y != C.IGNORE_INDEX
+    tok = logp.gather(-1, y.clamp_min(0)[..., None]).squeeze(-1) * mask
+    sums = tok.sum(-1)
+    B = sums.shape[0] // 2
+    d = (sums[:B] - ref_chosen.double()) - (sums[B:] - ref_rejected.double())
+    loss = torch.nn.functional.softplus(-beta * d).mean()  # -logsigmoid(x) = softplus(-x)
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    return loss.detach(), sums.detach(), mask.sum(-1), dh, dw
+
+
+def test_float64_dpo_reference_matches_the_full_logits_formula():
+    """The chunked float64 DPO reference (and the per-row sums the precompute rows are checked
+    against) equals DPO written from the full float64 logits; the reference values make a
+    non-trivial, unsaturated loss."""
+    ctx = M.CaseContext(C.make_case(C.FAMILIES["cpu-small-dpo"], 256), CPU)
+    case = ctx.case
+    rc, rr = ctx.ref_logps
+    B = case.rows // 2
+    assert rc.shape == rr.shape == (B,) and rc.dtype == rr.dtype == torch.float32
+    loss, sums, counts, dh, dw = _full_logits_dpo(ctx.hidden, ctx.weight, ctx.labels, 30.0, rc, rr, case.beta)
+    ref = ctx.reference(30.0)
+    assert ref["kind"] == "float64"
+    assert M.rel_err(ref["loss"].reshape(1), loss.reshape(1)) < 1e-12
+    assert M.rel_err(ref["logps"], sums) < 1e-12  # DPO's log-probs are the per-row sums
+    assert M.rel_err(ref["dh"], dh) < 1e-10 and M.rel_err(ref["dw"], dw) < 1e-10
+    s64, n64 = ctx.float64_sums(30.0)
+    assert M.rel_err(s64, sums) < 1e-12 and torch.equal(n64.long(), counts)
+    # the reference values: the sums moved by N(0, 1)/beta, so beta * d is O(1) for every pair
+    u = case.beta * ((sums[:B] - rc.double()) - (sums[B:] - rr.double()))
+    assert 0.05 < u.abs().max() < 10 and u.abs().min() > 0
+    assert abs(loss.item() - math.log(2)) > 1e-3 and 0.1 < loss.item() < 3
+    # made once per case, the same for the same seed
+    again = M.CaseContext(case, CPU)
+    assert torch.equal(again.ref_logps[0], rc) and torch.equal(again.ref_logps[1], rr)
+    again.close()
+    # the no-softcap reference (for the peers without one) uses the same reference values
+    ref_nc = ctx.reference(None)
+    _, sums_nc, _, dh_nc, _ = _full_logits_dpo(ctx.hidden, ctx.weight, ctx.labels, 1e30, rc, rr, case.beta)
+    assert M.rel_err(ref_nc["logps"], sums_nc) < 1e-10 and M.rel_err(ref_nc["dh"], dh_nc) < 1e-8
+    ctx.close()
+    with pytest.raises(ValueError, match="needs ref_logps"):
+        C.build_impl("cce", case, CPU)
+    with pytest.raises(ValueError, match="takes no reference"):
+        C.build_impl("cce", C.make_case(C.FAMILIES["cpu-small"], 256), CPU, ref_logps=(rc, rr))
+
+
+def test_dpo_peers_check_out_against_float64():
+    """CCE (its torch fallback here) and PyTorch's linear_cross_entropy (no softcap) with the DPO head
+    on the precomputed reference agree with the float64 DPO reference."""
+    ctx = M.CaseContext(C.make_case(C.FAMILIES["cpu-small-dpo"], 256), CPU)
+    checked = 0
+    for name in ("cce", "cce-nofilter", "torch-lce"):
+        try:
+            impl = C.build_impl(name, ctx.case, CPU, ref_logps=ctx.ref_logps)
+        except C.Unavailable:
+            continue
+        res = M.check(impl, ctx)
+        assert res["ok"] and res["reference"] == "float64", (name, res)
+        checked += 1
+    assert checked >= 2  # CCE is installed wherever the benchmarks run
+    # the check can fail: other reference values (one chosen sum moved by 1/beta) change loss and gradients
+    rc, rr = ctx.ref_logps
+    moved = rc.clone()
+    moved[0] += 1.0 / ctx.case.beta
+    res = M.check(C.build_impl("cce-nofilter", ctx.case, CPU, ref_logps=(moved, rr)), ctx)
+    assert not res["ok"] and "loss" in res["detail"] and "dhidden" in res["detail"], res
+    ctx.close()
+
+
+def test_precompute_check_catches_wrong_sums_and_counts():
+    """The precompute rows' check: float32 sums within the dtype's tolerance of float64 and exact
+    counts pass; sums off by 2%, a count off by one, or float64 output for bf16 inputs fail."""
+    ctx = M.CaseContext(C.make_case(C.FAMILIES["cpu-small"], 256), CPU)
+    s64, n64 = ctx.float64_sums(30.0)
+
+    def impl(scale=1.0, dn=0, dtype=torch.float32):
+        def fn(h, w, lab):
+            n = n64.long().clone()
+            n[0] += dn
+            return (s64 * scale).to(dtype), n
+        return C.Impl("x", fn, 30.0)
+
+    assert M.check_precompute(impl(), ctx)["ok"]
+    assert M.check_precompute(impl(1.0 + 1e-3), ctx)["ok"]  # bf16 tolerance 1e-2
+    bad = M.check_precompute(impl(1.02), ctx)
+    assert not bad["ok"] and "sums" in bad["detail"] and abs(bad["errors"]["sums"] - 0.02) < 1e-6
+    bad = M.check_precompute(impl(dn=1), ctx)
+    assert not bad["ok"] and bad["errors"]["counts"] == 1 and "counts differ in 1 rows" in bad["detail"]
+    assert "dtypes" in M.check_precompute(impl(dtype=torch.float64), ctx)["detail"]
+    row = M.measure_precompute(impl(1.02), ctx)
+    assert row["status"].startswith("mismatch:") and row["fwd_ms"] is None  # never timed
+    row = M.measure_precompute(impl(), ctx, target_s=0.0, min_reps=1, max_reps=1)
+    assert row["status"] == "ok" and row["fwd_ms"] > 0 and row["errors"]["counts"] == 0
+    ctx.close()
 
 
 def test_runner_end_to_end(tmp_path):

@@ -65,6 +65,15 @@ HEAD_IMPLS = ("triton", "triton-pairs", "triton-vocab", "triton-fused", "eager",
 #: At N=32768 and 65536 the question is memory: our schedules and the peers' exact paths (eager
 #: cannot fit its full logits there: skipped by prediction, stated in its row).
 MEMORY_IMPLS = ("triton-pairs", "triton-vocab", "triton-fused", "cce-nofilter", "liger", "torch-lce", "eager")
+#: DPO (precomputed reference) at the 9B head: ours as ``auto`` picks it, the official logits path,
+#: and the per-token peers with a DPO head (CCE exact; PyTorch's, no softcap). Each schedule and
+#: CCE's filtered default are measured on SimPO already: the cost model says every paired loss
+#: costs the same, and these rows are there to check it, so they stay few.
+DPO_IMPLS = ("triton", "eager", "cce-nofilter", "torch-lce")
+#: The reference precompute pass (``sequence_logps``, forward only) beside the DPO rows, on the
+#: same inputs: ours, the full-logits way (``model(...).logits``, what TRL's precompute does), CCE's
+#: forward summed per row.
+PRECOMPUTE_IMPLS = ("triton", "eager", "cce")
 
 #: Per schedule: candidate groups; each group is tuned on ``metric`` given the winners before it.
 SWEEP = {
@@ -93,6 +102,7 @@ class Settings:
     gemms: tuple                      # (name, M, N, K, out dtype: "same" | "float32")
     exact_cases: tuple                # (family, tokens): small first, then the target head
     head_cases: tuple                 # (family, tokens) with the impls of each
+    dpo_cases: tuple                  # (family, tokens) of -dpo families: DPO rows, then precompute rows
     memory_cases: tuple
     timing: dict                      # benchmarks.measure.time_fn repetitions
     memory_timing: dict
@@ -101,6 +111,8 @@ class Settings:
     sweep: dict
     pytest_timeout_s: float
     head_impls: tuple = HEAD_IMPLS
+    dpo_impls: tuple = DPO_IMPLS
+    precompute_impls: tuple = PRECOMPUTE_IMPLS
     memory_impls: tuple = MEMORY_IMPLS
     exact_impls: tuple = field(default=tuple(n for n, *_ in EXACT_IMPLS))
 
@@ -113,6 +125,7 @@ def settings(dry_run: bool) -> Settings:
                    ("logits-f32out", 64, 300, 40, "float32")),
             exact_cases=(("cpu-interp-tiny", 32), ("cpu-interp", 64)),
             head_cases=(("cpu-small-full", 256), ("cpu-small-uf", 256), ("cpu-interp-tiny", 32)),
+            dpo_cases=(("cpu-small-dpo", 256), ("cpu-interp-tiny-dpo", 32)),
             memory_cases=(("cpu-small", 256),),
             timing={"target_s": 0.0, "min_reps": 1, "max_reps": 1},
             memory_timing={"target_s": 0.0, "min_reps": 1, "max_reps": 1},
@@ -127,6 +140,7 @@ def settings(dry_run: bool) -> Settings:
                ("logits-f32out", N, V, H, "float32"), ("dH", N, H, V, "same"), ("dW", V, H, N, "same")),
         exact_cases=(("cpu-small", 256), ("gemma2-9b", N)),
         head_cases=(("gemma2-9b-full", N), ("gemma2-9b-uf", N)),
+        dpo_cases=(("gemma2-9b-uf-dpo", N),),
         memory_cases=(("gemma2-9b", 32768), ("gemma2-9b", 65536)),
         timing={"target_s": 0.3, "min_reps": 3, "max_reps": 20},
         memory_timing={"target_s": 0.0, "min_reps": 1, "max_reps": 1},
@@ -176,6 +190,10 @@ def calibrate(result: dict, path: Path = FIXED_COSTS) -> dict[str, Any]:
                 fixed[key][impl] = round(r["check_s"], 2)
                 measured.append(f"{key}.{impl}")
             seen.add(impl)
+        elif kind == "precompute" and impl and r.get("check_s") is not None and f"precompute-{impl}" not in seen:
+            fixed["first_call_s"][f"precompute-{impl}"] = round(r["check_s"], 2)
+            measured.append(f"first_call_s.precompute-{impl}")
+            seen.add(f"precompute-{impl}")
         elif kind == "pytest":
             fixed["pytest_cuda_s"] = round(r["wall_s"], 1)
             measured.append("pytest_cuda_s")
@@ -210,15 +228,17 @@ def gemm_seconds(m: int, n: int, k: int, tflops: float = 700.0) -> float:
 
 
 def reference_seconds(case: C.Case, target_frac: float, fixed: dict) -> float:
-    """The float64 reference on the GPU: ~8 N H V float64 FLOPs on the target rows, plus set-up."""
+    """The float64 reference on the GPU: ~8 N H V float64 FLOPs on the target rows, plus set-up (a
+    case with a reference, DPO, makes its reference values from the first 2 N H V of them, the sums
+    pass the reference then reuses)."""
     return fixed["reference_fixed_s"] + 8.0 * target_frac * case.tokens * case.hidden * case.vocab / (
         FP64_TFLOPS * 1e12)
 
 
 def predicted_ms(case: C.Case, target_frac: float, name: str, rate: Optional[float] = None,
-                 kernel_options: Optional[dict] = None) -> Optional[float]:
-    """The cost model's fwd+bwd milliseconds of impl or schedule ``name`` at ``case`` (None if it
-    has no model)."""
+                 kernel_options: Optional[dict] = None, precompute: bool = False) -> Optional[float]:
+    """The cost model's fwd+bwd milliseconds of impl or schedule ``name`` at ``case``, at the case's
+    loss (``precompute``: the precompute pass's forward milliseconds); None if it has no model."""
     impl = MODEL_IMPL.get(name, C.cost_backend(name))
     if impl not in CM.BACKENDS:
         return None
@@ -232,9 +252,10 @@ def predicted_ms(case: C.Case, target_frac: float, name: str, rate: Optional[flo
             known = {k: v for k, v in kernel_options.items() if hasattr(KernelConfig(), k)}
             kernel_config = replace(KernelConfig(), **known)
         row = {"impl": impl, "family": case.family, "tokens": case.tokens, "rows": case.rows, "seq": case.seq,
-               "hidden": case.hidden, "vocab": case.vocab, "softcap": case.softcap, "dtype": case.dtype}
-        return CM.prediction_fields(row, target_frac, matmul_tflops=rate,
-                                    kernel_config=kernel_config)["pred_fwd_bwd_ms"]
+               "hidden": case.hidden, "vocab": case.vocab, "softcap": case.softcap, "dtype": case.dtype,
+               "loss": "precompute" if precompute else case.loss}
+        pred = CM.prediction_fields(row, target_frac, matmul_tflops=rate, kernel_config=kernel_config)
+        return pred["pred_fwd_ms" if precompute else "pred_fwd_bwd_ms"]
     except Exception:  # noqa: BLE001 - a prediction never costs a measurement
         return None
 
@@ -280,6 +301,18 @@ def impl_seconds(case: C.Case, impl: str, target_frac: float, rate: Optional[flo
     if impl in NO_SOFTCAP_IMPLS and case.softcap is not None and ("nocap-ref", case.id) not in seen:
         extra_ref = reference_seconds(case, target_frac, fixed)
     return over + calls_seconds(case, predicted_ms(case, target_frac, impl, rate), timing) + extra_ref
+
+
+def precompute_seconds(case: C.Case, impl: str, target_frac: float, rate: Optional[float], seen: set, fixed: dict,
+                       timing: Optional[dict]) -> float:
+    """One precompute row: its first call's fixed cost (``first_call_s["precompute-<impl>"]``), the
+    check's call, then (``timing``) a warm-up, the repetitions and a memory call, each a forward at
+    the cost model's ms x :data:`SAFETY` (the comparison is of ``[2B]`` sums: nothing)."""
+    key = f"precompute-{impl}"
+    over = fixed["first_call_s"].get(key, 5.0) if key not in seen else fixed["later_call_s"]
+    ms = (predicted_ms(case, target_frac, impl, rate, precompute=True) or 0.0) * SAFETY
+    calls = 1 + ((3 + _reps(ms, timing)) * 1.35 if timing else 0)
+    return over + calls * ms / 1e3
 
 
 def predicted_oom(impl: str, case: C.Case, free_bytes: Optional[float]) -> Optional[str]:
@@ -328,7 +361,7 @@ def predict_plan(s: Optional[Settings] = None, fixed: Optional[dict] = None, rat
     steps += [("env", f"gemm {name} {m}x{n}x{k}", gemm_seconds(m, n, k)) for name, m, n, k, _ in s.gemms]
     seen: set = set()
 
-    def case_steps(group: str, cases, impls, timing) -> None:
+    def case_steps(group: str, cases, impls, timing, precompute=()) -> None:
         for family, tokens in cases:
             case = case_of(family, tokens)
             frac = target_frac(case)
@@ -340,6 +373,10 @@ def predict_plan(s: Optional[Settings] = None, fixed: Optional[dict] = None, rat
                 mark_seen(seen, impl, case)
                 if impl in NO_SOFTCAP_IMPLS:
                     seen.add(("nocap-ref", case.id))
+            for impl in impls_at(family, precompute):
+                steps.append((group, f"{case.id} precompute {impl}",
+                              precompute_seconds(case, impl, frac, rate, seen, fixed, timing)))
+                seen.add(f"precompute-{impl}")
 
     for family, tokens in s.exact_cases:  # the exactness step checks every EXACT_IMPLS name
         case = case_of(family, tokens)
@@ -353,6 +390,7 @@ def predict_plan(s: Optional[Settings] = None, fixed: Optional[dict] = None, rat
     steps.append(("exact", "pytest tests/test_triton_cuda.py (beside the checks)",
                   max(0.0, fixed["pytest_cuda_s"] - exact_s)))
     case_steps("head", s.head_cases, s.head_impls, s.timing)
+    case_steps("head", s.dpo_cases, s.dpo_impls, s.timing, s.precompute_impls)
     case_steps("memory", s.memory_cases, s.memory_impls, s.memory_timing)
     from .. import e2e as E
 

@@ -12,7 +12,11 @@
             targets): each exact schedule, eager, Liger, CCE with and without gradient filtering,
             PyTorch's ``F.linear_cross_entropy`` (torch >= 2.13): checked, then CUDA-event medians of
             forward and forward+backward, peak extra memory, the cost model's prediction and the
-            6NHV floor at the rate measured in ``env``.
+            6NHV floor at the rate measured in ``env``. Then DPO (beta 0.01, precomputed reference
+            values as fixed ``[B]`` tensors) on the UltraFeedback-like batch (:data:`~.plan.DPO_IMPLS`),
+            and on the same inputs the reference precompute pass (``sequence_logps``, forward only:
+            rows of kind ``precompute``, :data:`~.plan.PRECOMPUTE_IMPLS`), checked against the float64
+            per-row sums and exact counts.
 ``memory``  the 9B head at N=32768 and 65536: the same, one repetition (memory is the question).
 ``train``   one training step of a Gemma-2-2B-shaped model, the official logits path (``eager``)
             against ours (``triton``): step time, tokens/s, peak memory (no batch search).
@@ -124,7 +128,7 @@ def inputs_step(cp: Campaign, case: C.Case, group: str) -> Optional[M.CaseContex
         ctx = M.CaseContext(case, cp.device, seed=cp.seed, reference="float64")
         holder["ctx"] = ctx
         t0 = time.perf_counter()
-        ref = ctx.reference(case.softcap)
+        ref = ctx.reference(case.softcap)  # a -dpo case made its reference values in CaseContext
         M.sync(cp.device)
         row.update(reference=ref["kind"], reference_s=round(time.perf_counter() - t0, 3), loss=float(ref["loss"]))
         if cp.rate:
@@ -135,7 +139,7 @@ def inputs_step(cp: Campaign, case: C.Case, group: str) -> Optional[M.CaseContex
     row = cp.call.run_step("reference", inputs, predicted_s=cp.guard(1.0 + P.reference_seconds(case, frac, cp.fixed)),
                            group=group, case=case.id, family=case.family, tokens=case.tokens, hidden=case.hidden,
                            vocab=case.vocab, softcap=case.softcap, dtype=case.dtype, layout=case.layout,
-                           target_frac=round(frac, 4))
+                           objective=case.loss, target_frac=round(frac, 4))  # "loss": the reference's value
     ctx = holder.get("ctx")
     if row["status"] != "ok" and ctx is not None:
         ctx.close()
@@ -150,7 +154,7 @@ def measure_impl(cp: Campaign, row: Step, impl_name: str, ctx: M.CaseContext, ti
     case = ctx.case
     if impl is None:
         try:
-            impl = C.build_impl(impl_name, case, cp.device)
+            impl = C.build_impl(impl_name, case, cp.device, ref_logps=ctx.ref_logps)
         except C.Unavailable as exc:
             row.skip(str(exc))
     reason = P.predicted_oom(impl_name, case, cp.free_bytes())
@@ -181,9 +185,10 @@ def measure_impl(cp: Campaign, row: Step, impl_name: str, ctx: M.CaseContext, ti
         row["x_floor"] = row["fwd_bwd_ms"] / floor
 
 
-def run_cases(cp: Campaign, group: str, cases, impls, timing: dict) -> None:
+def run_cases(cp: Campaign, group: str, cases, impls, timing: dict, precompute=()) -> None:
     """Per case an inputs/reference row, then one ``case`` row per impl (the runner's schema, so
-    :mod:`benchmarks.report` renders them)."""
+    :mod:`benchmarks.report` renders them), then one ``precompute`` row per impl of ``precompute``
+    (:func:`precompute_row`) on the same inputs."""
     from ..__main__ import prediction
 
     for family, tokens in cases:
@@ -196,7 +201,7 @@ def run_cases(cp: Campaign, group: str, cases, impls, timing: dict) -> None:
                 fields = dict(group=group, case=case.id, impl=impl, family=case.family, tokens=case.tokens,
                               rows=case.rows, seq=case.seq, hidden=case.hidden, vocab=case.vocab, dtype=case.dtype,
                               softcap=None if impl in P.NO_SOFTCAP_IMPLS else case.softcap, layout=case.layout,
-                              target_frac=round(frac, 4))
+                              loss=case.loss, target_frac=round(frac, 4))
                 fields.update(prediction(fields, labels, cp.rate))  # pred_fwd_ms, pred_fwd_bwd_ms, ...
                 secs = P.impl_seconds(case, impl, frac, cp.rate, cp.seen, cp.fixed, timing)
 
@@ -207,9 +212,58 @@ def run_cases(cp: Campaign, group: str, cases, impls, timing: dict) -> None:
 
                 row = cp.call.run_step("case", fn, predicted_s=cp.guard(secs), **fields)
                 print(progress(row), flush=True)
+            for impl in P.impls_at(family, precompute):
+                precompute_row(cp, group, case, ctx, impl, labels, frac, timing)
         finally:
             if ctx is not None:
                 ctx.close()
+
+
+def precompute_row(cp: Campaign, group: str, case: C.Case, ctx: Optional[M.CaseContext], impl_name: str, labels,
+                   frac: float, timing: dict) -> None:
+    """The reference precompute pass ``impl_name`` (``sequence_logps``; CCE's forward) at ``case``:
+    checked against the float64 per-row sums and the exact counts (``check_s``: the first call),
+    then the median no-grad forward (``fwd_ms``), its peak extra memory (``fwd_peak_mem_mib``), the
+    cost model's ``pred_fwd_ms`` (2MHV, forward only) and ``x_floor`` against 2NHV at the measured rate."""
+    from ..__main__ import prediction
+
+    fields = dict(group=group, case=case.id, impl=impl_name, family=case.family, tokens=case.tokens, rows=case.rows,
+                  seq=case.seq, hidden=case.hidden, vocab=case.vocab, dtype=case.dtype, softcap=case.softcap,
+                  layout=case.layout, target_frac=round(frac, 4))
+    pred = prediction({**fields, "loss": "precompute"}, labels, cp.rate)
+    fields.update({k: v for k, v in pred.items() if k != "pred_fwd_bwd_ms"})
+    secs = P.precompute_seconds(case, impl_name, frac, cp.rate, cp.seen, cp.fixed, timing)
+
+    def fn(row):
+        if ctx is None:
+            row.skip("no inputs/reference")
+        try:
+            impl = C.build_precompute(impl_name, case, cp.device)
+        except C.Unavailable as exc:
+            row.skip(str(exc))
+        row["notes"] = list(impl.notes)
+        cp.seen.add(f"precompute-{impl_name}")
+        t0 = time.perf_counter()
+        res = M.check_precompute(impl, ctx)
+        M.sync(cp.device)
+        row["check_s"] = round(time.perf_counter() - t0, 3)
+        row.update(errors=res["errors"], reference=res["reference"], passed=res["ok"])
+        if not res["ok"]:
+            row["status"] = f"mismatch:{res['detail']}"[:300]
+            return
+        measured = M.measure_precompute(impl, ctx, check_first=False, **timing)
+        for k in ("errors", "reference"):
+            measured.pop(k, None)
+        row.update(measured)
+        if cp.rate and row.get("fwd_ms"):
+            row["floor_fwd_ms"] = case.flops_fwd() / (cp.rate * 1e12) * 1e3  # 2NHV
+            row["x_floor"] = row["fwd_ms"] / row["floor_fwd_ms"]
+
+    row = cp.call.run_step("precompute", fn, predicted_s=cp.guard(secs), **fields)
+    print(f"{case.id:>24} precompute {impl_name:>6}: {row['status'][:60]:<12} fwd {fmt(row.get('fwd_ms'))} ms "
+          f"(pred {fmt(row.get('pred_fwd_ms'))}) peak {fmt(row.get('fwd_peak_mem_mib'), '.0f')} MiB "
+          f"errors {row.get('errors')}  [{row.get('wall_s', 0):.1f} s, predicted {fmt(row.get('predicted_s'))} s]",
+          flush=True)
 
 
 def progress(row: dict) -> str:
@@ -459,6 +513,7 @@ def run(call: Call, s: P.Settings, groups, seed: int = 0) -> str:
         run_exact(cp)
     if "head" in groups:
         run_cases(cp, "head", s.head_cases, s.head_impls, s.timing)
+        run_cases(cp, "head", s.dpo_cases, s.dpo_impls, s.timing, s.precompute_impls)
     if "memory" in groups:
         run_cases(cp, "memory", s.memory_cases, s.memory_impls, s.memory_timing)
     if "train" in groups:
@@ -505,6 +560,13 @@ def summary(call: Call) -> str:
               "pred_ms": r.get("pred_fwd_bwd_ms"), "peak_MiB": r.get("peak_mem_mib"), "status": r["status"][:40]}
              for r in call.rows("case")]
     parts.append(table(cases, ["case", "impl", "fwd_bwd_ms", "x_floor", "pred_ms", "peak_MiB", "status"]))
+    pre = [{"case": r["case"], "impl": r["impl"], "fwd_ms": r.get("fwd_ms"), "x_2NHV": r.get("x_floor"),
+            "pred_ms": r.get("pred_fwd_ms"), "peak_MiB": r.get("fwd_peak_mem_mib"),
+            "sums_err": (r.get("errors") or {}).get("sums"), "status": r["status"][:40]}
+           for r in call.rows("precompute")]
+    if pre:
+        parts.append("reference precompute pass (sequence_logps, forward only):\n"
+                     + table(pre, ["case", "impl", "fwd_ms", "x_2NHV", "pred_ms", "peak_MiB", "sums_err", "status"]))
     parts.append(table(call.rows("train"), ["path", "step_ms", "tokens_per_s", "peak_mem_mib", "loss", "status"]))
     tuned = call.result.get("tuned")
     if tuned:
