@@ -129,10 +129,16 @@ def _simpo_forward(self, input_ids=None, attention_mask=None, labels=None, *, si
     if opts["loss"] == "simpo":  # exactly the call of the SimPO-only trainer: same numbers
         out = simpo_loss(hidden, weight, labels, **opts["options"], **common)
     else:
+        extra = {}
+        if opts["loss"] == "orpo":  # TRL's ORPO NLL: prompt and response (input ids under the mask)
+            B = input_ids.shape[0] // 2
+            ids = input_ids[:B]
+            extra["nll_labels"] = ids if attention_mask is None else \
+                ids.masked_fill(attention_mask[:B] == 0, opts["ignore_index"])
         out = preference_loss(hidden, weight, labels, loss=opts["loss"],
                               ref_chosen_logps=None if reference is None else reference.chosen,
                               ref_rejected_logps=None if reference is None else reference.rejected,
-                              **opts["options"], **common)
+                              **extra, **opts["options"], **common)
     return SimPOModelOutput(
         loss=out.loss,
         chosen_logps=out.chosen_logps.detach(),

@@ -404,3 +404,39 @@ def test_ref_model_name_or_path_is_the_reference_of_the_precomputed_columns(tmp_
     want_c, want_r = _row_sums_from_logits(b.double(), ds)
     torch.testing.assert_close(cache["splits"]["train"]["chosen"], want_c, rtol=0, atol=1e-4)
     torch.testing.assert_close(cache["splits"]["train"]["rejected"], want_r, rtol=0, atol=1e-4)
+
+
+def test_orpo_step_nll_covers_prompt_and_response_as_trl(tiny64, tmp_path):
+    """``--loss orpo``: the trainer's NLL is TRL's ORPOTrainer's, the token-mean cross-entropy of the
+    chosen rows' input ids under the attention mask (prompt and response), and the odds-ratio term
+    uses the response means; checked against the ordinary forward's float64 logits of the batch."""
+    import torch.nn.functional as F
+
+    raw, tok, model = tiny64
+    args = _args(tmp_path, loss="orpo", beta=0.3)
+    ds = prepare_dataset(raw.select(range(6)), tok, args)
+    trainer = SimPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=ds, processing_class=tok)
+    batch = trainer._prepare_inputs(trainer.data_collator([ds[i] for i in range(4)]))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    stored = {k: v[-1] for k, v in trainer._stored_metrics["train"].items()}
+
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    B = ids.shape[0] // 2
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.double()
+    nll_labels = ids[:B].masked_fill(mask[:B] == 0, -100)
+    nll = F.cross_entropy(logits[:B, :-1].reshape(-1, logits.shape[-1]), nll_labels[:, 1:].reshape(-1))
+    logp = logits[:, :-1].log_softmax(-1)
+    target = labels[:, 1:]
+    keep = target != -100
+    tok_logp = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1) * keep
+    means = tok_logp.sum(-1) / keep.sum(-1)
+    a_c, a_r = means[:B], means[B:]
+    log_odds = (a_c - a_r) - (torch.log1p(-torch.exp(a_c)) - torch.log1p(-torch.exp(a_r)))
+    want = nll - 0.3 * F.logsigmoid(log_odds).mean()
+    response_only = F.cross_entropy(logits[:B, :-1].reshape(-1, logits.shape[-1]), labels[:B, 1:].reshape(-1))
+    assert abs(nll.item() - response_only.item()) > 1e-3  # the prompt is in (the test can fail)
+    assert abs(loss.item() - want.item()) < 1e-10, (loss.item(), want.item())
+    assert abs(stored["nll_loss"] - nll.item()) < 1e-10
+    assert abs(stored["log_odds_chosen"] - log_odds.mean().item()) < 1e-10
