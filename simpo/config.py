@@ -26,18 +26,19 @@ from typing import Optional
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from simpo_kernels.losses import LOSSES
+
 logger = logging.getLogger("simpo.config")
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = "tiny"
 
-# The losses of simpo_kernels.LOSSES and every loss_type value, as --help lists them (the options
-# of each loss, their defaults and its loss_type values come from the loss class itself).
-LOSS_NAMES = ("simpo", "dpo", "rdpo", "cpo", "orpo", "rrhf", "slic")
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "sigmoid_norm", "simpo")
+# The losses, every loss_type value and every loss option, as --help lists them: read off the
+# library's loss classes (simpo_kernels.losses.LOSSES), the one source of truth.
+LOSS_NAMES = tuple(LOSSES)
+LOSS_TYPES = tuple(dict.fromkeys(t for cls in LOSSES.values() for t in cls.loss_types))
 # every loss option simpo-train has a field for (each belongs to one or more losses)
-LOSS_OPTION_FIELDS = ("beta", "gamma_beta_ratio", "label_smoothing", "loss_type", "sft_weight",
-                      "rpo_alpha", "alpha", "simpo_gamma", "cpo_alpha", "delta", "nll_weight")
+LOSS_OPTION_FIELDS = tuple(dict.fromkeys(k for cls in LOSSES.values() for k in cls.defaults))
 
 
 class UserError(Exception):
@@ -411,8 +412,6 @@ def _check(ok: bool, key: str, value, accepted: str) -> None:
 
 
 def _loss_class(name: str):
-    from simpo_kernels import LOSSES
-
     return LOSSES[name]
 
 
