@@ -175,56 +175,18 @@ def float64_reference(hidden, weight, labels, softcap, *, beta: float = C.BETA,
             "dh": out["dhidden"], "dw": out["dweight"]}
 
 
-def _float64_targets(hidden, weight, labels, softcap, g_rows=None):
-    """One float64 pass over the target positions of ``hidden [R,T,H]``, ``weight [V,H]``,
-    ``labels [R,T]`` (position t predicts ``labels[t+1]``; softcap ``s * tanh(z / s)``), chunked as
-    :func:`float64_reference`, on the inputs' device; written here from DESIGN section 1, sharing
-    no code with ``simpo_kernels``.
+def _float64_row_sums(hidden, weight, labels, softcap):
+    """Per-row ``(sums [R], counts [R])`` float64 of the target log-probabilities, chunked as
+    :func:`float64_reference` (pass 1 of ``tests/reference.py``'s chunked reference)."""
+    from tests.reference import reference_row_sums_chunked
 
-    ``g_rows`` None: returns per-row ``(sums [R], counts [R])`` of the target log-probabilities
-    (float64, no gradient). ``g_rows [R]``: returns ``(dhidden [R,T,H], dweight [V,H])``, the
-    gradients of ``sum_t g_rows[row(t)] * logp_t`` (float64)."""
-    R, T, H = hidden.shape
-    dev = hidden.device
-    h64 = hidden.detach().reshape(R * T, H).to(torch.float64)
-    w64 = weight.detach().to(torch.float64)
-    tgt = torch.full((R, T), C.IGNORE_INDEX, dtype=torch.long, device=dev)
-    tgt[:, :-1] = labels[:, 1:]
-    tgt = tgt.reshape(-1)
-    idx = (tgt != C.IGNORE_INDEX).nonzero().squeeze(1)
-    row_of = idx // T
-    chunk = max(1, REFERENCE_CHUNK_ELEMENTS // weight.shape[0])
-
-    def logps(h, w, y):
-        z = h @ w.t()
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        return z.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
-
-    if g_rows is None:
-        sums = torch.zeros(R, dtype=torch.float64, device=dev)
-        with torch.no_grad():
-            for s in range(0, idx.numel(), chunk):
-                i = idx[s:s + chunk]
-                sums.index_add_(0, row_of[s:s + chunk], logps(h64[i], w64, tgt[i]))
-        counts = torch.zeros(R, dtype=torch.float64, device=dev).index_add_(
-            0, row_of, torch.ones_like(row_of, dtype=torch.float64))
-        return sums, counts
-    g_rows = g_rows.detach().to(device=dev, dtype=torch.float64)
-    w64.requires_grad_(True)
-    dh = torch.zeros_like(h64)
-    for s in range(0, idx.numel(), chunk):
-        i = idx[s:s + chunk]
-        h = h64[i].requires_grad_(True)
-        (logps(h, w64, tgt[i]) * g_rows[row_of[s:s + chunk]]).sum().backward()
-        dh.index_copy_(0, i, h.grad)
-    dw = w64.grad if w64.grad is not None else torch.zeros_like(w64)
-    return dh.view(R, T, H), dw.detach()
+    return reference_row_sums_chunked(hidden, weight, labels, softcap=softcap, ignore_index=C.IGNORE_INDEX,
+                                      chunk_tokens=max(1, REFERENCE_CHUNK_ELEMENTS // weight.shape[0]))
 
 
 def make_ref_logps(case: C.Case, sums: torch.Tensor, seed: int = 0) -> tuple:
     """The fixed reference values of a ``-dpo`` case: the float64 per-row sums of its own inputs
-    (``sums [2B]``, :func:`_float64_targets`), each moved by ``N(0, 1) / beta`` (a seeded CPU draw),
+    (``sums [2B]``, :func:`_float64_row_sums`), each moved by ``N(0, 1) / beta`` (a seeded CPU draw),
     as ``(ref_chosen_logps [B], ref_rejected_logps [B])`` float32 on the sums' device. A policy equal
     to its reference would give ``d = 0`` and the loss ``log 2`` exactly; this keeps ``beta * d``
     O(1) (``N(0, 2)``), so the loss and its gradients are neither trivial nor saturated."""
@@ -241,12 +203,16 @@ def float64_reference_dpo(hidden, weight, labels, softcap, ref_logps, beta: floa
     log-probs (SUMS, chosen first), dL/dhidden and dL/dweight: the float64 pass for the sums (or
     ``sums``, that pass's output already made), the head by autograd on them (``dL/dsum`` per row),
     then the weighted float64 pass for the gradients."""
+    from tests.reference import reference_row_grads_chunked
+
     if sums is None:
-        sums, _ = _float64_targets(hidden, weight, labels, softcap)
+        sums, _ = _float64_row_sums(hidden, weight, labels, softcap)
     s = sums.clone().requires_grad_(True)
     loss = C.dpo_loss(s, ref_logps[0].to(s.device, torch.float64), ref_logps[1].to(s.device, torch.float64), beta)
     (g_rows,) = torch.autograd.grad(loss, s)
-    dh, dw = _float64_targets(hidden, weight, labels, softcap, g_rows)
+    dh, dw, _ = reference_row_grads_chunked(hidden, weight, labels, g_rows, softcap=softcap,
+                                            ignore_index=C.IGNORE_INDEX,
+                                            chunk_tokens=max(1, REFERENCE_CHUNK_ELEMENTS // weight.shape[0]))
     return {"kind": "float64", "loss": loss.detach(), "logps": sums, "dh": dh, "dw": dw}
 
 
@@ -310,7 +276,7 @@ class CaseContext:
         """``(sums [2B], counts [2B])`` float64 of the target log-probs at ``softcap`` (cached): what
         the precompute pass (``sequence_logps``) must return."""
         if softcap not in self._sums:
-            self._sums[softcap] = _float64_targets(self.hidden, self.weight, self.labels, softcap)
+            self._sums[softcap] = _float64_row_sums(self.hidden, self.weight, self.labels, softcap)
         return self._sums[softcap]
 
     def reference(self, softcap):

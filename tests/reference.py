@@ -72,6 +72,64 @@ def reference_simpo(hidden, weight, labels, *, bias=None, softcap=None, **option
     return reference_from_logits(reference_logits(hidden, weight, bias, softcap), labels, **options)
 
 
+class _TargetRows:
+    """The target positions of ``hidden [R, T, H]`` / ``labels [R, T]`` in float64, ``chunk_tokens``
+    at a time, for the chunked reference's two passes (the loss depends on no other position)."""
+
+    def __init__(self, hidden, weight, labels, bias, softcap, ignore_index, chunk_tokens):
+        R, T, H = hidden.shape
+        self.shape, self.softcap, self.chunk = (R, T, H), softcap, chunk_tokens
+        self.h64 = hidden.detach().reshape(R * T, H).to(torch.float64)
+        self.w64 = weight.detach().to(torch.float64).requires_grad_(True)
+        self.b64 = None if bias is None else bias.detach().to(torch.float64).requires_grad_(True)
+        tgt = torch.full((R, T), ignore_index, dtype=torch.long, device=hidden.device)
+        tgt[:, :-1] = labels[:, 1:]
+        self.tgt = tgt.reshape(-1)
+        self.idx = (self.tgt != ignore_index).nonzero().squeeze(1)
+        self.row_of = self.idx // T
+
+    def chunks(self):
+        """``(flat positions, their rows)`` per chunk."""
+        for s in range(0, self.idx.numel(), self.chunk):
+            yield self.idx[s:s + self.chunk], self.row_of[s:s + self.chunk]
+
+    def logps(self, h, i):
+        """float64 logits (bias, softcap), ``log_softmax``, the target's log-probability."""
+        z = reference_logits(h, self.w64, self.b64, self.softcap)
+        return z.log_softmax(-1).gather(1, self.tgt[i][:, None]).squeeze(1)
+
+
+def reference_row_sums_chunked(hidden, weight, labels, *, bias=None, softcap=None, ignore_index=-100,
+                               chunk_tokens=1024):
+    """Pass 1 of the chunked reference: per-row ``(sums [R], counts [R])`` float64 of the target
+    log-probabilities, no gradient, no ``[R, T, V]`` tensor."""
+    rows = _TargetRows(hidden, weight, labels, bias, softcap, ignore_index, chunk_tokens)
+    R = rows.shape[0]
+    sums = torch.zeros(R, dtype=torch.float64, device=hidden.device)
+    with torch.no_grad():
+        for i, r in rows.chunks():
+            sums.index_add_(0, r, rows.logps(rows.h64[i], i))
+    counts = torch.zeros(R, dtype=torch.float64, device=hidden.device).index_add_(
+        0, rows.row_of, torch.ones_like(rows.row_of, dtype=torch.float64))
+    return sums, counts
+
+
+def reference_row_grads_chunked(hidden, weight, labels, g_sums, *, bias=None, softcap=None, ignore_index=-100,
+                                chunk_tokens=1024):
+    """Pass 2 of the chunked reference: the float64 gradients of ``sum_r g_sums[r] * sums[r]``
+    (``g_sums = dL/dsum`` per row, from a head applied to pass 1's sums) w.r.t. hidden states,
+    weight and bias: ``(dhidden [R, T, H], dweight [V, H], dbias [V] | None)``."""
+    rows = _TargetRows(hidden, weight, labels, bias, softcap, ignore_index, chunk_tokens)
+    g_sums = g_sums.detach().to(device=hidden.device, dtype=torch.float64)
+    dh = torch.zeros_like(rows.h64)
+    for i, r in rows.chunks():
+        h = rows.h64[i].requires_grad_(True)
+        (rows.logps(h, i) * g_sums[r]).sum().backward()
+        dh.index_copy_(0, i, h.grad)
+    dw = rows.w64.grad if rows.w64.grad is not None else torch.zeros_like(rows.w64)
+    return dh.view(rows.shape), dw.detach(), None if rows.b64 is None else rows.b64.grad
+
+
 def reference_simpo_chunked(hidden, weight, labels, *, bias=None, softcap=None, beta=2.0, gamma_beta_ratio=0.25,
                             label_smoothing=0.0, loss_type="sigmoid", sft_weight=0.0, ignore_index=-100,
                             chunk_tokens=1024):
@@ -82,37 +140,18 @@ def reference_simpo_chunked(hidden, weight, labels, *, bias=None, softcap=None, 
     target positions only (the loss does not depend on the others):
 
     1. no gradient: float64 logits (bias, softcap), ``log_softmax``, the target's log-probability;
-       per-row sums and counts;
+       per-row sums and counts (:func:`reference_row_sums_chunked`);
     2. the head (:func:`_simpo_losses`, the SFT term as the mean negative log-probability of the
        chosen rows' targets) by autograd on the per-row sums gives ``dL/dsum`` per row; then per
        chunk the same logits with autograd, backpropagated with those weights into dH rows and the
-       float64 ``dW`` (and ``dbias``) accumulators.
+       float64 ``dW`` (and ``dbias``) accumulators (:func:`reference_row_grads_chunked`).
 
     Returns a float64 dict: ``loss``, ``losses``, ``chosen_logps``, ``rejected_logps`` (and
     ``sft_loss`` when ``sft_weight > 0``), ``dhidden [2B, T, H]``, ``dweight [V, H]``, ``dbias``.
     """
-    R, T, H = hidden.shape
-    B = R // 2
-    dev = hidden.device
-    h64 = hidden.detach().reshape(R * T, H).to(torch.float64)
-    w64 = weight.detach().to(torch.float64).requires_grad_(True)
-    b64 = None if bias is None else bias.detach().to(torch.float64).requires_grad_(True)
-    tgt = torch.full((R, T), ignore_index, dtype=torch.long, device=dev)
-    tgt[:, :-1] = labels[:, 1:]
-    tgt = tgt.reshape(-1)
-    idx = (tgt != ignore_index).nonzero().squeeze(1)
-    row_of = idx // T
-
-    def target_logps(h, y, w, b):
-        return reference_logits(h, w, b, softcap).log_softmax(-1).gather(1, y[:, None]).squeeze(1)
-
-    sums = torch.zeros(R, dtype=torch.float64, device=dev)
-    with torch.no_grad():
-        for s in range(0, idx.numel(), chunk_tokens):
-            i = idx[s:s + chunk_tokens]
-            sums.index_add_(0, row_of[s:s + chunk_tokens], target_logps(h64[i], tgt[i], w64, b64))
-    counts = torch.zeros(R, dtype=torch.float64, device=dev).index_add_(
-        0, row_of, torch.ones_like(row_of, dtype=torch.float64))
+    B = hidden.shape[0] // 2
+    where = dict(bias=bias, softcap=softcap, ignore_index=ignore_index, chunk_tokens=chunk_tokens)
+    sums, counts = reference_row_sums_chunked(hidden, weight, labels, **where)
     sums.requires_grad_(True)
     logps = sums / counts
     losses = _simpo_losses(logps[:B], logps[B:], beta, gamma_beta_ratio, label_smoothing, loss_type)
@@ -123,16 +162,9 @@ def reference_simpo_chunked(hidden, weight, labels, *, bias=None, softcap=None, 
         loss = sft_weight * sft + loss
         out["sft_loss"] = sft.detach()
     (g_sums,) = torch.autograd.grad(loss, sums)
-    dh = torch.zeros_like(h64)
-    for s in range(0, idx.numel(), chunk_tokens):
-        i = idx[s:s + chunk_tokens]
-        h = h64[i].requires_grad_(True)
-        (target_logps(h, tgt[i], w64, b64) * g_sums[row_of[s:s + chunk_tokens]]).sum().backward()
-        dh.index_copy_(0, i, h.grad)
+    dh, dw, db = reference_row_grads_chunked(hidden, weight, labels, g_sums, **where)
     out.update(loss=loss.detach(), losses=losses.detach(), chosen_logps=logps[:B].detach(),
-               rejected_logps=logps[B:].detach(), dhidden=dh.view(R, T, H),
-               dweight=w64.grad if w64.grad is not None else torch.zeros_like(w64),
-               dbias=None if b64 is None else b64.grad)
+               rejected_logps=logps[B:].detach(), dhidden=dh, dweight=dw, dbias=db)
     return out
 
 
