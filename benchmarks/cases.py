@@ -338,6 +338,16 @@ def dpo_loss(sums: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.T
     return -F.logsigmoid(beta * d).mean()
 
 
+def _check_triton_here(case: Case, device) -> None:
+    """:class:`Unavailable` where the triton backend cannot run ``case`` (no CUDA and not a CPU smoke
+    shape for the interpreter, or the interpreter refused)."""
+    if device.type != "cuda" and not FAMILIES[case.family].cpu:
+        raise Unavailable("triton interpreter only at CPU smoke shapes")
+    reason = triton_unavailable(device)
+    if reason:
+        raise Unavailable(reason)
+
+
 def simpo_kernels_impl(backend: str, case: Case, device, schedule: str = "auto", name: Optional[str] = None,
                        ref_logps: RefLogps = None, **options) -> Impl:
     """``simpo_loss(backend=..., schedule=..., **options)`` at ``case`` (a ``-dpo`` case:
@@ -347,11 +357,7 @@ def simpo_kernels_impl(backend: str, case: Case, device, schedule: str = "auto",
     from simpo_kernels import simpo_loss
 
     if backend == "triton":
-        if device.type != "cuda" and not FAMILIES[case.family].cpu:
-            raise Unavailable("triton interpreter only at CPU smoke shapes")
-        reason = triton_unavailable(device)
-        if reason:
-            raise Unavailable(reason)
+        _check_triton_here(case, device)
     refs = _refs(case, ref_logps)
 
     if case.loss == "simpo":
@@ -511,15 +517,8 @@ def build_precompute(name: str, case: Case, device) -> Impl:
 
         return Impl("cce", cce_fn, case.softcap, notes)
     if name == "triton":
-        if device.type != "cuda" and not FAMILIES[case.family].cpu:
-            raise Unavailable("triton interpreter only at CPU smoke shapes")
-        reason = triton_unavailable(device)
-        if reason:
-            raise Unavailable(reason)
-    try:
-        from simpo_kernels import sequence_logps
-    except ImportError as exc:
-        raise Unavailable(f"simpo_kernels has no sequence_logps ({exc})") from None
+        _check_triton_here(case, device)
+    from simpo_kernels import sequence_logps
 
     def fn(hidden, weight, labels):
         return sequence_logps(hidden, weight, labels, softcap=case.softcap, ignore_index=IGNORE_INDEX,

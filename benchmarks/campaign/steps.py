@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from unittest import mock
 
 import torch
@@ -165,24 +165,34 @@ def measure_impl(cp: Campaign, row: Step, impl_name: str, ctx: M.CaseContext, ti
     P.mark_seen(cp.seen, impl_name, case)
     if impl.softcap != case.softcap:
         cp.seen.add(("nocap-ref", case.id))
+    measure = None if timing is None else (lambda: M.measure(impl, ctx, check_first=False, **timing))
+    if not check_then_measure(cp, row, lambda: M.check(impl, ctx), measure) or timing is None:
+        return
+    floor = case.flops_fwd_bwd() / (cp.rate * 1e12) * 1e3 if cp.rate else None
+    if floor and row.get("fwd_bwd_ms"):
+        row["floor_fwd_bwd_ms"] = floor
+        row["x_floor"] = row["fwd_bwd_ms"] / floor
+
+
+def check_then_measure(cp: Campaign, row: Step, check: Callable[[], dict],
+                       measure: Optional[Callable[[], dict]]) -> bool:
+    """``check()`` against the float64 reference, timed as ``check_s`` (the first call, compilation
+    included); when it passes and ``measure`` is given, ``measure()``'s fields (status ok or oom,
+    times, peak memory; not its own check's). False when the check failed (status ``mismatch``)."""
     t0 = time.perf_counter()
-    res = M.check(impl, ctx)
+    res = check()
     M.sync(cp.device)
     row["check_s"] = round(time.perf_counter() - t0, 3)
     row.update(errors=res["errors"], reference=res["reference"], passed=res["ok"])
     if not res["ok"]:
         row["status"] = f"mismatch:{res['detail']}"[:300]
-        return
-    if timing is None:
-        return
-    measured = M.measure(impl, ctx, check_first=False, **timing)
-    for k in ("errors", "reference"):
-        measured.pop(k, None)
-    row.update(measured)  # status ok or oom, fwd_ms, fwd_bwd_ms, peak_mem_mib, ...
-    floor = case.flops_fwd_bwd() / (cp.rate * 1e12) * 1e3 if cp.rate else None
-    if floor and row.get("fwd_bwd_ms"):
-        row["floor_fwd_bwd_ms"] = floor
-        row["x_floor"] = row["fwd_bwd_ms"] / floor
+        return False
+    if measure is not None:
+        measured = measure()
+        for k in ("errors", "reference"):
+            measured.pop(k, None)
+        row.update(measured)
+    return True
 
 
 def run_cases(cp: Campaign, group: str, cases, impls, timing: dict, precompute=()) -> None:
@@ -243,18 +253,9 @@ def precompute_row(cp: Campaign, group: str, case: C.Case, ctx: Optional[M.CaseC
             row.skip(str(exc))
         row["notes"] = list(impl.notes)
         cp.seen.add(f"precompute-{impl_name}")
-        t0 = time.perf_counter()
-        res = M.check_precompute(impl, ctx)
-        M.sync(cp.device)
-        row["check_s"] = round(time.perf_counter() - t0, 3)
-        row.update(errors=res["errors"], reference=res["reference"], passed=res["ok"])
-        if not res["ok"]:
-            row["status"] = f"mismatch:{res['detail']}"[:300]
+        if not check_then_measure(cp, row, lambda: M.check_precompute(impl, ctx),
+                                  lambda: M.measure_precompute(impl, ctx, check_first=False, **timing)):
             return
-        measured = M.measure_precompute(impl, ctx, check_first=False, **timing)
-        for k in ("errors", "reference"):
-            measured.pop(k, None)
-        row.update(measured)
         if cp.rate and row.get("fwd_ms"):
             row["floor_fwd_ms"] = case.flops_fwd() / (cp.rate * 1e12) * 1e3  # 2NHV
             row["x_floor"] = row["fwd_ms"] / row["floor_fwd_ms"]
