@@ -356,17 +356,7 @@ class SimPOConfig(TrainingArguments):
             self.precompute_ref_log_probs = True
         if self.logit_metrics is None:
             self.logit_metrics = _loss_class(self.loss).official_logit_metrics
-        if self.loss == "simpo":
-            from simpo_kernels.validation import check_options
-
-            try:  # simpo_loss's own checks (hinge + label_smoothing warns, as the official one)
-                check_options(beta=float(self.beta), gamma_beta_ratio=float(self.gamma_beta_ratio),
-                              label_smoothing=float(self.label_smoothing),
-                              loss_type=self.loss_type, sft_weight=float(self.sft_weight))
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(str(exc)) from exc
-            return
-        try:  # the loss checks its own values
+        try:  # the loss checks its own values (simpo's hinge + label_smoothing warns, as the official one)
             _loss_class(self.loss)(**self.loss_options)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"loss {self.loss}: {error_text(exc)}") from exc

@@ -64,7 +64,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from simpo_kernels import LOSSES
-from simpo_kernels.objective import METRIC_NAMES, official_metrics  # noqa: F401 (re-exported)
+from simpo_kernels.objective import METRIC_NAMES  # noqa: F401 (re-exported)
 
 from . import run_dir
 from .config import ConfigError, RunStopped, UserError, fsdp_requested
@@ -80,15 +80,7 @@ logger = logging.getLogger(__name__)
 def metrics_from_outputs(outputs, prefix: str = "") -> dict[str, float]:
     """The official metric dict from a :class:`~simpo.modeling.SimPOModelOutput` (its loss's
     official names: ``metrics``, computed by the loss)."""
-    metrics = outputs.get("metrics")
-    if metrics is not None:
-        return {prefix + name: value for name, value in metrics.items()}
-    return official_metrics(
-        chosen_rewards=outputs["chosen_rewards"], rejected_rewards=outputs["rejected_rewards"],
-        chosen_logps=outputs["chosen_logps"], rejected_logps=outputs["rejected_logps"],
-        chosen_logits_mean=outputs.get("chosen_logits_mean"),
-        rejected_logits_mean=outputs.get("rejected_logits_mean"),
-        sft_loss=outputs.get("sft_loss"), prefix=prefix)
+    return {prefix + name: value for name, value in outputs["metrics"].items()}
 
 
 class TrainingDiverged(UserError):

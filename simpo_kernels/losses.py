@@ -102,13 +102,12 @@ def _caller_level() -> int:
     return level
 
 
-def _real(name: str, value) -> float:
+def real_number(name: str, value, what: str = "a real number") -> float:
+    """Any real number (Python, NumPy or other ``numbers.Real`` scalar) -> float; never a bool
+    (``numpy.bool_`` is not a ``numbers.Real``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    return float(value)
 
 
 class PreferenceLoss:
@@ -151,7 +150,9 @@ class PreferenceLoss:
                                      f"expected one of {self.loss_types}")
                 checked[key] = value
                 continue
-            value = _real(key, value)
+            value = real_number(key, value)
+            if not math.isfinite(value):
+                raise ValueError(f"{key} must be finite, got {value}")
             if key in self.positive and value <= 0:
                 raise ValueError(f"{key} must be > 0, got {value}")
             if key in self.non_negative and value < 0:

@@ -11,45 +11,20 @@ and the per-row target counts it brings back let every schedule size its compact
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
 
-from .losses import PreferenceLoss, SimPOLoss
+from .losses import PreferenceLoss, real_number
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _real(name: str, value, what: str = "a real number") -> float:
-    """Any real number (Python, NumPy or other ``numbers.Real`` scalar) -> float; never a bool
-    (``numpy.bool_`` is not a ``numbers.Real``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
-    return float(value)
-
-
-def check_options(
-    *, beta: float, gamma_beta_ratio: float, label_smoothing: float, loss_type: str,
-    sft_weight: float, softcap: Optional[float] = None,
-) -> dict:
-    """Validate the SimPO options; returns them as plain Python floats (``softcap``: float or None).
-
-    Any real number is accepted (``numpy.float32(2.0)`` included) and converted once here, so that
-    no NumPy scalar ever meets a tensor inside the objective. The rules are the loss's own
-    (:class:`simpo_kernels.losses.SimPOLoss`).
-    """
-    out = dict(SimPOLoss(beta=beta, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing,
-                         loss_type=loss_type, sft_weight=sft_weight).options)
-    out["softcap"] = check_softcap(softcap)
-    return out
 
 
 def check_softcap(softcap) -> Optional[float]:
     """``None`` or a positive finite real -> float or None."""
     if softcap is None:
         return None
-    softcap = _real("softcap", softcap, "a positive number or None")
+    softcap = real_number("softcap", softcap, "a positive number or None")
     if not (softcap > 0 and softcap != float("inf")):
         raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
     return softcap

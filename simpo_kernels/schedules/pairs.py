@@ -106,7 +106,6 @@ class PairsLoss(torch.autograd.Function):
             sums.index_copy_(0, pos, row_sums.to(cdtype))
             if not any_grad:
                 continue
-            ones = torch.ones_like(logp)
             if split:
                 in_seq = seq_flags.index_select(0, pos).to(cdtype)
                 in_nll = nll_flags.index_select(0, pos).to(cdtype)
@@ -114,7 +113,7 @@ class PairsLoss(torch.autograd.Function):
                 seq_len = torch.zeros(2 * b, dtype=cdtype, device=dev).index_add_(0, seq, in_seq)
             else:
                 seq_sum = torch.zeros(2 * b, dtype=cdtype, device=dev).index_add_(0, seq, logp)
-                seq_len = torch.zeros(2 * b, dtype=cdtype, device=dev).index_add_(0, seq, ones)
+                seq_len = torch.zeros(2 * b, dtype=cdtype, device=dev).index_add_(0, seq, torch.ones_like(logp))
             g_c, g_r = sequence_logp_grads(seq_sum[:b], seq_len[:b], seq_sum[b:], seq_len[b:], num_pairs=B,
                                            chosen_tokens=None if split else chosen_tokens, objective=objective,
                                            p0=p0)
