@@ -904,30 +904,20 @@ def loss_profile(loss: str) -> SimpleNamespace:
     ``name``, ``needs_reference``, ``logit_metrics`` (its official definition, the default of
     :func:`predict`) and ``nll_weight`` (its default chosen-NLL weight; the term costs nothing
     extra: it is the chosen rows' sums again). ValueError for an unknown loss."""
-    if loss == "simpo":  # simpo_loss's own defaults: no reference, every position's logits, no SFT term
-        return SimpleNamespace(name="simpo", needs_reference=False, logit_metrics=DEFAULT_LOGIT_METRICS,
-                               nll_weight=0.0)
-    losses = loss_names()
-    if not isinstance(loss, str) or loss not in losses:
-        raise ValueError(f"unknown loss {loss!r}; expected one of {losses}")
-    import simpo_kernels
+    from simpo_kernels import LOSSES
 
-    cls = simpo_kernels.LOSSES[loss]
-    official = getattr(cls, "official_logit_metrics", None)
-    if official not in LOGIT_METRICS:
-        raise ValueError(f"simpo_kernels.LOSSES[{loss!r}] states no official logit_metrics ({official!r})")
-    return SimpleNamespace(name=loss, needs_reference=bool(cls.needs_reference), logit_metrics=official,
+    if not isinstance(loss, str) or loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; expected one of {tuple(LOSSES)}")
+    cls = LOSSES[loss]
+    return SimpleNamespace(name=loss, needs_reference=cls.needs_reference, logit_metrics=cls.official_logit_metrics,
                            nll_weight=float(cls().nll_weight))
 
 
 def loss_names() -> tuple:
-    """``tuple(simpo_kernels.LOSSES)``, imported at call time (ValueError if the library has none)."""
-    try:
-        import simpo_kernels
+    """``tuple(simpo_kernels.LOSSES)``, imported at call time."""
+    from simpo_kernels import LOSSES
 
-        return tuple(simpo_kernels.LOSSES)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"simpo_kernels.LOSSES is not importable ({exc})") from exc
+    return tuple(LOSSES)
 
 
 def _reference(profile: SimpleNamespace, reference: Optional[str]) -> Optional[str]:
