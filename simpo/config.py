@@ -109,8 +109,34 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code."})
     tiny_hidden_size: int = field(default=96, metadata={"help": "Embedded tiny model: hidden size."})
     tiny_num_layers: int = field(default=2, metadata={"help": "Embedded tiny model: layers."})
+    # LoRA / QLoRA: TRL ModelConfig's names and defaults (simpo.lora)
+    use_peft: bool = field(default=False, metadata={
+        "help": "Train LoRA adapters (peft) instead of the whole model; output_dir gets the adapter "
+                "and output_dir/merged the merged model."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (use_peft)."})
+    lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha (use_peft)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (use_peft)."})
+    lora_target_modules: Optional[list[str]] = field(default=None, metadata={
+        "help": "Modules that get LoRA adapters, or all-linear (use_peft; unset: peft's default "
+                "for the model type)."})
+    lora_modules_to_save: Optional[list[str]] = field(default=None, metadata={
+        "help": "Modules trained whole and saved with the adapter, e.g. lm_head (use_peft)."})
+    use_rslora: bool = field(default=False, metadata={
+        "help": "Rank-stabilised LoRA: scaling lora_alpha/sqrt(r) (use_peft)."})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA adapters (use_peft)."})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: load the model 4-bit quantised (bitsandbytes, CUDA; with use_peft)."})
+    load_in_8bit: bool = field(default=False, metadata={
+        "help": "Load the model 8-bit quantised (bitsandbytes, CUDA; with use_peft)."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={
+        "help": "4-bit quantisation type (load_in_4bit).", "choices": ["nf4", "fp4"]})
+    use_bnb_nested_quant: bool = field(default=False, metadata={
+        "help": "Nested (double) 4-bit quantisation (load_in_4bit)."})
 
     def __post_init__(self):
+        from .lora import check_model_options
+
+        check_model_options(self)
         _check(self.tiny_hidden_size > 0 and self.tiny_hidden_size % 8 == 0, "tiny_hidden_size",
                self.tiny_hidden_size, "a positive multiple of 8 (4 heads of an even size)")
         _check(self.tiny_num_layers >= 1, "tiny_num_layers", self.tiny_num_layers, ">= 1")
@@ -764,6 +790,9 @@ def parse_args(argv: Optional[list[str]] = None):
     _check_relations(overrides, training_args, recipe_path.name)
     resolve_fsdp_options(training_args)
     check_loss_backend(model_args, training_args)
+    from .lora import check_peft_run
+
+    check_peft_run(values, model_args, training_args)
     return model_args, data_args, training_args, recipe_path
 
 

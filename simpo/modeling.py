@@ -93,13 +93,22 @@ class ReferenceLogps:
 
 def _head_inputs(self, input_ids, attention_mask, kwargs):
     """The decoder's final hidden states and the lm_head weight and bias, read inside this
-    forward: under ZeRO-3 DeepSpeed gathers the head as an external parameter."""
+    forward: under ZeRO-3 DeepSpeed gathers the head as an external parameter. A head adapted by
+    peft gives the weight its own forward would apply (:func:`simpo.lora.head_weight`: the
+    trainable copy, or the base weight plus the LoRA update, differentiable)."""
     kwargs.pop("use_cache", None)
+    # a PeftModel's forward passes its unused arguments on as None (inputs_embeds, return_dict...)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     decoder_out = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                      use_cache=False, **kwargs)
     hidden = decoder_out[0]
     head = self.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
+    if getattr(self, "_simpo_peft", False):
+        from .lora import head_weight
+
+        weight, bias = head_weight(head)
+    else:
+        weight, bias = head.weight, getattr(head, "bias", None)
     if weight.dtype != hidden.dtype:  # e.g. autocast: match the matmul dtype autocast would use
         weight = weight.to(hidden.dtype)
         bias = None if bias is None else bias.to(hidden.dtype)
@@ -164,8 +173,14 @@ def attach_simpo_head(model: torch.nn.Module, *, loss: str = "simpo", ignore_ind
     (:class:`ReferenceModelOutput`), what a reference model contributes. ``loss="simpo"`` calls
     ``simpo_kernels.simpo_loss``. An unknown option is a TypeError naming it.
 
-    Idempotent: patching again only updates the options.
+    Idempotent: patching again only updates the options. A peft model (LoRA) is patched in its
+    base causal LM, whose forward peft's own forward calls with these keywords.
     """
+    from .lora import causal_lm, is_peft_model
+
+    peft = is_peft_model(model)
+    outer, model = model, causal_lm(model)
+    model._simpo_peft = peft
     if model.get_output_embeddings() is None or not hasattr(model, "get_decoder"):
         raise TypeError(f"{type(model).__name__} is not a causal LM with an output embedding")
     if loss not in LOSSES:
@@ -179,7 +194,7 @@ def attach_simpo_head(model: torch.nn.Module, *, loss: str = "simpo", ignore_ind
         model._simpo_original_forward = model.forward
         model.forward = types.MethodType(_simpo_forward, model)
         model._simpo_patched = True
-    return model
+    return outer
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -84,9 +84,24 @@ def choose_cpu_threads(model_args, training_args) -> None:
                 "OMP_NUM_THREADS to choose)")
 
 
-def load_model(model_args, training_args, tokenizer):
+def load_model(model_args, training_args, tokenizer, adapters: bool = True,
+               quantized: bool = True):
+    """The policy as configured: with LoRA adapters when ``use_peft`` (and ``adapters``), loaded
+    quantised when ``load_in_4bit`` / ``load_in_8bit`` (and ``quantized``). Without adapters it
+    is the base model: the reference of an adapter run (quantised like the policy), or, without
+    quantisation, what the final adapter is merged into."""
+    model = _load_base_model(model_args, training_args, tokenizer, quantized)
+    if model_args.use_peft and adapters:
+        from .lora import wrap_model
+
+        model = wrap_model(model, model_args, training_args)
+    return model
+
+
+def _load_base_model(model_args, training_args, tokenizer, quantized: bool = True):
     from transformers import AutoModelForCausalLM
 
+    from .lora import quantization_kwargs
     from .modeling import build_tiny_model
 
     dtype = _dtype(model_args.torch_dtype)
@@ -105,6 +120,8 @@ def load_model(model_args, training_args, tokenizer):
         kwargs["dtype"] = dtype  # transformers 5 (pyproject's floor: 5.17) calls it `dtype`, not `torch_dtype`
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
+    if quantized:
+        kwargs.update(quantization_kwargs(model_args))
     try:
         return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     except OSError as exc:  # not found / no access / missing weights
@@ -112,10 +129,12 @@ def load_model(model_args, training_args, tokenizer):
                         f"{error_text(exc)}") from exc
 
 
-def load_reference_model(model_args, training_args, tokenizer):
+def load_reference_model(model_args, training_args, tokenizer, quantized: bool = True):
     """The reference model of a loss with one (dpo, rdpo), loaded like the policy: from
     ``ref_model_name_or_path``, or the initial policy again (the embedded tiny model is rebuilt
-    from the run's seed: the same weights, and the RNG stream of the run is left untouched)."""
+    from the run's seed: the same weights, and the RNG stream of the run is left untouched).
+    Never with adapters: the reference of a LoRA run is its base model (adapters off), as TRL's.
+    Also the base model a LoRA run's adapter is merged into (``quantized=False``)."""
     import dataclasses
 
     import torch
@@ -123,12 +142,13 @@ def load_reference_model(model_args, training_args, tokenizer):
     if model_args.ref_model_name_or_path:
         ref_args = dataclasses.replace(model_args,
                                        model_name_or_path=model_args.ref_model_name_or_path)
-        return load_model(ref_args, training_args, tokenizer)
+        return load_model(ref_args, training_args, tokenizer, adapters=False, quantized=quantized)
     if is_tiny(model_args):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(training_args.seed)  # as set_seed did before the policy was built
-            return load_model(model_args, training_args, tokenizer)
-    return load_model(model_args, training_args, tokenizer)
+            return load_model(model_args, training_args, tokenizer, adapters=False,
+                              quantized=quantized)
+    return load_model(model_args, training_args, tokenizer, adapters=False, quantized=quantized)
 
 
 def reference_key(model_args, training_args, tokenizer) -> dict:
@@ -165,6 +185,21 @@ def setup_distributed(training_args) -> None:
 
         if tdist.is_available() and tdist.is_initialized() and not deepspeed.comm.is_initialized():
             deepspeed.init_distributed(dist_backend=tdist.get_backend())
+
+
+def save_final_model(trainer, model_args, training_args, tokenizer) -> None:
+    """The final model and tokenizer in ``output_dir`` (a LoRA run: the adapter, plus the merged
+    model in ``output_dir/merged/``; see :func:`simpo.lora.save_final_model`). Collective."""
+    import dataclasses
+
+    from .lora import save_final_model as save
+
+    def load_base():  # the base of an adapter run, unquantised: the initial policy
+        return load_reference_model(
+            dataclasses.replace(model_args, ref_model_name_or_path=None), training_args,
+            tokenizer, quantized=False)
+
+    save(trainer, model_args, training_args, tokenizer, load_base=load_base)
 
 
 def _claim_output_dir(model_args, data_args, training_args, recipe_path) -> tuple:
@@ -271,9 +306,7 @@ def _train_and_save(model_args, data_args, training_args, checkpoint, stop) -> d
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
-    trainer.save_model(training_args.output_dir)
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(training_args.output_dir)
+    save_final_model(trainer, model_args, training_args, tokenizer)
 
     eval_metrics = {}
     if eval_ds is not None:
