@@ -96,12 +96,17 @@ OPTIMIZER_STATE_KEYS = ("optim", "optim_args", "weight_decay", "adam_beta1", "ad
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _WEIGHT_SHARD_RE = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
+# a LoRA run's model (peft): the adapter weights and their config; its final outputs add the merged
+# model and, for the embedded tiny model, the base model, in directories of these names
+_ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_ADAPTER_CONFIG = "adapter_config.json"
 RUN_OUTPUT_NAMES = frozenset({
     RUN_CONFIG_NAME, FINAL_RECORD_NAME, "trainer_state.json", "all_results.json", "train_results.json",
     "eval_results.json", "training_curves.png", "training_args.bin", "config.json",
     "generation_config.json", *_WEIGHT_FILES, *_WEIGHT_INDEXES, "tokenizer.json",
     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-    "tokenizer.model", "vocab.json", "merges.txt", "runs",
+    "tokenizer.model", "vocab.json", "merges.txt", "runs", *_ADAPTER_FILES, _ADAPTER_CONFIG,
+    "merged", "base",
 })
 
 
@@ -310,6 +315,14 @@ def _has_fsdp_optimizer(path: str) -> bool:
 
 def _weight_problems(path: str, other_weights: bool) -> list[str]:
     if any(os.path.isfile(os.path.join(path, n)) for n in _WEIGHT_FILES):
+        return []
+    if any(os.path.isfile(os.path.join(path, n)) for n in _ADAPTER_FILES):
+        # a LoRA run's checkpoint: the adapter weights need their config to be loaded
+        config, problem = _read_json(os.path.join(path, _ADAPTER_CONFIG))
+        if problem:
+            return [f"{_ADAPTER_CONFIG} {problem}"]
+        if not isinstance(config, dict) or not config.get("peft_type"):
+            return [f"{_ADAPTER_CONFIG} names no peft_type"]
         return []
     for index_name in _WEIGHT_INDEXES:
         index_path = os.path.join(path, index_name)
@@ -1013,7 +1026,7 @@ def _saved_and_current_world_size(checkpoint: str, config: dict) -> tuple[Any, A
 def _has_run_outputs(output_dir: str) -> bool:
     """Whether a previous run finished here (its final state, results or model are written)."""
     finished = {"trainer_state.json", "all_results.json", "train_results.json", *_WEIGHT_FILES,
-                *_WEIGHT_INDEXES}
+                *_WEIGHT_INDEXES, *_ADAPTER_FILES}
     return any(n in finished for n in _listdir(output_dir))
 
 

@@ -4,6 +4,11 @@ final adapter and merged model, and DPO's reference (the base model) in an adapt
 
 from __future__ import annotations
 
+import copy
+import json
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -206,3 +211,145 @@ def test_dora_on_head_is_refused(batch64):
                                       use_dora=True))
     with pytest.raises(ConfigError, match="a LoRA on lm_head with DoRA"):
         check_head(model, SimPOConfig(output_dir="/tmp/unused", use_cpu=True, report_to="none"))
+
+
+# ----------------------------------------------------------------------------- a run, its outputs
+
+RUN = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0",
+       "--lora_target_modules", "q_proj", "v_proj", "lm_head",
+       "--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--max_train_samples", "16",
+       "--dataset_splits", "train", "--eval_strategy", "no", "--plot", "false",
+       "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--max_steps", "4",
+       "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1",
+       "--report_to", "none", "--disable_tqdm", "true"]
+
+
+def _train(out, monkeypatch, argv=RUN):
+    """``simpo.train.run`` in this process; returns the trained in-memory model (float32)."""
+    import simpo.train as train
+
+    kept = {}
+    save = train.save_final_model
+
+    def keep(trainer, *args):
+        kept["model"] = copy.deepcopy(trainer.model).eval()
+        return save(trainer, *args)
+
+    monkeypatch.setattr(train, "save_final_model", keep)
+    train.run(*parse_args([*argv, "--output_dir", str(out)]))
+    return kept["model"]
+
+
+def _state(out):
+    with open(os.path.join(out, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora_run")
+    with pytest.MonkeyPatch.context() as mp:
+        model = _train(out, mp)
+    return out, model
+
+
+def test_adapter_checkpoints_are_complete_and_refused_when_cut(lora_run, tmp_path):
+    from simpo.run_dir import checkpoint_problems
+
+    out, _ = lora_run
+    ckpt = os.path.join(out, "checkpoint-2")
+    names = set(os.listdir(ckpt))
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= names
+    assert "model.safetensors" not in names
+    assert checkpoint_problems(ckpt) == []
+    for damage, expected in (("cut", "adapter_model.safetensors is cut short"),
+                             ("no_config", "adapter_config.json is missing"),
+                             ("no_weights", "model weights are missing")):
+        bad = tmp_path / damage
+        shutil.copytree(ckpt, bad)
+        os.remove(bad / "simpo_checkpoint.json")  # the record would name the damage itself
+        if damage == "cut":
+            with open(bad / "adapter_model.safetensors", "r+b") as f:
+                f.truncate(os.path.getsize(bad / "adapter_model.safetensors") - 10)
+        else:
+            os.remove(bad / ("adapter_config.json" if damage == "no_config"
+                             else "adapter_model.safetensors"))
+        problems = checkpoint_problems(str(bad))
+        assert any(expected in p for p in problems), problems
+
+
+def test_adapter_run_resumes_exactly(lora_run, tmp_path, monkeypatch):
+    """4 steps straight == 2 steps, a stop (only checkpoint-2 and the run's settings left), and
+    a rerun of the same command to 4: the same logged losses and the same adapter weights."""
+    from safetensors.torch import load_file
+
+    out, _ = lora_run
+    cut = tmp_path / "cut"
+    os.mkdir(cut)
+    shutil.copytree(os.path.join(out, "checkpoint-2"), cut / "checkpoint-2")
+    shutil.copy(os.path.join(out, "simpo_run_config.json"), cut)
+    _train(cut, monkeypatch)
+    straight, resumed = _state(out)["log_history"], _state(cut)["log_history"]
+    losses = [h["loss"] for h in straight if "loss" in h]
+    assert len(losses) == 4 and losses[0] != losses[-1]
+    # steps 1-2 come with checkpoint-2's state, steps 3-4 were trained after the resume
+    assert [h["loss"] for h in resumed if "loss" in h] == losses
+    assert straight[-1]["train_loss"] == resumed[-1]["train_loss"]  # the whole run's
+    a = load_file(os.path.join(out, "adapter_model.safetensors"))
+    b = load_file(os.path.join(cut, "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any("lm_head.lora_B" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_final_adapter_and_merged_model_load_and_generate(lora_run):
+    """output_dir: the adapter (peft loads it over the saved tiny base, which adapter_config.json
+    names) and merged/ (a plain transformers model): the same logits as the trained in-memory
+    model (1e-5, float32), and both generate."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, trained = lora_run
+    names = set(os.listdir(out))
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "merged",
+            "base"} <= names and "model.safetensors" not in names
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        assert json.load(f)["base_model_name_or_path"] == os.path.join(str(out), "base")
+    adapter = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "merged")).eval()
+    assert type(merged).__name__ == "Gemma2ForCausalLM"
+    # the trained head LoRA is in the merged head, which is no longer the input embedding
+    assert not merged.config.tie_word_embeddings
+    assert not torch.equal(merged.lm_head.weight, merged.model.embed_tokens.weight)
+    tok = AutoTokenizer.from_pretrained(os.path.join(out, "merged"))
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        expected = trained(**ids).logits
+        with trained.disable_adapter():
+            base = trained(**ids).logits
+        assert (expected - base).abs().max() > 1e-3  # training changed the model
+        for model in (adapter, merged):
+            torch.testing.assert_close(model(**ids).logits, expected, rtol=0, atol=1e-5)
+            generated = model.generate(**ids, max_new_tokens=4, do_sample=False)
+            assert generated.shape == (1, ids["input_ids"].shape[1] + 4)
+
+
+def test_merge_of_a_trained_head_copy(batch64, tmp_path):
+    """lora_modules_to_save lm_head on tied Gemma-2 embeddings: the merged model keeps the
+    trained copy as its head and the original embedding as input (1e-5, float32)."""
+    from transformers import AutoModelForCausalLM
+
+    from simpo.lora import save_merged_model
+
+    batch, tok = batch64
+    model = _peft_tiny(tok, target_modules=["q_proj"], modules_to_save=["lm_head"]).float().eval()
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    base = build_tiny_model(tok, hidden_size=32, num_layers=1)
+    with torch.no_grad():
+        base.get_input_embeddings().weight.mul_(40.0)
+    merged = AutoModelForCausalLM.from_pretrained(save_merged_model(str(tmp_path), base, tok))
+    ids = batch["input_ids"][:2]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
