@@ -215,16 +215,16 @@ def test_dora_on_head_is_refused(batch64):
 
 # ----------------------------------------------------------------------------- a run, its outputs
 
-RUN = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0",
-       "--lora_target_modules", "q_proj", "v_proj", "lm_head",
-       "--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--max_train_samples", "16",
-       "--dataset_splits", "train", "--eval_strategy", "no", "--plot", "false",
-       "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--max_steps", "4",
-       "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1",
-       "--report_to", "none", "--disable_tqdm", "true"]
+COMMON = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0",
+          "--lora_target_modules", "q_proj", "v_proj", "lm_head",
+          "--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--max_train_samples", "16",
+          "--dataset_splits", "train", "--eval_strategy", "no", "--plot", "false",
+          "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--logging_steps", "1",
+          "--report_to", "none", "--disable_tqdm", "true"]
+RUN = [*COMMON, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
 
 
-def _train(out, monkeypatch, argv=RUN):
+def _train(out, monkeypatch, argv=RUN, kept_all=False):
     """``simpo.train.run`` in this process; returns the trained in-memory model (float32)."""
     import simpo.train as train
 
@@ -233,11 +233,12 @@ def _train(out, monkeypatch, argv=RUN):
 
     def keep(trainer, *args):
         kept["model"] = copy.deepcopy(trainer.model).eval()
+        kept["ref_model"] = trainer.ref_model
         return save(trainer, *args)
 
     monkeypatch.setattr(train, "save_final_model", keep)
     train.run(*parse_args([*argv, "--output_dir", str(out)]))
-    return kept["model"]
+    return kept["model"] if not kept_all else kept
 
 
 def _state(out):
@@ -353,3 +354,22 @@ def test_merge_of_a_trained_head_copy(batch64, tmp_path):
     ids = batch["input_ids"][:2]
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("precompute", ["true", "false"])
+def test_dpo_reference_of_an_adapter_run_is_the_base_model(tmp_path, monkeypatch, precompute):
+    """DPO with use_peft: the reference is the base model (no adapters), precomputed or run in
+    the step; the adapters start as the identity, so the first step's loss is log 2."""
+    import math
+
+    from simpo.lora import is_peft_model
+
+    argv = ["tiny-dpo", *COMMON, "--max_steps", "1", "--rpo_alpha", "0",
+            "--precompute_ref_log_probs", precompute]
+    kept = _train(tmp_path, monkeypatch, argv, kept_all=True)
+    assert is_peft_model(kept["model"])
+    if precompute == "false":
+        assert kept["ref_model"] is not None and not is_peft_model(kept["ref_model"])
+        assert not any("lora" in n for n, _ in kept["ref_model"].named_parameters())
+    losses = [h["loss"] for h in _state(tmp_path)["log_history"] if "loss" in h]
+    assert len(losses) == 1 and abs(losses[0] - math.log(2)) < 1e-6
