@@ -25,9 +25,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -308,7 +309,8 @@ def save_final_model(trainer, model_args: Any, training_args: Any, tokenizer,
     if adapters and trainer.is_world_process_zero() and model_args.model_name_or_path in (None, "tiny"):
         # the tiny model has no base on disk: save it, and point the adapter at it
         base_dir = os.path.abspath(os.path.join(output_dir, BASE_DIR))
-        base = load_base()
+        with _whole_model_loading(training_args):
+            base = load_base()
         base.save_pretrained(base_dir)
         tokenizer.save_pretrained(base_dir)
         del base
@@ -319,10 +321,31 @@ def save_final_model(trainer, model_args: Any, training_args: Any, tokenizer,
         return
     tokenizer.save_pretrained(output_dir)
     if adapters:
-        merged_dir = save_merged_model(output_dir, load_base(), tokenizer)
+        with _whole_model_loading(training_args):
+            merged_dir = save_merged_model(output_dir, load_base(), tokenizer)
         logger.info("saved the LoRA adapter (adapter_config.json, adapter_model.safetensors) in "
                     "%s%s and the merged model (merge_and_unload) in %s", output_dir,
                     f", its base model in {base_dir}" if base_dir else "", merged_dir)
+
+
+@contextlib.contextmanager
+def _whole_model_loading(training_args: Any) -> Iterator[None]:
+    """Models loaded in this block (on the main process only) are whole, ordinary models: under
+    ZeRO-3, transformers would otherwise partition them at load time (``zero.Init``), a
+    collective that the other processes do not join."""
+    from transformers.integrations.deepspeed import (is_deepspeed_zero3_enabled,
+                                                     set_hf_deepspeed_config,
+                                                     unset_hf_deepspeed_config)
+
+    config = getattr(training_args, "hf_deepspeed_config", None)
+    if config is None or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(config)
 
 
 def save_merged_model(adapter_dir: str, base: torch.nn.Module, tokenizer) -> str:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.multiproc import (ROOT, TOL, WORKER, compare_runs, free_port, run_json, save_tiny_model,
                              subprocess_env, worker_options)
@@ -141,3 +142,53 @@ def test_cli_default_two_zero3_ranks_start_from_the_one_rank_weights(tmp_path):
     assert len(losses["one"]) == len(losses["two"]) == 2
     for a, b in zip(losses["one"], losses["two"]):
         assert abs(a - b) < TOL
+
+
+def test_lora_two_zero3_ranks_train_like_one_process(tmp_path):
+    """LoRA (q_proj, v_proj and the tied lm_head, whose merged weight the loss reads inside the
+    forward: ZeRO-3 gathers the head's LoRA factors there) under ZeRO-3 on 2 CPU ranks x 4 pairs
+    == 1 process x 4 pairs x 2 accumulation steps (sft_weight 0): the same step losses, the same
+    adapter weights and merged model at the end."""
+    from safetensors.torch import load_file
+
+    common = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0",
+              "--lora_target_modules", "q_proj", "v_proj", "lm_head", "--tiny_hidden_size", "32",
+              "--tiny_num_layers", "1", "--max_train_samples", "16", "--dataset_splits", "train",
+              "--eval_strategy", "no", "--plot", "false", "--sft_weight", "0",
+              "--learning_rate", "1e-2", "--warmup_steps", "0", "--max_steps", "2",
+              "--logging_steps", "1", "--per_device_train_batch_size", "4",
+              "--disable_tqdm", "true", "--report_to", "none"]
+    runs = {
+        "one": [sys.executable, "-m", "simpo.train", *common, "--gradient_accumulation_steps", "2",
+                "--output_dir", str(tmp_path / "one")],
+        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port()), "-m", "simpo.train", *common,
+                "--deepspeed", os.path.join(ROOT, "tests", "zero3_cpu.json"),
+                "--output_dir", str(tmp_path / "two")],
+    }
+    losses, adapters, merged = {}, {}, {}
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True,
+                              timeout=400)
+        out = tmp_path / name
+        finished = (out / "simpo_run_finished.json").is_file()
+        teardown = finished and "terminate called without an active exception" in proc.stderr
+        assert proc.returncode == 0 or teardown, proc.stdout[-3000:] + proc.stderr[-5000:]
+        with open(out / "trainer_state.json") as f:
+            losses[name] = [h["loss"] for h in json.load(f)["log_history"] if "loss" in h]
+        adapters[name] = load_file(out / "adapter_model.safetensors")
+        merged[name] = load_file(out / "merged" / "model.safetensors")
+    print("1 rank", losses["one"], "\n2 ZeRO-3 ranks", losses["two"])
+    assert len(losses["one"]) == len(losses["two"]) == 2
+    for a, b in zip(losses["one"], losses["two"]):
+        assert abs(a - b) < TOL
+    # the adapter factors (ZeRO-3 leaves out the tied base weight a 1-process peft save repeats)
+    lora = {k for k in adapters["one"] if ".lora_" in k}
+    assert lora == set(adapters["two"]) and any("lm_head.lora_B" in k for k in lora)
+    moved = max(adapters["one"][k].abs().max().item() for k in lora if "lora_B" in k)
+    assert moved > 1e-3  # B starts at 0: the adapters trained
+    for k in lora:
+        torch.testing.assert_close(adapters["two"][k], adapters["one"][k], rtol=0, atol=1e-5)
+    assert merged["one"].keys() == merged["two"].keys()
+    for k in merged["one"]:
+        torch.testing.assert_close(merged["two"][k], merged["one"][k], rtol=0, atol=1e-5)
