@@ -109,6 +109,13 @@ def test_run_config_records_the_lora_options(tmp_path):
     config = run_config(model_args, data_args, training_args, recipe)
     assert config["model"]["use_peft"] is True and config["model"]["lora_r"] == 4
     assert config["model"]["lora_target_modules"] is None
+    from simpo.run_dir import config_differences
+
+    other = run_config(*parse_args(["--use_peft", "true", "--lora_r", "8", "--lora_target_modules",
+                                    "all-linear", "--output_dir", str(tmp_path)]))
+    differences = config_differences(config, other)
+    assert any(d.startswith("lora_r: 4 -> 8") for d in differences), differences
+    assert any(d.startswith("lora_target_modules") for d in differences), differences
 
 
 # ----------------------------------------------------------------------------- the fused loss
