@@ -227,7 +227,7 @@ def _check_columns(dataset: Dataset, where: str) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
     if missing:
         raise DataError(f"{where}: missing column(s) {missing}; preference data needs 'chosen' and "
-                        f"'rejected' message lists (columns: {dataset.column_names})")
+                        f"'rejected' (texts or message lists; columns: {dataset.column_names})")
 
 
 def _load_data_file(path: str, split: str) -> Dataset:
@@ -439,19 +439,89 @@ def _is_message_list(value) -> bool:
                     and isinstance(m.get("content"), str) for m in value))
 
 
+class PreferenceParts(NamedTuple):
+    """A row in TRL's explicit-prompt form: ``prompt`` and the two responses, message lists
+    (``conversational``) or plain text."""
+
+    conversational: bool
+    prompt: Any
+    chosen: Any
+    rejected: Any
+
+
+def _value_format(value) -> Optional[str]:
+    if isinstance(value, str):
+        return "text"
+    return "messages" if _is_message_list(value) else None
+
+
+def common_prompt(chosen: str, rejected: str) -> str:
+    """The implicit prompt of a text pair, as TRL's ``extract_prompt``: the common prefix of
+    ``chosen`` and ``rejected``, less a space just before their first difference (the space
+    starts the responses). Empty when they differ from the first character, or when one is a
+    prefix of the other (then a response would be empty)."""
+    n = min(len(chosen), len(rejected))
+    idx = next((i for i in range(n) if chosen[i] != rejected[i]), None)
+    if idx is None:
+        return ""
+    if idx > 0 and chosen[idx - 1] == " ":
+        idx -= 1
+    return chosen[:idx]
+
+
+def split_row(row: dict) -> tuple[Optional[PreferenceParts], Optional[str]]:
+    """``(parts, None)`` for a usable row of any of TRL's preference formats, ``(None, why)`` else.
+
+    * conversational, implicit prompt (the gemma2-ultrafeedback-armorm schema): ``chosen`` and
+      ``rejected`` hold whole conversations; the prompt is ``chosen[:-1]`` and the responses the
+      last messages, as the official ``apply_chat_template(task="simpo")``, which ignores a
+      ``prompt`` text column beside them;
+    * conversational, explicit prompt: ``prompt`` is a message list, ``chosen`` / ``rejected`` the
+      response message(s);
+    * standard, explicit prompt: ``prompt``, ``chosen`` and ``rejected`` are strings;
+    * standard, implicit prompt: ``chosen`` and ``rejected`` are whole texts; the prompt is their
+      common prefix (:func:`common_prompt`, TRL's ``extract_prompt``).
+    """
+    formats = {key: _value_format(row.get(key)) for key in REQUIRED_COLUMNS}
+    for key, fmt in formats.items():
+        if fmt is None:
+            return None, f"{key} is neither text nor a list of {{role, content}} messages"
+    if formats["chosen"] != formats["rejected"]:
+        return None, "chosen and rejected mix text and messages"
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if formats["chosen"] == "text":
+        if prompt is None:
+            prompt = common_prompt(chosen, rejected)
+            if not prompt:
+                return None, ("chosen and rejected texts share no prompt (without a prompt column "
+                              "each holds prompt + response)")
+            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+        elif not isinstance(prompt, str):
+            return None, "prompt is a message list but chosen and rejected are text"
+        for key, text in (("chosen", chosen), ("rejected", rejected)):
+            if not text.strip():
+                return None, f"the {key} response is empty"
+        return PreferenceParts(False, prompt, chosen, rejected), None
+    if prompt is not None and not isinstance(prompt, str):
+        if not _is_message_list(prompt):
+            return None, "prompt is neither text nor a list of {role, content} messages"
+        parts = PreferenceParts(True, prompt, chosen, rejected)
+    else:
+        for key, msgs in (("chosen", chosen), ("rejected", rejected)):
+            if len(msgs) < 2:
+                return None, f"{key} has no prompt messages before the response"
+        parts = PreferenceParts(True, chosen[:-1], chosen[-1:], rejected[-1:])
+    for key, msgs in (("chosen", parts.chosen), ("rejected", parts.rejected)):
+        if msgs[-1]["role"] != "assistant":
+            return None, f"the last message of {key} is not an assistant message"
+        if not msgs[-1]["content"].strip():
+            return None, f"the {key} response is empty"
+    return parts, None
+
+
 def row_problem(row: dict) -> Optional[str]:
     """Why a row cannot be used (None if it can)."""
-    for key in REQUIRED_COLUMNS:
-        msgs = row.get(key)
-        if not _is_message_list(msgs):
-            return f"{key} is not a list of {{role, content}} messages"
-        if len(msgs) < 2:
-            return f"{key} has no prompt messages before the response"
-        if msgs[-1]["role"] != "assistant":
-            return f"the last message of {key} is not an assistant message"
-        if not msgs[-1]["content"].strip():
-            return f"the {key} response is empty"
-    return None
+    return split_row(row)[1]
 
 
 def _template_mentions_system(tokenizer) -> bool:
@@ -460,15 +530,24 @@ def _template_mentions_system(tokenizer) -> bool:
 
 
 def apply_chat_template(row: dict, tokenizer, auto_insert_empty_system_msg: bool = True) -> dict:
-    """Official ``apply_chat_template(task="simpo")``: -> ``{"prompt", "chosen", "rejected"}`` strings."""
-    prompt_messages = [dict(m) for m in row["chosen"][:-1]]
+    """A row of any accepted format -> ``{"prompt", "chosen", "rejected"}`` strings.
+
+    Conversational rows as the official ``apply_chat_template(task="simpo")``: the prompt messages
+    through the chat template, each response's messages alone through it with a leading BOS
+    stripped. Standard (text) rows are used as they are, without a template (as TRL)."""
+    parts, problem = split_row(row)
+    if problem is not None:
+        raise ValueError(problem)
+    if not parts.conversational:
+        return {"prompt": parts.prompt, "chosen": parts.chosen, "rejected": parts.rejected}
+    prompt_messages = [dict(m) for m in parts.prompt]
     if auto_insert_empty_system_msg and prompt_messages[0]["role"] != "system" \
             and _template_mentions_system(tokenizer):
         prompt_messages.insert(0, {"role": "system", "content": ""})
     out = {"prompt": tokenizer.apply_chat_template(prompt_messages, tokenize=False)}
     bos = tokenizer.bos_token or ""
     for key in REQUIRED_COLUMNS:
-        text = tokenizer.apply_chat_template(row[key][-1:], tokenize=False)
+        text = tokenizer.apply_chat_template(list(getattr(parts, key)), tokenize=False)
         if bos and text.startswith(bos):
             text = text[len(bos):]
         out[key] = text
