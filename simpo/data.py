@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import torch
 
-from .config import UserError, is_explicit_path
+from .config import UserError, error_text, is_explicit_path
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -340,13 +340,82 @@ def load_raw_datasets(dataset_name: Optional[str], splits: list[str],
 
 def local_data_files(data_args: DataArguments) -> dict[str, str]:
     """The local file each split of :func:`load_splits` reads (``{split: path}``; the shipped data
-    when ``dataset_name`` is unset), or ``{}`` for a hub dataset. Raises :class:`DataError` where
+    when no data is named), or ``{}`` for a hub dataset. For a mixture (``dataset_mixer`` /
+    ``dataset_mixture``) each of its local datasets' files, keyed ``"{split} (dataset N)"`` (N: its
+    place in the mixture); hub datasets in it have none. Raises :class:`DataError` where
     :func:`load_splits` would fail to find them."""
-    spec, layout = _resolve_source(data_args.dataset_name)
-    if layout is None:
-        return {}
     splits = list(data_args.dataset_splits)
-    return _split_files(spec, layout, splits[:1] if layout == "file" else splits)
+    if data_args.dataset_mixture is not None:
+        wanted = [(entry["id"], [entry["split"]]) for entry in data_args.dataset_mixture["datasets"]]
+    elif data_args.dataset_mixer is not None:
+        wanted = [(name, splits) for name in data_args.dataset_mixer]
+    else:
+        spec, layout = _resolve_source(data_args.dataset_name)
+        if layout is None:
+            return {}
+        return _split_files(spec, layout, splits[:1] if layout == "file" else splits)
+    out = {}
+    for number, (name, names) in enumerate(wanted, start=1):
+        spec, layout = _resolve_source(name)
+        if layout is not None:
+            files = _split_files(spec, layout, names[:1] if layout == "file" else names)
+            out.update({f"{split} (dataset {number})": path for split, path in files.items()})
+    return out
+
+
+class _Source(NamedTuple):
+    """One dataset of what ``load_splits`` loads: ``fraction`` of its train split (the official
+    ``dataset_mixer``), or all of it (None: ``dataset_name``)."""
+
+    name: Optional[str]
+    config: Optional[str]
+    fraction: Optional[float]
+
+
+def _sources(data_args: DataArguments) -> list[_Source]:
+    mixer = data_args.dataset_mixer
+    if mixer is None:
+        return [_Source(data_args.dataset_name, data_args.dataset_config, None)]
+    configs = data_args.dataset_configs or [None] * len(mixer)
+    return [_Source(name, config, fraction)
+            for (name, fraction), config in zip(mixer.items(), configs)]
+
+
+# the columns the pipeline reads; a mixture keeps only these (the official mix_datasets'
+# columns_to_keep), so datasets with other extra columns concatenate
+_DATA_COLUMNS = ("prompt", *REQUIRED_COLUMNS)
+
+
+def _feature_kind(feature) -> str:
+    from datasets import Value
+
+    if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
+        return "text"
+    if type(feature).__name__ in ("List", "LargeList", "Sequence"):
+        return "message lists"
+    return str(feature)
+
+
+def _concatenate(parts: list[tuple[Dataset, str]], label: str) -> Dataset:
+    """The datasets of a mixture, their data columns only, one after the other; datasets of
+    different formats (text in one, message lists in another) are a :class:`DataError` naming
+    both."""
+    from datasets import concatenate_datasets
+
+    parts = [(ds.select_columns([c for c in ds.column_names if c in _DATA_COLUMNS]), where)
+             for ds, where in parts]
+    try:
+        return concatenate_datasets([ds for ds, _ in parts])
+    except (ValueError, TypeError) as exc:
+        first, first_where = parts[0]
+        for ds, where in parts[1:]:
+            for column in _DATA_COLUMNS:
+                a, b = first.features.get(column), ds.features.get(column)
+                if a is not None and b is not None and a != b:
+                    raise DataError(f"{label}: {first_where} and {where} cannot be mixed: column "
+                                    f"{column!r} holds {_feature_kind(a)} in one and "
+                                    f"{_feature_kind(b)} in the other") from exc
+        raise DataError(f"{label}: the datasets cannot be concatenated: {_one_line(exc)}") from exc
 
 
 def _hold_out(train: Dataset, fraction: float, where: str) -> tuple[Dataset, Dataset]:
@@ -375,6 +444,12 @@ def load_splits(data_args: DataArguments) -> LoadedSplits:
     * ``eval_fraction > 0`` holds ``ceil(eval_fraction * n)`` train rows out (drawn with seed 42,
       the same rows on every run) as the eval split ``"heldout"``; it is an error when the data
       already has an eval split.
+    * ``dataset_mixer`` (``{dataset: fraction}``, the official recipes' key; each dataset as
+      ``dataset_name`` takes it, ``dataset_configs`` their configs) is the official
+      ``mix_datasets``: the first ``int(fraction * n)`` rows (file order) of each dataset's train
+      split, concatenated in the mixer's order; each eval split whole, concatenated (a single
+      file has none). One dataset at fraction 1.0 is exactly ``dataset_name``.
+    * ``dataset_mixture`` is alignment-handbook's (:func:`_load_mixture`).
     * Official order: each split is shuffled with ``Dataset.shuffle(seed=42)``, as
       alignment-handbook's ``mix_datasets`` does (called by ``get_datasets`` in ``run_simpo.py``),
       before the trainer's own sampler; ``dataset_shuffle=False`` keeps file order.
@@ -384,51 +459,127 @@ def load_splits(data_args: DataArguments) -> LoadedSplits:
     Raises :class:`DataError` (one line naming the file or dataset, the split and, for malformed
     JSON, the line) for any data or data option that cannot be used.
     """
+    if data_args.dataset_mixture is not None:
+        return _load_mixture(data_args)
     # the options themselves (split count, eval_fraction range, ...) are DataArguments' checks
     splits = list(data_args.dataset_splits)
     fraction = data_args.eval_fraction
+    sources = _sources(data_args)
+    mixer = data_args.dataset_mixer is not None
+    resolved = [_resolve_source(source.name) for source in sources]
 
-    spec, layout = _resolve_source(data_args.dataset_name)
     train_name, eval_name = splits[0], (splits[1] if len(splits) == 2 else None)
-    if layout == "file":
+    single_files = all(layout == "file" for _, layout in resolved)
+    if single_files:
         eval_name = None
+        what = ("every dataset of dataset_mixer is a single file: together they are"
+                if mixer else f"{resolved[0][0]} is a single file: it is")
         if fraction > 0:
-            logger.info("%s is a single file: it is the %r split; eval_fraction %g of its rows is "
-                        "held out (seed %d) as the eval split %r", spec, train_name, fraction,
-                        HELDOUT_SEED, HELDOUT_SPLIT)
+            logger.info("%s the %r split; eval_fraction %g of its rows is held out (seed %d) as "
+                        "the eval split %r", what, train_name, fraction, HELDOUT_SEED,
+                        HELDOUT_SPLIT)
         else:
-            logger.info("%s is a single file: it is the %r split, no eval split (set "
-                        "--eval_fraction to hold some rows out)", spec, train_name)
+            logger.info("%s the %r split, no eval split (set --eval_fraction to hold some rows "
+                        "out)", what, train_name)
     elif fraction > 0 and eval_name is not None:
         raise DataError(f"eval_fraction {fraction} holds train rows out for evaluation, but the data "
                         f"already has the eval split {eval_name!r}: set eval_fraction to 0, or "
                         f"dataset_splits to [{train_name!r}] alone")
 
-    loaded = _load_sources(spec, layout, [s for s in (train_name, eval_name) if s is not None],
-                           data_args.dataset_config)
-    for dataset, where in loaded.values():
-        _check_columns(dataset, where)
-    train, train_where = loaded[train_name]
-    eval_ds = loaded[eval_name][0] if eval_name is not None else None
+    trains, evals = [], []
+    for source, (spec, layout) in zip(sources, resolved):
+        names = [train_name] + ([eval_name] if eval_name is not None and layout != "file" else [])
+        loaded = _load_sources(spec, layout, names, source.config)
+        for dataset, where in loaded.values():
+            _check_columns(dataset, where)
+        train, where = loaded[train_name]
+        if source.fraction is not None:  # official mix_datasets: a prefix in file order
+            train = train.select(range(int(source.fraction * len(train))))
+            logger.info("dataset_mixer: %s: %d rows (fraction %g)%s", where, len(train),
+                        source.fraction, "" if len(names) > 1 or eval_name is None
+                        else "; a single file: no eval split from it")
+        trains.append((train, where))
+        if len(names) > 1:
+            evals.append(loaded[eval_name])
+    if mixer:
+        train, train_where = _concatenate(trains, "dataset_mixer"), "dataset_mixer's train rows"
+        if len(train) == 0:
+            raise DataError("dataset_mixer: its fractions take no train row (each takes "
+                            "int(fraction * rows) of its dataset): raise them")
+        eval_ds = _concatenate(evals, "dataset_mixer") if evals else None
+    else:
+        (train, train_where), eval_ds = trains[0], (evals[0][0] if evals else None)
+    if eval_ds is None and not single_files:
+        eval_name = None
     if fraction > 0:
         train, eval_ds = _hold_out(train, fraction, train_where)
         eval_name = HELDOUT_SPLIT
-    elif eval_name is None and layout != "file":
+    elif eval_name is None and not single_files:
         logger.info("dataset_splits names no eval split: no evaluation (set --eval_fraction to "
                     "hold some train rows out)")
-
     if data_args.dataset_shuffle:
         train = train.shuffle(seed=OFFICIAL_SHUFFLE_SEED)
         eval_ds = eval_ds.shuffle(seed=OFFICIAL_SHUFFLE_SEED) if eval_ds is not None else None
+    order = (f"shuffled with seed {OFFICIAL_SHUFFLE_SEED} (official order)"
+             if data_args.dataset_shuffle else "file order")
+    return _capped(LoadedSplits(train, eval_ds, train_name, eval_name), data_args, order)
+
+
+def _capped(loaded: LoadedSplits, data_args: DataArguments, order: str) -> LoadedSplits:
+    """``max_train_samples`` / ``max_eval_samples``: the first rows of the final order."""
+    train, eval_ds = loaded.train, loaded.eval
     if data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     if eval_ds is not None and data_args.max_eval_samples is not None:
         eval_ds = eval_ds.select(range(min(data_args.max_eval_samples, len(eval_ds))))
-    logger.info("train split %r: %d rows; eval split %s; %s", train_name, len(train),
-                f"{eval_name!r}: {len(eval_ds)} rows" if eval_ds is not None else "none",
-                f"shuffled with seed {OFFICIAL_SHUFFLE_SEED} (official order)"
-                if data_args.dataset_shuffle else "file order")
-    return LoadedSplits(train, eval_ds, train_name, eval_name)
+    logger.info("train split %r: %d rows; eval split %s; %s", loaded.train_name, len(train),
+                f"{loaded.eval_name!r}: {len(eval_ds)} rows" if eval_ds is not None else "none",
+                order)
+    return loaded._replace(train=train, eval=eval_ds)
+
+
+def _load_mixture(data_args: DataArguments) -> LoadedSplits:
+    """alignment-handbook's ``get_dataset`` for a ``dataset_mixture`` (its defaults filled in by
+    :class:`~simpo.config.DataArguments`): each dataset's ``split`` (hub id or local path, as
+    ``dataset_name``), its ``columns`` selected, a sample of ``int(rows * weight)`` rows after a
+    ``seed`` shuffle; all concatenated and shuffled with ``seed``; ``test_split_size`` (a fraction
+    or a row count) then splits the eval split ``"test"`` off with
+    ``train_test_split(seed=seed)``; without it there is no eval split."""
+    mixture = data_args.dataset_mixture
+    seed = mixture["seed"]
+    parts = []
+    for entry in mixture["datasets"]:
+        spec, layout = _resolve_source(entry["id"])
+        ((dataset, where),) = _load_sources(spec, layout, [entry["split"]],
+                                            entry["config"]).values()
+        columns = entry["columns"]
+        if columns is not None:
+            missing = [c for c in columns if c not in dataset.column_names]
+            if missing:
+                raise DataError(f"{where}: dataset_mixture columns {missing} not found (columns: "
+                                f"{dataset.column_names})")
+            dataset = dataset.select_columns(columns)
+        _check_columns(dataset, where)
+        # every dataset is sampled (weight defaults to 1.0: then only shuffled), as the handbook
+        dataset = dataset.shuffle(seed=seed).select(range(int(len(dataset) * entry["weight"])))
+        logger.info("dataset_mixture: %s: %d rows (weight %g)", where, len(dataset), entry["weight"])
+        parts.append((dataset, where))
+    train = _concatenate(parts, "dataset_mixture").shuffle(seed=seed)
+    if len(train) == 0:
+        raise DataError("dataset_mixture: its weights take no row (each takes int(rows * weight) "
+                        "of its dataset): raise them")
+    eval_ds, eval_name, test = None, None, mixture["test_split_size"]
+    if test is not None:
+        try:
+            split = train.train_test_split(test_size=test, seed=seed)
+        except ValueError as exc:
+            raise DataError(f"dataset_mixture: test_split_size {test} of {len(train)} rows: "
+                            f"{error_text(exc)}") from exc
+        train, eval_ds, eval_name = split["train"], split["test"], "test"
+    else:
+        logger.info("dataset_mixture has no test_split_size: no eval split")
+    return _capped(LoadedSplits(train, eval_ds, "train", eval_name), data_args,
+                   f"shuffled with seed {seed} (alignment-handbook dataset_mixture)")
 
 
 # ----------------------------------------------------------------------------- templating

@@ -144,3 +144,223 @@ def test_rows_that_cannot_be_used_are_dropped_and_counted_by_reason(tok, caplog,
             "are text") in caplog.text
     with pytest.raises(DataError, match=r"missing column\(s\) \['rejected'\]"):
         _tokenized([{"prompt": "a", "chosen": "b"}], tok)
+
+
+# ----------------------------------------------------------------------------- the official recipe
+
+def _resolved_sources(data_args) -> list[tuple]:
+    """(dataset, config, fraction of its train split) for each dataset the run reads."""
+    from simpo.data import _sources
+
+    return [(s.name, s.config, 1.0 if s.fraction is None else s.fraction)
+            for s in _sources(data_args)]
+
+
+def test_the_official_recipe_verbatim_is_our_packaged_recipe():
+    """princeton-nlp/SimPO's training_configs/gemma-2-9b-it-simpo.yaml, unchanged (see
+    fixtures/princeton-nlp-SimPO/SOURCE.md), parses to the packaged recipe's configuration: every
+    field of the three argument classes is equal except the differences listed here."""
+    # what cannot apply on this machine: wandb is not installed, and bf16 without a GPU needs
+    # use_cpu (given to both)
+    official = parse_args([str(OFFICIAL_RECIPE), "--report_to", "none", "--use_cpu", "true"])
+    ours = parse_args(["gemma-2-9b-it-simpo", "--use_cpu", "true"])
+    differences = {}
+    for theirs, mine in zip(official[:3], ours[:3]):
+        assert type(theirs) is type(mine)
+        for f in dataclasses.fields(theirs):
+            a, b = getattr(theirs, f.name), getattr(mine, f.name)
+            if f.name == "chat_template":  # the YAML inlines the template our recipe names
+                a, b = CHAT_TEMPLATES.get(a, a), CHAT_TEMPLATES.get(b, b)
+            if a != b:
+                differences[f.name] = (a, b)
+    armorm = "princeton-nlp/gemma2-ultrafeedback-armorm"
+    assert differences == {
+        # the same data, spelled as the official mixer vs dataset_name (sources compared below)
+        "dataset_mixer": ({armorm: 1.0}, None),
+        "dataset_name": (None, armorm),
+        # global batch 128 both: 4 processes x 2 x 16 in the published YAML, 8 x 2 x 8 in ours
+        "gradient_accumulation_steps": (16, 8),
+        # the authors' hub repository (push_to_hub is false in both)
+        "hub_model_id": ("simpo-exps", None),
+        # report_to was overridden on the command line for the published YAML only
+        "command_line_keys": (frozenset({"report_to", "use_cpu"}), frozenset({"use_cpu"})),
+    }
+    assert _resolved_sources(official[1]) == _resolved_sources(ours[1]) == [(armorm, None, 1.0)]
+    assert CHAT_TEMPLATES.get(official[1].chat_template) is None  # inlined, not a name
+    assert official[2].report_to == ours[2].report_to == []
+    assert OFFICIAL_RECIPE.read_text().count("dataset_mixer:") == 1  # the key that was refused
+
+
+# ----------------------------------------------------------------------------- dataset_mixer
+
+def _rows(tag: str, n: int) -> list[dict]:
+    return [{"prompt": f"{tag}{i}", "chosen": [_user(f"{tag}{i}"), _assistant("yes")],
+             "rejected": [_user(f"{tag}{i}"), _assistant("no")], "extra": i} for i in range(n)]
+
+
+def _write(path: Path, rows: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _permuted(items: list, seed: int) -> list:
+    """``Dataset.shuffle(seed)``'s order, from numpy directly."""
+    import numpy as np
+
+    return [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
+
+
+def test_mixer_of_one_dataset_at_fraction_1_is_dataset_name(tmp_path):
+    _write(tmp_path / "train.jsonl", _rows("t", 30))
+    _write(tmp_path / "test.jsonl", _rows("e", 12))
+    for extra in ({}, {"max_train_samples": 7, "max_eval_samples": 5}, {"dataset_shuffle": False}):
+        named = load_splits(DataArguments(dataset_name=str(tmp_path), **extra))
+        mixed = load_splits(DataArguments(dataset_mixer={str(tmp_path): 1.0}, **extra))
+        columns = ["prompt", "chosen", "rejected"]  # the mixer keeps the data columns only
+        assert mixed.train.column_names == columns
+        assert mixed.train.to_list() == named.train.select_columns(columns).to_list()
+        assert mixed.eval.to_list() == named.eval.select_columns(columns).to_list()
+        assert (mixed.train_name, mixed.eval_name) == (named.train_name, named.eval_name)
+    assert named.train["prompt"][:3] == ["t0", "t1", "t2"]  # the last one: file order
+
+
+def test_mixer_takes_the_official_rows_in_the_official_order(tmp_path):
+    """mix_datasets: the first int(fraction * n) rows of each train split in file order,
+    concatenated in the mixer's order and shuffled with seed 42; each eval split whole (a single
+    file has none), concatenated and shuffled with seed 42."""
+    a = tmp_path / "a"  # a directory of {split}.jsonl
+    _write(a / "train.jsonl", _rows("a", 10))
+    _write(a / "test.jsonl", _rows("ae", 4))
+    _write(tmp_path / "b-train.jsonl", _rows("b", 20))  # a {split} pattern
+    _write(tmp_path / "b-test.jsonl", _rows("be", 3))
+    c = _write(tmp_path / "c.jsonl", _rows("c", 8))     # a single file: train rows only
+    mixer = {str(a): 0.5, str(tmp_path / "b-{split}.jsonl"): 0.27, c: 1}
+    out = load_splits(DataArguments(dataset_mixer=mixer))
+    taken = [f"a{i}" for i in range(5)] + [f"b{i}" for i in range(5)] + [f"c{i}" for i in range(8)]
+    assert out.train["prompt"] == _permuted(taken, 42)  # int(0.27 * 20) = 5 rows of b
+    assert out.eval["prompt"] == _permuted([f"ae{i}" for i in range(4)] + ["be0", "be1", "be2"], 42)
+    assert (out.train_name, out.eval_name) == ("train", "test")
+    unshuffled = load_splits(DataArguments(dataset_mixer=mixer, dataset_shuffle=False))
+    assert unshuffled.train["prompt"] == taken
+    # the chosen rows are those of the files (not just their prompts)
+    assert unshuffled.train[5]["chosen"] == _rows("b", 1)[0]["chosen"]
+    # held out of the mixed train rows when no dataset has an eval split
+    held = load_splits(DataArguments(dataset_mixer={c: 1.0, str(tmp_path / "b-train.jsonl"): 0.5},
+                                     eval_fraction=0.25))
+    assert (len(held.train), len(held.eval), held.eval_name) == (13, 5, "heldout")
+    assert sorted(list(held.train["prompt"]) + list(held.eval["prompt"])) == sorted(
+        [f"c{i}" for i in range(8)] + [f"b{i}" for i in range(10)])
+
+
+def test_mixer_data_errors_name_the_dataset(tmp_path):
+    text = _write(tmp_path / "text.jsonl", [{"chosen": "a b", "rejected": "a c"}])
+    conv = _write(tmp_path / "conv.jsonl", _rows("c", 4))
+    with pytest.raises(DataError) as info:
+        load_splits(DataArguments(dataset_mixer={conv: 1.0, text: 1.0}))
+    assert str(info.value) == (f"dataset_mixer: data file {conv} (split 'train') and data file "
+                               f"{text} (split 'train') cannot be mixed: column 'chosen' holds "
+                               f"message lists in one and text in the other")
+    with pytest.raises(DataError, match=r"^dataset_mixer: its fractions take no train row"):
+        load_splits(DataArguments(dataset_mixer={conv: 0.1}))
+    with pytest.raises(DataError, match=r"^data path not found: \./nowhere\.jsonl$"):
+        load_splits(DataArguments(dataset_mixer={conv: 1.0, "./nowhere.jsonl": 0.5}))
+
+
+# ----------------------------------------------------------------------------- dataset_mixture
+
+def test_mixture_follows_alignment_handbook(tmp_path):
+    """get_dataset: each dataset's split, its columns, a seed-shuffled sample of int(n * weight)
+    rows; concatenated, shuffled with the seed, then train_test_split(test_split_size, seed)."""
+    _write(tmp_path / "hub-like" / "train_prefs.jsonl", _rows("p", 12))
+    other = _write(tmp_path / "other.jsonl", _rows("o", 10))
+    mixture = {"datasets": [{"id": str(tmp_path / "hub-like"), "split": "train_prefs",
+                             "columns": ["chosen", "rejected"], "weight": 0.5},
+                            {"id": other, "columns": ["rejected", "chosen"]}],
+               "seed": 3, "test_split_size": 0.25}
+    out = load_splits(DataArguments(dataset_mixture=mixture))
+    # the reference: alignment-handbook's steps on the same rows, in plain datasets calls
+    pieces = [datasets.Dataset.from_list(_rows("p", 12)).shuffle(seed=3).select(range(6)),
+              datasets.Dataset.from_list(_rows("o", 10)).shuffle(seed=3)]
+    pieces = [p.select_columns(["chosen", "rejected"]) for p in pieces]
+    combined = datasets.concatenate_datasets(pieces).shuffle(seed=3)
+    expected = combined.train_test_split(test_size=0.25, seed=3)
+    assert (len(out.train), len(out.eval)) == (12, 4)
+    assert out.train.to_list() == expected["train"].to_list()
+    assert out.eval.to_list() == expected["test"].to_list()
+    assert (out.train_name, out.eval_name) == ("train", "test")
+    assert out.train.column_names == ["chosen", "rejected"]  # columns selected
+    # without test_split_size: no eval split; a row count as test_split_size
+    no_test = load_splits(DataArguments(dataset_mixture={**mixture, "test_split_size": None}))
+    assert no_test.eval is None and no_test.train.to_list() == combined.to_list()
+    counted = load_splits(DataArguments(dataset_mixture={**mixture, "test_split_size": 5}))
+    assert (len(counted.train), len(counted.eval)) == (11, 5)
+    with pytest.raises(DataError, match=r"columns \['score'\] not found"):
+        load_splits(DataArguments(dataset_mixture={"datasets": [{"id": other,
+                                                                 "columns": ["score"]}]}))
+
+
+# ----------------------------------------------------------------------------- options
+
+BAD_OPTIONS = [
+    ({"dataset_mixer": {"a": 1.5}},
+     "dataset_mixer: a: must be a number in [0, 1] (the fraction of the dataset's rows), got "
+     "float 1.5"),
+    ({"dataset_mixer": {"a": float("nan")}}, "dataset_mixer: a: must be a number in [0, 1]"),
+    ({"dataset_mixer": {"a": True}}, "dataset_mixer: a: must be a number in [0, 1]"),
+    ({"dataset_mixer": {"a": "0.5"}}, "dataset_mixer: a: must be a number in [0, 1]"),
+    ({"dataset_mixer": {}}, "dataset_mixer: empty: name at least one dataset with its fraction"),
+    ({"dataset_mixer": {"a": 0, "b": 0.0}}, "dataset_mixer: every fraction is 0: no train rows"),
+    ({"dataset_mixer": {"a": 1.0}, "dataset_name": "b"},
+     "dataset_name and dataset_mixer both name the data: keep one"),
+    ({"dataset_mixer": {"a": 1.0}, "dataset_mixture": {"datasets": [{"id": "b"}]}},
+     "dataset_mixer and dataset_mixture both name the data: keep one"),
+    ({"dataset_mixer": {"a": 1.0}, "dataset_config": "x"}, "dataset_config: applies to dataset_name"),
+    ({"dataset_mixer": {"a": 1.0}, "dataset_configs": ["x", "y"]},
+     "dataset_configs: 2 config(s) for 1 dataset(s) of dataset_mixer"),
+    ({"dataset_configs": ["x"]}, "dataset_configs: applies to dataset_mixer"),
+    ({"dataset_mixture": {}}, "dataset_mixture: datasets must be a non-empty list"),
+    ({"dataset_mixture": {"datasets": [{"id": "a"}], "shuffle": True}},
+     "dataset_mixture: unknown key(s) shuffle (keys: datasets, seed, test_split_size)"),
+    ({"dataset_mixture": {"datasets": [{"config": "default"}]}},
+     "dataset_mixture: datasets[1]: id (a hub id or a path) is missing"),
+    ({"dataset_mixture": {"datasets": [{"id": "a", "name": "x"}]}},
+     "dataset_mixture: datasets[1]: unknown key(s) name"),
+    ({"dataset_mixture": {"datasets": [{"id": "a", "weight": 0}]}},
+     "dataset_mixture: datasets[1]: weight: must be a number in (0, 1]"),
+    ({"dataset_mixture": {"datasets": [{"id": "a", "columns": ["chosen", "rejected"]},
+                                       {"id": "b", "columns": ["chosen"]}]}},
+     "dataset_mixture: datasets[2]: columns ['chosen'] differ from an earlier dataset's"),
+    ({"dataset_mixture": {"datasets": [{"id": "a"}], "seed": -1}},
+     "dataset_mixture: seed must be an integer in [0, 2**32 - 1], got int -1"),
+    ({"dataset_mixture": {"datasets": [{"id": "a"}], "test_split_size": 1.0}},
+     "dataset_mixture: test_split_size must be a fraction in (0, 1) or a row count >= 1"),
+    ({"dataset_mixture": {"datasets": [{"id": "a"}]}, "eval_fraction": 0.1},
+     "eval_fraction: does not apply to dataset_mixture: use dataset_mixture's test_split_size"),
+    ({"dataset_mixture": {"datasets": [{"id": "a"}]}, "dataset_shuffle": False},
+     "dataset_shuffle: does not apply to dataset_mixture"),
+]
+
+
+@pytest.mark.parametrize("options,message", BAD_OPTIONS)
+def test_mixture_options_are_checked_with_one_line(options, message):
+    with pytest.raises(ConfigError) as info:
+        DataArguments(**options)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_mixtures_from_the_command_line_are_json_objects(tmp_path):
+    path = _write(tmp_path / "t.jsonl", _rows("t", 4))
+    _, data_args, _, _ = parse_args(["--dataset_mixer", json.dumps({path: 0.5}), "--use_cpu", "true"])
+    assert data_args.dataset_mixer == {path: 0.5}
+    mixture = json.dumps({"datasets": [{"id": path, "weight": 0.5}], "seed": 1})
+    _, data_args, _, _ = parse_args(["--dataset_mixture", mixture, "--use_cpu", "true"])
+    assert data_args.dataset_mixture == {"datasets": [{"id": path, "config": None, "split": "train",
+                                                       "columns": None, "weight": 0.5}],
+                                         "seed": 1, "test_split_size": None}
+    for text, message in (("{oops", "dataset_mixer: not a JSON object (column 2): Expecting "
+                                    "property name enclosed in double quotes"),
+                          ("[1]", "dataset_mixer: must be a mapping (a JSON object), got list")):
+        with pytest.raises(ConfigError) as info:
+            parse_args(["--dataset_mixer", text, "--use_cpu", "true"])
+        assert str(info.value).startswith(message)
