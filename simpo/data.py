@@ -675,6 +675,23 @@ def row_problem(row: dict) -> Optional[str]:
     return split_row(row)[1]
 
 
+def data_texts(splits) -> list[str]:
+    """Every text of the ``prompt`` / ``chosen`` / ``rejected`` columns of ``splits`` (strings, and
+    message contents), e.g. the embedded tiny tokenizer's vocabulary."""
+    texts = []
+    for split in splits:
+        for column in _DATA_COLUMNS:
+            if column not in split.column_names:
+                continue
+            for value in split[column]:
+                if isinstance(value, str):
+                    texts.append(value)
+                elif isinstance(value, list):
+                    texts.extend(m["content"] for m in value
+                                 if isinstance(m, dict) and isinstance(m.get("content"), str))
+    return texts
+
+
 def _template_mentions_system(tokenizer) -> bool:
     template = tokenizer.chat_template or ""
     return "system" in template or "<|im_start|>" in template

@@ -39,10 +39,9 @@ def load_tokenizer(model_args, data_args, raw_datasets):
     if is_tiny(model_args):
         path = model_args.tokenizer_name_or_path
         if path is None:
-            texts = [m["content"] for split in raw_datasets.values()
-                     for col in ("chosen", "rejected") if col in split.column_names
-                     for msgs in split[col] if isinstance(msgs, list)
-                     for m in msgs if isinstance(m, dict) and isinstance(m.get("content"), str)]
+            from .data import data_texts
+
+            texts = data_texts(raw_datasets.values())
             kwargs = {"chat_template": template} if template else {}
             return build_tiny_tokenizer(texts, **kwargs)
     else:

@@ -364,3 +364,40 @@ def test_mixtures_from_the_command_line_are_json_objects(tmp_path):
         with pytest.raises(ConfigError) as info:
             parse_args(["--dataset_mixer", text, "--use_cpu", "true"])
         assert str(info.value).startswith(message)
+
+
+# ----------------------------------------------------------------------------- a run
+
+def test_a_run_on_a_mixture_of_text_data_records_and_checks_its_files(tmp_path, capsys):
+    """simpo-train on a dataset_mixer of two local text datasets (explicit and implicit prompt):
+    it trains, records the mixer and each file's sha256 in the run configuration, and a rerun
+    after one file changed is refused naming that file."""
+    from simpo.run_dir import RUN_CONFIG_NAME
+    from simpo.train import main
+    from tests.test_run_dir import FAST
+
+    words = "a b c d e f g h".split()
+    explicit = [{"prompt": f"What is {w} ?", "chosen": f" {w} yes", "rejected": " no"}
+                for w in words]
+    implicit = [{"chosen": f"Is {w} the answer ? yes", "rejected": f"Is {w} the answer ? no {w}"}
+                for w in words]
+    first = _write(tmp_path / "explicit" / "train.jsonl", explicit)
+    second = _write(tmp_path / "implicit.jsonl", implicit)
+    mixer = json.dumps({str(tmp_path / "explicit"): 1.0, second: 0.5})
+    out = tmp_path / "out"
+    argv = ["--dataset_mixer", mixer, "--max_steps", "2", *FAST, "--tiny_num_layers", "1",
+            "--per_device_train_batch_size", "4", "--output_dir", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    recorded = json.loads((out / RUN_CONFIG_NAME).read_text())
+    assert recorded["data"]["dataset_mixer"] == json.loads(mixer)
+    assert sorted(recorded["data_files"]) == ["train (dataset 1)", "train (dataset 2)"]
+    assert recorded["data_files"]["train (dataset 1)"]["path"] == first
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert state["global_step"] == 2 and len(losses) == 2 and all(0 < x < 10 for x in losses)
+
+    _write(Path(second), implicit[::-1])  # same rows, another order: other data
+    capsys.readouterr()
+    assert main(argv + ["--max_steps", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "data file implicit.jsonl (split 'train (dataset 2)'): content changed" in err
