@@ -3,14 +3,17 @@
 1. :func:`load_splits` loads preference data through ``datasets`` (a hub name, a local
    JSON/JSONL/parquet file, a directory of ``{split}.<ext>`` files, or a path with ``{split}``) in
    the official order: each split shuffled with seed 42, as alignment-handbook's ``get_datasets``.
-   A single file is the train split, with an optional seed-42 held-out eval fraction. Unusable
-   data raises :class:`DataError`: one line naming the file, the split and the line at fault.
-   :func:`load_raw_datasets` is the lower-level loader (file order, no held-out split).
-2. :func:`apply_chat_template` turns a row of the gemma2-ultrafeedback-armorm schema (``chosen`` /
-   ``rejected`` as message lists) into three strings: the prompt (all messages but the last,
-   through the chat template) and the two responses (the last message alone through the template,
-   leading BOS stripped). Rows that cannot be formatted (missing or malformed messages, an empty
-   response) are dropped and counted; a dataset missing a required column is an error.
+   A single file is the train split, with an optional seed-42 held-out eval fraction. Mixtures:
+   the official recipes' ``dataset_mixer`` and alignment-handbook's ``dataset_mixture``, each
+   dataset in any of those forms. Unusable data raises :class:`DataError`: one line naming the
+   file, the split and the line at fault. :func:`load_raw_datasets` is the lower-level loader
+   (file order, no held-out split).
+2. :func:`apply_chat_template` turns a row of any of TRL's preference formats (:func:`split_row`)
+   into three strings. Conversational rows (the gemma2-ultrafeedback-armorm schema, or an
+   explicit message-list ``prompt``): the prompt messages through the chat template and each
+   response alone through it, leading BOS stripped. Text rows: as they are. Rows that cannot be
+   used (malformed messages, an empty response, mixed formats) are dropped and counted; a
+   dataset missing a required column is an error.
 3. :func:`tokenize_row` tokenises as the official trainer: ``enc(prompt) + enc(prompt + response)
    [len(enc(prompt)):]``; BOS prepended to the prompt only if missing; EOS appended to a response
    only if missing; if prompt + longer response exceeds ``max_length`` the prompt is cut to
