@@ -267,6 +267,33 @@ def test_mixer_data_errors_name_the_dataset(tmp_path):
         load_splits(DataArguments(dataset_mixer={conv: 1.0, "./nowhere.jsonl": 0.5}))
 
 
+def test_hub_datasets_of_a_mixture_get_their_configs_and_splits(monkeypatch, tmp_path):
+    """Hub ids load with their own config and split (no network here: the hub call returns real
+    Datasets and records what it was asked); only local files are fingerprinted."""
+    from simpo.data import local_data_files
+
+    calls = []
+
+    def hub(name, config=None, split=None, **kwargs):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list(_rows(f"{name[-1]}{split[:2]}", 4))
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    out = load_splits(DataArguments(dataset_mixer={"org/a": 0.5, "org/b": 1.0},
+                                    dataset_configs=["x", "y"], dataset_shuffle=False))
+    assert calls == [("org/a", "x", "train"), ("org/a", "x", "test"),
+                     ("org/b", "y", "train"), ("org/b", "y", "test")]
+    assert list(out.train["prompt"]) == ["atr0", "atr1"] + [f"btr{i}" for i in range(4)]
+    assert len(out.eval) == 8
+    calls.clear()
+    load_splits(DataArguments(dataset_mixture={"datasets": [
+        {"id": "org/c", "config": "default", "split": "train_prefs"}]}))
+    assert calls == [("org/c", "default", "train_prefs")]
+    local = _write(tmp_path / "l.jsonl", _rows("l", 2))
+    assert local_data_files(DataArguments(dataset_mixer={"org/a": 1.0, local: 0.5})) == {
+        "train (dataset 2)": local}
+
+
 # ----------------------------------------------------------------------------- dataset_mixture
 
 def test_mixture_follows_alignment_handbook(tmp_path):
