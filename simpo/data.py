@@ -695,6 +695,16 @@ def data_texts(splits) -> list[str]:
     return texts
 
 
+def needs_chat_template(splits) -> bool:
+    """Whether any row of ``splits`` is conversational: text rows use no chat template, so a
+    base model's tokenizer without one can train on them."""
+    for split in splits:
+        if "chosen" in split.column_names and _feature_kind(split.features["chosen"]) != "text" \
+                and any(isinstance(value, list) for value in split["chosen"]):
+            return True
+    return False
+
+
 def _template_mentions_system(tokenizer) -> bool:
     template = tokenizer.chat_template or ""
     return "system" in template or "<|im_start|>" in template

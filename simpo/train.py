@@ -33,14 +33,13 @@ def _dtype(name):
 def load_tokenizer(model_args, data_args, raw_datasets):
     from transformers import AutoTokenizer
 
+    from .data import data_texts, needs_chat_template
     from .modeling import CHAT_TEMPLATES, build_tiny_tokenizer
 
     template = CHAT_TEMPLATES.get(data_args.chat_template, data_args.chat_template)
     if is_tiny(model_args):
         path = model_args.tokenizer_name_or_path
         if path is None:
-            from .data import data_texts
-
             texts = data_texts(raw_datasets.values())
             kwargs = {"chat_template": template} if template else {}
             return build_tiny_tokenizer(texts, **kwargs)
@@ -55,7 +54,7 @@ def load_tokenizer(model_args, data_args, raw_datasets):
         tokenizer.pad_token = tokenizer.eos_token
     if template is not None:
         tokenizer.chat_template = template
-    if tokenizer.chat_template is None:
+    if tokenizer.chat_template is None and needs_chat_template(raw_datasets.values()):
         raise UserError(f"tokenizer {path!r} has no chat template: set chat_template (e.g. 'gemma')")
     return tokenizer
 

@@ -146,6 +146,28 @@ def test_rows_that_cannot_be_used_are_dropped_and_counted_by_reason(tok, caplog,
         _tokenized([{"prompt": "a", "chosen": "b"}], tok)
 
 
+def test_text_data_needs_no_chat_template(tmp_path):
+    """A base model's tokenizer without a chat template trains on text rows (as TRL); on
+    conversational rows it is refused with one line."""
+    from simpo.config import ModelArguments
+    from simpo.config import UserError
+    from simpo.train import load_tokenizer
+
+    plain = build_tiny_tokenizer(["What is a ? yes no"], chat_template=None)
+    plain.save_pretrained(tmp_path / "base")
+    model_args = ModelArguments(model_name_or_path=str(tmp_path / "base"))
+    text = {"train": datasets.Dataset.from_list([{"prompt": "What is a ?", "chosen": " yes",
+                                                  "rejected": " no"}])}
+    loaded = load_tokenizer(model_args, DataArguments(), text)
+    assert loaded.chat_template is None
+    assert _tokenized(text["train"].to_list(), loaded) == [
+        tokenize_row("What is a ?", " yes", " no", plain, max_length=32, max_prompt_length=16)]
+    conversational = {"train": datasets.Dataset.from_list(
+        [{"chosen": [_user("a"), _assistant("yes")], "rejected": [_user("a"), _assistant("no")]}])}
+    with pytest.raises(UserError, match=r"has no chat template: set chat_template"):
+        load_tokenizer(model_args, DataArguments(), conversational)
+
+
 # ----------------------------------------------------------------------------- the official recipe
 
 def _resolved_sources(data_args) -> list[tuple]:
