@@ -366,21 +366,27 @@ def local_data_files(data_args: DataArguments) -> dict[str, str]:
     return out
 
 
-class _Source(NamedTuple):
-    """One dataset of what ``load_splits`` loads: ``fraction`` of its train split (the official
-    ``dataset_mixer``), or all of it (None: ``dataset_name``)."""
+class DataSource(NamedTuple):
+    """One dataset a run reads, as named (a hub id or a path; None: the shipped data), its hub
+    config, and the fraction of its rows taken (``dataset_mixer``: of its train split, a prefix;
+    ``dataset_mixture``: its weight, a seeded sample; None: all of it, ``dataset_name``)."""
 
     name: Optional[str]
     config: Optional[str]
     fraction: Optional[float]
 
 
-def _sources(data_args: DataArguments) -> list[_Source]:
+def data_sources(data_args: DataArguments) -> list[DataSource]:
+    """The datasets of ``data_args`` (``dataset_name``, ``dataset_mixer`` or
+    ``dataset_mixture``), in their order: e.g. what a model card names as the training data."""
+    if data_args.dataset_mixture is not None:
+        return [DataSource(e["id"], e["config"], e["weight"])
+                for e in data_args.dataset_mixture["datasets"]]
     mixer = data_args.dataset_mixer
     if mixer is None:
-        return [_Source(data_args.dataset_name, data_args.dataset_config, None)]
+        return [DataSource(data_args.dataset_name, data_args.dataset_config, None)]
     configs = data_args.dataset_configs or [None] * len(mixer)
-    return [_Source(name, config, fraction)
+    return [DataSource(name, config, fraction)
             for (name, fraction), config in zip(mixer.items(), configs)]
 
 
@@ -467,7 +473,7 @@ def load_splits(data_args: DataArguments) -> LoadedSplits:
     # the options themselves (split count, eval_fraction range, ...) are DataArguments' checks
     splits = list(data_args.dataset_splits)
     fraction = data_args.eval_fraction
-    sources = _sources(data_args)
+    sources = data_sources(data_args)
     mixer = data_args.dataset_mixer is not None
     resolved = [_resolve_source(source.name) for source in sources]
 

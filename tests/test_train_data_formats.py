@@ -172,10 +172,10 @@ def test_text_data_needs_no_chat_template(tmp_path):
 
 def _resolved_sources(data_args) -> list[tuple]:
     """(dataset, config, fraction of its train split) for each dataset the run reads."""
-    from simpo.data import _sources
+    from simpo.data import data_sources
 
     return [(s.name, s.config, 1.0 if s.fraction is None else s.fraction)
-            for s in _sources(data_args)]
+            for s in data_sources(data_args)]
 
 
 def test_the_official_recipe_verbatim_is_our_packaged_recipe():
@@ -328,6 +328,8 @@ def test_mixture_follows_alignment_handbook(tmp_path):
                             {"id": other, "columns": ["rejected", "chosen"]}],
                "seed": 3, "test_split_size": 0.25}
     out = load_splits(DataArguments(dataset_mixture=mixture))
+    assert _resolved_sources(DataArguments(dataset_mixture=mixture)) == [
+        (str(tmp_path / "hub-like"), None, 0.5), (other, None, 1.0)]
     # the reference: alignment-handbook's steps on the same rows, in plain datasets calls
     pieces = [datasets.Dataset.from_list(_rows("p", 12)).shuffle(seed=3).select(range(6)),
               datasets.Dataset.from_list(_rows("o", 10)).shuffle(seed=3)]
