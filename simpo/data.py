@@ -495,20 +495,23 @@ def load_splits(data_args: DataArguments) -> LoadedSplits:
                         f"already has the eval split {eval_name!r}: set eval_fraction to 0, or "
                         f"dataset_splits to [{train_name!r}] alone")
 
+    def names(layout: Optional[str]) -> list[str]:
+        return [train_name] + ([eval_name] if eval_name is not None and layout != "file" else [])
+
+    local_data_files(data_args)  # every local file located before any dataset is loaded
     trains, evals = [], []
     for source, (spec, layout) in zip(sources, resolved):
-        names = [train_name] + ([eval_name] if eval_name is not None and layout != "file" else [])
-        loaded = _load_sources(spec, layout, names, source.config)
+        loaded = _load_sources(spec, layout, names(layout), source.config)
         for dataset, where in loaded.values():
             _check_columns(dataset, where)
         train, where = loaded[train_name]
         if source.fraction is not None:  # official mix_datasets: a prefix in file order
             train = train.select(range(int(source.fraction * len(train))))
             logger.info("dataset_mixer: %s: %d rows (fraction %g)%s", where, len(train),
-                        source.fraction, "" if len(names) > 1 or eval_name is None
+                        source.fraction, "" if len(loaded) > 1 or eval_name is None
                         else "; a single file: no eval split from it")
         trains.append((train, where))
-        if len(names) > 1:
+        if len(loaded) > 1:
             evals.append(loaded[eval_name])
     if mixer:
         train, train_where = _concatenate(trains, "dataset_mixer"), "dataset_mixer's train rows"
@@ -556,6 +559,7 @@ def _load_mixture(data_args: DataArguments) -> LoadedSplits:
     ``train_test_split(seed=seed)``; without it there is no eval split."""
     mixture = data_args.dataset_mixture
     seed = mixture["seed"]
+    local_data_files(data_args)  # every local file located before any dataset is loaded
     parts = []
     for entry in mixture["datasets"]:
         spec, layout = _resolve_source(entry["id"])

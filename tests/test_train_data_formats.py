@@ -287,6 +287,9 @@ def test_mixer_data_errors_name_the_dataset(tmp_path):
         load_splits(DataArguments(dataset_mixer={conv: 0.1}))
     with pytest.raises(DataError, match=r"^data path not found: \./nowhere\.jsonl$"):
         load_splits(DataArguments(dataset_mixer={conv: 1.0, "./nowhere.jsonl": 0.5}))
+    missing = str(tmp_path / "gone-{split}.jsonl")  # found before anything is loaded
+    with pytest.raises(DataError, match=r"^data file for split 'train' not found: .*gone-train"):
+        load_splits(DataArguments(dataset_mixer={conv: 1.0, missing: 0.5}))
 
 
 def test_hub_datasets_of_a_mixture_get_their_configs_and_splits(monkeypatch, tmp_path):
