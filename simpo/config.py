@@ -193,7 +193,8 @@ class DataArguments:
         given = [k for k in ("dataset_name", "dataset_mixer", "dataset_mixture")
                  if getattr(self, k) is not None]
         if len(given) > 1:
-            raise ConfigError(f"{' and '.join(given)} both name the data: keep one")
+            raise ConfigError(f"{given[-1]}: {' and '.join(given[:-1])} already names the data: "
+                              f"keep one of them")
         if self.dataset_configs is not None and self.dataset_mixer is None:
             raise ConfigError("dataset_configs: applies to dataset_mixer (one config per dataset); "
                               "use dataset_config with dataset_name")
@@ -902,6 +903,7 @@ def parse_args(argv: Optional[list[str]] = None):
     overrides = vars(namespace)
     recipe_loss = values.get("loss", "simpo")
     values.update(overrides)
+    _command_line_data_replaces_the_recipes(values, overrides)
     try:
         model_args, data_args, training_args = _build(values)
     except ConfigError as exc:
@@ -923,6 +925,22 @@ def parse_args(argv: Optional[list[str]] = None):
     resolve_fsdp_options(training_args)
     check_loss_backend(model_args, training_args)
     return model_args, data_args, training_args, recipe_path
+
+
+# the keys that name a run's data (one run reads one of them), and what belongs to each
+DATA_SOURCE_KEYS = ("dataset_name", "dataset_mixer", "dataset_mixture")
+_DATA_SOURCE_DETAILS = ("dataset_config", "dataset_configs")
+
+
+def _command_line_data_replaces_the_recipes(values: dict, overrides: dict) -> None:
+    """Data named on the command line (``--dataset_name``, ``--dataset_mixer`` or
+    ``--dataset_mixture``) replaces the recipe's, whichever key the recipe used, with the recipe's
+    hub configs for it (e.g. ``--dataset_name /data/armorm`` with the official recipe's
+    ``dataset_mixer``). Two of them in the recipe, or on the command line, stay an error."""
+    if any(key in overrides for key in DATA_SOURCE_KEYS):
+        for key in DATA_SOURCE_KEYS + _DATA_SOURCE_DETAILS:
+            if key not in overrides:
+                values.pop(key, None)
 
 
 def _check_relations(overrides: dict, args: "SimPOConfig", recipe: str) -> None:

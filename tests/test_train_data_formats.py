@@ -366,9 +366,9 @@ BAD_OPTIONS = [
     ({"dataset_mixer": {}}, "dataset_mixer: empty: name at least one dataset with its fraction"),
     ({"dataset_mixer": {"a": 0, "b": 0.0}}, "dataset_mixer: every fraction is 0: no train rows"),
     ({"dataset_mixer": {"a": 1.0}, "dataset_name": "b"},
-     "dataset_name and dataset_mixer both name the data: keep one"),
+     "dataset_mixer: dataset_name already names the data: keep one of them"),
     ({"dataset_mixer": {"a": 1.0}, "dataset_mixture": {"datasets": [{"id": "b"}]}},
-     "dataset_mixer and dataset_mixture both name the data: keep one"),
+     "dataset_mixture: dataset_mixer already names the data: keep one of them"),
     ({"dataset_mixer": {"a": 1.0}, "dataset_config": "x"}, "dataset_config: applies to dataset_name"),
     ({"dataset_mixer": {"a": 1.0}, "dataset_configs": ["x", "y"]},
      "dataset_configs: 2 config(s) for 1 dataset(s) of dataset_mixer"),
@@ -455,3 +455,23 @@ def test_a_run_on_a_mixture_of_text_data_records_and_checks_its_files(tmp_path, 
     assert main(argv + ["--max_steps", "4"]) == 1
     err = capsys.readouterr().err
     assert "data file implicit.jsonl (split 'train (dataset 2)'): content changed" in err
+
+
+def test_data_named_on_the_command_line_replaces_the_recipes(tmp_path):
+    """--dataset_name with the official recipe's dataset_mixer, --dataset_mixer with the packaged
+    recipe's dataset_name: the command line's data is the run's; two in one place stay an error."""
+    path = _write(tmp_path / "t.jsonl", _rows("t", 4))
+    _, data_args, _, _ = parse_args([str(OFFICIAL_RECIPE), "--dataset_name", path,
+                                     "--report_to", "none", "--use_cpu", "true"])
+    assert (data_args.dataset_name, data_args.dataset_mixer) == (path, None)
+    _, data_args, _, _ = parse_args(["gemma-2-9b-it-simpo", "--dataset_mixer", json.dumps({path: 1}),
+                                     "--use_cpu", "true"])
+    assert (data_args.dataset_name, data_args.dataset_mixer) == (None, {path: 1.0})
+    recipe = tmp_path / "both.yaml"
+    recipe.write_text(f"dataset_name: {path}\ndataset_mixer:\n  {path}: 0.5\n")
+    with pytest.raises(ConfigError, match=r"^both\.yaml: dataset_mixer: dataset_name already names "
+                                          r"the data: keep one of them$"):
+        parse_args([str(recipe), "--use_cpu", "true"])
+    with pytest.raises(ConfigError, match=r"^dataset_mixer: dataset_name already names the data"):
+        parse_args(["--dataset_name", path, "--dataset_mixer", json.dumps({path: 1}),
+                    "--use_cpu", "true"])
