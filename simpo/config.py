@@ -190,8 +190,7 @@ class DataArguments:
         is one line before any data is loaded."""
         for key in ("dataset_mixer", "dataset_mixture"):
             setattr(self, key, _json_object(key, getattr(self, key)))
-        given = [k for k in ("dataset_name", "dataset_mixer", "dataset_mixture")
-                 if getattr(self, k) is not None]
+        given = [k for k in DATA_SOURCE_KEYS if getattr(self, k) is not None]
         if len(given) > 1:
             raise ConfigError(f"{given[-1]}: {' and '.join(given[:-1])} already names the data: "
                               f"keep one of them")
