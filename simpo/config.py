@@ -21,7 +21,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
@@ -157,6 +157,23 @@ class DataArguments:
                           "{split}.jsonl/.json/.parquet files, or a path containing '{split}'. Unset: "
                           "the preference data shipped with the package."})
     dataset_config: Optional[str] = field(default=None, metadata={"help": "Hub dataset config."})
+    # dict-valued (a recipe mapping, or a JSON object on the command line); str is the command
+    # line's form, turned into the dict by __post_init__
+    dataset_mixer: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata={"help": "The official recipes' mixture {dataset: fraction}: the first fraction "
+                          "of each dataset's train split (file order), concatenated and shuffled "
+                          "with seed 42; eval splits whole. Datasets as dataset_name accepts them. "
+                          "On the command line a JSON object. Replaces dataset_name."})
+    dataset_configs: Optional[list[str]] = field(
+        default=None, metadata={"help": "dataset_mixer: the hub config of each dataset, in order."})
+    dataset_mixture: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata={"help": "alignment-handbook's mixture {datasets: [{id, config, split, columns, "
+                          "weight}], seed, test_split_size}: weight is the fraction of each "
+                          "dataset's rows (a seed-shuffled sample), concatenated and shuffled with "
+                          "seed; test_split_size (a fraction or a row count) splits off the eval "
+                          "split. On the command line a JSON object. Replaces dataset_name."})
     dataset_splits: list[str] = field(
         default_factory=lambda: ["train", "test"],
         metadata={"help": "Train split, then (optionally) the eval split."})
@@ -191,6 +208,147 @@ class DataArguments:
             value = getattr(self, key)
             _check(value is None or value >= 1, key, value, ">= 1 (or unset)")
         _check_chat_template(self.chat_template)
+        self._check_mixtures()
+
+    def _check_mixtures(self) -> None:
+        """dataset_mixer / dataset_mixture: a JSON object from the command line becomes the dict a
+        recipe gives; both are checked (and the mixture's defaults filled in) here, so a mistake
+        is one line before any data is loaded."""
+        for key in ("dataset_mixer", "dataset_mixture"):
+            setattr(self, key, _json_object(key, getattr(self, key)))
+        given = [k for k in DATA_SOURCE_KEYS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"{given[-1]}: {' and '.join(given[:-1])} already names the data: "
+                              f"keep one of them")
+        if self.dataset_configs is not None and self.dataset_mixer is None:
+            raise ConfigError("dataset_configs: applies to dataset_mixer (one config per dataset); "
+                              "use dataset_config with dataset_name")
+        if self.dataset_mixer is not None:
+            self.dataset_mixer = _checked_mixer(self.dataset_mixer)
+            if self.dataset_config is not None:
+                raise ConfigError("dataset_config: applies to dataset_name; with dataset_mixer give "
+                                  "dataset_configs, one per dataset")
+            if self.dataset_configs is not None \
+                    and len(self.dataset_configs) != len(self.dataset_mixer):
+                raise ConfigError(f"dataset_configs: {len(self.dataset_configs)} config(s) for "
+                                  f"{len(self.dataset_mixer)} dataset(s) of dataset_mixer: give "
+                                  f"one per dataset, in order")
+        if self.dataset_mixture is not None:
+            self.dataset_mixture = _checked_mixture(self.dataset_mixture)
+            for key, bad, why in (
+                    ("dataset_config", self.dataset_config is not None,
+                     "give each dataset's config in dataset_mixture"),
+                    ("eval_fraction", self.eval_fraction > 0,
+                     "use dataset_mixture's test_split_size"),
+                    ("dataset_shuffle", not self.dataset_shuffle,
+                     "dataset_mixture always shuffles with its seed, as alignment-handbook")):
+                if bad:
+                    raise ConfigError(f"{key}: does not apply to dataset_mixture: {why}")
+
+
+MIXTURE_KEYS = ("datasets", "seed", "test_split_size")
+MIXTURE_DATASET_KEYS = ("id", "config", "split", "columns", "weight")
+
+
+def _json_object(key: str, value):
+    """A dict option as the command line gives it (JSON text) -> the dict; a dict stays."""
+    if not isinstance(value, str):
+        return value
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{key}: not a JSON object (column {exc.colno}): {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: must be a mapping (a JSON object), got {_kind(value)}")
+    return value
+
+
+def _kind(value) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _fraction(key: str, value, *, zero: bool) -> float:
+    """A mixture fraction: a finite number in [0, 1] (``zero``) or (0, 1]."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (0 <= value <= 1 if zero else 0 < value <= 1)
+    if not ok:
+        raise ConfigError(f"{key}: must be a number in {'[0, 1]' if zero else '(0, 1]'} (the "
+                          f"fraction of the dataset's rows), got {_kind(value)}")
+    return float(value)
+
+
+def _checked_mixer(mixer: dict) -> dict:
+    """``{dataset: fraction}``, fractions as floats. The official ``mix_datasets`` takes the first
+    ``int(fraction * rows)`` rows of each train split: a fraction above 1 asks for rows that do not
+    exist; 0 is allowed (the dataset then gives only its eval split), all 0 is not."""
+    if not mixer:
+        raise ConfigError("dataset_mixer: empty: name at least one dataset with its fraction")
+    out = {}
+    for name, fraction in mixer.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"dataset_mixer: a dataset must be a hub id or a path, got "
+                              f"{_kind(name)}")
+        out[name] = _fraction(f"dataset_mixer: {name}", fraction, zero=True)
+    if not any(out.values()):
+        raise ConfigError("dataset_mixer: every fraction is 0: no train rows")
+    return out
+
+
+def _checked_mixture(mixture: dict) -> dict:
+    """alignment-handbook's ``DatasetMixtureConfig`` with its defaults filled in (split ``train``,
+    weight 1.0, seed 0, no test split) and each value checked."""
+    unknown = [str(k) for k in mixture if k not in MIXTURE_KEYS]
+    if unknown:
+        raise ConfigError(f"dataset_mixture: unknown key(s) {', '.join(unknown)} (keys: "
+                          f"{', '.join(MIXTURE_KEYS)})")
+    entries = mixture.get("datasets")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"dataset_mixture: datasets must be a non-empty list of {{id, config, "
+                          f"split, columns, weight}}, got {_kind(entries)}")
+    datasets, columns_seen = [], None
+    for number, entry in enumerate(entries, start=1):
+        where = f"dataset_mixture: datasets[{number}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: must be a mapping {{id, config, split, columns, weight}}, "
+                              f"got {_kind(entry)}")
+        unknown = [str(k) for k in entry if k not in MIXTURE_DATASET_KEYS]
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (keys: "
+                              f"{', '.join(MIXTURE_DATASET_KEYS)})")
+        ident = entry.get("id")
+        if not isinstance(ident, str) or not ident.strip():
+            raise ConfigError(f"{where}: id (a hub id or a path) is missing")
+        config, split = entry.get("config"), entry.get("split", "train")
+        if config is not None and not isinstance(config, str):
+            raise ConfigError(f"{where}: config must be a name, got {_kind(config)}")
+        if not isinstance(split, str) or not split:
+            raise ConfigError(f"{where}: split must be a split name, got {_kind(split)}")
+        columns = entry.get("columns")
+        if columns is not None:
+            if not isinstance(columns, list) or not columns \
+                    or not all(isinstance(c, str) and c for c in columns):
+                raise ConfigError(f"{where}: columns must be a list of column names, got "
+                                  f"{_kind(columns)}")
+            # alignment-handbook's check: the datasets are concatenated, so one set of columns
+            if columns_seen is not None and set(columns) != set(columns_seen):
+                raise ConfigError(f"{where}: columns {columns} differ from an earlier dataset's "
+                                  f"{columns_seen}: a mixture has one set of columns")
+            columns_seen = columns
+        weight = _fraction(f"{where}: weight", entry.get("weight", 1.0), zero=False)
+        datasets.append({"id": ident, "config": config, "split": split, "columns": columns,
+                         "weight": weight})
+    seed = mixture.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32:
+        raise ConfigError(f"dataset_mixture: seed must be an integer in [0, 2**32 - 1], got "
+                          f"{_kind(seed)}")
+    test = mixture.get("test_split_size")
+    if test is not None:
+        is_number = isinstance(test, (int, float)) and not isinstance(test, bool)
+        if not is_number or not ((isinstance(test, int) and test >= 1)
+                                 or (isinstance(test, float) and 0 < test < 1)):
+            raise ConfigError(f"dataset_mixture: test_split_size must be a fraction in (0, 1) or a "
+                              f"row count >= 1, got {_kind(test)}")
+    return {"datasets": datasets, "seed": seed, "test_split_size": test}
 
 
 def _check_chat_template(template: Optional[str]) -> None:
@@ -770,6 +928,7 @@ def parse_args(argv: Optional[list[str]] = None):
     overrides = vars(namespace)
     recipe_loss = values.get("loss", "simpo")
     values.update(overrides)
+    _command_line_data_replaces_the_recipes(values, overrides)
     try:
         model_args, data_args, training_args = _build(values)
     except ConfigError as exc:
@@ -794,6 +953,22 @@ def parse_args(argv: Optional[list[str]] = None):
 
     check_peft_run(values, model_args, training_args)
     return model_args, data_args, training_args, recipe_path
+
+
+# the keys that name a run's data (one run reads one of them), and what belongs to each
+DATA_SOURCE_KEYS = ("dataset_name", "dataset_mixer", "dataset_mixture")
+_DATA_SOURCE_DETAILS = ("dataset_config", "dataset_configs")
+
+
+def _command_line_data_replaces_the_recipes(values: dict, overrides: dict) -> None:
+    """Data named on the command line (``--dataset_name``, ``--dataset_mixer`` or
+    ``--dataset_mixture``) replaces the recipe's, whichever key the recipe used, with the recipe's
+    hub configs for it (e.g. ``--dataset_name /data/armorm`` with the official recipe's
+    ``dataset_mixer``). Two of them in the recipe, or on the command line, stay an error."""
+    if any(key in overrides for key in DATA_SOURCE_KEYS):
+        for key in DATA_SOURCE_KEYS + _DATA_SOURCE_DETAILS:
+            if key not in overrides:
+                values.pop(key, None)
 
 
 def _check_relations(overrides: dict, args: "SimPOConfig", recipe: str) -> None:

@@ -3,14 +3,17 @@
 1. :func:`load_splits` loads preference data through ``datasets`` (a hub name, a local
    JSON/JSONL/parquet file, a directory of ``{split}.<ext>`` files, or a path with ``{split}``) in
    the official order: each split shuffled with seed 42, as alignment-handbook's ``get_datasets``.
-   A single file is the train split, with an optional seed-42 held-out eval fraction. Unusable
-   data raises :class:`DataError`: one line naming the file, the split and the line at fault.
-   :func:`load_raw_datasets` is the lower-level loader (file order, no held-out split).
-2. :func:`apply_chat_template` turns a row of the gemma2-ultrafeedback-armorm schema (``chosen`` /
-   ``rejected`` as message lists) into three strings: the prompt (all messages but the last,
-   through the chat template) and the two responses (the last message alone through the template,
-   leading BOS stripped). Rows that cannot be formatted (missing or malformed messages, an empty
-   response) are dropped and counted; a dataset missing a required column is an error.
+   A single file is the train split, with an optional seed-42 held-out eval fraction. Mixtures:
+   the official recipes' ``dataset_mixer`` and alignment-handbook's ``dataset_mixture``, each
+   dataset in any of those forms. Unusable data raises :class:`DataError`: one line naming the
+   file, the split and the line at fault. :func:`load_raw_datasets` is the lower-level loader
+   (file order, no held-out split).
+2. :func:`apply_chat_template` turns a row of any of TRL's preference formats (:func:`split_row`)
+   into three strings. Conversational rows (the gemma2-ultrafeedback-armorm schema, or an
+   explicit message-list ``prompt``): the prompt messages through the chat template and each
+   response alone through it, leading BOS stripped. Text rows: as they are. Rows that cannot be
+   used (malformed messages, an empty response, mixed formats) are dropped and counted; a
+   dataset missing a required column is an error.
 3. :func:`tokenize_row` tokenises as the official trainer: ``enc(prompt) + enc(prompt + response)
    [len(enc(prompt)):]``; BOS prepended to the prompt only if missing; EOS appended to a response
    only if missing; if prompt + longer response exceeds ``max_length`` the prompt is cut to
@@ -34,7 +37,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import torch
 
-from .config import UserError, is_explicit_path
+from .config import UserError, error_text, is_explicit_path
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -227,7 +230,7 @@ def _check_columns(dataset: Dataset, where: str) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
     if missing:
         raise DataError(f"{where}: missing column(s) {missing}; preference data needs 'chosen' and "
-                        f"'rejected' message lists (columns: {dataset.column_names})")
+                        f"'rejected' (texts or message lists; columns: {dataset.column_names})")
 
 
 def _load_data_file(path: str, split: str) -> Dataset:
@@ -340,13 +343,88 @@ def load_raw_datasets(dataset_name: Optional[str], splits: list[str],
 
 def local_data_files(data_args: DataArguments) -> dict[str, str]:
     """The local file each split of :func:`load_splits` reads (``{split: path}``; the shipped data
-    when ``dataset_name`` is unset), or ``{}`` for a hub dataset. Raises :class:`DataError` where
+    when no data is named), or ``{}`` for a hub dataset. For a mixture (``dataset_mixer`` /
+    ``dataset_mixture``) each of its local datasets' files, keyed ``"{split} (dataset N)"`` (N: its
+    place in the mixture); hub datasets in it have none. Raises :class:`DataError` where
     :func:`load_splits` would fail to find them."""
-    spec, layout = _resolve_source(data_args.dataset_name)
-    if layout is None:
-        return {}
     splits = list(data_args.dataset_splits)
-    return _split_files(spec, layout, splits[:1] if layout == "file" else splits)
+    if data_args.dataset_mixture is not None:
+        wanted = [(entry["id"], [entry["split"]]) for entry in data_args.dataset_mixture["datasets"]]
+    elif data_args.dataset_mixer is not None:
+        wanted = [(name, splits) for name in data_args.dataset_mixer]
+    else:
+        spec, layout = _resolve_source(data_args.dataset_name)
+        if layout is None:
+            return {}
+        return _split_files(spec, layout, splits[:1] if layout == "file" else splits)
+    out = {}
+    for number, (name, names) in enumerate(wanted, start=1):
+        spec, layout = _resolve_source(name)
+        if layout is not None:
+            files = _split_files(spec, layout, names[:1] if layout == "file" else names)
+            out.update({f"{split} (dataset {number})": path for split, path in files.items()})
+    return out
+
+
+class DataSource(NamedTuple):
+    """One dataset a run reads, as named (a hub id or a path; None: the shipped data), its hub
+    config, and the fraction of its rows taken (``dataset_mixer``: of its train split, a prefix;
+    ``dataset_mixture``: its weight, a seeded sample; None: all of it, ``dataset_name``)."""
+
+    name: Optional[str]
+    config: Optional[str]
+    fraction: Optional[float]
+
+
+def data_sources(data_args: DataArguments) -> list[DataSource]:
+    """The datasets of ``data_args`` (``dataset_name``, ``dataset_mixer`` or
+    ``dataset_mixture``), in their order: e.g. what a model card names as the training data."""
+    if data_args.dataset_mixture is not None:
+        return [DataSource(e["id"], e["config"], e["weight"])
+                for e in data_args.dataset_mixture["datasets"]]
+    mixer = data_args.dataset_mixer
+    if mixer is None:
+        return [DataSource(data_args.dataset_name, data_args.dataset_config, None)]
+    configs = data_args.dataset_configs or [None] * len(mixer)
+    return [DataSource(name, config, fraction)
+            for (name, fraction), config in zip(mixer.items(), configs)]
+
+
+# the columns the pipeline reads; a mixture keeps only these (the official mix_datasets'
+# columns_to_keep), so datasets with other extra columns concatenate
+_DATA_COLUMNS = ("prompt", *REQUIRED_COLUMNS)
+
+
+def _feature_kind(feature) -> str:
+    from datasets import Value
+
+    if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
+        return "text"
+    if type(feature).__name__ in ("List", "LargeList", "Sequence"):
+        return "message lists"
+    return str(feature)
+
+
+def _concatenate(parts: list[tuple[Dataset, str]], label: str) -> Dataset:
+    """The datasets of a mixture, their data columns only, one after the other; datasets of
+    different formats (text in one, message lists in another) are a :class:`DataError` naming
+    both."""
+    from datasets import concatenate_datasets
+
+    parts = [(ds.select_columns([c for c in ds.column_names if c in _DATA_COLUMNS]), where)
+             for ds, where in parts]
+    try:
+        return concatenate_datasets([ds for ds, _ in parts])
+    except (ValueError, TypeError) as exc:
+        first, first_where = parts[0]
+        for ds, where in parts[1:]:
+            for column in _DATA_COLUMNS:
+                a, b = first.features.get(column), ds.features.get(column)
+                if a is not None and b is not None and a != b:
+                    raise DataError(f"{label}: {first_where} and {where} cannot be mixed: column "
+                                    f"{column!r} holds {_feature_kind(a)} in one and "
+                                    f"{_feature_kind(b)} in the other") from exc
+        raise DataError(f"{label}: the datasets cannot be concatenated: {_one_line(exc)}") from exc
 
 
 def _hold_out(train: Dataset, fraction: float, where: str) -> tuple[Dataset, Dataset]:
@@ -375,6 +453,12 @@ def load_splits(data_args: DataArguments) -> LoadedSplits:
     * ``eval_fraction > 0`` holds ``ceil(eval_fraction * n)`` train rows out (drawn with seed 42,
       the same rows on every run) as the eval split ``"heldout"``; it is an error when the data
       already has an eval split.
+    * ``dataset_mixer`` (``{dataset: fraction}``, the official recipes' key; each dataset as
+      ``dataset_name`` takes it, ``dataset_configs`` their configs) is the official
+      ``mix_datasets``: the first ``int(fraction * n)`` rows (file order) of each dataset's train
+      split, concatenated in the mixer's order; each eval split whole, concatenated (a single
+      file has none). One dataset at fraction 1.0 is exactly ``dataset_name``.
+    * ``dataset_mixture`` is alignment-handbook's (:func:`_load_mixture`).
     * Official order: each split is shuffled with ``Dataset.shuffle(seed=42)``, as
       alignment-handbook's ``mix_datasets`` does (called by ``get_datasets`` in ``run_simpo.py``),
       before the trainer's own sampler; ``dataset_shuffle=False`` keeps file order.
@@ -384,51 +468,131 @@ def load_splits(data_args: DataArguments) -> LoadedSplits:
     Raises :class:`DataError` (one line naming the file or dataset, the split and, for malformed
     JSON, the line) for any data or data option that cannot be used.
     """
+    if data_args.dataset_mixture is not None:
+        return _load_mixture(data_args)
     # the options themselves (split count, eval_fraction range, ...) are DataArguments' checks
     splits = list(data_args.dataset_splits)
     fraction = data_args.eval_fraction
+    sources = data_sources(data_args)
+    mixer = data_args.dataset_mixer is not None
+    resolved = [_resolve_source(source.name) for source in sources]
 
-    spec, layout = _resolve_source(data_args.dataset_name)
     train_name, eval_name = splits[0], (splits[1] if len(splits) == 2 else None)
-    if layout == "file":
+    single_files = all(layout == "file" for _, layout in resolved)
+    if single_files:
         eval_name = None
+        what = ("every dataset of dataset_mixer is a single file: together they are"
+                if mixer else f"{resolved[0][0]} is a single file: it is")
         if fraction > 0:
-            logger.info("%s is a single file: it is the %r split; eval_fraction %g of its rows is "
-                        "held out (seed %d) as the eval split %r", spec, train_name, fraction,
-                        HELDOUT_SEED, HELDOUT_SPLIT)
+            logger.info("%s the %r split; eval_fraction %g of its rows is held out (seed %d) as "
+                        "the eval split %r", what, train_name, fraction, HELDOUT_SEED,
+                        HELDOUT_SPLIT)
         else:
-            logger.info("%s is a single file: it is the %r split, no eval split (set "
-                        "--eval_fraction to hold some rows out)", spec, train_name)
+            logger.info("%s the %r split, no eval split (set --eval_fraction to hold some rows "
+                        "out)", what, train_name)
     elif fraction > 0 and eval_name is not None:
         raise DataError(f"eval_fraction {fraction} holds train rows out for evaluation, but the data "
                         f"already has the eval split {eval_name!r}: set eval_fraction to 0, or "
                         f"dataset_splits to [{train_name!r}] alone")
 
-    loaded = _load_sources(spec, layout, [s for s in (train_name, eval_name) if s is not None],
-                           data_args.dataset_config)
-    for dataset, where in loaded.values():
-        _check_columns(dataset, where)
-    train, train_where = loaded[train_name]
-    eval_ds = loaded[eval_name][0] if eval_name is not None else None
+    def names(layout: Optional[str]) -> list[str]:
+        return [train_name] + ([eval_name] if eval_name is not None and layout != "file" else [])
+
+    local_data_files(data_args)  # every local file located before any dataset is loaded
+    trains, evals = [], []
+    for source, (spec, layout) in zip(sources, resolved):
+        loaded = _load_sources(spec, layout, names(layout), source.config)
+        for dataset, where in loaded.values():
+            _check_columns(dataset, where)
+        train, where = loaded[train_name]
+        if source.fraction is not None:  # official mix_datasets: a prefix in file order
+            train = train.select(range(int(source.fraction * len(train))))
+            logger.info("dataset_mixer: %s: %d rows (fraction %g)%s", where, len(train),
+                        source.fraction, "" if len(loaded) > 1 or eval_name is None
+                        else "; a single file: no eval split from it")
+        trains.append((train, where))
+        if len(loaded) > 1:
+            evals.append(loaded[eval_name])
+    if mixer:
+        train, train_where = _concatenate(trains, "dataset_mixer"), "dataset_mixer's train rows"
+        if len(train) == 0:
+            raise DataError("dataset_mixer: its fractions take no train row (each takes "
+                            "int(fraction * rows) of its dataset): raise them")
+        eval_ds = _concatenate(evals, "dataset_mixer") if evals else None
+    else:
+        (train, train_where), eval_ds = trains[0], (evals[0][0] if evals else None)
+    if eval_ds is None and not single_files:
+        eval_name = None
     if fraction > 0:
         train, eval_ds = _hold_out(train, fraction, train_where)
         eval_name = HELDOUT_SPLIT
-    elif eval_name is None and layout != "file":
+    elif eval_name is None and not single_files:
         logger.info("dataset_splits names no eval split: no evaluation (set --eval_fraction to "
                     "hold some train rows out)")
-
     if data_args.dataset_shuffle:
         train = train.shuffle(seed=OFFICIAL_SHUFFLE_SEED)
         eval_ds = eval_ds.shuffle(seed=OFFICIAL_SHUFFLE_SEED) if eval_ds is not None else None
+    order = (f"shuffled with seed {OFFICIAL_SHUFFLE_SEED} (official order)"
+             if data_args.dataset_shuffle else "file order")
+    return _capped(LoadedSplits(train, eval_ds, train_name, eval_name), data_args, order)
+
+
+def _capped(loaded: LoadedSplits, data_args: DataArguments, order: str) -> LoadedSplits:
+    """``max_train_samples`` / ``max_eval_samples``: the first rows of the final order."""
+    train, eval_ds = loaded.train, loaded.eval
     if data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     if eval_ds is not None and data_args.max_eval_samples is not None:
         eval_ds = eval_ds.select(range(min(data_args.max_eval_samples, len(eval_ds))))
-    logger.info("train split %r: %d rows; eval split %s; %s", train_name, len(train),
-                f"{eval_name!r}: {len(eval_ds)} rows" if eval_ds is not None else "none",
-                f"shuffled with seed {OFFICIAL_SHUFFLE_SEED} (official order)"
-                if data_args.dataset_shuffle else "file order")
-    return LoadedSplits(train, eval_ds, train_name, eval_name)
+    logger.info("train split %r: %d rows; eval split %s; %s", loaded.train_name, len(train),
+                f"{loaded.eval_name!r}: {len(eval_ds)} rows" if eval_ds is not None else "none",
+                order)
+    return loaded._replace(train=train, eval=eval_ds)
+
+
+def _load_mixture(data_args: DataArguments) -> LoadedSplits:
+    """alignment-handbook's ``get_dataset`` for a ``dataset_mixture`` (its defaults filled in by
+    :class:`~simpo.config.DataArguments`): each dataset's ``split`` (hub id or local path, as
+    ``dataset_name``), its ``columns`` selected, a sample of ``int(rows * weight)`` rows after a
+    ``seed`` shuffle; all concatenated and shuffled with ``seed``; ``test_split_size`` (a fraction
+    or a row count) then splits the eval split ``"test"`` off with
+    ``train_test_split(seed=seed)``; without it there is no eval split."""
+    mixture = data_args.dataset_mixture
+    seed = mixture["seed"]
+    local_data_files(data_args)  # every local file located before any dataset is loaded
+    parts = []
+    for entry in mixture["datasets"]:
+        spec, layout = _resolve_source(entry["id"])
+        ((dataset, where),) = _load_sources(spec, layout, [entry["split"]],
+                                            entry["config"]).values()
+        columns = entry["columns"]
+        if columns is not None:
+            missing = [c for c in columns if c not in dataset.column_names]
+            if missing:
+                raise DataError(f"{where}: dataset_mixture columns {missing} not found (columns: "
+                                f"{dataset.column_names})")
+            dataset = dataset.select_columns(columns)
+        _check_columns(dataset, where)
+        # every dataset is sampled (weight defaults to 1.0: then only shuffled), as the handbook
+        dataset = dataset.shuffle(seed=seed).select(range(int(len(dataset) * entry["weight"])))
+        logger.info("dataset_mixture: %s: %d rows (weight %g)", where, len(dataset), entry["weight"])
+        parts.append((dataset, where))
+    train = _concatenate(parts, "dataset_mixture").shuffle(seed=seed)
+    if len(train) == 0:
+        raise DataError("dataset_mixture: its weights take no row (each takes int(rows * weight) "
+                        "of its dataset): raise them")
+    eval_ds, eval_name, test = None, None, mixture["test_split_size"]
+    if test is not None:
+        try:
+            split = train.train_test_split(test_size=test, seed=seed)
+        except ValueError as exc:
+            raise DataError(f"dataset_mixture: test_split_size {test} of {len(train)} rows: "
+                            f"{error_text(exc)}") from exc
+        train, eval_ds, eval_name = split["train"], split["test"], "test"
+    else:
+        logger.info("dataset_mixture has no test_split_size: no eval split")
+    return _capped(LoadedSplits(train, eval_ds, "train", eval_name), data_args,
+                   f"shuffled with seed {seed} (alignment-handbook dataset_mixture)")
 
 
 # ----------------------------------------------------------------------------- templating
@@ -439,19 +603,116 @@ def _is_message_list(value) -> bool:
                     and isinstance(m.get("content"), str) for m in value))
 
 
+class PreferenceParts(NamedTuple):
+    """A row in TRL's explicit-prompt form: ``prompt`` and the two responses, message lists
+    (``conversational``) or plain text."""
+
+    conversational: bool
+    prompt: Any
+    chosen: Any
+    rejected: Any
+
+
+def _value_format(value) -> Optional[str]:
+    if isinstance(value, str):
+        return "text"
+    return "messages" if _is_message_list(value) else None
+
+
+def common_prompt(chosen: str, rejected: str) -> str:
+    """The implicit prompt of a text pair, as TRL's ``extract_prompt``: the common prefix of
+    ``chosen`` and ``rejected``, less a space just before their first difference (the space
+    starts the responses). Empty when they differ from the first character, or when one is a
+    prefix of the other (then a response would be empty)."""
+    n = min(len(chosen), len(rejected))
+    idx = next((i for i in range(n) if chosen[i] != rejected[i]), None)
+    if idx is None:
+        return ""
+    if idx > 0 and chosen[idx - 1] == " ":
+        idx -= 1
+    return chosen[:idx]
+
+
+def split_row(row: dict) -> tuple[Optional[PreferenceParts], Optional[str]]:
+    """``(parts, None)`` for a usable row of any of TRL's preference formats, ``(None, why)`` else.
+
+    * conversational, implicit prompt (the gemma2-ultrafeedback-armorm schema): ``chosen`` and
+      ``rejected`` hold whole conversations; the prompt is ``chosen[:-1]`` and the responses the
+      last messages, as the official ``apply_chat_template(task="simpo")``, which ignores a
+      ``prompt`` text column beside them;
+    * conversational, explicit prompt: ``prompt`` is a message list, ``chosen`` / ``rejected`` the
+      response message(s);
+    * standard, explicit prompt: ``prompt``, ``chosen`` and ``rejected`` are strings;
+    * standard, implicit prompt: ``chosen`` and ``rejected`` are whole texts; the prompt is their
+      common prefix (:func:`common_prompt`, TRL's ``extract_prompt``).
+    """
+    formats = {key: _value_format(row.get(key)) for key in REQUIRED_COLUMNS}
+    for key, fmt in formats.items():
+        if fmt is None:
+            return None, f"{key} is neither text nor a list of {{role, content}} messages"
+    if formats["chosen"] != formats["rejected"]:
+        return None, "chosen and rejected mix text and messages"
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if formats["chosen"] == "text":
+        if prompt is None:
+            prompt = common_prompt(chosen, rejected)
+            if not prompt:
+                return None, ("chosen and rejected texts share no prompt (without a prompt column "
+                              "each holds prompt + response)")
+            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+        elif not isinstance(prompt, str):
+            return None, "prompt is a message list but chosen and rejected are text"
+        for key, text in (("chosen", chosen), ("rejected", rejected)):
+            if not text.strip():
+                return None, f"the {key} response is empty"
+        return PreferenceParts(False, prompt, chosen, rejected), None
+    if prompt is not None and not isinstance(prompt, str):
+        if not _is_message_list(prompt):
+            return None, "prompt is neither text nor a list of {role, content} messages"
+        parts = PreferenceParts(True, prompt, chosen, rejected)
+    else:
+        for key, msgs in (("chosen", chosen), ("rejected", rejected)):
+            if len(msgs) < 2:
+                return None, f"{key} has no prompt messages before the response"
+        parts = PreferenceParts(True, chosen[:-1], chosen[-1:], rejected[-1:])
+    for key, msgs in (("chosen", parts.chosen), ("rejected", parts.rejected)):
+        if msgs[-1]["role"] != "assistant":
+            return None, f"the last message of {key} is not an assistant message"
+        if not msgs[-1]["content"].strip():
+            return None, f"the {key} response is empty"
+    return parts, None
+
+
 def row_problem(row: dict) -> Optional[str]:
     """Why a row cannot be used (None if it can)."""
-    for key in REQUIRED_COLUMNS:
-        msgs = row.get(key)
-        if not _is_message_list(msgs):
-            return f"{key} is not a list of {{role, content}} messages"
-        if len(msgs) < 2:
-            return f"{key} has no prompt messages before the response"
-        if msgs[-1]["role"] != "assistant":
-            return f"the last message of {key} is not an assistant message"
-        if not msgs[-1]["content"].strip():
-            return f"the {key} response is empty"
-    return None
+    return split_row(row)[1]
+
+
+def data_texts(splits) -> list[str]:
+    """Every text of the ``prompt`` / ``chosen`` / ``rejected`` columns of ``splits`` (strings, and
+    message contents), e.g. the embedded tiny tokenizer's vocabulary."""
+    texts = []
+    for split in splits:
+        for column in _DATA_COLUMNS:
+            if column not in split.column_names:
+                continue
+            for value in split[column]:
+                if isinstance(value, str):
+                    texts.append(value)
+                elif isinstance(value, list):
+                    texts.extend(m["content"] for m in value
+                                 if isinstance(m, dict) and isinstance(m.get("content"), str))
+    return texts
+
+
+def needs_chat_template(splits) -> bool:
+    """Whether any row of ``splits`` is conversational: text rows use no chat template, so a
+    base model's tokenizer without one can train on them."""
+    for split in splits:
+        if "chosen" in split.column_names and _feature_kind(split.features["chosen"]) != "text" \
+                and any(isinstance(value, list) for value in split["chosen"]):
+            return True
+    return False
 
 
 def _template_mentions_system(tokenizer) -> bool:
@@ -460,15 +721,24 @@ def _template_mentions_system(tokenizer) -> bool:
 
 
 def apply_chat_template(row: dict, tokenizer, auto_insert_empty_system_msg: bool = True) -> dict:
-    """Official ``apply_chat_template(task="simpo")``: -> ``{"prompt", "chosen", "rejected"}`` strings."""
-    prompt_messages = [dict(m) for m in row["chosen"][:-1]]
+    """A row of any accepted format -> ``{"prompt", "chosen", "rejected"}`` strings.
+
+    Conversational rows as the official ``apply_chat_template(task="simpo")``: the prompt messages
+    through the chat template, each response's messages alone through it with a leading BOS
+    stripped. Standard (text) rows are used as they are, without a template (as TRL)."""
+    parts, problem = split_row(row)
+    if problem is not None:
+        raise ValueError(problem)
+    if not parts.conversational:
+        return {"prompt": parts.prompt, "chosen": parts.chosen, "rejected": parts.rejected}
+    prompt_messages = [dict(m) for m in parts.prompt]
     if auto_insert_empty_system_msg and prompt_messages[0]["role"] != "system" \
             and _template_mentions_system(tokenizer):
         prompt_messages.insert(0, {"role": "system", "content": ""})
     out = {"prompt": tokenizer.apply_chat_template(prompt_messages, tokenize=False)}
     bos = tokenizer.bos_token or ""
     for key in REQUIRED_COLUMNS:
-        text = tokenizer.apply_chat_template(row[key][-1:], tokenize=False)
+        text = tokenizer.apply_chat_template(list(getattr(parts, key)), tokenize=False)
         if bos and text.startswith(bos):
             text = text[len(bos):]
         out[key] = text

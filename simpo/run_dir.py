@@ -682,7 +682,8 @@ def run_config(model_args: Any, data_args: Any, training_args: Any,
 
 def data_fingerprint(data_args: Any) -> dict:
     """``{split: {path, size, sha256}}`` for each local data file the run reads (the shipped data
-    when ``dataset_name`` is unset); ``{}`` for a hub dataset (its name and config are settings).
+    when no data is named; for a mixture, each of its local datasets' files, keyed
+    ``"{split} (dataset N)"``); ``{}`` for a hub dataset (its name and config are settings).
     The hash is streamed in 1 MiB blocks, so a large file costs one sequential read. Data that
     cannot be found is left to the data loader, which reports it with its own message."""
     from .data import DataError, local_data_files

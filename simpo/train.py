@@ -33,16 +33,14 @@ def _dtype(name):
 def load_tokenizer(model_args, data_args, raw_datasets):
     from transformers import AutoTokenizer
 
+    from .data import data_texts, needs_chat_template
     from .modeling import CHAT_TEMPLATES, build_tiny_tokenizer
 
     template = CHAT_TEMPLATES.get(data_args.chat_template, data_args.chat_template)
     if is_tiny(model_args):
         path = model_args.tokenizer_name_or_path
         if path is None:
-            texts = [m["content"] for split in raw_datasets.values()
-                     for col in ("chosen", "rejected") if col in split.column_names
-                     for msgs in split[col] if isinstance(msgs, list)
-                     for m in msgs if isinstance(m, dict) and isinstance(m.get("content"), str)]
+            texts = data_texts(raw_datasets.values())
             kwargs = {"chat_template": template} if template else {}
             return build_tiny_tokenizer(texts, **kwargs)
     else:
@@ -56,7 +54,7 @@ def load_tokenizer(model_args, data_args, raw_datasets):
         tokenizer.pad_token = tokenizer.eos_token
     if template is not None:
         tokenizer.chat_template = template
-    if tokenizer.chat_template is None:
+    if tokenizer.chat_template is None and needs_chat_template(raw_datasets.values()):
         raise UserError(f"tokenizer {path!r} has no chat template: set chat_template (e.g. 'gemma')")
     return tokenizer
 

@@ -131,7 +131,8 @@ def test_missing_column_is_an_error(tok, tmp_path):
 
 def test_no_usable_rows_is_an_error(tok, tmp_path):
     path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps({"prompt": "a", "chosen": "yes", "rejected": "no"}) + "\n")
+    # text without a prompt column: chosen and rejected must start with their common prompt
+    path.write_text(json.dumps({"chosen": "yes", "rejected": "no"}) + "\n")
     raw = load_raw_datasets(str(path), ["train"])["train"]
     with pytest.raises(ValueError, match="no usable rows"):
         prepare_dataset(raw, tok, _args())
