@@ -1,8 +1,8 @@
 """Configuration: model, data and preference-loss training arguments, and the recipe + CLI parser.
 
-``simpo-train [RECIPE] [--key value ...]``: RECIPE is a YAML file, or the name of a recipe shipped
-with the package (``tiny``, ``tiny-dpo``, ``gemma-2-9b-it-simpo``, ``gemma-2-9b-it-dpo``); without
-one the embedded ``tiny`` recipe is used. Every field of :class:`ModelArguments`,
+``simpo-train [RECIPE] [--key value ...]``: RECIPE (or ``--config RECIPE``) is a YAML file, or the
+name of a recipe shipped with the package (``tiny``, ``tiny-dpo``, ``gemma-2-9b-it-simpo``,
+``gemma-2-9b-it-dpo``); without one the embedded ``tiny`` recipe is used. Every field of :class:`ModelArguments`,
 :class:`DataArguments` and :class:`SimPOConfig` (which extends ``transformers.TrainingArguments``)
 can be set in the recipe and overridden on the command line; command-line values win. An unknown
 key, in the recipe or on the command line, is an error naming it.
@@ -720,18 +720,46 @@ def _build(values: dict):
     return outputs
 
 
+def split_recipe(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """``argv`` -> ``(recipe or None, the other arguments)``. The recipe is the first argument
+    when it is not an option, or ``--config FILE`` / ``--config=FILE`` anywhere (TRL's and
+    alignment-handbook's spelling); both, or ``--config`` twice, is a ConfigError."""
+    rest, given = [], []
+    if argv and not argv[0].startswith("-"):
+        given.append(argv[0])
+        argv = argv[1:]
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--config" or tok.startswith("--config="):
+            if tok == "--config":
+                if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                    raise ConfigError("--config needs a value: a recipe file or packaged recipe name")
+                value, i = argv[i + 1], i + 2
+            else:
+                value, i = tok.partition("=")[2], i + 1
+            if not value:
+                raise ConfigError("--config needs a value: a recipe file or packaged recipe name")
+            given.append(value)
+            continue
+        rest.append(tok)
+        i += 1
+    if len(given) > 1:
+        raise ConfigError(f"the recipe is given twice ({' and '.join(given)}): give it once, as the "
+                          f"first argument or as --config FILE")
+    return (given[0] if given else None), rest
+
+
 def parse_args(argv: Optional[list[str]] = None):
     """``argv`` (default ``sys.argv[1:]``) -> ``(ModelArguments, DataArguments, SimPOConfig, recipe)``.
+    The recipe is named first or by ``--config`` (:func:`split_recipe`).
 
     Recipe values and command-line values go through the same argparse types and choices (one set
     of rules), then the dataclasses' own range and relation checks. Every problem is a
     :class:`ConfigError` naming the key. ``SimPOConfig.command_line_keys`` records which options
     the command line set (the trainer treats those as explicit requests).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    recipe = None
-    if argv and not argv[0].startswith("-"):
-        recipe = argv.pop(0)
+    recipe, argv = split_recipe(list(sys.argv[1:] if argv is None else argv))
     recipe_path = resolve_recipe(recipe)
     types_ = _field_types()
     parser = _override_parser()
@@ -740,7 +768,8 @@ def parse_args(argv: Optional[list[str]] = None):
     namespace, unknown = parser.parse_known_args(_cli_alias_argv(argv, types_))
     if unknown:
         flags = [u for u in unknown if u.startswith("-")] or unknown
-        raise ConfigError(f"unknown option(s) {' '.join(flags)} (see simpo-train --help)")
+        raise ConfigError(f"unknown option{'s' if len(flags) > 1 else ''} {' '.join(flags)} (the "
+                          f"recipe is the first argument or --config FILE; see simpo-train --help)")
     overrides = vars(namespace)
     recipe_loss = values.get("loss", "simpo")
     values.update(overrides)
@@ -872,7 +901,7 @@ def check_padding_value(training_args: SimPOConfig, tokenizer) -> None:
 
 def help_text(argv: Optional[list[str]] = None) -> str:
     """``--help``: every option with the effective default of the recipe named first in ``argv``."""
-    recipe = argv[0] if argv and not argv[0].startswith("-") else None
+    recipe, _ = split_recipe(list(argv or []))
     types_ = _field_types()
     path = resolve_recipe(recipe)
     defaults = _read_recipe_values(path, _override_parser(), types_)

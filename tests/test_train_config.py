@@ -86,8 +86,8 @@ def test_recipe_mistakes_are_config_errors_naming_the_key(tmp_path, text, messag
 @pytest.mark.parametrize("argv,message", [
     (["--beta", "true"], "beta: invalid float value: 'true'"),
     (["--loss_backend", "cuda"], "loss_backend: invalid choice: 'cuda'"),
-    (["--max-step", "5"], "unknown option(s) --max-step"),      # no argparse abbreviations
-    (["--max_step", "5"], "unknown option(s) --max_step"),
+    (["--max-step", "5"], "unknown option --max-step"),      # no argparse abbreviations
+    (["--max_step", "5"], "unknown option --max_step"),
     (["--max_steps", "5.7"], "max_steps: invalid int value: '5.7'"),
     (["--max_length", "-3"], "max_length: must be > 0, got -3"),
     (["--save_steps", "50"],
