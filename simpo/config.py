@@ -136,8 +136,9 @@ class DataArguments:
         metadata={"help": "Train split, then (optionally) the eval split."})
     chat_template: Optional[str] = field(
         default=None,
-        metadata={"help": "A Jinja chat template, or 'gemma' for the official Gemma-2 SimPO template; "
-                          "unset keeps the tokenizer's."})
+        metadata={"help": "A Jinja chat template, 'gemma' (the official Gemma-2 SimPO template) or "
+                          "'tokenizer' (the tokenizer's own, over a recipe's). Unset: the "
+                          "tokenizer's own (the embedded tiny tokenizer's is Gemma's)."})
     auto_insert_empty_system_msg: bool = field(
         default=True, metadata={"help": "Insert an empty system message when the template knows one "
                                         "(as the official pipeline)."})
@@ -167,17 +168,29 @@ class DataArguments:
         _check_chat_template(self.chat_template)
 
 
+# chat_template's name for the tokenizer's own template: what unset means, but it also overrides a
+# recipe that names one (`simpo-train gemma-2-9b-it-simpo --model_name_or_path X --chat_template
+# tokenizer`)
+TOKENIZER_TEMPLATE = "tokenizer"
+
+
 def _check_chat_template(template: Optional[str]) -> None:
     """A template name must be known and a Jinja template must parse: otherwise the name itself
     would be used as the template (every row templated to the same text), or the syntax error
-    would surface as a traceback after the data were loaded."""
+    would surface as a traceback after the data were loaded. "None", "null" and "" (what a user
+    types to mean "no template of mine") are refused with the way to say that."""
     from .modeling import CHAT_TEMPLATES
 
-    if template is None or template in CHAT_TEMPLATES:
+    if template is None or template in CHAT_TEMPLATES or template == TOKENIZER_TEMPLATE:
         return
+    if template.strip().lower() in ("", "none", "null"):
+        raise ConfigError(f"chat_template: {template!r} is not a template; for the tokenizer's own, "
+                          f"leave chat_template unset or set it to {TOKENIZER_TEMPLATE!r} "
+                          f"(--chat_template {TOKENIZER_TEMPLATE})")
     if "{" not in template:
-        raise ConfigError(f"chat_template: {template!r} is neither a template name "
-                          f"({', '.join(sorted(CHAT_TEMPLATES))}) nor a Jinja template")
+        names = ", ".join([*sorted(CHAT_TEMPLATES), TOKENIZER_TEMPLATE])
+        raise ConfigError(f"chat_template: {template!r} is neither a template name ({names}) nor a "
+                          f"Jinja template")
     import jinja2
 
     try:

@@ -5,6 +5,8 @@ In-process (parse_args, help_text, load_tokenizer): no training run."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 pytest.importorskip("transformers")
@@ -76,3 +78,148 @@ def test_help_with_config_shows_that_recipes_defaults():
     assert "(default: 0.01)" in beta  # the DPO recipe's, not tiny's 2.0
     with pytest.raises(ConfigError, match="the recipe is given twice"):
         help_text(["tiny", "--config", "tiny-dpo", "--help"])
+
+
+# ----------------------------------------------------------------------------- the chat template
+
+# a template of the user's model (ChatML-like), which the tiny recipe must not replace
+OWN_TEMPLATE = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+ROW = {"chosen": [{"role": "user", "content": "What is one plus one?"},
+                  {"role": "assistant", "content": "two"}],
+       "rejected": [{"role": "user", "content": "What is one plus one?"},
+                    {"role": "assistant", "content": "three"}]}
+
+
+@pytest.fixture(scope="module")
+def own_tokenizer_dirs(tmp_path_factory):
+    """Two saved tokenizers, loaded through AutoTokenizer as a user's model's would be: one with
+    its own chat template, one without any."""
+    from simpo.modeling import build_tiny_tokenizer
+
+    texts = ["What is one plus one ?", "two three"]
+    dirs = {}
+    for name, template in (("own", OWN_TEMPLATE), ("none", None)):
+        tok = build_tiny_tokenizer(texts)
+        tok.chat_template = template
+        dirs[name] = tmp_path_factory.mktemp(f"tokenizer-{name}")
+        tok.save_pretrained(dirs[name])
+    return dirs
+
+
+def _tokenizer(argv, caplog):
+    """parse_args + load_tokenizer as simpo-train calls them; -> (tokenizer, its log line)."""
+    from datasets import Dataset
+
+    from simpo.train import load_tokenizer
+
+    model_args, data_args, args, _ = parse_args([*argv, "--use_cpu", "true"])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="simpo.train"):
+        tok = load_tokenizer(model_args, data_args, {"train": Dataset.from_list([ROW])},
+                             args.command_line_keys)
+    lines = [m for m in caplog.messages if m.startswith("chat template:")]
+    assert len(lines) == 1, caplog.messages
+    return tok, lines[0]
+
+
+def _prompt(tok) -> str:
+    from simpo.data import apply_chat_template
+
+    return apply_chat_template(ROW, tok)["prompt"]
+
+
+@pytest.mark.parametrize("recipe,argv,own,line", [
+    # the default (tiny) recipe names no template: a user's model keeps its own
+    ([], [], True, "chat template: the tokenizer's own, from {dir} (chat_template unset)"),
+    (["tiny-dpo"], [], True, "chat template: the tokenizer's own, from {dir} (chat_template unset)"),
+    ([], ["--chat_template", "gemma"], False, "chat template: gemma (chat_template from the command line)"),
+    # the published recipe names Gemma's inline, as the official one: it applies ...
+    (["gemma-2-9b-it-simpo"], [], False, "chat template: gemma (chat_template from the recipe)"),
+    # ... unless the user asks for the tokenizer's own
+    (["gemma-2-9b-it-simpo"], ["--chat_template", "tokenizer"], True,
+     "chat template: the tokenizer's own, from {dir} (chat_template tokenizer from the command line)"),
+])
+def test_a_user_models_own_template_is_kept_unless_one_is_named(own_tokenizer_dirs, caplog, recipe,
+                                                                argv, own, line):
+    from simpo.modeling import GEMMA_CHAT_TEMPLATE
+
+    path = str(own_tokenizer_dirs["own"])
+    extra = ["--bf16", "false"] if recipe and recipe[0].startswith("gemma") else []
+    tok, logged = _tokenizer([*recipe, "--model_name_or_path", path, *extra, *argv], caplog)
+    assert tok.chat_template == (OWN_TEMPLATE if own else GEMMA_CHAT_TEMPLATE)
+    assert _prompt(tok) == ("user: What is one plus one?\n" if own
+                            else "<bos><start_of_turn>user\nWhat is one plus one?<end_of_turn>\n")
+    assert logged == line.format(dir=path)
+
+
+def test_a_tokenizer_without_a_template_still_needs_one_named(own_tokenizer_dirs, caplog):
+    from simpo.config import UserError
+
+    path = str(own_tokenizer_dirs["none"])
+    for argv in ([], ["--chat_template", "tokenizer"]):
+        with pytest.raises(UserError) as info:
+            _tokenizer(["--model_name_or_path", path, *argv], caplog)
+        assert str(info.value) == (f"tokenizer {path!r} has no chat template: set chat_template "
+                                   f"(e.g. 'gemma')")
+    tok, logged = _tokenizer(["--model_name_or_path", path, "--chat_template", OWN_TEMPLATE], caplog)
+    assert tok.chat_template == OWN_TEMPLATE
+    assert logged == "chat template: the Jinja template given (chat_template from the command line)"
+
+
+@pytest.mark.parametrize("recipe", ["tiny", "tiny-dpo"])
+def test_the_embedded_default_still_templates_with_gemma_to_the_same_ids(recipe, caplog):
+    """The tiny recipes name no template now; the embedded tokenizer carries Gemma-2's, so the
+    shipped data get the token ids they got when the recipes named `gemma`."""
+    from simpo.data import load_splits, prepare_dataset
+    from simpo.modeling import GEMMA_CHAT_TEMPLATE
+    from simpo.train import load_tokenizer
+
+    caplog.set_level(logging.INFO, logger="simpo.train")
+    few = ["--max_train_samples", "12", "--max_eval_samples", "4"]
+    ids = {}
+    for named in ([], ["--chat_template", "gemma"]):
+        model_args, data_args, args, _ = parse_args([recipe, *few, *named])
+        assert data_args.chat_template == (None if not named else "gemma")
+        loaded = load_splits(data_args)
+        raw = {"train": loaded.train, "test": loaded.eval}
+        tok = load_tokenizer(model_args, data_args, raw, args.command_line_keys)
+        assert tok.chat_template == GEMMA_CHAT_TEMPLATE
+        rows = prepare_dataset(loaded.train, tok, args)
+        ids[bool(named)] = [rows[k] for k in ("chosen_input_ids", "rejected_input_ids", "chosen_labels")]
+        question = loaded.train[0]["chosen"][0]["content"]
+        assert _prompt_of(loaded.train[0], tok) == (
+            f"<bos><start_of_turn>user\n{question}<end_of_turn>\n")
+        assert tok.convert_ids_to_tokens(rows[0]["chosen_input_ids"][:3]) == [
+            "<bos>", "<start_of_turn>", "user"]
+    assert ids[False] == ids[True]
+    assert [m for m in caplog.messages if m.startswith("chat template")] == [
+        "chat template: the embedded tiny tokenizer's own, Gemma-2's (chat_template unset)",
+        "chat template: gemma (chat_template from the command line)"]
+
+
+def _prompt_of(row, tok) -> str:
+    from simpo.data import apply_chat_template
+
+    return apply_chat_template(row, tok)["prompt"]
+
+
+NOT_A_TEMPLATE = ("is not a template; for the tokenizer's own, leave chat_template unset or set "
+                  "it to 'tokenizer' (--chat_template tokenizer)")
+
+
+@pytest.mark.parametrize("value", ["None", "null", "NULL", "none", "", "  ", "\t"])
+def test_none_null_and_empty_chat_templates_are_refused(tmp_path, value):
+    with pytest.raises(ConfigError) as info:
+        parse_args(["--chat_template", value, "--use_cpu", "true"])
+    assert str(info.value) == f"chat_template: {value!r} {NOT_A_TEMPLATE}"
+    recipe = _recipe(tmp_path, f"chat_template: {value!r}\n".replace("'\\t'", '"\\t"'))
+    with pytest.raises(ConfigError) as info:
+        parse_args([recipe])
+    assert str(info.value) == f"recipe.yaml: chat_template: {value!r} {NOT_A_TEMPLATE}"
+
+
+def test_a_yaml_null_chat_template_is_unset(tmp_path):
+    _, data_args, _, _ = parse_args([_recipe(tmp_path, "chat_template: null\n")])
+    assert data_args.chat_template is None
+    _, data_args, _, _ = parse_args(["gemma-2-9b-it-simpo", *CPU, "--chat_template", "tokenizer"])
+    assert data_args.chat_template == "tokenizer"

@@ -291,7 +291,10 @@ BAD_JSON = "{bad"
      "loss_schedule auto (pairs/vocab chunks follow loss_memory_budget)"),
     (["--padding_value", "-1"], "padding_value: must be a token id >= 0 (or unset), got -1"),
     (["--label_pad_token_id", "5"], "label_pad_token_id: must be negative (no token has this id), got 5"),
-    (["--chat_template", "chatml"], "chat_template: 'chatml' is neither a template name (gemma) nor a Jinja template"),
+    (["--chat_template", "chatml"], "chat_template: 'chatml' is neither a template name (gemma, tokenizer) nor a Jinja template"),
+    (["--chat_template", "None"],
+     "chat_template: 'None' is not a template; for the tokenizer's own, leave chat_template unset or set it "
+     "to 'tokenizer' (--chat_template tokenizer)"),
     (["--chat_template", "{{ messages"],
      "chat_template: not a valid Jinja template (line 1): unexpected end of template, expected 'end of print "
      "statement'."),
