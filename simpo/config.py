@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
+import inspect
 import json
 import logging
 import math
@@ -580,13 +582,14 @@ class _Parser(HfArgumentParser):
         raise ConfigError(message)
 
 
-USAGE = "simpo-train [RECIPE] [--key value ...] [--debug]"
+USAGE = "simpo-train [RECIPE | --config RECIPE] [--key value ...] [--debug]"
 DESCRIPTION = (
     "Train with SimPO (or another preference loss: --loss dpo, rdpo, cpo, orpo, rrhf, slic). "
     "RECIPE is a YAML file or a packaged recipe name (tiny, tiny-dpo, gemma-2-9b-it-simpo, "
     "gemma-2-9b-it-dpo); without one the embedded tiny recipe runs. Every option below can be set "
-    "in the recipe (key: value) and overridden here (--key value); both are read by the same rules. "
-    "The defaults shown are the recipe's. --debug (or SIMPO_DEBUG=1) shows tracebacks of user errors.")
+    "in the recipe (key: value) and overridden here (--key value, or --key-name value); both are "
+    "read by the same rules. The defaults shown are the recipe's. --debug (or SIMPO_DEBUG=1) shows "
+    "tracebacks of user errors.")
 
 
 def _cli_parser(defaults: Optional[dict] = None) -> _Parser:
@@ -913,13 +916,128 @@ def check_padding_value(training_args: SimPOConfig, tokenizer) -> None:
 
 
 def help_text(argv: Optional[list[str]] = None) -> str:
-    """``--help``: every option with the effective default of the recipe named first in ``argv``."""
+    """``--help``: every option, the project's own first in groups (:data:`HELP_GROUPS`), with the
+    effective default of the recipe ``argv`` names (first, or ``--config``)."""
     recipe, _ = split_recipe(list(argv or []))
     types_ = _field_types()
     path = resolve_recipe(recipe)
     defaults = _read_recipe_values(path, _override_parser(), types_)
-    text = _cli_parser(defaults).format_help()
+    text = _help_parser(defaults).format_help()
     return text + f"\n(defaults from recipe {path})\n"
+
+
+# --help's groups of options, in the order shown: the project's own, then transformers'.
+HELP_GROUPS = {
+    "loss": ("loss options", "The preference loss (--loss) and its options (an option the chosen "
+                             "loss does not have is an error), and how it is computed."),
+    "data": ("data options", None),
+    "model": ("model options", None),
+    "run": ("run options", None),
+    "trainer": ("transformers TrainingArguments", "The Trainer's own options (some refused or "
+                                                  "checked further, see README)."),
+}
+# SimPOConfig's own fields shown with the loss's or the data's options (the rest: run options);
+# fields named loss_* or precompute_ref_* join the loss's as well
+_LOSS_HELP_FIELDS = frozenset({"loss", "logit_metrics", *LOSS_OPTION_FIELDS})
+_DATA_HELP_FIELDS = frozenset({"max_length", "max_prompt_length", "truncation_mode",
+                               "label_pad_token_id", "padding_value"})
+
+
+def help_group(name: str) -> str:
+    """The :data:`HELP_GROUPS` key of option ``name``: by the dataclass that defines it, so that a
+    new field lands in its group unlisted (ModelArguments: model, DataArguments: data,
+    SimPOConfig's own: loss, data or run, TrainingArguments': trainer)."""
+    if name in {f.name for f in dataclasses.fields(ModelArguments)}:
+        return "model"
+    if name in {f.name for f in dataclasses.fields(DataArguments)}:
+        return "data"
+    if name in inspect.get_annotations(SimPOConfig):  # its own fields, not the inherited ones
+        if name in _LOSS_HELP_FIELDS or name.startswith(("loss_", "precompute_ref_")):
+            return "loss"
+        return "data" if name in _DATA_HELP_FIELDS else "run"
+    return "trainer"
+
+
+def _show_default(value) -> str:
+    """A default as it is written in a recipe or on the command line."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) if value else "[]"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if value == "":
+        return '""'
+    return str(value)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option once (``--max_steps``, not also ``--max-steps``, which is still accepted), and
+    its default as a recipe writes it (``true``, ``unset``) rather than as Python prints it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is argparse.SUPPRESS or not action.option_strings or action.nargs == 0:
+            return text
+        return text + f" (default: {_show_default(action.default)})".replace("%", "%%")
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        strings = list(dict.fromkeys("--" + s[2:].replace("-", "_") if s.startswith("--") else s
+                                     for s in action.option_strings))
+        if action.nargs == 0:
+            return ", ".join(strings)
+        args = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return ", ".join(f"{s} {args}" for s in strings)
+
+
+def _help_parser(defaults: dict) -> _Parser:
+    """The CLI parser laid out for ``--help`` (never for parsing): the options in
+    :data:`HELP_GROUPS`; ``--config`` and ``--debug`` (handled before argparse) documented; a
+    switch reads ``--plot [true|false]``, and HfArgumentParser's ``--no_plot`` twin (still
+    accepted) is named in its help instead of listed with a backwards default."""
+    from transformers.hf_argparser import string_to_bool
+
+    parser = _cli_parser(defaults)
+    parser.formatter_class = _HelpFormatter
+    general = parser._optionals
+    general.title = "general"
+    general.add_argument("--config", metavar="RECIPE", default=argparse.SUPPRESS,
+                         help="The recipe (a YAML file or a packaged recipe name), as the first "
+                              "argument does; give one or the other.")
+    groups = {key: parser.add_argument_group(title, description)
+              for key, (title, description) in HELP_GROUPS.items()}
+    negated = {a.dest for a in general._group_actions if a.option_strings
+               and a.option_strings[0] == f"--no_{a.dest}"}
+    for action in list(general._group_actions):
+        if action.dest in ("help", "config"):
+            continue
+        if action.dest == "debug":  # simpo-train takes a bare --debug before argparse sees it
+            action.help = ("Show the traceback of a user error (also SIMPO_DEBUG=1). "
+                           "TrainingArguments' debug features are a recipe key (debug: "
+                           "underflow_overflow).")
+            action.nargs, action.default = 0, argparse.SUPPRESS
+            continue
+        if action.option_strings[0] == f"--no_{action.dest}":
+            action.help = argparse.SUPPRESS
+        elif action.type is string_to_bool:
+            action.metavar = "true|false"
+            if action.dest in negated:
+                text = (action.help or "").rstrip()
+                action.help = (f"{text}{'' if text.endswith('.') or not text else '.'} "
+                               f"--no_{action.dest} turns it off.").lstrip()
+        general._group_actions.remove(action)
+        groups[help_group(action.dest)]._group_actions.append(action)
+    # SimPOConfig's own fields in the order of its class body (logging_nan_inf_filter, which
+    # overrides TrainingArguments' default, would otherwise come first in its inherited place)
+    own = list(inspect.get_annotations(SimPOConfig))
+    groups["run"]._group_actions.sort(key=lambda a: own.index(a.dest))
+    return parser
 
 
 def env_world_size() -> int:

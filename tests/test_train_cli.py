@@ -223,3 +223,108 @@ def test_a_yaml_null_chat_template_is_unset(tmp_path):
     assert data_args.chat_template is None
     _, data_args, _, _ = parse_args(["gemma-2-9b-it-simpo", *CPU, "--chat_template", "tokenizer"])
     assert data_args.chat_template == "tokenizer"
+
+
+# ----------------------------------------------------------------------------- --help
+
+HEADINGS = ["general", "loss options", "data options", "model options", "run options",
+            "transformers TrainingArguments"]
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    """--help's option names (without --) by group heading, in the order listed."""
+    import re
+
+    sections, current = {}, None
+    for line in text.splitlines():
+        if re.match(r"^\S.*:$", line) and not line.startswith("usage"):
+            current = line[:-1]
+            sections[current] = []
+        elif current and (m := re.match(r"^  (--[\w-]+|-h)", line)):
+            sections[current].append(m.group(1).lstrip("-"))
+    return sections
+
+
+@pytest.fixture(scope="module")
+def tiny_help():
+    return help_text([])
+
+
+def test_help_lists_the_projects_options_first_in_groups(tiny_help):
+    """loss, data, model, run, then TrainingArguments; each group by the dataclass that defines
+    the option, so a field added to ModelArguments or DataArguments lands in its group."""
+    import dataclasses
+
+    from simpo.config import LOSS_OPTION_FIELDS, DataArguments, ModelArguments
+
+    sections = _sections(tiny_help)
+    assert list(sections) == HEADINGS
+    assert sections["general"] == ["h", "debug", "config"]
+    assert sections["loss options"] == [
+        "loss", "beta", "gamma_beta_ratio", "label_smoothing", "loss_type", "sft_weight", "rpo_alpha",
+        "alpha", "simpo_gamma", "cpo_alpha", "delta", "nll_weight", "precompute_ref_log_probs",
+        "precompute_ref_batch_size", "loss_backend", "loss_schedule", "loss_memory_budget",
+        "logit_metrics", "loss_chunk_size"]
+    assert set(LOSS_OPTION_FIELDS) < set(sections["loss options"])  # every loss's options
+    assert sections["data options"] == [
+        *(f.name for f in dataclasses.fields(DataArguments)),
+        "max_length", "max_prompt_length", "truncation_mode", "label_pad_token_id", "padding_value"]
+    assert sections["model options"] == [f.name for f in dataclasses.fields(ModelArguments)]
+    assert sections["run options"][:4] == ["disable_dropout", "existing_run", "plot",
+                                           "logging_nan_inf_filter"]
+    trainer = sections["transformers TrainingArguments"]
+    assert {"per_device_train_batch_size", "learning_rate", "output_dir", "deepspeed"} <= set(trainer)
+    assert tiny_help.index("\n  --loss ") < tiny_help.index("\n  --max_length ") \
+        < tiny_help.index("\n  --model_name_or_path ") < tiny_help.index("\n  --plot ") \
+        < tiny_help.index("\n  --per_device_train_batch_size ")
+
+
+def test_help_lists_every_option_once(tiny_help):
+    """Every field of the three dataclasses once (their --dashed-spelling and --no_X twins are
+    accepted, not listed), and nothing that is not one."""
+    from simpo.config import _field_types
+
+    listed = [name for names in _sections(tiny_help).values() for name in names]
+    assert sorted(listed) == sorted([*_field_types(), "h", "config"])  # debug: a field too
+    assert "--max-steps" not in tiny_help and "--model-name-or-path" not in tiny_help
+
+
+def test_help_switches_read_right(tiny_help):
+    """`--no_plot ... (default: False)` read as "plot is off by default"; the switch now reads
+    `--plot [true|false] ... --no_plot turns it off. (default: true)`, and defaults are written
+    as in a recipe (true, false, unset), never Python's True / False / None."""
+    assert "\n  --no_" not in tiny_help and "\n  --no-" not in tiny_help
+    for word in ("False", "True", "None"):
+        assert f"(default: {word})" not in tiny_help
+    plot = " ".join(tiny_help[tiny_help.index("\n  --plot "):].split("\n  --")[1].split())
+    assert plot == ("plot [true|false] Write training_curves.png (reward accuracy and margins) to "
+                    "output_dir. --no_plot turns it off. (default: true)")
+    template = " ".join(tiny_help[tiny_help.index("\n  --chat_template "):].split("\n  --")[1].split())
+    assert template.endswith("(default: unset)")
+
+
+@pytest.mark.parametrize("argv,plot,dropout", [
+    ([], True, True),
+    (["--no_plot"], False, True),
+    (["--no-plot", "--no_disable_dropout"], False, False),
+    (["--plot", "false", "--disable_dropout", "no"], False, False),
+    (["--plot"], True, True),
+])
+def test_negative_switches_still_parse(argv, plot, dropout):
+    _, _, args, _ = parse_args([*argv, "--use_cpu", "true"])
+    assert (args.plot, args.disable_dropout) == (plot, dropout)
+
+
+def test_help_of_a_recipe_shows_its_values_in_the_groups():
+    text = help_text(["gemma-2-9b-it-simpo", "--help"])
+    assert list(_sections(text)) == HEADINGS
+
+    def entry(name):
+        return " ".join(text[text.index(f"\n  --{name} "):].split("\n  --")[1].split())
+
+    assert entry("beta").endswith("(default: 10.0)")
+    assert entry("chat_template").endswith("(default: gemma)")
+    assert entry("bf16").startswith("bf16 [true|false]") and entry("bf16").endswith("(default: true)")
+    assert entry("dataset_splits").endswith("(default: train test)")
+    assert entry("lr_scheduler_type").endswith("(default: cosine)")
+    assert entry("learning_rate").endswith("(default: 8e-07)")

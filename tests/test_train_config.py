@@ -135,7 +135,7 @@ def test_help_shows_the_recipes_effective_defaults_without_markup():
     proc = _cli("gemma-2-9b-it-simpo", "--help")
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
-    assert text.startswith("usage: simpo-train [RECIPE] [--key value ...]")
+    assert text.startswith("usage: simpo-train [RECIPE | --config RECIPE] [--key value ...]")
     lr = " ".join(text[text.index("--learning_rate"):][:400].split())
     assert "(default: 8e-07)" in lr            # the recipe's value, not TrainingArguments' 5e-05
     assert "``" not in text and ":class:" not in text and ":obj:" not in text
