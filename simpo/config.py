@@ -2,10 +2,11 @@
 
 ``simpo-train [RECIPE] [--key value ...]``: RECIPE (or ``--config RECIPE``) is a YAML file, or the
 name of a recipe shipped with the package (``tiny``, ``tiny-dpo``, ``gemma-2-9b-it-simpo``,
-``gemma-2-9b-it-dpo``); without one the embedded ``tiny`` recipe is used. Every field of :class:`ModelArguments`,
-:class:`DataArguments` and :class:`SimPOConfig` (which extends ``transformers.TrainingArguments``)
-can be set in the recipe and overridden on the command line; command-line values win. An unknown
-key, in the recipe or on the command line, is an error naming it.
+``gemma-2-9b-it-dpo``); without one the embedded ``tiny`` recipe is used. Every field of
+:class:`ModelArguments`, :class:`DataArguments` and :class:`SimPOConfig` (which extends
+``transformers.TrainingArguments``) can be set in the recipe and overridden on the command line;
+command-line values win. An unknown key, in the recipe or on the command line, is an error naming
+it.
 """
 
 from __future__ import annotations

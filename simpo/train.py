@@ -30,7 +30,8 @@ def _dtype(name):
     return getattr(torch, name)
 
 
-def load_tokenizer(model_args, data_args, raw_datasets, command_line_keys=frozenset()):
+def load_tokenizer(model_args, data_args, raw_datasets,
+                   command_line_keys: frozenset = frozenset()):
     """The run's tokenizer, with the chat template the run uses: the one ``chat_template`` names,
     else the tokenizer's own (unset or ``tokenizer``; the embedded tiny tokenizer carries
     Gemma-2's). A recipe's template never replaces a user model's silently: one log line says
