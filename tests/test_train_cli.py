@@ -221,6 +221,10 @@ def test_none_null_and_empty_chat_templates_are_refused(tmp_path, value):
 def test_a_yaml_null_chat_template_is_unset(tmp_path):
     _, data_args, _, _ = parse_args([_recipe(tmp_path, "chat_template: null\n")])
     assert data_args.chat_template is None
+    # YAML's None is a string, not null: refused, not used as a template
+    with pytest.raises(ConfigError) as info:
+        parse_args([_recipe(tmp_path, "chat_template: None\n")])
+    assert str(info.value) == f"recipe.yaml: chat_template: 'None' {NOT_A_TEMPLATE}"
     _, data_args, _, _ = parse_args(["gemma-2-9b-it-simpo", *CPU, "--chat_template", "tokenizer"])
     assert data_args.chat_template == "tokenizer"
 
@@ -254,8 +258,9 @@ def test_help_lists_the_projects_options_first_in_groups(tiny_help):
     """loss, data, model, run, then TrainingArguments; each group by the dataclass that defines
     the option, so a field added to ModelArguments or DataArguments lands in its group."""
     import dataclasses
+    import inspect
 
-    from simpo.config import LOSS_OPTION_FIELDS, DataArguments, ModelArguments
+    from simpo.config import LOSS_OPTION_FIELDS, DataArguments, ModelArguments, SimPOConfig
 
     sections = _sections(tiny_help)
     assert list(sections) == HEADINGS
@@ -270,8 +275,9 @@ def test_help_lists_the_projects_options_first_in_groups(tiny_help):
         *(f.name for f in dataclasses.fields(DataArguments)),
         "max_length", "max_prompt_length", "truncation_mode", "label_pad_token_id", "padding_value"]
     assert sections["model options"] == [f.name for f in dataclasses.fields(ModelArguments)]
-    assert sections["run options"][:4] == ["disable_dropout", "existing_run", "plot",
-                                           "logging_nan_inf_filter"]
+    run = set(sections["run options"])  # SimPOConfig's own fields that are neither loss nor data
+    assert {"disable_dropout", "existing_run", "plot", "logging_nan_inf_filter"} <= run
+    assert run <= set(inspect.get_annotations(SimPOConfig))
     trainer = sections["transformers TrainingArguments"]
     assert {"per_device_train_batch_size", "learning_rate", "output_dir", "deepspeed"} <= set(trainer)
     assert tiny_help.index("\n  --loss ") < tiny_help.index("\n  --max_length ") \
