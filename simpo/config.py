@@ -1,17 +1,20 @@
 """Configuration: model, data and preference-loss training arguments, and the recipe + CLI parser.
 
-``simpo-train [RECIPE] [--key value ...]``: RECIPE is a YAML file, or the name of a recipe shipped
-with the package (``tiny``, ``tiny-dpo``, ``gemma-2-9b-it-simpo``, ``gemma-2-9b-it-dpo``); without
-one the embedded ``tiny`` recipe is used. Every field of :class:`ModelArguments`,
-:class:`DataArguments` and :class:`SimPOConfig` (which extends ``transformers.TrainingArguments``)
-can be set in the recipe and overridden on the command line; command-line values win. An unknown
-key, in the recipe or on the command line, is an error naming it.
+``simpo-train [RECIPE] [--key value ...]``: RECIPE (or ``--config RECIPE``) is a YAML file, or the
+name of a recipe shipped with the package (``tiny``, ``tiny-dpo``, ``gemma-2-9b-it-simpo``,
+``gemma-2-9b-it-dpo``); without one the embedded ``tiny`` recipe is used. Every field of
+:class:`ModelArguments`, :class:`DataArguments` and :class:`SimPOConfig` (which extends
+``transformers.TrainingArguments``) can be set in the recipe and overridden on the command line;
+command-line values win. An unknown key, in the recipe or on the command line, is an error naming
+it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
+import inspect
 import json
 import logging
 import math
@@ -179,8 +182,9 @@ class DataArguments:
         metadata={"help": "Train split, then (optionally) the eval split."})
     chat_template: Optional[str] = field(
         default=None,
-        metadata={"help": "A Jinja chat template, or 'gemma' for the official Gemma-2 SimPO template; "
-                          "unset keeps the tokenizer's."})
+        metadata={"help": "A Jinja chat template, 'gemma' (the official Gemma-2 SimPO template) or "
+                          "'tokenizer' (the tokenizer's own, over a recipe's). Unset: the "
+                          "tokenizer's own (the embedded tiny tokenizer's is Gemma's)."})
     auto_insert_empty_system_msg: bool = field(
         default=True, metadata={"help": "Insert an empty system message when the template knows one "
                                         "(as the official pipeline)."})
@@ -351,17 +355,29 @@ def _checked_mixture(mixture: dict) -> dict:
     return {"datasets": datasets, "seed": seed, "test_split_size": test}
 
 
+# chat_template's name for the tokenizer's own template: what unset means, but it also overrides a
+# recipe that names one (`simpo-train gemma-2-9b-it-simpo --model_name_or_path X --chat_template
+# tokenizer`)
+TOKENIZER_TEMPLATE = "tokenizer"
+
+
 def _check_chat_template(template: Optional[str]) -> None:
     """A template name must be known and a Jinja template must parse: otherwise the name itself
     would be used as the template (every row templated to the same text), or the syntax error
-    would surface as a traceback after the data were loaded."""
+    would surface as a traceback after the data were loaded. "None", "null" and "" (what a user
+    types to mean "no template of mine") are refused with the way to say that."""
     from .modeling import CHAT_TEMPLATES
 
-    if template is None or template in CHAT_TEMPLATES:
+    if template is None or template in CHAT_TEMPLATES or template == TOKENIZER_TEMPLATE:
         return
+    if template.strip().lower() in ("", "none", "null"):
+        raise ConfigError(f"chat_template: {template!r} is not a template; for the tokenizer's own, "
+                          f"leave chat_template unset or set it to {TOKENIZER_TEMPLATE!r} "
+                          f"(--chat_template {TOKENIZER_TEMPLATE})")
     if "{" not in template:
-        raise ConfigError(f"chat_template: {template!r} is neither a template name "
-                          f"({', '.join(sorted(CHAT_TEMPLATES))}) nor a Jinja template")
+        names = ", ".join([*sorted(CHAT_TEMPLATES), TOKENIZER_TEMPLATE])
+        raise ConfigError(f"chat_template: {template!r} is neither a template name ({names}) nor a "
+                          f"Jinja template")
     import jinja2
 
     try:
@@ -751,13 +767,14 @@ class _Parser(HfArgumentParser):
         raise ConfigError(message)
 
 
-USAGE = "simpo-train [RECIPE] [--key value ...] [--debug]"
+USAGE = "simpo-train [RECIPE | --config RECIPE] [--key value ...] [--debug]"
 DESCRIPTION = (
     "Train with SimPO (or another preference loss: --loss dpo, rdpo, cpo, orpo, rrhf, slic). "
     "RECIPE is a YAML file or a packaged recipe name (tiny, tiny-dpo, gemma-2-9b-it-simpo, "
     "gemma-2-9b-it-dpo); without one the embedded tiny recipe runs. Every option below can be set "
-    "in the recipe (key: value) and overridden here (--key value); both are read by the same rules. "
-    "The defaults shown are the recipe's. --debug (or SIMPO_DEBUG=1) shows tracebacks of user errors.")
+    "in the recipe (key: value) and overridden here (--key value, or --key-name value); both are "
+    "read by the same rules. The defaults shown are the recipe's. --debug (or SIMPO_DEBUG=1) shows "
+    "tracebacks of user errors.")
 
 
 def _cli_parser(defaults: Optional[dict] = None) -> _Parser:
@@ -904,18 +921,46 @@ def _build(values: dict):
     return outputs
 
 
+def split_recipe(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """``argv`` -> ``(recipe or None, the other arguments)``. The recipe is the first argument
+    when it is not an option, or ``--config FILE`` / ``--config=FILE`` anywhere (TRL's and
+    alignment-handbook's spelling); both, or ``--config`` twice, is a ConfigError."""
+    rest, given = [], []
+    if argv and not argv[0].startswith("-"):
+        given.append(argv[0])
+        argv = argv[1:]
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--config" or tok.startswith("--config="):
+            if tok == "--config":
+                if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                    raise ConfigError("--config needs a value: a recipe file or packaged recipe name")
+                value, i = argv[i + 1], i + 2
+            else:
+                value, i = tok.partition("=")[2], i + 1
+            if not value:
+                raise ConfigError("--config needs a value: a recipe file or packaged recipe name")
+            given.append(value)
+            continue
+        rest.append(tok)
+        i += 1
+    if len(given) > 1:
+        raise ConfigError(f"the recipe is given twice ({' and '.join(given)}): give it once, as the "
+                          f"first argument or as --config FILE")
+    return (given[0] if given else None), rest
+
+
 def parse_args(argv: Optional[list[str]] = None):
     """``argv`` (default ``sys.argv[1:]``) -> ``(ModelArguments, DataArguments, SimPOConfig, recipe)``.
+    The recipe is named first or by ``--config`` (:func:`split_recipe`).
 
     Recipe values and command-line values go through the same argparse types and choices (one set
     of rules), then the dataclasses' own range and relation checks. Every problem is a
     :class:`ConfigError` naming the key. ``SimPOConfig.command_line_keys`` records which options
     the command line set (the trainer treats those as explicit requests).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    recipe = None
-    if argv and not argv[0].startswith("-"):
-        recipe = argv.pop(0)
+    recipe, argv = split_recipe(list(sys.argv[1:] if argv is None else argv))
     recipe_path = resolve_recipe(recipe)
     types_ = _field_types()
     parser = _override_parser()
@@ -924,7 +969,8 @@ def parse_args(argv: Optional[list[str]] = None):
     namespace, unknown = parser.parse_known_args(_cli_alias_argv(argv, types_))
     if unknown:
         flags = [u for u in unknown if u.startswith("-")] or unknown
-        raise ConfigError(f"unknown option(s) {' '.join(flags)} (see simpo-train --help)")
+        raise ConfigError(f"unknown option{'s' if len(flags) > 1 else ''} {' '.join(flags)} (the "
+                          f"recipe is the first argument or --config FILE; see simpo-train --help)")
     overrides = vars(namespace)
     recipe_loss = values.get("loss", "simpo")
     values.update(overrides)
@@ -1075,13 +1121,128 @@ def check_padding_value(training_args: SimPOConfig, tokenizer) -> None:
 
 
 def help_text(argv: Optional[list[str]] = None) -> str:
-    """``--help``: every option with the effective default of the recipe named first in ``argv``."""
-    recipe = argv[0] if argv and not argv[0].startswith("-") else None
+    """``--help``: every option, the project's own first in groups (:data:`HELP_GROUPS`), with the
+    effective default of the recipe ``argv`` names (first, or ``--config``)."""
+    recipe, _ = split_recipe(list(argv or []))
     types_ = _field_types()
     path = resolve_recipe(recipe)
     defaults = _read_recipe_values(path, _override_parser(), types_)
-    text = _cli_parser(defaults).format_help()
+    text = _help_parser(defaults).format_help()
     return text + f"\n(defaults from recipe {path})\n"
+
+
+# --help's groups of options, in the order shown: the project's own, then transformers'.
+HELP_GROUPS = {
+    "loss": ("loss options", "The preference loss (--loss) and its options (an option the chosen "
+                             "loss does not have is an error), and how it is computed."),
+    "data": ("data options", None),
+    "model": ("model options", None),
+    "run": ("run options", None),
+    "trainer": ("transformers TrainingArguments", "The Trainer's own options (some refused or "
+                                                  "checked further, see README)."),
+}
+# SimPOConfig's own fields shown with the loss's or the data's options (the rest: run options);
+# fields named loss_* or precompute_ref_* join the loss's as well
+_LOSS_HELP_FIELDS = frozenset({"loss", "logit_metrics", *LOSS_OPTION_FIELDS})
+_DATA_HELP_FIELDS = frozenset({"max_length", "max_prompt_length", "truncation_mode",
+                               "label_pad_token_id", "padding_value"})
+
+
+def help_group(name: str) -> str:
+    """The :data:`HELP_GROUPS` key of option ``name``: by the dataclass that defines it, so that a
+    new field lands in its group unlisted (ModelArguments: model, DataArguments: data,
+    SimPOConfig's own: loss, data or run, TrainingArguments': trainer)."""
+    if name in {f.name for f in dataclasses.fields(ModelArguments)}:
+        return "model"
+    if name in {f.name for f in dataclasses.fields(DataArguments)}:
+        return "data"
+    if name in inspect.get_annotations(SimPOConfig):  # its own fields, not the inherited ones
+        if name in _LOSS_HELP_FIELDS or name.startswith(("loss_", "precompute_ref_")):
+            return "loss"
+        return "data" if name in _DATA_HELP_FIELDS else "run"
+    return "trainer"
+
+
+def _show_default(value) -> str:
+    """A default as it is written in a recipe or on the command line."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) if value else "[]"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if value == "":
+        return '""'
+    return str(value)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option once (``--max_steps``, not also ``--max-steps``, which is still accepted), and
+    its default as a recipe writes it (``true``, ``unset``) rather than as Python prints it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is argparse.SUPPRESS or not action.option_strings or action.nargs == 0:
+            return text
+        return text + f" (default: {_show_default(action.default)})".replace("%", "%%")
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        strings = list(dict.fromkeys("--" + s[2:].replace("-", "_") if s.startswith("--") else s
+                                     for s in action.option_strings))
+        if action.nargs == 0:
+            return ", ".join(strings)
+        args = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return ", ".join(f"{s} {args}" for s in strings)
+
+
+def _help_parser(defaults: dict) -> _Parser:
+    """The CLI parser laid out for ``--help`` (never for parsing): the options in
+    :data:`HELP_GROUPS`; ``--config`` and ``--debug`` (handled before argparse) documented; a
+    switch reads ``--plot [true|false]``, and HfArgumentParser's ``--no_plot`` twin (still
+    accepted) is named in its help instead of listed with a backwards default."""
+    from transformers.hf_argparser import string_to_bool
+
+    parser = _cli_parser(defaults)
+    parser.formatter_class = _HelpFormatter
+    general = parser._optionals
+    general.title = "general"
+    general.add_argument("--config", metavar="RECIPE", default=argparse.SUPPRESS,
+                         help="The recipe (a YAML file or a packaged recipe name), as the first "
+                              "argument does; give one or the other.")
+    groups = {key: parser.add_argument_group(title, description)
+              for key, (title, description) in HELP_GROUPS.items()}
+    negated = {a.dest for a in general._group_actions if a.option_strings
+               and a.option_strings[0] == f"--no_{a.dest}"}
+    for action in list(general._group_actions):
+        if action.dest in ("help", "config"):
+            continue
+        if action.dest == "debug":  # simpo-train takes a bare --debug before argparse sees it
+            action.help = ("Show the traceback of a user error (also SIMPO_DEBUG=1). "
+                           "TrainingArguments' debug features are a recipe key (debug: "
+                           "underflow_overflow).")
+            action.nargs, action.default = 0, argparse.SUPPRESS
+            continue
+        if action.option_strings[0] == f"--no_{action.dest}":
+            action.help = argparse.SUPPRESS
+        elif action.type is string_to_bool:
+            action.metavar = "true|false"
+            if action.dest in negated:
+                text = (action.help or "").rstrip()
+                action.help = (f"{text}{'' if text.endswith('.') or not text else '.'} "
+                               f"--no_{action.dest} turns it off.").lstrip()
+        general._group_actions.remove(action)
+        groups[help_group(action.dest)]._group_actions.append(action)
+    # SimPOConfig's own fields in the order of its class body (logging_nan_inf_filter, which
+    # overrides TrainingArguments' default, would otherwise come first in its inherited place)
+    own = list(inspect.get_annotations(SimPOConfig))
+    groups["run"]._group_actions.sort(key=lambda a: own.index(a.dest))
+    return parser
 
 
 def env_world_size() -> int:

@@ -30,32 +30,49 @@ def _dtype(name):
     return getattr(torch, name)
 
 
-def load_tokenizer(model_args, data_args, raw_datasets):
+def load_tokenizer(model_args, data_args, raw_datasets,
+                   command_line_keys: frozenset = frozenset()):
+    """The run's tokenizer, with the chat template the run uses: the one ``chat_template`` names,
+    else the tokenizer's own (unset or ``tokenizer``; the embedded tiny tokenizer carries
+    Gemma-2's). A recipe's template never replaces a user model's silently: one log line says
+    which template is used and where that choice came from (``command_line_keys``: the options
+    the command line set, ``SimPOConfig.command_line_keys``)."""
     from transformers import AutoTokenizer
 
+    from .config import TOKENIZER_TEMPLATE
     from .data import data_texts, needs_chat_template
     from .modeling import CHAT_TEMPLATES, build_tiny_tokenizer
 
-    template = CHAT_TEMPLATES.get(data_args.chat_template, data_args.chat_template)
-    if is_tiny(model_args):
-        path = model_args.tokenizer_name_or_path
-        if path is None:
-            texts = data_texts(raw_datasets.values())
-            kwargs = {"chat_template": template} if template else {}
-            return build_tiny_tokenizer(texts, **kwargs)
+    name = data_args.chat_template
+    template_from = "the command line" if "chat_template" in command_line_keys else "the recipe"
+    template = None if name in (None, TOKENIZER_TEMPLATE) else CHAT_TEMPLATES.get(name, name)
+    if is_tiny(model_args) and model_args.tokenizer_name_or_path is None:
+        texts = data_texts(raw_datasets.values())
+        tokenizer = build_tiny_tokenizer(texts, **({"chat_template": template} if template else {}))
+        own = "the embedded tiny tokenizer's own, Gemma-2's"
     else:
         path = model_args.tokenizer_name_or_path or model_args.model_name_or_path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision,
-                                                  trust_remote_code=model_args.trust_remote_code)
-    except OSError as exc:  # not found / no access / not a tokenizer directory
-        raise UserError(f"tokenizer {path!r} cannot be loaded: {error_text(exc)}") from exc
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision,
+                                                      trust_remote_code=model_args.trust_remote_code)
+        except OSError as exc:  # not found / no access / not a tokenizer directory
+            raise UserError(f"tokenizer {path!r} cannot be loaded: {error_text(exc)}") from exc
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        own = f"the tokenizer's own, from {path}"
+        if template is None and tokenizer.chat_template is None:
+            own = f"none: {path} has none, and text rows need none"
+        if template is not None:
+            tokenizer.chat_template = template
+        if tokenizer.chat_template is None and needs_chat_template(raw_datasets.values()):
+            raise UserError(f"tokenizer {path!r} has no chat template: set chat_template (e.g. "
+                            f"'gemma')")
     if template is not None:
-        tokenizer.chat_template = template
-    if tokenizer.chat_template is None and needs_chat_template(raw_datasets.values()):
-        raise UserError(f"tokenizer {path!r} has no chat template: set chat_template (e.g. 'gemma')")
+        what = name if name in CHAT_TEMPLATES else "the Jinja template given"
+        logger.info("chat template: %s (chat_template from %s)", what, template_from)
+    else:
+        why = "chat_template unset" if name is None else f"chat_template {name} from {template_from}"
+        logger.info("chat template: %s (%s)", own, why)
     return tokenizer
 
 
@@ -272,7 +289,7 @@ def _train_and_save(model_args, data_args, training_args, checkpoint, stop) -> d
                     training_args.eval_strategy.value)
         training_args.eval_strategy = IntervalStrategy.NO
 
-    tokenizer = load_tokenizer(model_args, data_args, raw)
+    tokenizer = load_tokenizer(model_args, data_args, raw, training_args.command_line_keys)
     check_padding_value(training_args, tokenizer)  # an id the model has, before it is loaded
     with PartialState().local_main_process_first():
         processed = {

@@ -86,8 +86,8 @@ def test_recipe_mistakes_are_config_errors_naming_the_key(tmp_path, text, messag
 @pytest.mark.parametrize("argv,message", [
     (["--beta", "true"], "beta: invalid float value: 'true'"),
     (["--loss_backend", "cuda"], "loss_backend: invalid choice: 'cuda'"),
-    (["--max-step", "5"], "unknown option(s) --max-step"),      # no argparse abbreviations
-    (["--max_step", "5"], "unknown option(s) --max_step"),
+    (["--max-step", "5"], "unknown option --max-step"),      # no argparse abbreviations
+    (["--max_step", "5"], "unknown option --max_step"),
     (["--max_steps", "5.7"], "max_steps: invalid int value: '5.7'"),
     (["--max_length", "-3"], "max_length: must be > 0, got -3"),
     (["--save_steps", "50"],
@@ -135,7 +135,7 @@ def test_help_shows_the_recipes_effective_defaults_without_markup():
     proc = _cli("gemma-2-9b-it-simpo", "--help")
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
-    assert text.startswith("usage: simpo-train [RECIPE] [--key value ...]")
+    assert text.startswith("usage: simpo-train [RECIPE | --config RECIPE] [--key value ...]")
     lr = " ".join(text[text.index("--learning_rate"):][:400].split())
     assert "(default: 8e-07)" in lr            # the recipe's value, not TrainingArguments' 5e-05
     assert "``" not in text and ":class:" not in text and ":obj:" not in text
@@ -291,7 +291,10 @@ BAD_JSON = "{bad"
      "loss_schedule auto (pairs/vocab chunks follow loss_memory_budget)"),
     (["--padding_value", "-1"], "padding_value: must be a token id >= 0 (or unset), got -1"),
     (["--label_pad_token_id", "5"], "label_pad_token_id: must be negative (no token has this id), got 5"),
-    (["--chat_template", "chatml"], "chat_template: 'chatml' is neither a template name (gemma) nor a Jinja template"),
+    (["--chat_template", "chatml"], "chat_template: 'chatml' is neither a template name (gemma, tokenizer) nor a Jinja template"),
+    (["--chat_template", "None"],
+     "chat_template: 'None' is not a template; for the tokenizer's own, leave chat_template unset or set it "
+     "to 'tokenizer' (--chat_template tokenizer)"),
     (["--chat_template", "{{ messages"],
      "chat_template: not a valid Jinja template (line 1): unexpected end of template, expected 'end of print "
      "statement'."),

@@ -94,7 +94,7 @@ def test_cli_unknown_keys_are_errors(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "simpo.train", "--bogus", "1"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "unknown option(s) --bogus" in proc.stderr
+    assert "unknown option --bogus" in proc.stderr
 
 
 def test_embedded_default_end_to_end_short(tmp_path):
