@@ -266,6 +266,14 @@ class SimPOConfig(TrainingArguments):
     plot: bool = field(default=True, metadata={
         "help": "Write training_curves.png (loss, learning rate, reward accuracy and margins) to "
                 "output_dir."})
+    log_completions: bool = field(default=False, metadata={
+        "help": "At each evaluation, append greedy completions of the first "
+                "log_completions_prompts eval prompts to output_dir/completions.jsonl (step, "
+                "prompt, completion)."})
+    log_completions_prompts: int = field(default=4, metadata={
+        "help": "log_completions: how many eval prompts."})
+    log_completions_max_new_tokens: int = field(default=32, metadata={
+        "help": "log_completions: new tokens per completion."})
     # TrainingArguments' do_train (False) and do_eval are flags for example scripts that the
     # Trainer itself never reads; simpo-train trains unless told otherwise, as the official
     # run_simpo.py (which ignores do_train), and evaluates whenever the data has an eval split.
@@ -291,7 +299,8 @@ class SimPOConfig(TrainingArguments):
         positive = ("max_length", "max_prompt_length", "per_device_train_batch_size",
                     "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
                     "save_steps", "eval_steps", "loss_chunk_size", "loss_memory_budget",
-                    "eval_accumulation_steps", "precompute_ref_batch_size")
+                    "eval_accumulation_steps", "precompute_ref_batch_size",
+                    "log_completions_prompts", "log_completions_max_new_tokens")
         for key in positive:
             value = getattr(self, key)
             _check(value is None or (value > 0 and math.isfinite(value)), key, value,
@@ -818,6 +827,18 @@ def _check_run_kind(overrides: dict, args: "SimPOConfig") -> None:
             if key in overrides:
                 raise ConfigError(f"{key} has no effect: {eval_only} (no training, no checkpoint, "
                                   f"no model or plot written); drop {key}")
+    if args.log_completions:
+        if args.do_eval is False:
+            raise ConfigError("log_completions: completions are logged at each evaluation, and "
+                              "do_eval is false")
+        if args.deepspeed or fsdp_requested(args):
+            raise ConfigError("log_completions: not supported with DeepSpeed or FSDP (it generates "
+                              "on the main process alone, with the whole model)")
+    else:
+        for key in ("log_completions_prompts", "log_completions_max_new_tokens"):
+            if key in overrides:
+                raise ConfigError(f"{key} has no effect: log_completions is off; add "
+                                  f"--log_completions true")
     if not args.push_to_hub:
         for key in ("hub_model_id", "hub_strategy", "hub_private_repo", "hub_token",
                     "hub_revision", "hub_always_push"):

@@ -71,3 +71,71 @@ def plot_training_curves(log_history: list[dict], path) -> Optional[Path]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+COMPLETIONS_NAME = "completions.jsonl"
+
+
+def prompt_ids(row: dict, label_pad_token_id: int = -100) -> list[int]:
+    """The prompt tokens of a tokenised pair (:func:`simpo.data.prepare_dataset`): the leading
+    ``chosen_input_ids`` whose labels are ``label_pad_token_id``."""
+    ids, labels = row["chosen_input_ids"], row["chosen_labels"]
+    n = next((i for i, label in enumerate(labels) if label != label_pad_token_id), len(ids))
+    return list(ids[:n])
+
+
+class LogCompletions:
+    """At each evaluation, greedy completions of the first ``num_prompts`` eval prompts
+    (``max_new_tokens`` each), appended to ``output_dir/completions.jsonl`` as
+    ``{"step", "prompt", "completion"}`` lines (as TRL's ``LogCompletionsCallback``, to a file).
+    Generates on the main process only, so it is for runs whose model is whole on each process
+    (one process, DDP; simpo-train refuses it under ZeRO-3 and FSDP)."""
+
+    def __init__(self, trainer, eval_dataset, num_prompts: int, max_new_tokens: int):
+        from transformers import TrainerCallback
+
+        self.trainer, self.max_new_tokens = trainer, max_new_tokens
+        pad = trainer.args.label_pad_token_id
+        rows = eval_dataset.select(range(min(num_prompts, len(eval_dataset))))
+        self.prompts = [prompt_ids(row, pad) for row in rows]
+        # a TrainerCallback subclass made here: this module imports no transformers at load time
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_evaluate(self, args, state, control, **kwargs):
+                outer.log(state.global_step)
+
+        self.callback = _Callback()
+
+    def log(self, step: int) -> None:
+        import json
+        import os
+
+        import torch
+
+        trainer = self.trainer
+        if not trainer.is_world_process_zero():
+            return
+        tokenizer = trainer.processing_class
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        was_training = model.training
+        model.eval()
+        lines = []
+        try:
+            with torch.no_grad(), trainer.autocast_smart_context_manager():
+                for ids in self.prompts:
+                    inputs = torch.tensor([ids], device=model.device)
+                    out = model.generate(inputs, attention_mask=torch.ones_like(inputs),
+                                         max_new_tokens=self.max_new_tokens, do_sample=False,
+                                         use_cache=True, pad_token_id=tokenizer.pad_token_id)
+                    lines.append({"step": int(step),
+                                  "prompt": tokenizer.decode(ids, skip_special_tokens=False),
+                                  "completion": tokenizer.decode(out[0, len(ids):],
+                                                                 skip_special_tokens=True)})
+        finally:
+            model.train(was_training)
+        path = os.path.join(trainer.args.output_dir, COMPLETIONS_NAME)
+        with open(path, "a", encoding="utf-8") as f:
+            for line in lines:
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        logger.info("step %d: %d completions appended to %s", step, len(lines), path)

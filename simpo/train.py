@@ -267,6 +267,9 @@ def _train_and_save(model_args, data_args, training_args, checkpoint, stop) -> d
             for name in names}
     train_ds = processed.get(loaded.train_name) if train else None
     eval_ds = processed[loaded.eval_name] if use_eval else None
+    if training_args.log_completions and eval_ds is None:
+        raise UserError("log_completions: completions are logged at each evaluation, and this "
+                        "run has no eval split")
     if train:
         check_optimizer_steps(len(train_ds), training_args, loaded.train_name,
                               None if eval_ds is None else len(eval_ds), loaded.eval_name)
@@ -281,6 +284,11 @@ def _train_and_save(model_args, data_args, training_args, checkpoint, stop) -> d
             reference_key=reference_key(model_args, training_args, tokenizer) if train else None)
     trainer = SimPOTrainer(model=model, args=training_args, train_dataset=train_ds,
                            eval_dataset=eval_ds, processing_class=tokenizer, **reference)
+    if training_args.log_completions:
+        from .plotting import LogCompletions
+
+        trainer.add_callback(LogCompletions(trainer, eval_ds, training_args.log_completions_prompts,
+                                            training_args.log_completions_max_new_tokens).callback)
     if not train:
         return _evaluate_only(trainer, training_args, eval_ds)
     trainer.add_callback(StopOnSignal(stop))
@@ -338,14 +346,21 @@ def _save_release(model_args, data_args, training_args, trainer, loaded, train_m
             plot=None if plot is None else plot.name,
             repo_id=trainer.hub_model_id if training_args.push_to_hub else None)
         logger.info("wrote %s", release.write_model_card(training_args.output_dir, info))
+    push_failure = None
     if training_args.push_to_hub:
         try:
             trainer.push_to_hub(commit_message="End of training")
         except Exception as exc:  # network, token, permissions: the run itself is complete
-            raise UserError(f"the run finished (its outputs are in {training_args.output_dir}) but "
+            push_failure = (f"the run finished (its outputs are in {training_args.output_dir}) but "
                             f"the push to the Hub repo {trainer.hub_model_id} failed: "
                             f"{error_text(exc)}; upload it with `hf upload {trainer.hub_model_id} "
-                            f"{training_args.output_dir}`") from exc
+                            f"{training_args.output_dir}`")
+        if training_args.world_size > 1:  # only process 0 uploads: every process learns how it went
+            from accelerate.utils import broadcast_object_list
+
+            box = [push_failure]
+            broadcast_object_list(box, from_process=0)
+            push_failure = box[0]
     if trainer.is_world_process_zero():
         acc = eval_metrics.get("eval_rewards/accuracies")
         summary = f"done in {time.time() - start:.0f}s; model, tokenizer and trainer_state.json in " \
@@ -357,6 +372,8 @@ def _save_release(model_args, data_args, training_args, trainer, loaded, train_m
         from .run_dir import write_final_record
 
         write_final_record(training_args.output_dir, trainer.state)  # last: the run is finished
+    if push_failure is not None:
+        raise UserError(push_failure)
     return eval_metrics
 
 

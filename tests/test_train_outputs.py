@@ -64,8 +64,9 @@ def _run(argv) -> int:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One 2-step tiny run, a checkpoint per step, evaluated at the end, pushed to the Hub
-    (hub_model_id unset: the repo is named after output_dir, as the Trainer does)."""
+    """One 2-step tiny run, a checkpoint per step, evaluated at the end (with completions logged),
+    pushed to the Hub (hub_model_id unset: the repo is named after output_dir, as the Trainer
+    does)."""
     from huggingface_hub import HfApi
 
     out = tmp_path_factory.mktemp("run") / "tiny-simpo-out"
@@ -75,7 +76,9 @@ def trained(tmp_path_factory):
         mp.setattr(HfApi, "upload_folder", lambda api, **k: hub.upload_folder(api, **k))
         rc = _run([*TINY, "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "steps",
                    "--save_steps", "1", "--push_to_hub", "true", "--hub_private_repo", "true",
-                   "--hub_token", "hf_secret", "--output_dir", str(out)])
+                   "--hub_token", "hf_secret", "--log_completions", "true",
+                   "--log_completions_prompts", "2", "--log_completions_max_new_tokens", "4",
+                   "--output_dir", str(out)])
     assert rc == 0
     return out, hub
 
@@ -141,7 +144,7 @@ def test_push_to_hub_uploads_each_published_checkpoint_and_the_release(trained):
     assert final["repo_id"] == "me/tiny-simpo-out" and final["folder"] == str(out)
     assert final["kwargs"]["token"] == "hf_secret"
     assert {"README.md", "model.safetensors", "config.json", "tokenizer.json", "eval_results.json",
-            "train_results.json", "training_curves.png"} <= set(final["files"])
+            "train_results.json", "training_curves.png", "completions.jsonl"} <= set(final["files"])
     # never the checkpoints, the run configuration (its command line holds the token), the lock
     assert not [f for f in final["files"] if f.startswith(("checkpoint-", "simpo_", ".simpo"))]
     assert os.path.isdir(out / "checkpoint-2") and os.path.isfile(out / "simpo_run_config.json")
@@ -169,6 +172,28 @@ def test_the_plot_has_loss_lr_accuracy_and_margin_panels(trained):
                                                    if "learning_rate" in h]
     finally:
         plt.close(fig)
+
+
+def test_completions_are_the_saved_models_greedy_continuations_of_the_first_eval_prompts(trained):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from simpo.config import DataArguments
+    from simpo.data import load_splits
+
+    out, _ = trained
+    lines = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 2]  # one evaluation (the final one), 2 prompts
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    rows = load_splits(DataArguments(max_eval_samples=8)).eval
+    for line, row in zip(lines, rows):
+        assert row["chosen"][0]["content"] in line["prompt"]  # the eval split's order
+        ids = tok(line["prompt"], add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)
+        assert line["completion"] == tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def test_nothing_logged_writes_no_plot(tmp_path, caplog):
@@ -233,6 +258,8 @@ def test_evaluate_only_with_a_reference_model(tmp_path, capsys):
     (["--do_train", "false", "--resume_from_checkpoint", "x"], "pass it as --model_name_or_path"),
     (["--do_train", "false", "--max_steps", "5"], "max_steps has no effect: do_train false"),
     (["--do_train", "false", "--existing_run", "fresh"], "existing_run has no effect"),
+    (["--log_completions_prompts", "2"], "has no effect: log_completions is off"),
+    (["--log_completions", "true", "--do_eval", "false"], "log_completions: completions are logged"),
     (["--hub_model_id", "me/x"], "hub_model_id has no effect: push_to_hub is off"),
     (["--hub_strategy", "checkpoint"], "hub_strategy has no effect: push_to_hub is off"),
 ])
@@ -269,3 +296,26 @@ def test_upload_ignore_keeps_the_run_bookkeeping_out():
              "runs/events.out", "completions.jsonl"]
     assert list(filter_repo_objects(names, ignore_patterns=UPLOAD_IGNORE)) == [
         "README.md", "model.safetensors", "runs/events.out", "completions.jsonl"]
+
+
+def test_a_failed_push_is_one_line_after_a_complete_run(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import HfApi
+
+    hub = FakeHub()
+
+    def refuse(api, **kwargs):
+        raise OSError("403 Forbidden: no write access")
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, *a, **k: hub.create_repo(api, *a, **k))
+    monkeypatch.setattr(HfApi, "upload_folder", refuse)
+    out = tmp_path / "out"
+    rc = _run([*TINY, "--max_steps", "1", "--push_to_hub", "true", "--hub_model_id", "org/name",
+               "--hub_strategy", "end", "--output_dir", str(out)])
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bars: one line
+    assert rc == 1 and err.startswith("simpo-train: error: "), err
+    assert "the push to the Hub repo org/name failed: 403 Forbidden: no write access" in err
+    assert "hf upload org/name" in err
+    assert hub.repos[0]["repo_id"] == "org/name"
+    # the run itself is complete and recorded as finished: a rerun has nothing left to train
+    assert (out / "README.md").is_file() and (out / "simpo_run_finished.json").is_file()
+    assert 'from_pretrained("org/name")' in (out / "README.md").read_text()
