@@ -191,6 +191,8 @@ class SimPOTrainer(Trainer):
         self._stored_metrics = defaultdict(lambda: defaultdict(list))
         self._staging_parent: Optional[str] = None  # set while a checkpoint is being written
         self._run_loss_pending = None  # this process's summed step losses since the last fold
+        self._saving_model = False  # inside save_model: its push_to_hub waits for the run's end
+        self._checkpoint_push_pending = False  # a checkpoint to push once it is published
         super().__init__(model=model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
@@ -429,7 +431,7 @@ class SimPOTrainer(Trainer):
         Collective (the repo is created on process 0); uploads from process 0 only."""
         from . import release
 
-        if getattr(self, "_saving_model", False):
+        if self._saving_model:
             return None
         if self.hub_model_id is None:
             self.init_hf_repo(token=token, private=private)
@@ -492,7 +494,7 @@ class SimPOTrainer(Trainer):
             except Exception as exc:
                 self._no_room(exc, staging, run_root)
                 raise
-        if getattr(self, "_checkpoint_push_pending", False):
+        if self._checkpoint_push_pending:
             self._checkpoint_push_pending = False
             if self.is_world_process_zero():
                 from . import release
