@@ -29,6 +29,15 @@ CHECKPOINT_MODEL_FILES = ["config.json", "generation_config.json", "model.safete
                           "chat_template.jinja", "vocab.json", "merges.txt"]
 
 
+# as the official repository's README gives it
+SIMPO_CITATION = """@inproceedings{meng2024simpo,
+   title={SimPO: Simple Preference Optimization with a Reference-Free Reward},
+   author={Meng, Yu and Xia, Mengzhou and Chen, Danqi},
+   booktitle={Advances in Neural Information Processing Systems (NeurIPS)},
+   year={2024}
+}"""
+
+
 def restore_use_cache(model) -> None:
     """Switch the KV cache back on in ``model``'s config and generation config before the final
     save (it is loaded with ``use_cache`` off for activation checkpointing; a model saved so would
@@ -184,6 +193,8 @@ def model_card(info: dict) -> str:
               "out = model.generate(**inputs, max_new_tokens=64)",
               "print(tokenizer.decode(out[0][inputs['input_ids'].shape[1]:], "
               "skip_special_tokens=True))", "```", ""]
+    if info["loss"] == "simpo":
+        lines += ["## Citation", "", "```bibtex", SIMPO_CITATION, "```", ""]
     if info.get("versions"):
         lines += ["## Framework versions", ""]
         lines += [f"- {k}: {v}" for k, v in info["versions"].items()]

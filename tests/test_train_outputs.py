@@ -121,6 +121,7 @@ def test_the_model_card_states_the_run(trained):
                 "| global_batch_size | 8 |"):
         assert row in body
     assert "Trained for 2 optimizer steps." in body
+    assert "@inproceedings{meng2024simpo," in body
     assert "![training curves](training_curves.png)" in body
     assert 'AutoModelForCausalLM.from_pretrained("me/tiny-simpo-out")' in body
     import transformers
@@ -150,6 +151,30 @@ def test_push_to_hub_uploads_each_published_checkpoint_and_the_release(trained):
     assert os.path.isdir(out / "checkpoint-2") and os.path.isfile(out / "simpo_run_config.json")
     assert final["card"] == (out / "README.md").read_text()  # the card was written before the push
     assert final["kwargs"]["revision"] is None
+
+
+@pytest.mark.parametrize("strategy,extra", [
+    ("checkpoint", "last-checkpoint"), ("all_checkpoints", "checkpoint-2"), ("end", None)])
+def test_hub_strategies_push_a_published_checkpoint(trained, monkeypatch, strategy, extra):
+    import types
+
+    from huggingface_hub import HfApi
+
+    from simpo.release import push_checkpoint
+
+    out, _ = trained
+    hub = FakeHub()
+    monkeypatch.setattr(HfApi, "upload_folder", lambda api, **k: hub.upload_folder(api, **k))
+    args = types.SimpleNamespace(hub_strategy=strategy, save_strategy="steps", hub_token="t",
+                                 hub_revision=None)
+    push_checkpoint("me/x", str(out / "checkpoint-2"), args, step=2, epoch=1.0)
+    if extra is None:
+        assert hub.uploads == []
+        return
+    root, whole = hub.uploads
+    assert root["path_in_repo"] is None and "optimizer.pt" not in root["files"]
+    assert whole["path_in_repo"] == extra and whole["message"] == "Training in progress, step 2, checkpoint"
+    assert {"optimizer.pt", "model.safetensors", "trainer_state.json"} <= set(whole["files"])
 
 
 def test_the_plot_has_loss_lr_accuracy_and_margin_panels(trained):
