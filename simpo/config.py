@@ -279,7 +279,7 @@ class SimPOConfig(TrainingArguments):
     # run_simpo.py (which ignores do_train), and evaluates whenever the data has an eval split.
     do_train: bool = field(default=True, metadata={
         "help": "Train (false: evaluate the model on the eval split only: no training, no "
-                "checkpoint, no model written; needs do_eval)."})
+                "checkpoint, no model written; do_eval must not be false)."})
     do_eval: Optional[bool] = field(default=None, metadata={
         "help": "Evaluate on the eval split (during training per eval_strategy, and at the end). "
                 "Unset: whenever the data has an eval split; false: never (the eval split is not "
@@ -814,6 +814,9 @@ def _check_run_kind(overrides: dict, args: "SimPOConfig") -> None:
             and args.do_eval is False:
         raise ConfigError(f"eval_strategy {overrides['eval_strategy']} asks for evaluation but "
                           f"do_eval is false: drop one of them")
+    for key in ("eval_steps", "eval_on_start", "eval_delay", "max_eval_samples"):
+        if key in overrides and args.do_eval is False:
+            raise ConfigError(f"{key} has no effect: do_eval is false (no evaluation); drop {key}")
     if not args.do_train:
         eval_only = "do_train false evaluates only"
         if args.push_to_hub:

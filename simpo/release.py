@@ -105,6 +105,7 @@ def card_info(model_args, data_args, training_args, *, train_rows: Optional[int]
         "train_split": train_split, "eval_split": eval_split,
         "train_rows": train_rows, "eval_rows": eval_rows,
         "eval_fraction": data_args.eval_fraction,
+        "do_eval": training_args.do_eval,
         "chat_template": data_args.chat_template,
         "loss": training_args.loss,
         "loss_options": dict(training_args.loss_options),
@@ -167,6 +168,8 @@ def model_card(info: dict) -> str:
                 if info.get("eval_fraction") else "")
         lines.append(f"- eval split `{info['eval_split']}`{held}: "
                      f"{_value(info.get('eval_rows'))} pairs")
+    elif info.get("do_eval") is False:
+        lines.append("- no evaluation (do_eval false)")
     else:
         lines.append("- no eval split")
     if info.get("chat_template"):

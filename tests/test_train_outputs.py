@@ -279,6 +279,7 @@ def test_evaluate_only_with_a_reference_model(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--do_train", "false", "--do_eval", "false"], "do_train false and do_eval false: nothing to do"),
     (["--do_eval", "false", "--eval_strategy", "steps"], "asks for evaluation but do_eval is false"),
+    (["--do_eval", "false", "--eval_steps", "5"], "eval_steps has no effect: do_eval is false"),
     (["--do_train", "false", "--push_to_hub", "true"], "push_to_hub: do_train false evaluates only"),
     (["--do_train", "false", "--resume_from_checkpoint", "x"], "pass it as --model_name_or_path"),
     (["--do_train", "false", "--max_steps", "5"], "max_steps has no effect: do_train false"),
@@ -301,6 +302,19 @@ def test_do_train_and_do_eval_defaults(tmp_path):
     assert args.eval_strategy == "no"  # no evaluation at all
     _, _, args, _ = parse_args([*base, "--do_train", "false", "--do_eval"])
     assert args.do_train is False and args.do_eval is True
+
+
+def test_do_eval_false_trains_without_any_evaluation(tmp_path):
+    out = tmp_path / "out"
+    argv = [a for a in TINY if a not in ("--max_eval_samples", "8")]
+    assert _run([*argv, "--max_steps", "2", "--logging_steps", "1", "--do_eval", "false",
+                 "--output_dir", str(out)]) == 0
+    history = _json(out / "trainer_state.json")["log_history"]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2]
+    assert not [h for h in history if any(k.startswith("eval_") for k in h)]
+    assert not (out / "eval_results.json").exists()
+    assert not [k for k in _json(out / "all_results.json") if k.startswith("eval_")]
+    assert "- no evaluation (do_eval false)" in (out / "README.md").read_text()
 
 
 def test_evaluate_only_without_an_eval_split_is_one_line(tmp_path, capsys):
