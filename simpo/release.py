@@ -213,17 +213,23 @@ def write_model_card(output_dir: str, info: dict) -> str:
     return path
 
 
+def _ignored(token: Optional[str]) -> list[str]:
+    # training_args.bin is the pickled arguments, hub_token included: never uploaded with one
+    return ["training_args.bin"] if token else []
+
+
 def push_output_dir(repo_id: str, output_dir: str, *, commit_message: str = "End of training",
                     token: Optional[str] = None, revision: Optional[str] = None):
     """Upload ``output_dir`` (model, tokenizer, card, results, plot; not the checkpoints or
-    simpo-train's own files, see :data:`UPLOAD_IGNORE`) to the Hub repo ``repo_id``, blocking.
+    simpo-train's own files, see :data:`UPLOAD_IGNORE`, nor ``training_args.bin`` when a
+    ``token`` is given: it holds it) to the Hub repo ``repo_id``, blocking.
     Returns huggingface_hub's commit info."""
     from huggingface_hub import HfApi
 
     logger.info("pushing %s to the Hub repo %s", output_dir, repo_id)
     return HfApi().upload_folder(repo_id=repo_id, folder_path=output_dir,
                                  commit_message=commit_message, token=token, revision=revision,
-                                 ignore_patterns=UPLOAD_IGNORE)
+                                 ignore_patterns=UPLOAD_IGNORE + _ignored(token))
 
 
 def push_checkpoint(repo_id: str, checkpoint: str, args, step: int, epoch: Optional[float]) -> None:
@@ -249,5 +255,5 @@ def push_checkpoint(repo_id: str, checkpoint: str, args, step: int, epoch: Optio
                         else os.path.basename(os.path.normpath(checkpoint)))
         api.upload_folder(repo_id=repo_id, folder_path=checkpoint, path_in_repo=path_in_repo,
                           commit_message=message + ", checkpoint", token=args.hub_token,
-                          revision=args.hub_revision)
+                          revision=args.hub_revision, ignore_patterns=_ignored(args.hub_token))
 

@@ -148,6 +148,8 @@ def test_push_to_hub_uploads_each_published_checkpoint_and_the_release(trained):
             "train_results.json", "training_curves.png", "completions.jsonl"} <= set(final["files"])
     # never the checkpoints, the run configuration (its command line holds the token), the lock
     assert not [f for f in final["files"] if f.startswith(("checkpoint-", "simpo_", ".simpo"))]
+    # nor the pickled arguments, which hold the hub_token given
+    assert "training_args.bin" not in final["files"] and (out / "training_args.bin").is_file()
     assert os.path.isdir(out / "checkpoint-2") and os.path.isfile(out / "simpo_run_config.json")
     assert final["card"] == (out / "README.md").read_text()  # the card was written before the push
     assert final["kwargs"]["revision"] is None
@@ -175,6 +177,7 @@ def test_hub_strategies_push_a_published_checkpoint(trained, monkeypatch, strate
     assert root["path_in_repo"] is None and "optimizer.pt" not in root["files"]
     assert whole["path_in_repo"] == extra and whole["message"] == "Training in progress, step 2, checkpoint"
     assert {"optimizer.pt", "model.safetensors", "trainer_state.json"} <= set(whole["files"])
+    assert "training_args.bin" not in whole["files"]  # it holds the hub_token
 
 
 def test_the_plot_has_loss_lr_accuracy_and_margin_panels(trained):
