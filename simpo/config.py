@@ -464,7 +464,26 @@ class SimPOConfig(TrainingArguments):
                 "again) or resume_anyway (resume despite different settings).",
         "choices": ["resume", "fresh", "resume_anyway"]})
     plot: bool = field(default=True, metadata={
-        "help": "Write training_curves.png (reward accuracy and margins) to output_dir."})
+        "help": "Write training_curves.png (loss, learning rate, reward accuracy and margins) to "
+                "output_dir."})
+    log_completions: bool = field(default=False, metadata={
+        "help": "At each evaluation, append greedy completions of the first "
+                "log_completions_prompts eval prompts to output_dir/completions.jsonl (step, "
+                "prompt, completion)."})
+    log_completions_prompts: int = field(default=4, metadata={
+        "help": "log_completions: how many eval prompts."})
+    log_completions_max_new_tokens: int = field(default=32, metadata={
+        "help": "log_completions: new tokens per completion."})
+    # TrainingArguments' do_train (False) and do_eval are flags for example scripts that the
+    # Trainer itself never reads; simpo-train trains unless told otherwise, as the official
+    # run_simpo.py (which ignores do_train), and evaluates whenever the data has an eval split.
+    do_train: bool = field(default=True, metadata={
+        "help": "Train (false: evaluate the model on the eval split only: no training, no "
+                "checkpoint, no model written; do_eval must not be false)."})
+    do_eval: Optional[bool] = field(default=None, metadata={
+        "help": "Evaluate on the eval split (during training per eval_strategy, and at the end). "
+                "Unset: whenever the data has an eval split; false: never (the eval split is not "
+                "used and eval_strategy becomes no)."})
     # Hugging Face's default (True) replaces a non-finite training loss by the logging window's
     # running mean (0.0 at its start) and drops non-finite eval batches from eval_loss: a diverged
     # run would look fine. Off, it also saves the filter's host sync on every micro-batch.
@@ -480,7 +499,8 @@ class SimPOConfig(TrainingArguments):
         positive = ("max_length", "max_prompt_length", "per_device_train_batch_size",
                     "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
                     "save_steps", "eval_steps", "loss_chunk_size", "loss_memory_budget",
-                    "eval_accumulation_steps", "precompute_ref_batch_size")
+                    "eval_accumulation_steps", "precompute_ref_batch_size",
+                    "log_completions_prompts", "log_completions_max_new_tokens")
         for key in positive:
             value = getattr(self, key)
             _check(value is None or (value > 0 and math.isfinite(value)), key, value,
@@ -497,6 +517,8 @@ class SimPOConfig(TrainingArguments):
                 "use_liger_kernel: not supported: Liger replaces the model's forward with its fused "
                 "linear cross-entropy, which would bypass the SimPO loss head (that head already "
                 "fuses lm_head and loss without materialising the logits, on every backend)")
+        if self.do_eval is False and self.eval_strategy not in ("no", None):
+            self.eval_strategy = "no"  # do_eval false: no evaluation at all (see _check_relations)
         super().__post_init__()
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than "
@@ -785,6 +807,8 @@ def _cli_parser(defaults: Optional[dict] = None) -> _Parser:
             action.help = _clean_help(action.help)
         if action.dest == "fsdp":  # `--fsdp true` / `fsdp: true` as well as a bare `--fsdp`
             action.type = _fsdp_value
+        if action.dest == "do_eval":  # unset by default, and a bare `--do_eval` as every switch
+            action.nargs, action.const = "?", True
         if defaults and action.dest in defaults and action.const is not False:
             action.default = defaults[action.dest]
     return parser
@@ -1021,12 +1045,59 @@ def _check_relations(overrides: dict, args: "SimPOConfig", recipe: str) -> None:
     """Options asked for on the command line that the recipe's other settings would ignore."""
     if args.fsdp_config and not args.fsdp:
         raise ConfigError("fsdp_config has no effect: fsdp is off; add --fsdp true")
+    _check_run_kind(overrides, args)
     for key, strategy in (("save_steps", "save_strategy"), ("eval_steps", "eval_strategy"),
                           ("logging_steps", "logging_strategy")):
         if key in overrides and getattr(args, strategy) == "no":
             source = "the command line" if strategy in overrides else f"recipe {recipe}"
             raise ConfigError(f"{key}={overrides[key]:g} has no effect: {strategy} is 'no' (from "
                               f"{source}); add --{strategy} steps")
+
+
+def _check_run_kind(overrides: dict, args: "SimPOConfig") -> None:
+    """Combinations of do_train, do_eval and the hub and resume options that would do nothing
+    (or contradict each other): each is one line."""
+    if not args.do_train and args.do_eval is False:
+        raise ConfigError("do_train false and do_eval false: nothing to do (do_train false "
+                          "evaluates only, with do_eval unset or true)")
+    if "eval_strategy" in overrides and overrides["eval_strategy"] != "no" \
+            and args.do_eval is False:
+        raise ConfigError(f"eval_strategy {overrides['eval_strategy']} asks for evaluation but "
+                          f"do_eval is false: drop one of them")
+    for key in ("eval_steps", "eval_on_start", "eval_delay", "max_eval_samples"):
+        if key in overrides and args.do_eval is False:
+            raise ConfigError(f"{key} has no effect: do_eval is false (no evaluation); drop {key}")
+    if not args.do_train:
+        eval_only = "do_train false evaluates only"
+        if args.push_to_hub:
+            raise ConfigError(f"push_to_hub: {eval_only} and writes no model to push; drop "
+                              f"push_to_hub (or train)")
+        if args.resume_from_checkpoint:
+            raise ConfigError(f"resume_from_checkpoint: {eval_only}; to evaluate a checkpoint, "
+                              f"pass it as --model_name_or_path")
+        for key in ("existing_run", "save_strategy", "save_steps", "plot", "max_steps",
+                    "num_train_epochs"):
+            if key in overrides:
+                raise ConfigError(f"{key} has no effect: {eval_only} (no training, no checkpoint, "
+                                  f"no model or plot written); drop {key}")
+    if args.log_completions:
+        if args.do_eval is False:
+            raise ConfigError("log_completions: completions are logged at each evaluation, and "
+                              "do_eval is false")
+        if args.deepspeed or fsdp_requested(args):
+            raise ConfigError("log_completions: not supported with DeepSpeed or FSDP (it generates "
+                              "on the main process alone, with the whole model)")
+    else:
+        for key in ("log_completions_prompts", "log_completions_max_new_tokens"):
+            if key in overrides:
+                raise ConfigError(f"{key} has no effect: log_completions is off; add "
+                                  f"--log_completions true")
+    if not args.push_to_hub:
+        for key in ("hub_model_id", "hub_strategy", "hub_private_repo", "hub_token",
+                    "hub_revision", "hub_always_push"):
+            if key in overrides:
+                raise ConfigError(f"{key} has no effect: push_to_hub is off; add --push_to_hub "
+                                  f"true")
 
 
 def fsdp_requested(args: "SimPOConfig") -> bool:

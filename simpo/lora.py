@@ -33,6 +33,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from .config import ConfigError
+from .release import restore_use_cache
 
 logger = logging.getLogger(__name__)
 
@@ -314,6 +315,7 @@ def save_final_model(trainer, model_args: Any, training_args: Any, tokenizer,
         base_dir = os.path.abspath(os.path.join(output_dir, BASE_DIR))
         with _whole_model_loading(training_args):
             base = load_base()
+        restore_use_cache(base)
         base.save_pretrained(base_dir)
         tokenizer.save_pretrained(base_dir)
         del base
@@ -386,6 +388,7 @@ def save_merged_model(adapter_dir: str, base: torch.nn.Module, tokenizer) -> str
     if merged.get_output_embeddings().weight is not merged.get_input_embeddings().weight:
         _untie(merged)
     path = os.path.join(adapter_dir, MERGED_DIR)
+    restore_use_cache(merged)  # a release: generation with its KV cache (simpo.release)
     merged.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -53,6 +53,7 @@ IGNORED_KEYS = frozenset({
     "log_level", "log_level_replica", "log_on_each_node", "report_to", "run_name", "project",
     "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "disable_tqdm",
     "skip_memory_metrics", "include_num_input_tokens_seen", "debug", "plot", "logit_metrics",
+    "log_completions", "log_completions_prompts", "log_completions_max_new_tokens",
     # evaluation (never feeds back into training)
     "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "eval_accumulation_steps",
     "eval_do_concat_batches", "eval_use_gather_object", "per_device_eval_batch_size",
@@ -106,7 +107,7 @@ RUN_OUTPUT_NAMES = frozenset({
     "generation_config.json", *_WEIGHT_FILES, *_WEIGHT_INDEXES, "tokenizer.json",
     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
     "tokenizer.model", "vocab.json", "merges.txt", "runs", *_ADAPTER_FILES, _ADAPTER_CONFIG,
-    "merged", "base",
+    "merged", "base", "README.md", "completions.jsonl",
 })
 
 

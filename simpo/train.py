@@ -232,11 +232,17 @@ def _claim_output_dir(model_args, data_args, training_args, recipe_path) -> tupl
     if not distributed or dist.get_rank() == 0:
         try:
             lock = acquire_run_lock(training_args.output_dir)
-            config = run_config(model_args, data_args, training_args, recipe_path)
-            outcome["checkpoint"] = resolve_start(
-                training_args.output_dir, config, existing_run=training_args.existing_run,
-                resume_from_checkpoint=training_args.resume_from_checkpoint,
-                max_steps=training_args.max_steps)
+            if training_args.do_train:
+                config = run_config(model_args, data_args, training_args, recipe_path)
+                outcome["checkpoint"] = resolve_start(
+                    training_args.output_dir, config, existing_run=training_args.existing_run,
+                    resume_from_checkpoint=training_args.resume_from_checkpoint,
+                    max_steps=training_args.max_steps)
+            else:
+                # evaluation only: the lock (no run writes beside it), but no run configuration
+                # and no resume decision: a previous run there is neither moved nor a reason to
+                # refuse, and a later training run finds no trace of this one
+                outcome["checkpoint"] = None
         except NothingToTrain as exc:  # not an error: every rank stops, exit status 0
             lock.release()
             lock = None
@@ -266,19 +272,30 @@ def _claim_output_dir(model_args, data_args, training_args, recipe_path) -> tupl
 def _train_and_save(model_args, data_args, training_args, checkpoint, stop) -> dict:
     """Load the data and the model, train (from ``checkpoint`` if given), save and evaluate.
     ``stop`` (a :class:`~simpo.trainer.StopRequest`): training ends early, with a checkpoint, when
-    it records a signal, and then nothing else is written (:class:`~simpo.config.RunStopped`)."""
+    it records a signal, and then nothing else is written (:class:`~simpo.config.RunStopped`).
+    With ``do_train`` false it evaluates only (:func:`_evaluate_only`)."""
     from accelerate import PartialState
     from transformers import IntervalStrategy, set_seed
 
     from .data import check_optimizer_steps, load_splits, prepare_dataset
-    from .plotting import plot_training_curves
     from .trainer import SimPOTrainer, StopOnSignal
 
+    train = training_args.do_train
     set_seed(training_args.seed)
     loaded = load_splits(data_args)
-    raw = {loaded.train_name: loaded.train}
+    raw = {loaded.train_name: loaded.train}  # all of them build the tiny model's vocabulary
     if loaded.eval is not None:
         raw[loaded.eval_name] = loaded.eval
+    use_eval = loaded.eval is not None and training_args.do_eval is not False
+    if loaded.eval is not None and not use_eval:
+        logger.info("do_eval false: the eval split %r is not used", loaded.eval_name)
+    if loaded.eval is None and not train:
+        raise UserError("do_train false evaluates only, but the data has no eval split: name one "
+                        "in --dataset_splits, or hold train rows out with --eval_fraction")
+    if loaded.eval is None and training_args.do_eval and "do_eval" in training_args.command_line_keys:
+        raise UserError("--do_eval true asks for evaluation but the data has no eval split: set "
+                        "--eval_fraction to hold some train rows out, or name an eval split in "
+                        "--dataset_splits")
     if loaded.eval is None and training_args.eval_strategy != "no":
         if "eval_strategy" in training_args.command_line_keys:
             raise UserError(f"--eval_strategy {training_args.eval_strategy.value} asks for evaluation "
@@ -291,16 +308,21 @@ def _train_and_save(model_args, data_args, training_args, checkpoint, stop) -> d
 
     tokenizer = load_tokenizer(model_args, data_args, raw, training_args.command_line_keys)
     check_padding_value(training_args, tokenizer)  # an id the model has, before it is loaded
+    names = ([loaded.train_name] if train else []) + ([loaded.eval_name] if use_eval else [])
     with PartialState().local_main_process_first():
         processed = {
-            name: prepare_dataset(dataset, tokenizer, training_args,
+            name: prepare_dataset(raw[name], tokenizer, training_args,
                                   auto_insert_empty_system_msg=data_args.auto_insert_empty_system_msg,
                                   num_proc=data_args.preprocessing_num_workers, split_name=name)
-            for name, dataset in raw.items()}
-    train_ds = processed[loaded.train_name]
-    eval_ds = processed[loaded.eval_name] if loaded.eval is not None else None
-    check_optimizer_steps(len(train_ds), training_args, loaded.train_name,
-                          None if eval_ds is None else len(eval_ds), loaded.eval_name)
+            for name in names}
+    train_ds = processed.get(loaded.train_name) if train else None
+    eval_ds = processed[loaded.eval_name] if use_eval else None
+    if training_args.log_completions and eval_ds is None:
+        raise UserError("log_completions: completions are logged at each evaluation, and this "
+                        "run has no eval split")
+    if train:
+        check_optimizer_steps(len(train_ds), training_args, loaded.train_name,
+                              None if eval_ds is None else len(eval_ds), loaded.eval_name)
 
     set_seed(training_args.seed)
     model = load_model(model_args, training_args, tokenizer)
@@ -308,9 +330,17 @@ def _train_and_save(model_args, data_args, training_args, checkpoint, stop) -> d
     if training_args.needs_reference:
         reference = dict(
             ref_model=lambda: load_reference_model(model_args, training_args, tokenizer),
-            reference_key=reference_key(model_args, training_args, tokenizer))
+            # eval-only: computed, never cached in output_dir (a training run's cache stays)
+            reference_key=reference_key(model_args, training_args, tokenizer) if train else None)
     trainer = SimPOTrainer(model=model, args=training_args, train_dataset=train_ds,
                            eval_dataset=eval_ds, processing_class=tokenizer, **reference)
+    if training_args.log_completions:
+        from .plotting import LogCompletions
+
+        trainer.add_callback(LogCompletions(trainer, eval_ds, training_args.log_completions_prompts,
+                                            training_args.log_completions_max_new_tokens).callback)
+    if not train:
+        return _evaluate_only(trainer, training_args, eval_ds)
     trainer.add_callback(StopOnSignal(stop))
 
     start = time.time()
@@ -321,7 +351,19 @@ def _train_and_save(model_args, data_args, training_args, checkpoint, stop) -> d
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
-    save_final_model(trainer, model_args, training_args, tokenizer)
+    return _save_release(model_args, data_args, training_args, trainer, loaded, metrics, train_ds,
+                         eval_ds, start)
+
+
+def _save_release(model_args, data_args, training_args, trainer, loaded, train_metrics, train_ds,
+                  eval_ds, start) -> dict:
+    """After training: the final model (KV cache back on), tokenizer, final evaluation, plot,
+    model card, the push to the Hub (push_to_hub) and, last, the finished record."""
+    from . import release
+    from .plotting import plot_training_curves
+
+    release.restore_use_cache(trainer.accelerator.unwrap_model(trainer.model))
+    save_final_model(trainer, model_args, training_args, trainer.processing_class)
 
     eval_metrics = {}
     if eval_ds is not None:
@@ -335,10 +377,37 @@ def _train_and_save(model_args, data_args, training_args, checkpoint, stop) -> d
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         trainer.save_state()  # trainer_state.json with the final evaluation in its log history
+    plot = None
     if training_args.plot and trainer.is_world_process_zero():
-        path = plot_training_curves(trainer.state.log_history,
+        plot = plot_training_curves(trainer.state.log_history,
                                     os.path.join(training_args.output_dir, "training_curves.png"))
-        logger.info("wrote %s", path)
+        if plot is not None:
+            logger.info("wrote %s", plot)
+    if trainer.is_world_process_zero():
+        info = release.card_info(
+            model_args, data_args, training_args, train_rows=len(train_ds),
+            eval_rows=None if eval_ds is None else len(eval_ds), train_split=loaded.train_name,
+            eval_split=None if eval_ds is None else loaded.eval_name,
+            train_metrics=train_metrics, eval_metrics=eval_metrics,
+            world_size=training_args.world_size, global_step=trainer.state.global_step,
+            plot=None if plot is None else plot.name,
+            repo_id=trainer.hub_model_id if training_args.push_to_hub else None)
+        logger.info("wrote %s", release.write_model_card(training_args.output_dir, info))
+    push_failure = None
+    if training_args.push_to_hub:
+        try:
+            trainer.push_to_hub(commit_message="End of training")
+        except Exception as exc:  # network, token, permissions: the run itself is complete
+            push_failure = (f"the run finished (its outputs are in {training_args.output_dir}) but "
+                            f"the push to the Hub repo {trainer.hub_model_id} failed: "
+                            f"{error_text(exc)}; upload it with `hf upload {trainer.hub_model_id} "
+                            f"{training_args.output_dir}`")
+        if training_args.world_size > 1:  # only process 0 uploads: every process learns how it went
+            from accelerate.utils import broadcast_object_list
+
+            box = [push_failure]
+            broadcast_object_list(box, from_process=0)
+            push_failure = box[0]
     if trainer.is_world_process_zero():
         acc = eval_metrics.get("eval_rewards/accuracies")
         summary = f"done in {time.time() - start:.0f}s; model, tokenizer and trainer_state.json in " \
@@ -350,7 +419,25 @@ def _train_and_save(model_args, data_args, training_args, checkpoint, stop) -> d
         from .run_dir import write_final_record
 
         write_final_record(training_args.output_dir, trainer.state)  # last: the run is finished
+    if push_failure is not None:
+        raise UserError(push_failure)
     return eval_metrics
+
+
+def _evaluate_only(trainer, training_args, eval_ds) -> dict:
+    """``do_train`` false: evaluate the loaded model on the eval split and write
+    ``eval_results.json`` (replacing one already there); nothing else is written: no checkpoint,
+    model, state, plot or run record, so output_dir's training run, if any, is left as it is."""
+    metrics = trainer.evaluate()
+    metrics["eval_samples"] = len(eval_ds)
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics, combined=False)  # all_results.json marks a trained run
+    if trainer.is_world_process_zero():
+        print(f"evaluated only (do_train false): {len(eval_ds)} pairs; eval reward accuracy "
+              f"{metrics.get('eval_rewards/accuracies', float('nan')):.3f}, margin "
+              f"{metrics.get('eval_rewards/margins', float('nan')):.3f}; eval_results.json in "
+              f"{training_args.output_dir}", flush=True)
+    return metrics
 
 
 def run(model_args, data_args, training_args, recipe_path=None) -> dict:

@@ -191,6 +191,8 @@ class SimPOTrainer(Trainer):
         self._stored_metrics = defaultdict(lambda: defaultdict(list))
         self._staging_parent: Optional[str] = None  # set while a checkpoint is being written
         self._run_loss_pending = None  # this process's summed step losses since the last fold
+        self._saving_model = False  # inside save_model: its push_to_hub waits for the run's end
+        self._checkpoint_push_pending = False  # a checkpoint to push once it is published
         super().__init__(model=model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
@@ -399,6 +401,7 @@ class SimPOTrainer(Trainer):
         base class would write nothing there. Checkpoints keep FSDP's sharded files. The final
         model without room to write it (disk full, quota, file size limit) is one line
         (:class:`~simpo.config.UserError`); a checkpoint's is said by ``_save_checkpoint``."""
+        self._saving_model = True  # the base save_model's own push waits for the run's end
         try:
             self._save_model(output_dir, _internal_call)
         except Exception as exc:
@@ -412,6 +415,38 @@ class SimPOTrainer(Trainer):
                             f"there). "
                             f"The checkpoints are intact: make room, then rerun the same command "
                             f"to write it") from exc
+        finally:
+            self._saving_model = False
+
+    # -------------------------------------------------------------- the Hub
+
+    def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True,
+                    token: Optional[str] = None, revision: Optional[str] = None,
+                    private: Optional[bool] = None, **kwargs):
+        """Upload ``output_dir`` to the Hub repo (created at construction, as the Trainer does;
+        ``hub_model_id`` unset: named after ``output_dir``) without the checkpoints and
+        simpo-train's own files (:data:`simpo.release.UPLOAD_IGNORE`), and without replacing the
+        model card simpo-train wrote by the Trainer's. Inside ``save_model`` it does nothing:
+        simpo-train pushes once, at the end, after the card and the results are written.
+        Collective (the repo is created on process 0); uploads from process 0 only."""
+        from . import release
+
+        if self._saving_model:
+            return None
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        if not self.is_world_process_zero():
+            return None
+        return release.push_output_dir(
+            self.hub_model_id, self.args.output_dir, commit_message=commit_message,
+            token=token if token is not None else self.args.hub_token,
+            revision=revision if revision is not None else self.args.hub_revision)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # The base Trainer calls this on the staging copy of the checkpoint, copies its model
+        # files into output_dir and uploads asynchronously; the staging copy is renamed at once.
+        # Here the push waits until the checkpoint is published (see _save_checkpoint).
+        self._checkpoint_push_pending = True
 
     def _save_model(self, output_dir: Optional[str], _internal_call: bool) -> None:
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
@@ -459,6 +494,13 @@ class SimPOTrainer(Trainer):
             except Exception as exc:
                 self._no_room(exc, staging, run_root)
                 raise
+        if self._checkpoint_push_pending:
+            self._checkpoint_push_pending = False
+            if self.is_world_process_zero():
+                from . import release
+
+                release.push_checkpoint(self.hub_model_id, final, self.args,
+                                        self.state.global_step, self.state.epoch)
         self.accelerator.wait_for_everyone()  # nobody reads checkpoint-N before it exists
 
     @staticmethod
