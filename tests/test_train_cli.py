@@ -303,8 +303,8 @@ def test_help_switches_read_right(tiny_help):
     for word in ("False", "True", "None"):
         assert f"(default: {word})" not in tiny_help
     plot = " ".join(tiny_help[tiny_help.index("\n  --plot "):].split("\n  --")[1].split())
-    assert plot == ("plot [true|false] Write training_curves.png (reward accuracy and margins) to "
-                    "output_dir. --no_plot turns it off. (default: true)")
+    assert plot == ("plot [true|false] Write training_curves.png (loss, learning rate, reward "
+                    "accuracy and margins) to output_dir. --no_plot turns it off. (default: true)")
     template = " ".join(tiny_help[tiny_help.index("\n  --chat_template "):].split("\n  --")[1].split())
     assert template.endswith("(default: unset)")
 

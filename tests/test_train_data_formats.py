@@ -449,6 +449,10 @@ def test_a_run_on_a_mixture_of_text_data_records_and_checks_its_files(tmp_path, 
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     losses = [e["loss"] for e in state["log_history"] if "loss" in e]
     assert state["global_step"] == 2 and len(losses) == 2 and all(0 < x < 10 for x in losses)
+    card = (out / "README.md").read_text()  # the model card names each source and its fraction
+    assert "- a mixture (`dataset_mixer`) of:" in card
+    assert f"  - `{tmp_path / 'explicit'}`, fraction 1\n" in card
+    assert f"  - `{second}`, fraction 0.5\n" in card
 
     _write(Path(second), implicit[::-1])  # same rows, another order: other data
     capsys.readouterr()

@@ -341,6 +341,17 @@ def test_final_adapter_and_merged_model_load_and_generate(lora_run):
             torch.testing.assert_close(model(**ids).logits, expected, rtol=0, atol=1e-5)
             generated = model.generate(**ids, max_new_tokens=4, do_sample=False)
             assert generated.shape == (1, ids["input_ids"].shape[1] + 4)
+    # a release: the merged model (and the saved tiny base) generate with their KV cache, and
+    # the card says what the folder holds and how to load it
+    for sub in ("merged", "base"):
+        for name in ("config.json", "generation_config.json"):
+            with open(os.path.join(out, sub, name)) as f:
+                assert json.load(f)["use_cache"] is True, (sub, name)
+    with open(os.path.join(out, "README.md")) as f:
+        card = f.read()
+    assert "library_name: peft" in card and "## LoRA adapter" in card
+    assert "| lora_r | 4 |" in card and "| lora_alpha | 8 |" in card
+    assert "AutoPeftModelForCausalLM.from_pretrained" in card
 
 
 def test_merge_of_a_trained_head_copy(batch64, tmp_path):
