@@ -26,7 +26,7 @@ def curve_points(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def training_figure(log_history: list[dict]):
+def training_figure(log_history: list[dict], title: str = "SimPO training"):
     """The matplotlib figure of :func:`plot_training_curves` (2 x 2 panels, see :data:`PANELS`),
     or None when nothing was logged (a run shorter than ``logging_steps`` without evaluation)."""
     series = curve_points(log_history)
@@ -38,12 +38,12 @@ def training_figure(log_history: list[dict]):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for ax, (name, title, has_eval) in zip(axes.flat, PANELS):
+    for ax, (name, panel, has_eval) in zip(axes.flat, PANELS):
         for key, style, label in ((name, "-", "train"), ("eval_" + name, "o-", "eval")):
             if series.get(key):
                 xs, ys = zip(*series[key])
                 ax.plot(xs, ys, style, label=label, markersize=4)
-        ax.set_title(title)
+        ax.set_title(panel)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -52,15 +52,16 @@ def training_figure(log_history: list[dict]):
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
     axes[1][0].set_ylim(-0.02, 1.02)
     axes[0][1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    fig.suptitle("SimPO training")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def plot_training_curves(log_history: list[dict], path) -> Optional[Path]:
+def plot_training_curves(log_history: list[dict], path,
+                         title: str = "SimPO training") -> Optional[Path]:
     """Write the training curves to ``path`` (PNG) and return it; None, with a log line and no
     file, when nothing was logged (an empty picture would say nothing)."""
-    fig = training_figure(log_history)
+    fig = training_figure(log_history, title)
     if fig is None:
         logger.info("no training curves: nothing was logged (a run shorter than logging_steps "
                     "and without evaluation); %s not written", path)

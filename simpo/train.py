@@ -380,7 +380,9 @@ def _save_release(model_args, data_args, training_args, trainer, loaded, train_m
     plot = None
     if training_args.plot and trainer.is_world_process_zero():
         plot = plot_training_curves(trainer.state.log_history,
-                                    os.path.join(training_args.output_dir, "training_curves.png"))
+                                    os.path.join(training_args.output_dir, "training_curves.png"),
+                                    title=f"{training_args.loss.upper()} training"
+                                    if training_args.loss != "simpo" else "SimPO training")
         if plot is not None:
             logger.info("wrote %s", plot)
     if trainer.is_world_process_zero():

@@ -186,8 +186,9 @@ def test_the_plot_has_loss_lr_accuracy_and_margin_panels(trained):
     out, _ = trained
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     history = _json(out / "trainer_state.json")["log_history"]
-    fig = training_figure(history)
+    fig = training_figure(history, title="DPO training")
     try:
+        assert [t.get_text() for t in fig.texts] == ["DPO training"]  # the run's loss names it
         titles = [ax.get_title() for ax in fig.axes]
         assert titles == ["loss", "learning rate", "reward accuracy", "reward margin"]
         loss_ax, lr_ax = fig.axes[0], fig.axes[1]
