@@ -16,6 +16,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,14 +110,11 @@ def test_ddp_two_processes_match_one_process(model_dir, single_runs, tmp_path):
     compare_runs(single_runs(4, 2), ddp)
 
 
-def test_cli_default_two_zero3_ranks_start_from_the_one_rank_weights(tmp_path):
-    """The embedded default (model built in code) under `torchrun ... --deepspeed` ZeRO-3 starts
-    from the same weights as in one process: the first two logged losses of 2 ranks x 4 pairs
-    equal those of 1 process x 4 pairs x 2 accumulation steps. Under zero.Init the tiny model was
-    initialised in another order (partitioned, rank 0 per module) and the losses differed."""
-    common = ["--max_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "4",
-              "--eval_strategy", "no", "--plot", "false", "--tiny_hidden_size", "32",
-              "--learning_rate", "1e-2", "--disable_tqdm", "true", "--report_to", "none"]
+def _one_rank_and_two_zero3_ranks(tmp_path, common: list[str]) -> dict[str, Path]:
+    """``simpo-train *common`` on 1 process with 2 accumulation steps ("one") and under
+    ``torchrun`` on 2 ZeRO-3 CPU ranks ("two"): the same global batch. Returns each run's
+    output_dir once it finished. DeepSpeed's CPU stack rarely aborts in C++ teardown after every
+    output was written (README); that is not what these tests are about."""
     runs = {
         "one": [sys.executable, "-m", "simpo.train", *common, "--gradient_accumulation_steps", "2",
                 "--output_dir", str(tmp_path / "one")],
@@ -125,19 +123,32 @@ def test_cli_default_two_zero3_ranks_start_from_the_one_rank_weights(tmp_path):
                 "--deepspeed", os.path.join(ROOT, "tests", "zero3_cpu.json"),
                 "--output_dir", str(tmp_path / "two")],
     }
-    losses = {}
     for name, cmd in runs.items():
-        proc = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
+        proc = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True,
+                              timeout=400)
         finished = (tmp_path / name / "trainer_state.json").is_file()
-        # DeepSpeed's CPU stack rarely aborts in C++ teardown after every output was written
-        # (README); that is not what this test is about
         teardown = finished and "terminate called without an active exception" in proc.stderr
         if teardown:
             print(f"{name}: DeepSpeed CPU teardown abort after the run finished (rc {proc.returncode})")
         assert proc.returncode == 0 or teardown, proc.stdout[-3000:] + proc.stderr[-5000:]
-        with open(tmp_path / name / "trainer_state.json") as f:
-            history = json.load(f)["log_history"]
-        losses[name] = [h["loss"] for h in history if "loss" in h]
+    return {name: tmp_path / name for name in runs}
+
+
+def _step_losses(out: Path) -> list[float]:
+    with open(out / "trainer_state.json") as f:
+        return [h["loss"] for h in json.load(f)["log_history"] if "loss" in h]
+
+
+def test_cli_default_two_zero3_ranks_start_from_the_one_rank_weights(tmp_path):
+    """The embedded default (model built in code) under `torchrun ... --deepspeed` ZeRO-3 starts
+    from the same weights as in one process: the first two logged losses of 2 ranks x 4 pairs
+    equal those of 1 process x 4 pairs x 2 accumulation steps. Under zero.Init the tiny model was
+    initialised in another order (partitioned, rank 0 per module) and the losses differed."""
+    common = ["--max_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "4",
+              "--eval_strategy", "no", "--plot", "false", "--tiny_hidden_size", "32",
+              "--learning_rate", "1e-2", "--disable_tqdm", "true", "--report_to", "none"]
+    outs = _one_rank_and_two_zero3_ranks(tmp_path, common)
+    losses = {name: _step_losses(out) for name, out in outs.items()}
     print("1 rank", losses["one"], "\n2 ZeRO-3 ranks", losses["two"])
     assert len(losses["one"]) == len(losses["two"]) == 2
     for a, b in zip(losses["one"], losses["two"]):
@@ -158,26 +169,10 @@ def test_lora_two_zero3_ranks_train_like_one_process(tmp_path):
               "--learning_rate", "1e-2", "--warmup_steps", "0", "--max_steps", "2",
               "--logging_steps", "1", "--per_device_train_batch_size", "4",
               "--disable_tqdm", "true", "--report_to", "none"]
-    runs = {
-        "one": [sys.executable, "-m", "simpo.train", *common, "--gradient_accumulation_steps", "2",
-                "--output_dir", str(tmp_path / "one")],
-        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(free_port()), "-m", "simpo.train", *common,
-                "--deepspeed", os.path.join(ROOT, "tests", "zero3_cpu.json"),
-                "--output_dir", str(tmp_path / "two")],
-    }
-    losses, adapters, merged = {}, {}, {}
-    for name, cmd in runs.items():
-        proc = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True,
-                              timeout=400)
-        out = tmp_path / name
-        finished = (out / "simpo_run_finished.json").is_file()
-        teardown = finished and "terminate called without an active exception" in proc.stderr
-        assert proc.returncode == 0 or teardown, proc.stdout[-3000:] + proc.stderr[-5000:]
-        with open(out / "trainer_state.json") as f:
-            losses[name] = [h["loss"] for h in json.load(f)["log_history"] if "loss" in h]
-        adapters[name] = load_file(out / "adapter_model.safetensors")
-        merged[name] = load_file(out / "merged" / "model.safetensors")
+    outs = _one_rank_and_two_zero3_ranks(tmp_path, common)
+    losses = {name: _step_losses(out) for name, out in outs.items()}
+    adapters = {name: load_file(out / "adapter_model.safetensors") for name, out in outs.items()}
+    merged = {name: load_file(out / "merged" / "model.safetensors") for name, out in outs.items()}
     print("1 rank", losses["one"], "\n2 ZeRO-3 ranks", losses["two"])
     assert len(losses["one"]) == len(losses["two"]) == 2
     for a, b in zip(losses["one"], losses["two"]):
