@@ -454,9 +454,7 @@ class SimPOTrainer(Trainer):
             return super().save_model(output_dir, _internal_call)
         state_dict = self.accelerator.get_state_dict(self.model)  # collective: on every rank
         self._save(output_dir if output_dir is not None else self.args.output_dir,
-                   state_dict=state_dict)
-        if self.args.push_to_hub:
-            self.push_to_hub(commit_message="Model save")
+                   state_dict=state_dict)  # no push here: simpo-train pushes once, at the end
 
     # -------------------------------------------------------------- checkpoints
 
