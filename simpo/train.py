@@ -344,6 +344,7 @@ def _train_and_save(model_args, data_args, training_args, checkpoint, stop) -> d
     trainer.add_callback(StopOnSignal(stop))
 
     start = time.time()
+    stop.raise_if_dropped()  # a signal while loading whose stop the interpreter dropped
     result = trainer.train(resume_from_checkpoint=checkpoint)
     stop.raise_if_stopped()  # stopped early: no final model or results, as a finished run has
     metrics = dict(result.metrics)

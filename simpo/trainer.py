@@ -725,6 +725,10 @@ class StopRequest:
         self.last_checkpoint = last_checkpoint  # the newest complete checkpoint of the run
         self._holding = False
         self._pending = 0  # a signal that came while holding
+        # a stop raised at once by the handler: Python drops an exception raised while a weakref
+        # callback or finaliser runs ("Exception ignored in ..."), so it is raised again before
+        # training starts (raise_if_dropped) rather than lost
+        self._raised = 0
         # forked helpers (DataLoader workers, datasets.map) inherit the handler; Ctrl-C reaches
         # them too, but only the training process acts (it shuts its helpers down)
         self._pid = os.getpid()
@@ -751,6 +755,7 @@ class StopRequest:
             self._pending = self._pending or signum
             return
         if self.phase != "training":
+            self._raised = signum
             raise RunStopped(signum, self._at_once(name))
         if not self.signum:
             self.signum = signum
@@ -762,6 +767,12 @@ class StopRequest:
                                                    else name))
         else:
             _say(f"{name} received again: ignored, the stop (and its checkpoint) is under way")
+
+    def raise_if_dropped(self) -> None:
+        """Raise again a stop the handler raised at once that never reached the run (dropped by
+        the interpreter because it landed in a weakref callback or finaliser)."""
+        if self._raised:
+            raise RunStopped(self._raised, self._at_once(signal.Signals(self._raised).name))
 
     def raise_if_stopped(self) -> None:
         """After ``trainer.train()`` returned: raise the stop that ended it, if any."""

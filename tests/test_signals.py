@@ -210,6 +210,32 @@ def test_stop_callback_and_agreement_in_process():
     assert control.should_training_stop and stop.last_checkpoint == "/o/checkpoint-4"
 
 
+def test_a_stop_dropped_in_a_weakref_callback_is_raised_again_before_training():
+    """Seen under load: SIGINT while the run loads landed in a weakref callback (a
+    WeakKeyDictionary cleanup during garbage collection), where Python drops exceptions
+    ("Exception ignored in ..."): the run went on and trained. The stop is raised again before
+    training starts."""
+    import weakref
+
+    from simpo.config import RunStopped
+    from simpo.trainer import StopRequest
+
+    stop = StopRequest()
+    stop.raise_if_dropped()  # nothing happened: nothing to raise
+
+    class Key:
+        pass
+
+    key = Key()
+    keep = weakref.ref(key, lambda _: stop.handle(signal.SIGINT))  # the handler, in a callback
+    del key  # the callback runs; its RunStopped is dropped by the interpreter, not raised here
+    assert keep() is None
+    with pytest.raises(RunStopped, match="^stopped by SIGINT before training started; nothing "
+                                         "was trained$") as info:
+        stop.raise_if_dropped()
+    assert info.value.exit_code == 130
+
+
 def test_forked_helpers_leave_the_stop_to_the_training_process():
     """DataLoader workers and datasets.map's pool are forked and inherit the handler (and Ctrl-C
     reaches them too): there it does nothing, no stop and no traceback per worker."""
