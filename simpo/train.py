@@ -487,7 +487,7 @@ def _run(model_args, data_args, training_args, recipe_path, stop) -> dict:
                                                      recipe_path)
             except NothingToTrain as exc:  # a finished run: not an error, outputs untouched
                 if training_args.process_index == 0:
-                    print(f"simpo-train: {exc}", flush=True)
+                    _say(f"simpo-train: {exc}", sys.stdout)
                 _close_process_group()
                 return {}
         stop.last_checkpoint = checkpoint
@@ -535,6 +535,15 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _say(line: str, stream=None) -> None:
+    """Write ``line`` and its newline in one write: every rank of a multi-process run prints its
+    own line to the same pipe, and ``print`` writes the text and the newline separately, so two
+    ranks stopping together printed ``...againsimpo-train: error: ...`` on one line."""
+    stream = sys.stderr if stream is None else stream
+    stream.write(line + "\n")
+    stream.flush()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """The ``simpo-train`` command. A user error (configuration, data, paths, a busy output_dir)
     prints one line ``simpo-train: error: ...`` and returns its exit status (2 for configuration
@@ -555,24 +564,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as exc:
         if debug:
             raise
-        print(f"simpo-train: error: {exc}", file=sys.stderr, flush=True)
+        _say(f"simpo-train: error: {exc}")
         return exc.exit_code
     except RunStopped as exc:
-        print(f"simpo-train: {exc}", file=sys.stderr, flush=True)
+        _say(f"simpo-train: {exc}")
         return exc.exit_code
     except OSError as exc:  # results and state (JSON) written after training, without room
         from .run_dir import NO_ROOM_ERRNOS
 
         if debug or exc.errno not in NO_ROOM_ERRNOS:
             raise
-        print(f"simpo-train: error: cannot write {exc.filename or 'the outputs'}: {exc.strerror}",
-              file=sys.stderr, flush=True)
+        _say(f"simpo-train: error: cannot write {exc.filename or 'the outputs'}: {exc.strerror}")
         return 1
     except KeyboardInterrupt:  # Ctrl-C before the run's own handler is in place (parsing)
         if debug:
             raise
-        print("simpo-train: stopped by SIGINT before training started; nothing was trained",
-              file=sys.stderr, flush=True)
+        _say("simpo-train: stopped by SIGINT before training started; nothing was trained")
         return 128 + signal.SIGINT
     return 0
 

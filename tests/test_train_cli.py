@@ -5,13 +5,16 @@ In-process (parse_args, help_text, load_tokenizer): no training run."""
 
 from __future__ import annotations
 
+import io
 import logging
+import sys
 
 import pytest
 
 pytest.importorskip("transformers")
 
 from simpo.config import ConfigError, help_text, parse_args  # noqa: E402
+from simpo.train import main  # noqa: E402
 
 CPU = ["--use_cpu", "true", "--bf16", "false"]  # the gemma recipe's bf16 needs a GPU
 
@@ -334,3 +337,26 @@ def test_help_of_a_recipe_shows_its_values_in_the_groups():
     assert entry("dataset_splits").endswith("(default: train test)")
     assert entry("lr_scheduler_type").endswith("(default: cosine)")
     assert entry("learning_rate").endswith("(default: 8e-07)")
+
+
+class _Writes(io.StringIO):
+    """A stream that records each write call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def write(self, text):
+        self.calls.append(text)
+        return super().write(text)
+
+
+def test_an_error_line_is_one_write(monkeypatch):
+    """Ranks stopping together share one stderr pipe: a line written as text then newline (two
+    writes, as ``print`` does) came out as ``...againsimpo-train: error: ...`` on one line."""
+    stream = _Writes()
+    monkeypatch.setattr(sys, "stderr", stream)
+    assert main(["tiny", "--no_such_option", "1"]) == 2
+    assert len(stream.calls) == 1
+    assert stream.calls[0].startswith("simpo-train: error: ") and stream.calls[0].endswith("\n")
+    assert stream.calls[0].count("\n") == 1
