@@ -1,0 +1,82 @@
+"""Padding-free batches: the sequences of a step's pairs packed into rows, with no padding between
+them.
+
+The official pipeline pads the ``2B`` sequences of a micro-batch (chosen rows, then rejected rows)
+to the longest one. Here the same ``2B`` sequences are laid end to end in rows of at most
+``max_length`` tokens (first-fit decreasing on their lengths), so a step holds the same pairs and
+computes the same loss, and only the padding goes. Each token carries
+
+* ``position_ids``: its position inside its own sequence (restarting at 0 per sequence), which is
+  what the rotary embeddings see in the padded layout too (right padding), and from which
+  transformers builds the block-diagonal causal masks (``masking_utils``: a position that does not
+  follow its predecessor starts a new sequence; sliding windows stay inside a sequence);
+* ``sequence_ids``: its sequence's index in the pair layout (``i`` = chosen of pair ``i``,
+  ``B + i`` = rejected of pair ``i``; ``-1`` on the padding at the end of a row), which the loss
+  (:func:`simpo_kernels.simpo_loss` with ``sequence_ids=``) pairs by.
+
+Rows are never longer than ``max_length`` (or the longest sequence, if longer), so eager attention,
+whose cost grows with the square of the row length, never does more work per row than the padded
+layout would. ``one_row=True`` lays every sequence in a single row (FlashAttention-2's varlen path
+takes one row; it skips the other sequences' blocks itself).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    """Where each sequence goes. ``rows[r]`` lists the sequence indices laid in row ``r``, in
+    order; ``width`` is the longest row (the batch's second dimension)."""
+
+    rows: tuple
+    width: int
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the packed batch, padding at the ends of rows included: ``len(rows) * width``."""
+        return len(self.rows) * self.width
+
+
+def plan_rows(lengths: Sequence[int], max_length: int, one_row: bool = False) -> PackPlan:
+    """Pack sequences of ``lengths`` into rows of at most ``max(max_length, longest)`` tokens.
+
+    First-fit decreasing: sequences in order of decreasing length (ties by index), each into the
+    first row with room, a new row when none has. Deterministic: the same lengths give the same
+    plan on every rank and every run.
+
+    Args:
+        lengths: token count of each sequence (each ``>= 1``).
+        max_length: the row capacity (the recipe's ``max_length``).
+        one_row: every sequence in one row, in index order.
+    """
+    if not lengths:
+        raise ValueError("nothing to pack: no sequences")
+    if any(int(n) < 1 for n in lengths):
+        raise ValueError(f"every sequence needs at least one token, got lengths {list(lengths)}")
+    if int(max_length) < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if one_row:
+        return PackPlan(rows=(tuple(range(len(lengths))),), width=int(sum(lengths)))
+    capacity = max(int(max_length), max(int(n) for n in lengths))
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in order:
+        n = int(lengths[i])
+        for r, u in enumerate(used):
+            if u + n <= capacity:
+                rows[r].append(i)
+                used[r] += n
+                break
+        else:
+            rows.append([i])
+            used.append(n)
+    return PackPlan(rows=tuple(tuple(r) for r in rows), width=max(used))
+
+
+def padded_tokens(lengths: Sequence[int]) -> int:
+    """Tokens of the official padded batch of these sequences: each padded to the longest."""
+    return len(lengths) * max(int(n) for n in lengths)
