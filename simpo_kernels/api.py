@@ -42,7 +42,7 @@ from .losses import PreferenceLoss, SimPOLoss, make_loss
 from .objective import LOGIT_METRICS, Objective, SimPOOutput, preference_objective, shift_targets
 from .schedules import (TargetLayout, check_memory_budget, check_schedule_name, default_memory_budget,
                         forward_logps, resolve_schedule, run_schedule, run_schedule_triton)
-from .validation import check_hidden_inputs, check_logits_inputs, check_nll_labels, check_references, check_softcap
+from .validation import check_hidden_inputs, check_logits_inputs, check_packed_batch, check_nll_labels, check_references, check_softcap
 
 BACKENDS = ("auto", "eager", "torch", "triton")
 
@@ -204,6 +204,7 @@ def simpo_loss(
     chunk_size: Optional[int] = None,
     grad_filter: Union[bool, float] = False,
     kernel_options: Optional[dict] = None,
+    sequence_ids: Optional[torch.Tensor] = None,
 ) -> SimPOOutput:
     """SimPO loss straight from the final hidden states and the lm_head weight.
 
@@ -237,6 +238,14 @@ def simpo_loss(
         kernel_options: ``triton`` backend only: :class:`simpo_kernels.kernels.KernelConfig` fields
             (tiles, warps, stages, raster groups, splits, atomic semantics) over the defaults and
             the committed measured table (``simpo_kernels/tuned``); for benchmarks and tuning.
+        sequence_ids: a packed (padding-free) batch, :mod:`simpo_kernels.packed`: ``[R, W]``
+            integers, for every position of ``hidden_states [R, W, H]`` and ``labels [R, W]`` the
+            index of its sequence in the pair layout (``i``: chosen of pair ``i``, ``B + i``:
+            rejected of pair ``i``), ``-1`` on padding. Each sequence is one contiguous run inside
+            one row; the shift stays inside it. The result is the padded layout's on the same
+            pairs, on every backend and schedule, except that ``logit_metrics="exact"`` averages
+            every real position (there is no padding to average). None (default): one sequence
+            per row, chosen rows first.
 
     Returns:
         :class:`SimPOOutput`; ``loss`` is differentiable w.r.t. hidden states, weight and bias.
@@ -246,7 +255,7 @@ def simpo_loss(
     return _loss_from_hidden(loss, None, None, hidden_states, weight, labels, softcap=softcap, bias=bias,
                              ignore_index=ignore_index, backend=backend, schedule=schedule,
                              memory_budget=memory_budget, logit_metrics=logit_metrics, chunk_size=chunk_size,
-                             grad_filter=grad_filter, kernel_options=kernel_options)
+                             grad_filter=grad_filter, kernel_options=kernel_options, sequence_ids=sequence_ids)
 
 
 def preference_loss(
@@ -268,6 +277,7 @@ def preference_loss(
     chunk_size: Optional[int] = None,
     grad_filter: Union[bool, float] = False,
     kernel_options: Optional[dict] = None,
+    sequence_ids: Optional[torch.Tensor] = None,
     **options,
 ) -> SimPOOutput:
     """Any loss of the paired preference family, straight from hidden states and the lm_head weight.
@@ -277,7 +287,7 @@ def preference_loss(
 
     Args:
         hidden_states, weight, labels, softcap, bias, ignore_index, backend, schedule, memory_budget,
-            chunk_size, grad_filter, kernel_options: as in :func:`simpo_loss`.
+            chunk_size, grad_filter, kernel_options, sequence_ids: as in :func:`simpo_loss`.
         loss: a name in :data:`simpo_kernels.losses.LOSSES` (``"simpo"``, ``"dpo"``, ``"rdpo"``,
             ``"cpo"``, ``"orpo"``, ``"rrhf"``, ``"slic"``) or a configured
             :class:`~simpo_kernels.losses.PreferenceLoss`.
@@ -287,7 +297,9 @@ def preference_loss(
         nll_labels: ``[B, T]`` labels of the chosen rows for the NLL term, when it should cover other
             positions than the targets (TRL's ORPO: ``input_ids[:B]`` with ``ignore_index`` on
             padding, i.e. prompt and response); they must agree with ``labels`` where both hold a
-            target, and the loss must have an NLL term. Default: the chosen rows' targets.
+            target, and the loss must have an NLL term. Default: the chosen rows' targets. With
+            ``sequence_ids``: ``[R, W]`` in the packed layout (only the chosen sequences' positions
+            are read).
         logit_metrics: ``None`` (default): the loss's official ``logits/*`` definition (``"exact"``
             for SimPO, CPO, ORPO, RRHF, SLiC; ``"targets"`` for DPO and R-DPO, as TRL's
             ``DPOTrainer``); or ``"exact"``, ``"targets"``, ``"none"`` as in :func:`simpo_loss`.
@@ -300,7 +312,8 @@ def preference_loss(
     return _loss_from_hidden(loss_fn, ref_chosen_logps, ref_rejected_logps, hidden_states, weight, labels,
                              nll_labels=nll_labels, softcap=softcap, bias=bias, ignore_index=ignore_index, backend=backend,
                              schedule=schedule, memory_budget=memory_budget, logit_metrics=logit_metrics,
-                             chunk_size=chunk_size, grad_filter=grad_filter, kernel_options=kernel_options)
+                             chunk_size=chunk_size, grad_filter=grad_filter, kernel_options=kernel_options,
+                             sequence_ids=sequence_ids)
 
 
 def _check_logit_metrics(logit_metrics: Optional[str], loss: PreferenceLoss) -> str:
@@ -329,15 +342,24 @@ def _rows_of(t) -> int:
 
 def _loss_from_hidden(loss_fn: PreferenceLoss, ref_chosen, ref_rejected, hidden_states, weight, labels, *,
                       nll_labels=None, softcap, bias, ignore_index, backend, schedule, memory_budget, logit_metrics, chunk_size,
-                      grad_filter, kernel_options) -> SimPOOutput:
+                      grad_filter, kernel_options, sequence_ids=None) -> SimPOOutput:
     softcap = check_softcap(softcap)
     logit_metrics = _check_logit_metrics(logit_metrics, loss_fn)
     check_memory_budget(memory_budget)
     device = _device_of(hidden_states)
-    refs = check_references(loss_fn, ref_chosen, ref_rejected, _rows_of(hidden_states), device)
+    packed = check_packed_batch(hidden_states, labels, sequence_ids, ignore_index)
+    refs = check_references(loss_fn, ref_chosen, ref_rejected,
+                            _rows_of(hidden_states) if packed is None else packed.num_sequences, device)
     hidden_states, weight, bias = _autocast_inputs(_autocast_dtype(device), hidden_states, weight, bias)
-    rows, T, H, V, finite, counts = check_hidden_inputs(
-        hidden_states, weight, bias, labels, ignore_index, also_finite=tuple(r for r in refs if r is not None))
+    rows, T, H, V, finite, counts, labels = check_hidden_inputs(
+        hidden_states, weight, bias, labels, ignore_index, also_finite=tuple(r for r in refs if r is not None),
+        packed=packed)
+    if packed is not None and nll_labels is not None:
+        if not isinstance(nll_labels, torch.Tensor) or nll_labels.shape != sequence_ids.shape:
+            shape = list(nll_labels.shape) if isinstance(nll_labels, torch.Tensor) else type(nll_labels).__name__
+            raise ValueError(f"with sequence_ids, nll_labels must have the packed batch's shape "
+                             f"{list(sequence_ids.shape)}, got {shape}")
+        nll_labels = packed.unpack(nll_labels, ignore_index)[:rows // 2]
     objective, computed = _objective(loss_fn, refs, nll_labels, labels, rows, T, V, ignore_index,
                                      compute_dtype(hidden_states.dtype))
     impl = _resolve_backend(backend, device)
@@ -346,7 +368,7 @@ def _loss_from_hidden(loss_fn: PreferenceLoss, ref_chosen, ref_rejected, hidden_
     if computed is not None:  # the NLL's positions beyond the targets are computed too
         computed, counts = computed
     layout = TargetLayout.build(targets if computed is None else shift_targets(computed, ignore_index), counts,
-                                ignore_index)
+                                ignore_index, packed)
     budget = memory_budget if memory_budget is not None else default_memory_budget(device)
     sched = resolve_schedule(impl.BACKEND, schedule, device, layout, V, budget)
     if impl is eager:
@@ -357,18 +379,33 @@ def _loss_from_hidden(loss_fn: PreferenceLoss, ref_chosen, ref_rejected, hidden_
     if not finite:
         hidden_states, weight, bias = _poison_gradients(hidden_states, weight, bias)
     with _no_autocast(device):
+        hidden = hidden_states.reshape(-1, H)
         if impl is eager:  # the spec: every position's logits, materialised
-            token_logps, logit_sums = eager.token_logprobs(
-                hidden_states.reshape(rows * T, H), weight, bias, layout.targets,
-                softcap=softcap, ignore_index=-1)
+            token_logps, logit_sums = _eager_grid(hidden, weight, bias, layout, softcap)
             return preference_objective(token_logps.view(rows, T), targets, logit_sums.view(rows, T), V,
                                         objective=objective, ignore_index=ignore_index, inputs_finite=finite,
-                                        logit_metrics=logit_metrics)
+                                        logit_metrics=logit_metrics, present=layout.present)
         run = run_schedule if impl is chunked else run_schedule_triton
-        return run(impl, sched, hidden_states.reshape(rows * T, H), weight, bias, targets, layout,
+        return run(impl, sched, hidden, weight, bias, targets, layout,
                    softcap=softcap, budget=budget, objective=objective, ignore_index=ignore_index,
                    logit_metrics=logit_metrics, finite=finite, chunk_size=chunk_size, grad_filter=grad_filter,
                    kernel_options=dict(kernel_options or {}))
+
+
+def _eager_grid(hidden: torch.Tensor, weight, bias, layout: TargetLayout, softcap):
+    """The eager spec on every row of ``hidden`` (packed: padding included), as the per-position
+    ``(logps, logit sums)`` of the layout's grid."""
+    targets = layout.targets
+    if layout.source is not None:  # the targets of the packed rows, -1 elsewhere
+        at = layout.hidden_index(layout.idx)
+        targets = torch.full((hidden.shape[0],), -1, dtype=targets.dtype, device=targets.device).index_copy_(
+            0, at, targets.index_select(0, layout.idx))
+    token_logps, logit_sums = eager.token_logprobs(hidden, weight, bias, targets, softcap=softcap, ignore_index=-1)
+    if layout.source is None:
+        return token_logps, logit_sums
+    present = layout.present.reshape(-1)
+    return (torch.where(present, token_logps.index_select(0, layout.source), 0.0),
+            torch.where(present, logit_sums.index_select(0, layout.source), 0.0))
 
 
 def simpo_loss_from_logits(
@@ -454,6 +491,7 @@ def sequence_logps(
     bias: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    sequence_ids: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sums of target log-probabilities, forward only, without the ``[N, V]`` logits:
     the reference model's values for DPO-style losses (``ref_chosen_logps``, ``ref_rejected_logps``).
@@ -465,29 +503,31 @@ def sequence_logps(
         hidden_states: ``[R, T, H]`` final hidden states of any ``R >= 1`` rows (no pairing needed).
         weight, labels, softcap, bias, ignore_index, backend: as in :func:`simpo_loss` (``labels``
             ``[R, T]``, shifted inside; every row needs at least one target).
+        sequence_ids: a packed batch (``[R, W]``, see :func:`simpo_loss`; here any number ``S`` of
+            sequences, numbered ``0..S-1``): the results are per sequence, in that order.
 
     Returns:
-        ``(sums [R], counts [R])``: float32 sums (float64 for float64 inputs; NaN for a row whose
-        inputs are not finite) and int64 target counts.
+        ``(sums [R], counts [R])`` (packed: ``[S]``): float32 sums (float64 for float64 inputs; NaN
+        for a row whose inputs are not finite) and int64 target counts.
     """
     softcap = check_softcap(softcap)
     device = _device_of(hidden_states)
+    packed = check_packed_batch(hidden_states, labels, sequence_ids, ignore_index, paired=False)
     hidden_states, weight, bias = _autocast_inputs(_autocast_dtype(device), hidden_states, weight, bias)
-    rows, T, H, V, finite, counts = check_hidden_inputs(hidden_states, weight, bias, labels, ignore_index,
-                                                        paired=False)
+    rows, T, H, V, finite, counts, labels = check_hidden_inputs(hidden_states, weight, bias, labels, ignore_index,
+                                                                paired=False, packed=packed)
     impl = _resolve_backend(backend, device)
     impl.check_dtype(hidden_states.dtype, device)
     targets = shift_targets(labels.long(), ignore_index)
-    layout = TargetLayout.build(targets, counts, ignore_index)
-    hidden = hidden_states.reshape(rows * T, H)
+    layout = TargetLayout.build(targets, counts, ignore_index, packed)
+    h_t = hidden_states.reshape(-1, H).index_select(0, layout.hidden_index(layout.idx))
     with _no_autocast(device):
         if impl is eager:
-            logps, _ = eager.token_logprobs(hidden.index_select(0, layout.idx), weight, bias,
-                                            layout.targets.index_select(0, layout.idx), softcap=softcap,
-                                            ignore_index=-1)
+            logps, _ = eager.token_logprobs(h_t, weight, bias, layout.targets.index_select(0, layout.idx),
+                                            softcap=softcap, ignore_index=-1)
         else:
-            logps = forward_logps(impl, hidden.index_select(0, layout.idx), weight, bias,
-                                  layout.targets.index_select(0, layout.idx), softcap=softcap)
+            logps = forward_logps(impl, h_t, weight, bias, layout.targets.index_select(0, layout.idx),
+                                  softcap=softcap)
     # Reduced as the objective reduces a loss's sums (scatter to [R, T], sum over T), so that a
     # policy used as its own reference gets bit-identical sums from the same per-token values.
     sums = torch.zeros(rows * T, dtype=logps.dtype, device=logps.device).index_copy_(0, layout.idx, logps)

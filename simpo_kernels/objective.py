@@ -155,6 +155,7 @@ def preference_objective(
     ignore_index: int,
     inputs_finite: bool = True,
     logit_metrics: str = "exact",
+    present: Optional[torch.Tensor] = None,
 ) -> SimPOOutput:
     """Apply ``objective`` to per-position quantities of a ``[2B, T]`` batch.
 
@@ -173,6 +174,10 @@ def preference_objective(
             position of the chosen / rejected rows (``logit_sums`` must hold every position).
             ``"targets"``: the mean over target positions only (only those entries of
             ``logit_sums`` are read). ``"none"``: no logit metrics (``logit_sums`` is not read).
+        present: a packed batch's ``[2B, T]`` sequence grid (:mod:`simpo_kernels.packed`): True on
+            the positions a sequence has. ``"exact"`` then averages those positions (a packed batch
+            has no padding to average; the SFT term's last-column quirk has no counterpart).
+            None: every position of a padded batch.
     """
     if not inputs_finite:
         token_logps = token_logps + float("nan")
@@ -200,7 +205,12 @@ def preference_objective(
         loss = loss + loss_fn.nll_weight * sft_loss
 
     chosen_logits_mean = rejected_logits_mean = None
-    if logit_metrics == "exact":
+    if logit_metrics == "exact" and present is not None:
+        real = torch.where(present, logit_sums.detach(), 0.0)
+        n = present.sum(-1).to(real.dtype)
+        chosen_logits_mean = real[:B].sum() / (n[:B].sum() * vocab_size)
+        rejected_logits_mean = real[B:].sum() / (n[B:].sum() * vocab_size)
+    elif logit_metrics == "exact":
         logit_sums = logit_sums.detach()
         drop_c, drop_r = loss_fn.logits_drop_last()
         Tc, Tr = T - drop_c, T - drop_r

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from .losses import PreferenceLoss, real_number
+from .packed import PackedLayout, check_sequence_ids
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -131,7 +132,8 @@ def _check_float(name: str, t: torch.Tensor) -> None:
 
 
 def check_labels(labels: torch.Tensor, rows: int, T: int, vocab_size: int, ignore_index: int,
-                 finite: Optional[torch.Tensor] = None, paired: bool = True) -> tuple[bool, list[int]]:
+                 finite: Optional[torch.Tensor] = None, paired: bool = True,
+                 what: str = "row") -> tuple[bool, list[int]]:
     """Labels: integer ``[rows, T]``, ids in ``[0, V)`` or ``ignore_index``, >= 1 target per row.
 
     ``finite`` (a 0-dim bool tensor from :func:`all_finite`) rides along in the same host transfer.
@@ -161,13 +163,13 @@ def check_labels(labels: torch.Tensor, rows: int, T: int, vocab_size: int, ignor
         r = bad_rows.index(1)
         pos = int(bad[r].nonzero()[0].item())
         raise ValueError(
-            f"label id {int(labels[r, pos])} at row {r}, position {pos} is outside [0, {vocab_size}) "
+            f"label id {int(labels[r, pos])} at {what} {r}, position {pos} is outside [0, {vocab_size}) "
             f"and is not ignore_index={ignore_index}")
     empty = [r for r, c in enumerate(counts) if c == 0]
     if empty:
         raise ValueError(
-            f"row {empty[0]} has no target token (labels[:, 1:] are all ignore_index={ignore_index}); "
-            f"rows without targets: {empty[:8]}{'...' if len(empty) > 8 else ''}")
+            f"{what} {empty[0]} has no target token (its labels after the first position are all "
+            f"ignore_index={ignore_index}); {what}s without targets: {empty[:8]}{'...' if len(empty) > 8 else ''}")
     return bool(stats[-1]), counts
 
 
@@ -181,11 +183,16 @@ def check_pair_rows(rows: int, what: str) -> None:
 def check_hidden_inputs(
     hidden_states: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     labels: torch.Tensor, ignore_index: int, also_finite: tuple = (), paired: bool = True,
-) -> tuple[int, int, int, int, bool, list[int]]:
-    """Returns ``(rows, T, H, V, inputs_finite, target_counts)``; ``inputs_finite`` is False when
-    any element of hidden states, weight, bias or ``also_finite`` (reference values) is NaN or
-    infinite (found in the labels' host transfer); ``target_counts[r]`` is row ``r``'s number of
-    target tokens. ``paired=False`` accepts any number of rows (``sequence_logps``)."""
+    packed: Optional[PackedLayout] = None,
+) -> tuple[int, int, int, int, bool, list[int], torch.Tensor]:
+    """Returns ``(rows, T, H, V, inputs_finite, target_counts, labels)``; ``inputs_finite`` is
+    False when any element of hidden states, weight, bias or ``also_finite`` (reference values) is
+    NaN or infinite (found in the labels' host transfer); ``target_counts[r]`` is row ``r``'s
+    number of target tokens. ``paired=False`` accepts any number of rows (``sequence_logps``).
+
+    ``packed`` (a packed batch's layout, :func:`check_packed_batch`): rows are its sequences and
+    ``T`` the longest one, and ``labels`` come back unpacked onto that sequence grid; None:
+    ``labels`` come back as given."""
     _check_float("hidden_states", hidden_states)
     _check_float("weight", weight)
     if hidden_states.dim() != 3:
@@ -194,6 +201,9 @@ def check_hidden_inputs(
         raise ValueError(f"weight must be the lm_head weight [V, H], got shape {list(weight.shape)}")
     rows, T, H = hidden_states.shape
     V, Hw = weight.shape
+    if packed is not None:
+        labels = packed.unpack(labels, ignore_index)
+        rows, T = packed.num_sequences, packed.length
     if paired:
         check_pair_rows(rows, "hidden_states")
     elif rows == 0:
@@ -216,8 +226,24 @@ def check_hidden_inputs(
     if len(devices) > 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     finite, counts = check_labels(labels, rows, T, V, ignore_index,
-                                  all_finite(hidden_states, weight, bias, *also_finite), paired=paired)
-    return rows, T, H, V, finite, counts
+                                  all_finite(hidden_states, weight, bias, *also_finite), paired=paired,
+                                  what="row" if packed is None else "sequence")
+    return rows, T, H, V, finite, counts, labels
+
+
+def check_packed_batch(hidden_states, labels, sequence_ids, ignore_index: int,
+                       paired: bool = True) -> Optional[PackedLayout]:
+    """None for a padded batch (``sequence_ids`` None), else the packed batch's
+    :class:`PackedLayout` (:func:`simpo_kernels.packed.check_sequence_ids`); ``hidden_states`` must
+    then be ``[R, W, H]`` with ``labels`` and ``sequence_ids`` ``[R, W]``."""
+    if sequence_ids is None:
+        return None
+    _check_float("hidden_states", hidden_states)
+    if hidden_states.dim() != 3:
+        raise ValueError(f"hidden_states must be [R, W, H] (packed rows), got shape {list(hidden_states.shape)}")
+    _refuse_dtensor("sequence_ids", sequence_ids)
+    return check_sequence_ids(sequence_ids, labels, hidden_states.shape[0], hidden_states.shape[1], ignore_index,
+                              paired)
 
 
 def check_logits_inputs(logits: torch.Tensor, labels: torch.Tensor,

@@ -118,8 +118,9 @@ def run_schedule(impl, sched: str, hidden: torch.Tensor, weight: torch.Tensor, b
 
     Args:
         impl: :mod:`simpo_kernels.chunked` or :mod:`simpo_kernels.kernels`. sched: a resolved schedule.
-        hidden: ``[2B * T, H]``; weight ``[V, H]``; bias ``[V]`` or None. targets: ``[2B, T]`` shifted
-            labels; layout: their :class:`TargetLayout`. objective: the loss and its reference values.
+        hidden: ``[2B * T, H]`` (packed: ``[R * W, H]``); weight ``[V, H]``; bias ``[V]`` or None.
+            targets: ``[2B, T]`` shifted labels (packed: on the sequence grid); layout: their
+            :class:`TargetLayout`. objective: the loss and its reference values.
 
     Returns:
         The :class:`SimPOOutput` of :func:`preference_objective` (``pairs``: of its own Function).
@@ -152,13 +153,13 @@ def run_schedule(impl, sched: str, hidden: torch.Tensor, weight: torch.Tensor, b
     if logit_metrics == "exact" and layout.num_targets < N:
         pos = layout.others()
         other_sums = torch.zeros(N, dtype=cdtype, device=hidden.device).index_copy_(
-            0, pos, other_logit_sums(hidden, weight, bias, pos, softcap, cdtype, forward_sums))
+            0, pos, other_logit_sums(hidden, weight, bias, layout.hidden_index(pos), softcap, cdtype, forward_sums))
 
     if sched == "pairs":
         return pairs.loss_pairs(hidden, weight, bias, targets, layout, softcap=softcap, rows_op=rows_op,
                                 memory_budget=budget, objective=objective, ignore_index=ignore_index,
                                 logit_metrics=logit_metrics, other_sums=other_sums, finite=finite)
-    h_t = hidden.index_select(0, layout.idx)
+    h_t = hidden.index_select(0, layout.hidden_index(layout.idx))
     tgt_t = layout.targets.index_select(0, layout.idx)
     if sched == "tokens":
         logps_t, sums_t = chunked.token_logprobs(h_t, weight, bias, tgt_t, softcap=softcap, ignore_index=-1,
@@ -173,7 +174,8 @@ def run_schedule(impl, sched: str, hidden: torch.Tensor, weight: torch.Tensor, b
     sums = torch.zeros(N, dtype=cdtype, device=hidden.device) if other_sums is None else other_sums
     sums = sums.index_copy(0, layout.idx, sums_t.detach().to(cdtype))
     return preference_objective(token_logps.view(rows, T), targets, sums.view(rows, T), V, objective=objective,
-                                ignore_index=ignore_index, inputs_finite=finite, logit_metrics=logit_metrics)
+                                ignore_index=ignore_index, inputs_finite=finite, logit_metrics=logit_metrics,
+                                present=layout.present)
 
 
 @torch.compiler.disable

@@ -29,11 +29,18 @@ from ..matmul import LinearHead
 class TargetLayout:
     """Where the targets of a flattened ``[2B, T]`` batch are (row-major positions).
 
+    A packed batch (:mod:`simpo_kernels.packed`) is described on its sequence grid: ``rows`` are
+    its sequences and ``T`` the longest one, and :meth:`hidden_index` maps grid positions to the
+    rows of the packed hidden states; for a padded batch the two coincide.
+
     Attributes:
-        rows, T: batch shape. counts: host list, targets per row.
+        rows, T: batch shape (sequence grid). counts: host list, targets per row.
         targets: ``[rows * T]`` int64 targets with every ignored position set to -1.
         idx: ``[n_targets]`` sorted flat positions of the targets (rows stay contiguous).
         offsets: host list, ``offsets[r]`` = index into ``idx`` where row ``r``'s targets start.
+        source: packed batches: ``[rows * T]`` the hidden-state row of each grid position; None.
+        present: packed batches: ``[rows, T]`` bool, the grid positions a sequence has; None (all).
+        num_positions: host int, the number of real positions (``rows * T`` when padded).
     """
 
     rows: int
@@ -42,9 +49,14 @@ class TargetLayout:
     targets: torch.Tensor
     idx: torch.Tensor
     offsets: list
+    source: Optional[torch.Tensor] = None
+    present: Optional[torch.Tensor] = None
+    num_positions: int = 0
 
     @classmethod
-    def build(cls, targets: torch.Tensor, counts: list, ignore_index: int) -> "TargetLayout":
+    def build(cls, targets: torch.Tensor, counts: list, ignore_index: int, packed=None) -> "TargetLayout":
+        """``targets [rows, T]`` (shifted labels); ``packed``: the batch's
+        :class:`~simpo_kernels.packed.PackedLayout` (``targets`` then on its sequence grid), or None."""
         rows, T = targets.shape
         valid = (targets != ignore_index).reshape(-1)
         n = int(sum(counts))
@@ -54,15 +66,26 @@ class TargetLayout:
         for c in counts:
             offsets.append(offsets[-1] + int(c))
         flat = torch.where(valid, targets.reshape(-1), -1)
-        return cls(rows, T, list(counts), flat, idx, offsets)
+        if packed is None:
+            return cls(rows, T, list(counts), flat, idx, offsets, num_positions=rows * T)
+        return cls(rows, T, list(counts), flat, idx, offsets, packed.source, packed.present,
+                   int(sum(packed.lengths)))
 
     @property
     def num_targets(self) -> int:
         return self.offsets[-1]
 
+    def hidden_index(self, pos: torch.Tensor) -> torch.Tensor:
+        """Rows of the (flattened) hidden states that hold grid positions ``pos``."""
+        return pos if self.source is None else self.source.index_select(0, pos)
+
     def others(self) -> torch.Tensor:
-        """``[rows * T - n_targets]`` flat positions without a target (prompt, padding, last)."""
-        return torch.nonzero_static(self.targets < 0, size=self.rows * self.T - self.num_targets).squeeze(1)
+        """``[num_positions - n_targets]`` flat grid positions without a target (prompt, padding
+        of a padded batch, each sequence's last position)."""
+        free = self.targets < 0
+        if self.present is not None:
+            free = free & self.present.reshape(-1)
+        return torch.nonzero_static(free, size=self.num_positions - self.num_targets).squeeze(1)
 
 
 class TorchRows:

@@ -82,8 +82,9 @@ class PairsLoss(torch.autograd.Function):
             seq_flags = (targets != ignore_index).reshape(-1)
             nll_flags = objective.nll_mask.reshape(-1)
 
-        logps = torch.zeros(N, dtype=cdtype, device=dev)
-        sums = torch.zeros(N, dtype=cdtype, device=dev) if other_sums is None else other_sums.to(cdtype).clone()
+        grid = layout.rows * T  # positions of the (sequence) grid the objective reduces over
+        logps = torch.zeros(grid, dtype=cdtype, device=dev)
+        sums = torch.zeros(grid, dtype=cdtype, device=dev) if other_sums is None else other_sums.to(cdtype).clone()
         d_h = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h else None
         d_w = torch.zeros(weight.shape, dtype=cdtype, device=dev) if need_w else None
         d_b = torch.zeros(V, dtype=cdtype, device=dev) if need_b else None
@@ -98,7 +99,8 @@ class PairsLoss(torch.autograd.Function):
             r = torch.div(pos, T, rounding_mode="floor")
             seq = torch.where(r < B, r - p0, r - B - p0 + b)
             tgt = layout.targets.index_select(0, pos)
-            h = head.operand(hidden.index_select(0, pos))
+            rows_h = layout.hidden_index(pos)  # the same as pos unless the batch is packed
+            h = head.operand(hidden.index_select(0, rows_h))
             z = head.mm(h, head.w.t())
             lse, t_logit, row_sums = rows_op.stats(z, bias, tgt, 0, softcap)
             logp = (t_logit - lse).to(cdtype)
@@ -126,14 +128,14 @@ class PairsLoss(torch.autograd.Function):
                 d_b += dz.sum(0, dtype=cdtype)
             dz = head.operand(dz)
             if d_h is not None:
-                d_h.index_copy_(0, pos, head.mm(dz, head.w).to(hidden.dtype))
+                d_h.index_copy_(0, rows_h, head.mm(dz, head.w).to(hidden.dtype))
             if d_w is not None:
                 head.addmm_(d_w, dz.t(), h)
             del dz, h
 
         out = preference_objective(logps.view(layout.rows, T), targets, sums.view(layout.rows, T), V,
                                    objective=objective, ignore_index=ignore_index, inputs_finite=finite,
-                                   logit_metrics=logit_metrics)
+                                   logit_metrics=logit_metrics, present=layout.present)
         holder["extra"] = out.extra  # scalar metrics (detached), returned beside the outputs
         ctx.grads = [d_h, None if d_w is None else d_w.to(weight.dtype), None if d_b is None else d_b.to(bias.dtype)]
         ctx.used = False
