@@ -438,6 +438,12 @@ class SimPOConfig(TrainingArguments):
     label_pad_token_id: int = field(default=-100, metadata={"help": "Ignore index of labels."})
     padding_value: Optional[int] = field(default=None, metadata={
         "help": "Input-id padding value (default: the tokenizer's pad token)."})
+    padding_free: bool = field(default=False, metadata={
+        "help": "Pack each step's chosen and rejected sequences into rows of at most max_length "
+                "with no padding between them (position_ids restart per sequence; no "
+                "cross-sequence attention): the same pairs, loss and gradients, fewer tokens. "
+                "Attention: eager, flex_attention, flash_attention_2 (one row), or sdpa for a "
+                "model without attention softcapping."})
     disable_dropout: bool = field(default=True, metadata={"help": "Zero every dropout."})
     loss_backend: str = field(default="auto", metadata={
         "help": "simpo_kernels backend: auto, eager, torch or triton.",
@@ -1216,7 +1222,7 @@ HELP_GROUPS = {
 # fields named loss_* or precompute_ref_* join the loss's as well
 _LOSS_HELP_FIELDS = frozenset({"loss", "logit_metrics", *LOSS_OPTION_FIELDS})
 _DATA_HELP_FIELDS = frozenset({"max_length", "max_prompt_length", "truncation_mode",
-                               "label_pad_token_id", "padding_value"})
+                               "label_pad_token_id", "padding_value", "padding_free"})
 
 
 def help_group(name: str) -> str:

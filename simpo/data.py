@@ -908,15 +908,38 @@ def _batches(rows: int, global_batch: int, drop_last: bool) -> int:
 class SimPODataCollator:
     """Pads chosen and rejected rows to one length (right padding) and stacks chosen then rejected.
     Rows that carry reference log-probs (``ref_chosen_logps`` / ``ref_rejected_logps``, see
-    :mod:`simpo.reference`) give the batch those two ``[B]`` float64 tensors too."""
+    :mod:`simpo.reference`) give the batch those two ``[B]`` float64 tensors too.
 
-    def __init__(self, pad_token_id: int, label_pad_token_id: int = -100):
+    ``padding_free=True``: the step's ``2B`` sequences (sequence ``i`` = chosen of pair ``i``,
+    ``B + i`` = its rejected) are packed into rows of at most ``max_length`` tokens
+    (:func:`simpo.packing.plan_rows`; ``one_row``: all in one row, for FlashAttention-2) instead:
+    ``input_ids``, ``position_ids`` (restarting at 0 per sequence; the padding at a row's end
+    numbered 0.. as a sequence of its own), ``labels`` (``label_pad_token_id`` on prompt and
+    padding) and ``sequence_ids`` (the pair-layout index, -1 on padding), all ``[R, W]`` int64, and
+    no ``attention_mask``: transformers builds block-diagonal causal masks from ``position_ids``.
+    The same pairs per batch; only the padding goes."""
+
+    def __init__(self, pad_token_id: int, label_pad_token_id: int = -100, *,
+                 padding_free: bool = False, max_length: Optional[int] = None,
+                 one_row: bool = False):
         if pad_token_id is None:
             raise ValueError("the tokenizer has no pad token and no padding_value was given")
+        if padding_free and not one_row and (max_length is None or int(max_length) < 1):
+            raise ValueError(f"padding_free needs max_length >= 1 (the row capacity), got {max_length}")
         self.pad_token_id = int(pad_token_id)
         self.label_pad_token_id = int(label_pad_token_id)
+        self.padding_free = bool(padding_free)
+        self.max_length = None if max_length is None else int(max_length)
+        self.one_row = bool(one_row)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self._packed(features) if self.padding_free else self._padded(features)
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in features[0]:
+                batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float64)
+        return batch
+
+    def _padded(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = [f[f"{side}_input_ids"] for side in ("chosen", "rejected") for f in features]
         T = max(len(r) for r in rows)
         pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": self.label_pad_token_id}
@@ -924,7 +947,36 @@ class SimPODataCollator:
         for key, pad in pads.items():
             data = [list(f[f"{side}_{key}"]) for side in ("chosen", "rejected") for f in features]
             batch[key] = torch.tensor([r + [pad] * (T - len(r)) for r in data], dtype=torch.long)
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
-            if key in features[0]:
-                batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float64)
         return batch
+
+    def _packed(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        from .packing import plan_rows
+
+        ids = [list(f[f"{side}_input_ids"]) for side in ("chosen", "rejected") for f in features]
+        labels = [list(f[f"{side}_labels"]) for side in ("chosen", "rejected") for f in features]
+        for s, side in enumerate(("chosen", "rejected")):
+            for i, f in enumerate(features):
+                mask = f.get(f"{side}_attention_mask")
+                # a sequence is its input ids: a masked token inside one would be attended to here
+                if mask is not None and not all(int(m) == 1 for m in mask):
+                    raise ValueError(f"padding_free: the {side} sequence of pair {i} has "
+                                     f"attention_mask zeros; packed sequences must be unpadded")
+        lengths = [len(r) for r in ids]
+        plan = plan_rows(lengths, self.max_length or max(lengths), one_row=self.one_row)
+        out = {key: [] for key in ("input_ids", "position_ids", "labels", "sequence_ids")}
+        for row in plan.rows:
+            values = {key: [] for key in out}
+            for s in row:
+                n = lengths[s]
+                values["input_ids"] += ids[s]
+                values["position_ids"] += list(range(n))
+                values["labels"] += labels[s]
+                values["sequence_ids"] += [s] * n
+            pad = plan.width - len(values["input_ids"])
+            values["input_ids"] += [self.pad_token_id] * pad
+            values["position_ids"] += list(range(pad))
+            values["labels"] += [self.label_pad_token_id] * pad
+            values["sequence_ids"] += [-1] * pad
+            for key in out:
+                out[key].append(values[key])
+        return {key: torch.tensor(v, dtype=torch.long) for key, v in out.items()}

@@ -117,29 +117,39 @@ def _head_inputs(self, input_ids, attention_mask, kwargs):
 
 def _simpo_forward(self, input_ids=None, attention_mask=None, labels=None, *, simpo: bool = False,
                    simpo_reference: bool = False, reference: Optional[ReferenceLogps] = None,
-                   **kwargs):
+                   sequence_ids: Optional[torch.Tensor] = None, **kwargs):
     if not (simpo or simpo_reference):
         return self._simpo_original_forward(input_ids=input_ids, attention_mask=attention_mask,
                                             labels=labels, **kwargs)
     if labels is None:
         raise ValueError("a preference-loss forward needs labels (chosen rows first, then "
                          "rejected rows)")
+    if sequence_ids is not None and (attention_mask is not None or kwargs.get("position_ids") is None):
+        # an attention_mask would stop transformers building the block-diagonal masks from
+        # position_ids: the packed sequences would attend to each other
+        raise ValueError("a packed batch (sequence_ids) needs position_ids (restarting per "
+                         "sequence) and no attention_mask")
     opts = self._simpo_options
     hidden, weight, bias = _head_inputs(self, input_ids, attention_mask, kwargs)
     softcap = getattr(self.config, "final_logit_softcapping", None)
-    if simpo_reference:  # the reference model's per-row sums: no graph, no [N, V] logits
+    if simpo_reference:  # the reference model's per-sequence sums: no graph, no [N, V] logits
         logps, counts = sequence_logps(hidden, weight, labels, softcap=softcap, bias=bias,
-                                       ignore_index=opts["ignore_index"], backend=opts["backend"])
+                                       ignore_index=opts["ignore_index"], backend=opts["backend"],
+                                       sequence_ids=sequence_ids)
         return ReferenceModelOutput(logps=logps, counts=counts)
     common = dict(softcap=softcap, bias=bias, ignore_index=opts["ignore_index"],
                   backend=opts["backend"], schedule=opts["schedule"],
                   memory_budget=opts["memory_budget"], logit_metrics=opts["logit_metrics"],
-                  chunk_size=opts["chunk_size"])
+                  chunk_size=opts["chunk_size"], sequence_ids=sequence_ids)
     if opts["loss"] == "simpo":  # exactly the call of the SimPO-only trainer: same numbers
         out = simpo_loss(hidden, weight, labels, **opts["options"], **common)
     else:
         extra = {}
-        if opts["loss"] == "orpo":  # TRL's ORPO NLL: prompt and response (input ids under the mask)
+        if opts["loss"] == "orpo" and sequence_ids is not None:  # packed: the chosen sequences
+            B = (int(sequence_ids.max()) + 1) // 2  # one host sync; sequence i < B: chosen of pair i
+            chosen = (sequence_ids >= 0) & (sequence_ids < B)
+            extra["nll_labels"] = input_ids.masked_fill(~chosen, opts["ignore_index"])
+        elif opts["loss"] == "orpo":  # TRL's ORPO NLL: prompt and response (input ids under the mask)
             B = input_ids.shape[0] // 2
             ids = input_ids[:B]
             extra["nll_labels"] = ids if attention_mask is None else \
@@ -195,6 +205,45 @@ def attach_simpo_head(model: torch.nn.Module, *, loss: str = "simpo", ignore_ind
         model.forward = types.MethodType(_simpo_forward, model)
         model._simpo_patched = True
     return outer
+
+
+# attention implementations that keep packed sequences apart (see packed_attention)
+PACKED_ATTENTION = ("eager", "flex_attention", "flash_attention_2", "sdpa")
+
+
+def packed_attention(model: torch.nn.Module) -> str:
+    """The attention implementation padding-free batches run through, or a one-line
+    :class:`~simpo.config.ConfigError` when it cannot keep the packed sequences apart.
+
+    eager, sdpa and flex_attention get the block-diagonal (and, on sliding-window layers,
+    windowed) causal masks transformers builds from ``position_ids`` when there is no
+    ``attention_mask``; flash_attention_2 runs its varlen path from ``position_ids`` (one row).
+    sdpa is refused for a model with attention softcapping (Gemma-2): SDPA has no softcap."""
+    from .config import ConfigError
+    from .lora import causal_lm
+
+    config = causal_lm(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in PACKED_ATTENTION:
+        raise ConfigError(f"padding_free: attn_implementation {impl!r} cannot keep packed sequences "
+                          f"apart; use {', '.join(PACKED_ATTENTION[:3])} (or sdpa without "
+                          f"attention softcapping)")
+    if impl == "sdpa" and getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ConfigError("padding_free: attn_implementation 'sdpa' drops this model's attention "
+                          "softcapping (attn_logit_softcapping); use eager, flex_attention or "
+                          "flash_attention_2")
+    return impl
+
+
+def packed_attention_line(model: torch.nn.Module) -> str:
+    """One line saying how packed batches attend (for the log)."""
+    impl = packed_attention(model)
+    if impl == "flash_attention_2":
+        return ("flash_attention_2 varlen from position_ids, every sequence of a micro-batch in "
+                "one row")
+    return (f"{impl} attention with block-diagonal causal masks built from position_ids (rows of "
+            f"at most max_length tokens)")
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 CACHE_NAME = "simpo_ref_logps.pt"
 CACHE_FORMAT = 1
+# a collated batch's model inputs: padded (attention_mask) or padding-free (position_ids,
+# sequence_ids; see simpo.data.SimPODataCollator)
+BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "labels", "sequence_ids")
 _TOKEN_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 
 
@@ -117,8 +120,7 @@ def reference_logps(ref_model: torch.nn.Module, batch: dict,
     import contextlib
 
     with context() if context is not None else contextlib.nullcontext():
-        out = ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        labels=batch["labels"], simpo_reference=True)
+        out = ref_model(**{k: batch[k] for k in BATCH_KEYS if k in batch}, simpo_reference=True)
     logps = out["logps"].detach()
     half = logps.shape[0] // 2
     return logps[:half], logps[half:]
@@ -148,8 +150,7 @@ def compute_reference_columns(ref_model: torch.nn.Module, dataset, collator, tra
         start = mine[i] if i < len(mine) else (mine[0] if mine else starts[0])
         rows = list(range(start, min(start + batch_size, n)))
         batch = collator([dataset[j] for j in rows])
-        batch = {k: v.to(args.device) for k, v in batch.items() if k in ("input_ids",
-                                                                       "attention_mask", "labels")}
+        batch = {k: v.to(args.device) for k, v in batch.items() if k in BATCH_KEYS}
         c, r = reference_logps(ref_model, batch, trainer.compute_loss_context_manager)
         if i < len(mine):  # a padding round's results are dropped
             chosen[rows] = c.double().cpu()

@@ -68,7 +68,7 @@ IGNORED_KEYS = frozenset({
     "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo",
     "hub_always_push", "hub_revision",
     # how the same numbers are computed: loss backend, data loading, communication, memory
-    "loss_backend", "loss_schedule", "loss_chunk_size", "loss_memory_budget",
+    "loss_backend", "loss_schedule", "loss_chunk_size", "loss_memory_budget", "padding_free",
     "use_liger_kernel", "liger_kernel_config", "torch_compile", "torch_compile_backend",
     "torch_compile_mode", "activation_checkpointing", "activation_checkpointing_kwargs",
     "gradient_checkpointing", "gradient_checkpointing_kwargs", "use_cache",

@@ -69,10 +69,12 @@ from simpo_kernels.objective import METRIC_NAMES  # noqa: F401 (re-exported)
 from . import run_dir
 from .config import ConfigError, RunStopped, UserError, fsdp_requested
 from .data import SimPODataCollator
-from .modeling import ReferenceLogps, attach_simpo_head, disable_dropout
-from .reference import (CACHE_NAME, REF_COLUMNS, add_reference_columns, compute_reference_columns,
-                        has_reference_columns, prepare_reference_model, read_cache,
-                        reference_logps, release_reference_model, tokens_fingerprint, write_cache)
+from .modeling import (ReferenceLogps, attach_simpo_head, disable_dropout, packed_attention,
+                       packed_attention_line)
+from .reference import (BATCH_KEYS, CACHE_NAME, REF_COLUMNS, add_reference_columns,
+                        compute_reference_columns, has_reference_columns, prepare_reference_model,
+                        read_cache, reference_logps, release_reference_model, tokens_fingerprint,
+                        write_cache)
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +182,8 @@ class SimPOTrainer(Trainer):
             **args.loss_options)
         if args.disable_dropout:
             disable_dropout(model)
+        if args.padding_free:
+            logger.info("padding-free batches: %s", packed_attention_line(model))
         if args.remove_unused_columns:
             # The collator needs the chosen_*/rejected_* columns, which the forward does not name.
             args.remove_unused_columns = False
@@ -187,7 +191,10 @@ class SimPOTrainer(Trainer):
             pad = args.padding_value
             if pad is None and processing_class is not None:
                 pad = processing_class.pad_token_id
-            data_collator = SimPODataCollator(pad, args.label_pad_token_id)
+            one_row = args.padding_free and packed_attention(model) == "flash_attention_2"
+            data_collator = SimPODataCollator(pad, args.label_pad_token_id,
+                                              padding_free=args.padding_free,
+                                              max_length=args.max_length, one_row=one_row)
         self._stored_metrics = defaultdict(lambda: defaultdict(list))
         self._staging_parent: Optional[str] = None  # set while a checkpoint is being written
         self._run_loss_pending = None  # this process's summed step losses since the last fold
@@ -656,8 +663,9 @@ class SimPOTrainer(Trainer):
     # -------------------------------------------------------------- loss and metrics
 
     def _simpo_forward(self, model, inputs):
-        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                     labels=inputs["labels"], simpo=True, **self._reference_inputs(inputs))
+        # padded: attention_mask; padding-free: position_ids and sequence_ids (no attention_mask)
+        batch = {k: inputs[k] for k in BATCH_KEYS if k in inputs}
+        return model(**batch, simpo=True, **self._reference_inputs(inputs))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = self._simpo_forward(model, inputs)
