@@ -358,7 +358,8 @@ def test_every_setting_that_changes_results_is_compared(tmp_path):
                      "--eval_steps", "9", "--loss_backend", "torch", "--plot", "false",
                      "--disable_tqdm", "true", "--dataloader_num_workers", "2",
                      "--logit_metrics", "none", "--existing_run", "resume_anyway",
-                     "--save_only_model", "true", "--per_device_eval_batch_size", "3")
+                     "--save_only_model", "true", "--per_device_eval_batch_size", "3",
+                     "--padding_free", "true")  # padding_free: the same numbers, packed
     assert config_differences(base, ignored) == []
     # a setting nobody listed (a future transformers field) is compared by default
     future = json.loads(json.dumps(base))
