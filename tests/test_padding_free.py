@@ -309,11 +309,9 @@ def test_attention_paths_for_packed_batches():
     assert "\n" not in str(info.value)
 
 
-CLI_TINY = ["--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--max_train_samples", "16",
-            "--max_eval_samples", "8", "--use_cpu", "true", "--report_to", "none",
+CLI_TINY = ["--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--report_to", "none",
             "--disable_tqdm", "true", "--plot", "false", "--max_steps", "2", "--logging_steps", "1",
-            "--per_device_train_batch_size", "4", "--eval_strategy", "steps", "--eval_steps", "2",
-            "--save_strategy", "no", "--learning_rate", "1e-2"]
+            "--per_device_train_batch_size", "4", "--save_strategy", "no", "--learning_rate", "1e-2"]
 
 
 def _history(out) -> list[dict]:
@@ -337,7 +335,10 @@ def test_cli_padding_free_trains_like_the_padded_layout(tmp_path, caplog):
     for name, extra in (("padded", []), ("packed", ["--padding_free", "true"])):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="simpo.trainer"):
-            assert simpo.train.main([*CLI_TINY, *extra, "--output_dir", str(tmp_path / name)]) == 0
+            assert simpo.train.main([*CLI_TINY, "--use_cpu", "true", "--max_train_samples", "16",
+                                     "--max_eval_samples", "8", "--eval_strategy", "steps",
+                                     "--eval_steps", "2", *extra,
+                                     "--output_dir", str(tmp_path / name)]) == 0
         lines = [m for m in caplog.messages if m.startswith("padding-free batches:")]
         runs[name] = (_history(tmp_path / name), lines)
     (padded, none), (packed, lines) = runs["padded"], runs["packed"]
@@ -357,3 +358,27 @@ def test_cli_padding_free_trains_like_the_padded_layout(tmp_path, caplog):
         with open(tmp_path / name / "simpo_run_config.json") as f:
             assert json.load(f)["training"]["padding_free"] is value
 
+
+
+def test_two_zero3_ranks_with_packing_train_like_one_process(tmp_path):
+    """`--padding_free true` under ZeRO-3 on 2 CPU ranks x 4 pairs == 1 process x 4 pairs x 2
+    accumulation steps (DESIGN section 4's parity: the same global batch), for DPO, whose
+    precomputed reference pass packs too: the same step losses and rewards."""
+    from tests.multiproc import TOL
+    from tests.test_train_multiproc import _one_rank_and_two_zero3_ranks
+
+    common = ["tiny-dpo", *CLI_TINY, "--eval_strategy", "no", "--max_train_samples", "8",
+              "--dataset_splits", "train", "--beta", "0.5", "--padding_free", "true"]
+    outs = _one_rank_and_two_zero3_ranks(tmp_path, common)
+    steps = {name: [h for h in _history(out) if "loss" in h] for name, out in outs.items()}
+    print("1 rank", [h["loss"] for h in steps["one"]], "\n2 ZeRO-3 ranks",
+          [h["loss"] for h in steps["two"]])
+    assert len(steps["one"]) == len(steps["two"]) == 2
+    import json
+
+    for out in outs.values():
+        with open(out / "simpo_run_config.json") as f:
+            assert json.load(f)["training"]["padding_free"] is True
+    for a, b in zip(steps["one"], steps["two"]):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+            assert abs(a[key] - b[key]) < TOL, key

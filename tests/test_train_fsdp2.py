@@ -238,14 +238,16 @@ def one_process_saved_model(model_dir, tmp_path_factory):
 def test_torchrun_fsdp_flag_trains_a_saved_model_as_one_process(model_dir, one_process_saved_model,
                                                                   tmp_path):
     """`torchrun -m simpo.train --fsdp true --fsdp_config configs/fsdp/fsdp2.json` on a saved
-    model (from_pretrained on every rank, rank 0's weights broadcast at wrapping)."""
+    model (from_pretrained on every rank, rank 0's weights broadcast at wrapping), with
+    padding-free batches (`--padding_free true`): the losses of the padded 1-process run."""
     out = str(tmp_path / "out")
     proc, losses = _train_cli(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
          str(free_port()), "-m", "simpo.train", *SAVED_MODEL_RUN, "--model_name_or_path",
          model_dir, "--fsdp", "true", "--fsdp_config", FSDP2_JSON, "--use_cpu", "true",
-         "--output_dir", out], out)
+         "--padding_free", "true", "--output_dir", out], out)
     assert "FSDP2 on 2 CPU ranks" in proc.stdout + proc.stderr
+    assert "padding-free batches: eager attention" in proc.stdout + proc.stderr
     print("1 process", one_process_saved_model, "\n2 FSDP2 ranks", losses)
     assert len(losses) == 2
     for a, b in zip(one_process_saved_model, losses):
