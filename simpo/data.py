@@ -20,7 +20,9 @@
    ``max_prompt_length`` (keeping its end under ``keep_end``), and if still too long both
    responses are cut to ``max_length - max_prompt_length``; prompt positions labelled -100.
 4. :class:`SimPODataCollator` right-pads chosen and rejected rows to one length and stacks the
-   chosen rows, then the rejected rows: ``input_ids``, ``attention_mask``, ``labels`` of ``[2B, T]``.
+   chosen rows, then the rejected rows: ``input_ids``, ``attention_mask``, ``labels`` of ``[2B, T]``;
+   with ``padding_free`` it packs the same ``2B`` sequences into rows of at most ``max_length``
+   (``input_ids``, ``position_ids``, ``labels``, ``sequence_ids`` of ``[R, W]``, no attention mask).
 """
 
 from __future__ import annotations
@@ -954,7 +956,7 @@ class SimPODataCollator:
 
         ids = [list(f[f"{side}_input_ids"]) for side in ("chosen", "rejected") for f in features]
         labels = [list(f[f"{side}_labels"]) for side in ("chosen", "rejected") for f in features]
-        for s, side in enumerate(("chosen", "rejected")):
+        for side in ("chosen", "rejected"):
             for i, f in enumerate(features):
                 mask = f.get(f"{side}_attention_mask")
                 # a sequence is its input ids: a masked token inside one would be attended to here

@@ -115,7 +115,8 @@ def release_reference_model(model: Optional[torch.nn.Module]) -> None:
 def reference_logps(ref_model: torch.nn.Module, batch: dict,
                     context: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference model's per-sequence sums of target log-probabilities for a collated batch
-    (chosen rows first, then rejected): ``([B], [B])``, float32 (float64 for a float64 model).
+    (chosen rows first, then rejected; or a padding-free batch, whose sums come in the pair
+    layout's order): ``([B], [B])``, float32 (float64 for a float64 model).
     ``context``: makes the context the policy's forward runs in (the Trainer's autocast)."""
     import contextlib
 
