@@ -240,10 +240,10 @@ def packed_attention_line(model: torch.nn.Module) -> str:
     """One line saying how packed batches attend (for the log)."""
     impl = packed_attention(model)
     if impl == "flash_attention_2":
-        return ("flash_attention_2 varlen from position_ids, every sequence of a micro-batch in "
-                "one row")
-    return (f"{impl} attention with block-diagonal causal masks built from position_ids (rows of "
-            f"at most max_length tokens)")
+        return ("attn_implementation flash_attention_2, varlen from position_ids, every sequence "
+                "of a micro-batch in one row")
+    return (f"attn_implementation {impl}, block-diagonal causal masks built from position_ids "
+            f"(rows of at most max_length tokens)")
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -18,7 +18,8 @@ import torch
 import pytest
 
 from simpo.data import SimPODataCollator
-from simpo.modeling import (ReferenceLogps, attach_simpo_head, packed_attention, tiny_gemma2_config)
+from simpo.modeling import (ReferenceLogps, attach_simpo_head, packed_attention,
+                            packed_attention_line, tiny_gemma2_config)
 from simpo.packing import plan_rows
 
 PAD, IGNORE = 0, -100
@@ -293,6 +294,9 @@ def test_attention_paths_for_packed_batches():
     for impl in ("eager", "flex_attention", "flash_attention_2"):
         gemma._attn_implementation = impl
         assert packed_attention(Holder(gemma)) == impl
+        line = packed_attention_line(Holder(gemma))
+        assert line.startswith(f"attn_implementation {impl}, ")
+        assert ("in one row" in line) == (impl == "flash_attention_2")  # FA2's varlen: one row
     gemma._attn_implementation = "sdpa"
     with pytest.raises(ConfigError, match="^padding_free: attn_implementation 'sdpa' drops this "
                                           "model's attention softcapping") as info:
@@ -342,9 +346,9 @@ def test_cli_padding_free_trains_like_the_padded_layout(tmp_path, caplog):
         lines = [m for m in caplog.messages if m.startswith("padding-free batches:")]
         runs[name] = (_history(tmp_path / name), lines)
     (padded, none), (packed, lines) = runs["padded"], runs["packed"]
-    assert none == [] and lines == ["padding-free batches: eager attention with block-diagonal "
-                                    "causal masks built from position_ids (rows of at most "
-                                    "max_length tokens)"]
+    assert none == [] and lines == ["padding-free batches: attn_implementation eager, "
+                                    "block-diagonal causal masks built from position_ids (rows of "
+                                    "at most max_length tokens)"]
     assert len(padded) == len(packed) and sum("loss" in h for h in packed) == 2
     compared = 0
     for a, b in zip(padded, packed):
