@@ -1025,6 +1025,14 @@ def parse_args(argv: Optional[list[str]] = None):
     _check_relations(overrides, training_args, recipe_path.name)
     resolve_fsdp_options(training_args)
     check_loss_backend(model_args, training_args)
+    if training_args.padding_free:  # before a model is loaded (softcap + sdpa: once it is)
+        from .modeling import PACKED_ATTENTION
+
+        impl = model_args.attn_implementation or "eager"
+        if impl not in PACKED_ATTENTION:
+            raise ConfigError(f"padding_free: attn_implementation {impl!r} cannot keep packed "
+                              f"sequences apart; use eager, flex_attention, flash_attention_2 "
+                              f"(or sdpa without attention softcapping)")
     from .lora import check_peft_run
 
     check_peft_run(values, model_args, training_args)

@@ -313,6 +313,19 @@ def test_attention_paths_for_packed_batches():
     assert "\n" not in str(info.value)
 
 
+def test_cli_refuses_an_attention_that_cannot_pack_before_loading(tmp_path, capsys):
+    import simpo.train
+
+    rc = simpo.train.main(["--padding_free", "true", "--attn_implementation", "flash_attention_3",
+                           "--use_cpu", "true", "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert (rc, err) == (2, "simpo-train: error: padding_free: attn_implementation "
+                            "'flash_attention_3' cannot keep packed sequences apart; use eager, "
+                            "flex_attention, flash_attention_2 (or sdpa without attention "
+                            "softcapping)")
+    assert not (tmp_path / "out").exists()
+
+
 CLI_TINY = ["--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--report_to", "none",
             "--disable_tqdm", "true", "--plot", "false", "--max_steps", "2", "--logging_steps", "1",
             "--per_device_train_batch_size", "4", "--save_strategy", "no", "--learning_rate", "1e-2"]
