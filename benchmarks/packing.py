@@ -180,19 +180,26 @@ def decoder_flops(tokens: int, qk_pairs: int, cfg: dict) -> dict:
 
 # ---------------------------------------------------------------------------------- the two data
 
-def truncated_lengths(prompt: int, chosen: int, rejected: int, max_length: int,
-                      max_prompt_length: int) -> tuple[int, int]:
+def truncated_parts(prompt: int, chosen: int, rejected: int, max_length: int,
+                    max_prompt_length: int) -> tuple[int, int, int]:
     """The official truncation rule (DESIGN section 3, :func:`simpo.data.tokenize_row`) on token
     counts: if prompt + the longer response exceeds ``max_length``, the prompt is cut to
     ``max_prompt_length``; if still too long, both responses to ``max_length - max_prompt_length``.
-    Returns the chosen and rejected sequence lengths (prompt + response)."""
+    Returns the prompt, chosen and rejected token counts after it."""
     longer = max(chosen, rejected)
     if prompt + longer > max_length:
         prompt = min(prompt, max_prompt_length)
         if prompt + longer > max_length:
             cap = max_length - max_prompt_length
             chosen, rejected = min(chosen, cap), min(rejected, cap)
-    return prompt + chosen, prompt + rejected
+    return prompt, chosen, rejected
+
+
+def truncated_lengths(prompt: int, chosen: int, rejected: int, max_length: int,
+                      max_prompt_length: int) -> tuple[int, int]:
+    """The chosen and rejected sequence lengths (prompt + response) after :func:`truncated_parts`."""
+    p, c, r = truncated_parts(prompt, chosen, rejected, max_length, max_prompt_length)
+    return p + c, p + r
 
 
 def lognormal_draws(n: int, mean: float, sigma: float, generator: torch.Generator) -> torch.Tensor:
@@ -211,7 +218,8 @@ def ultrafeedback_like(n_pairs: int = UF_PAIRS, *, seed: int = 42, max_length: i
     are drawn independently; the Gemma template's tokens are added (:data:`GEMMA_TEMPLATE_TOKENS`,
     times ``scale``) and the official truncation rule applied. Seeded, deterministic.
 
-    Returns ``pairs`` (``[(chosen_len, rejected_len)]``) and the untruncated content draws
+    Returns ``pairs`` (``[(chosen_len, rejected_len)]``), ``parts`` (``[(prompt, chosen,
+    rejected)]`` token counts after truncation, template tokens included) and the untruncated content draws
     (``prompt``, ``chosen``, ``rejected``: float64 tensors), whose means the tests hold to the
     source.
     """
@@ -230,9 +238,10 @@ def ultrafeedback_like(n_pairs: int = UF_PAIRS, *, seed: int = 42, max_length: i
     def tokens(x):
         return (x.round().clamp(min=1).long()).tolist()
 
-    pairs = [truncated_lengths(p + tp, c + tr, r + tr, max_length, max_prompt_length)
+    parts = [truncated_parts(p + tp, c + tr, r + tr, max_length, max_prompt_length)
              for p, c, r in zip(tokens(prompt), tokens(chosen), tokens(rejected))]
-    return {"pairs": pairs, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+    pairs = [(p + c, p + r) for p, c, r in parts]
+    return {"pairs": pairs, "parts": parts, "prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 def shipped_data(batch: Optional[int] = None):
