@@ -77,6 +77,10 @@ OFFICIAL = {"per_device_batch": 2, "max_length": 2048, "max_prompt_length": 1800
 #: armorm, has about 59.6k rows; the exact count does not matter for per-step means).
 UF_PAIRS = 60000
 
+#: The CPU timing's synthetic rows: UltraFeedback-like lengths scaled to this max_length (the
+#: tiny model's cost is dominated by fixed overheads at the shipped data's 25-token sequences).
+SYNTHETIC_CPU_MAX_LENGTH = 512
+
 #: Gemma-2-9B (the public config, google/gemma-2-9b config.json; DESIGN section 2).
 GEMMA2_9B = {"hidden_size": 3584, "num_hidden_layers": 42, "num_attention_heads": 16,
              "num_key_value_heads": 8, "head_dim": 256, "intermediate_size": 14336,
@@ -393,28 +397,54 @@ def layout_loss(model, batch: dict, *, packed: bool, loss_kwargs: dict):
                       softcap=model.config.final_logit_softcapping, **loss_kwargs, **extra).loss
 
 
+def synthetic_sequences(n_pairs: int, max_length: int, vocab_size: int, seed: int = 42) -> list[tuple]:
+    """``n_pairs`` UltraFeedback-like pairs (:func:`ultrafeedback_like` scaled to ``max_length``,
+    ``max_prompt_length = max_length * 1800 / 2048``) of random token ids in ``[4, vocab_size)``:
+    ``[(chosen_ids, chosen_labels, rejected_ids, rejected_labels)]``, the prompt shared and labelled -100."""
+    uf = ultrafeedback_like(n_pairs, seed=seed, max_length=max_length,
+                            max_prompt_length=max(1, max_length * 1800 // 2048), scale=max_length / 2048)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for p, c, r in uf["parts"]:
+        prompt = torch.randint(4, vocab_size, (p,), generator=g).tolist()
+        resp = [torch.randint(4, vocab_size, (n,), generator=g).tolist() for n in (c, r)]
+        out.append((prompt + resp[0], [IGNORE_INDEX] * p + resp[0], prompt + resp[1], [IGNORE_INDEX] * p + resp[1]))
+    return out
+
+
 def time_cpu_steps(dataset, tokenizer, args, model_args, *, batch: int, steps: int, repeats: int,
-                   seed: int = 42) -> dict:
+                   seed: int = 42, synthetic_max_length: Optional[int] = None) -> dict:
     """CPU forward + backward time of the tiny model (the recipe's shape, float32, eager
-    attention), padded vs packed, on the first ``steps`` steps of the official order: per layout,
-    the median over ``repeats`` of the summed step times (layouts interleaved, so drift hits both),
-    and the largest loss difference between the layouts (the same pairs give the same loss)."""
+    attention), padded vs packed (``plan_rows`` at max_length, and :func:`min_token_plan`), on the
+    first ``steps`` steps of the official order: per layout, the median over ``repeats`` of the
+    summed step times (layouts interleaved, so drift hits all alike), and the largest loss
+    difference between the layouts (the same pairs give the same loss). ``synthetic_max_length``:
+    UltraFeedback-like pairs of random ids at that max_length (:func:`synthetic_sequences`)
+    instead of the shipped data."""
     from simpo.modeling import build_tiny_model
 
     torch.manual_seed(seed)
     model = build_tiny_model(tokenizer, torch_dtype=torch.float32, hidden_size=model_args.tiny_hidden_size,
-                             num_layers=model_args.tiny_num_layers)
+                             num_layers=model_args.tiny_num_layers,
+                             **({"max_position_embeddings": synthetic_max_length} if synthetic_max_length else {}))
     model.train()
     assert model.config._attn_implementation == "eager", model.config._attn_implementation
     loss_kwargs = {"beta": args.beta, "gamma_beta_ratio": args.gamma_beta_ratio, "backend": "torch",
                    "sft_weight": getattr(args, "sft_weight", 0.0)}
+    max_length = synthetic_max_length or args.max_length
+    if synthetic_max_length:
+        pairs = synthetic_sequences(steps * batch, synthetic_max_length, len(tokenizer), seed)
     batches = []
-    for rows in official_batches(len(dataset), batch, seed)[:steps]:
-        ids, labels = step_sequences(dataset, rows)
-        best = min_token_plan([len(x) for x in ids], args.max_length)
+    for rows in official_batches(steps * batch if synthetic_max_length else len(dataset), batch, seed)[:steps]:
+        if synthetic_max_length:
+            ids = [pairs[i][0] for i in rows] + [pairs[i][2] for i in rows]
+            labels = [pairs[i][1] for i in rows] + [pairs[i][3] for i in rows]
+        else:
+            ids, labels = step_sequences(dataset, rows)
+        best = min_token_plan([len(x) for x in ids], max_length)
         batches.append({"padded": padded_batch(ids, labels, tokenizer.pad_token_id),
-                         "packed": pack_sequences(ids, labels, args.max_length, tokenizer.pad_token_id),
-                         "packed_min": pack_sequences(ids, labels, args.max_length, tokenizer.pad_token_id,
+                         "packed": pack_sequences(ids, labels, max_length, tokenizer.pad_token_id),
+                         "packed_min": pack_sequences(ids, labels, max_length, tokenizer.pad_token_id,
                                                       plan=best)})
     names = ("padded", "packed", "packed_min")
     totals = {k: [] for k in names}
@@ -437,6 +467,8 @@ def time_cpu_steps(dataset, tokenizer, args, model_args, *, batch: int, steps: i
     tokens = {k: sum(int(step[k]["input_ids"].numel()) for step in batches) for k in names}
     med = {k: statistics.median(v) for k, v in totals.items()}
     return {"what": "CPU, tiny model (measured): forward + backward, float32, eager attention",
+            "data": (f"UltraFeedback-like model, random ids, max_length {synthetic_max_length}"
+                     if synthetic_max_length else "shipped"), "max_length": max_length,
             "model": {"hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers,
                       "vocab_size": model.config.vocab_size},
             "per_device_batch": batch, "steps": len(batches), "repeats": repeats,
@@ -487,11 +519,12 @@ def render(result: dict) -> str:
         lines.append(f"| {name} | {f['linear'] / 1e12:.2f} | {f['attention'] / 1e12:.3f} | {f['total'] / 1e12:.2f} |")
     lines += [""] + [f"- {k}: {_pct(v)} fewer FLOPs (computed)" for k, v in uf["flops_saved_computed"].items()]
     lines += ["", "## CPU step time (measured: CPU, tiny model)", "",
-              "| per-device batch | steps | padded ms/step | packed ms/step (speedup) | min-token capacity ms/step "
-              "(speedup) | tokens padded / packed / min-token | max loss difference |", "|---|---|---|---|---|---|---|"]
+              "| data | max_length | per-device batch | steps | padded ms/step | packed ms/step (speedup) | "
+              "min-token capacity ms/step (speedup) | tokens padded / packed / min-token | max loss difference |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for c in result["cpu"]:
         ms, tk = c["ms_per_step"], c["tokens"]
-        lines.append(f"| {c['per_device_batch']} | {c['steps']} | {ms['padded']:.1f} | {ms['packed']:.1f} "
+        lines.append(f"| {c['data']} | {c['max_length']} | {c['per_device_batch']} | {c['steps']} | {ms['padded']:.1f} | {ms['packed']:.1f} "
                      f"({c['speedup']:.2f}x) | {ms['packed_min']:.1f} ({c['speedup_min']:.2f}x) | "
                      f"{tk['padded']} / {tk['packed']} / {tk['packed_min']} | {c['max_abs_loss_difference']:.1e} |")
     c0 = result["cpu"][0]
@@ -556,9 +589,15 @@ def run(out: Path = RESULTS, *, cpu_steps: int = 16, repeats: int = 5, uf_pairs:
     for batch in sorted({OFFICIAL["per_device_batch"], args.per_device_train_batch_size}):
         c = time_cpu_steps(train, tokenizer, args, model_args, batch=batch, steps=cpu_steps, repeats=repeats)
         cpu.append(c)
-        log(f"CPU, tiny model, batch {batch}: padded {c['ms_per_step']['padded']:.1f} ms/step, packed "
+        log(f"CPU, tiny model, shipped, batch {batch}: padded {c['ms_per_step']['padded']:.1f} ms/step, packed "
             f"{c['ms_per_step']['packed']:.1f} ms/step ({c['speedup']:.2f}x), min-token capacity "
             f"{c['ms_per_step']['packed_min']:.1f} ms/step ({c['speedup_min']:.2f}x)")
+    c = time_cpu_steps(train, tokenizer, args, model_args, batch=OFFICIAL["per_device_batch"], steps=cpu_steps,
+                       repeats=repeats, synthetic_max_length=SYNTHETIC_CPU_MAX_LENGTH)
+    cpu.append(c)
+    log(f"CPU, tiny model, UltraFeedback-like at {SYNTHETIC_CPU_MAX_LENGTH}: padded "
+        f"{c['ms_per_step']['padded']:.1f} ms/step, packed {c['ms_per_step']['packed']:.1f} ms/step "
+        f"({c['speedup']:.2f}x)")
     result = {
         "date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": torch.__version__,
         "official": OFFICIAL,
