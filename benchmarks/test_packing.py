@@ -127,6 +127,7 @@ def test_the_measurement_writes_its_json_and_table(tmp_path):
     assert K.main(["--out", str(tmp_path), "--cpu-steps", "1", "--repeats", "1", "--uf-pairs", "300"]) == 0
     data = json.loads((tmp_path / "packing.json").read_text())
     assert set(data["epochs"]) == {"shipped_b2", "shipped_b8", "ultrafeedback_like"}
+    assert [c["data"] == "shipped" for c in data["cpu"]] == [True, True, False]
     shipped = data["epochs"]["shipped_b2"]
     assert shipped["pairs"] == 303 and shipped["steps"] == math.ceil(303 / 2)
     uf = data["epochs"]["ultrafeedback_like"]
