@@ -14,7 +14,17 @@ Loss paths:
     triton-<sched>   the same with ``schedule=<sched>`` pinned (``triton-pairs``, ``triton-vocab``,
     torch-<sched>    ``triton-fused``, ``torch-pairs``, ...); plain ``triton``/``torch``: ``auto``
 
-Reported per path: step time (median), tokens/s, peak memory, and the largest batch (pairs) that
+Batch layouts (a suffix of a triton/torch path):
+    (none)           every row ``seq`` tokens long, a prompt of 1/8 .. 1/2 of the row
+    -uf              pairs of UltraFeedback-like lengths (:func:`benchmarks.packing.ultrafeedback_like`,
+                     the official truncation rule at ``max_length = seq``), padded to the longest
+                     as the official collator does
+    -packed          the same pairs padding-free: rows of at most ``seq`` tokens
+                     (:func:`simpo.packing.plan_rows`), ``position_ids`` restarting per sequence, no
+                     ``attention_mask``, ``sequence_ids`` into ``simpo_loss``: ``triton-packed``
+                     against ``triton-uf`` is what packing saves in a step
+
+Reported per path: step time (median), tokens/s (the sequences' own tokens: padding not counted), peak memory, and the largest batch (pairs) that
 fits in GPU memory (doubling, then bisection; OOM-safe). On CPU, ``tiny=True`` runs the same code
 on a few-layer toy config so CI exercises it (no memory limit there: the search stops at its cap).
 
@@ -85,19 +95,85 @@ def make_batch(cfg, pairs: int, seq: int, device, seed: int = 0):
     return ids.to(device), torch.ones_like(ids).to(device), labels.to(device)
 
 
+LAYOUTS = ("uf", "packed")  # path suffixes; none: full rows
+
+
+def layout_of(path: str) -> tuple:
+    """``"triton-fused-packed"`` -> ``("triton-fused", "packed")``; ``"triton"`` -> ``("triton", "full")``."""
+    base, _, suffix = path.rpartition("-")
+    if suffix in LAYOUTS and base:
+        if base.partition("-")[0] == "eager":
+            raise ValueError(f"e2e path {path!r}: the eager path (logits) has no {suffix} layout; use "
+                             f"torch-{suffix} or triton-{suffix}")
+        return base, suffix
+    return path, "full"
+
+
 def split_path(path: str) -> tuple:
-    """``"triton-fused"`` -> ``("triton", "fused")``; ``"triton"`` -> ``("triton", "auto")``."""
-    backend, _, schedule = path.partition("-")
+    """``"triton-fused"`` -> ``("triton", "fused")``; ``"triton"`` -> ``("triton", "auto")``; a
+    layout suffix (``-uf``, ``-packed``: :func:`layout_of`) is dropped."""
+    backend, _, schedule = layout_of(path)[0].partition("-")
     if backend not in ("eager", "torch", "triton") or (backend == "eager" and schedule):
-        raise ValueError(f"unknown e2e path {path!r}; expected eager, torch[-<schedule>] or "
-                         f"triton[-<schedule>]")
+        raise ValueError(f"unknown e2e path {path!r}; expected eager, torch[-<schedule>][-uf|-packed] or "
+                         f"triton[-<schedule>][-uf|-packed]")
     return backend, schedule or "auto"
+
+
+def make_uf_batches(cfg, pairs: int, seq: int, device, seed: int = 0) -> tuple:
+    """The same ``pairs`` of UltraFeedback-like lengths (the model of
+    :func:`benchmarks.packing.ultrafeedback_like`, scaled to ``max_length = seq`` and
+    ``max_prompt_length = seq * 1800 / 2048``) in both layouts: ``(padded, packed)``. ``padded``:
+    ``(ids, attention_mask, labels)`` ``[2B, T]`` (right padding to the longest, as the official
+    collator); ``packed``: :func:`benchmarks.packing.pack_sequences` rows of at most ``seq`` tokens.
+    Random token ids; a pair's chosen and rejected share the prompt; prompts labelled -100."""
+    from .packing import pack_sequences, padded_batch, ultrafeedback_like
+
+    uf = ultrafeedback_like(pairs, seed=seed, max_length=seq, max_prompt_length=max(1, seq * 1800 // 2048),
+                            scale=seq / 2048)
+    g = torch.Generator().manual_seed(seed)
+    chosen, rejected = [], []
+    for p, c, r in uf["parts"]:
+        prompt = torch.randint(3, cfg.vocab_size, (p,), generator=g).tolist()
+        for out, n in ((chosen, c), (rejected, r)):
+            resp = torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist()
+            out.append((prompt + resp, [IGNORE_INDEX] * p + resp))
+    seqs = chosen + rejected  # the pair layout: chosen of every pair, then rejected
+    ids, labels = [s[0] for s in seqs], [s[1] for s in seqs]
+    padded = padded_batch(ids, labels, pad_token_id=0)
+    packed = pack_sequences(ids, labels, seq, pad_token_id=0)
+    return ((padded["input_ids"].to(device), padded["attention_mask"].to(device), padded["labels"].to(device)),
+            {k: v.to(device) for k, v in packed.items()})
+
+
+def make_path_batch(cfg, path: str, pairs: int, seq: int, device, seed: int = 0):
+    """The batch ``path``'s layout takes (:func:`layout_of`): full rows (:func:`make_batch`), or the
+    UltraFeedback-like pairs padded (``-uf``) or packed (``-packed``, a dict)."""
+    layout = layout_of(path)[1]
+    if layout == "full":
+        return make_batch(cfg, pairs, seq, device, seed=seed)
+    padded, packed = make_uf_batches(cfg, pairs, seq, device, seed=seed)
+    return packed if layout == "packed" else padded
+
+
+def batch_tokens(batch) -> tuple:
+    """``(tokens, real_tokens)`` of a batch: its positions, and those of its sequences (padding
+    not counted)."""
+    if isinstance(batch, dict):
+        return batch["input_ids"].numel(), int((batch["sequence_ids"] >= 0).sum())
+    ids, mask, _ = batch
+    return ids.numel(), int(mask.sum())
 
 
 def loss_of(model, batch, path: str):
     from simpo_kernels import simpo_loss, simpo_loss_from_logits
 
     backend, schedule = split_path(path)
+    if layout_of(path)[1] == "packed":  # no attention_mask: transformers masks by position_ids
+        hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                             use_cache=False).last_hidden_state
+        return simpo_loss(hidden, model.lm_head.weight, batch["labels"], beta=BETA,
+                          gamma_beta_ratio=GAMMA_BETA_RATIO, softcap=model.config.final_logit_softcapping,
+                          backend=backend, schedule=schedule, sequence_ids=batch["sequence_ids"]).loss
     ids, mask, labels = batch
     if backend == "eager":
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -122,7 +198,7 @@ def try_step(model, opt, cfg, pairs, seq, path, device) -> bool:
     """One step at ``pairs``; False on out-of-memory (memory is freed either way)."""
     ok = True
     try:
-        batch = make_batch(cfg, pairs, seq, device, seed=pairs)
+        batch = make_path_batch(cfg, path, pairs, seq, device, seed=pairs)
         train_step(model, opt, batch, path)
         sync(device)
     except Exception as exc:  # noqa: BLE001
@@ -192,9 +268,10 @@ def measure_step(model, opt, cfg, path, *, pairs, seq, device, steps, seed: int 
     autotuning; its loss is ``first_loss``, on the weights the model was built with), then the median
     of ``steps`` timed steps; peak memory (CUDA) over the last. OOM propagates (the caller decides)."""
     device = torch.device(device)
-    out = {"path": path, "pairs": pairs, "seq": seq, "tokens": 2 * pairs * seq, "status": "ok",
+    batch = make_path_batch(cfg, path, pairs, seq, device, seed=seed)
+    tokens, real = batch_tokens(batch)
+    out = {"path": path, "pairs": pairs, "seq": seq, "tokens": tokens, "real_tokens": real, "status": "ok",
            "step_ms": None, "tokens_per_s": None, "peak_mem_mib": None, "step_extra_mib": None}
-    batch = make_batch(cfg, pairs, seq, device, seed=seed)
     t0 = time.perf_counter()
     out["first_loss"] = train_step(model, opt, batch, path)
     sync(device)
@@ -218,7 +295,7 @@ def measure_step(model, opt, cfg, path, *, pairs, seq, device, steps, seed: int 
         times.sort()
         out["step_ms"] = times[len(times) // 2]
         out["step_ms_all"] = times
-        out["tokens_per_s"] = out["tokens"] / (out["step_ms"] * 1e-3)
+        out["tokens_per_s"] = out["real_tokens"] / (out["step_ms"] * 1e-3)
     return out
 
 
@@ -277,7 +354,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--paths", default=None,
-                    help="comma list of eager,torch,triton (or triton-pairs, triton-fused, ...)")
+                    help="comma list of eager,torch,triton (or triton-pairs, triton-fused, ...; a "
+                         "-uf / -packed suffix: UltraFeedback-like pairs padded / packed)")
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--steps", type=int, default=3)

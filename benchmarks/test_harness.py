@@ -384,3 +384,44 @@ def test_e2e_tiny_step_matches_paths():
         a = E.loss_of(model, batch, "eager").item()
         b = E.loss_of(model, batch, "torch").item()
     assert abs(a - b) < 2e-2 * max(1.0, abs(a))
+
+
+def test_e2e_path_layouts_parse():
+    assert E.layout_of("triton-fused-packed") == ("triton-fused", "packed")
+    assert E.layout_of("torch-uf") == ("torch", "uf") and E.layout_of("triton-fused") == ("triton-fused", "full")
+    assert E.split_path("triton-fused-packed") == ("triton", "fused") and E.split_path("torch-uf") == ("torch", "auto")
+    for bad in ("eager-packed", "eager-uf"):
+        with pytest.raises(ValueError, match="no .* layout"):
+            E.split_path(bad)
+    with pytest.raises(ValueError, match="unknown e2e path"):
+        E.split_path("cuda-packed")
+
+
+def test_e2e_packed_step_gives_the_padded_steps_loss():
+    """The tiny Gemma-2 in float64: UltraFeedback-like pairs of unequal lengths, padded (official
+    collator layout, attention_mask) and packed (position_ids, sequence_ids, fewer tokens), give the
+    same loss and gradients; the packed path's measured step counts its tokens."""
+    cfg = E.gemma2_2b_config(tiny=True)
+    model = E.build_model(cfg, CPU, dtype=torch.float64)
+    padded, packed = E.make_uf_batches(cfg, 4, 256, CPU, seed=2)
+    lengths = padded[1].sum(1).tolist()
+    assert len(set(lengths)) > 2  # unequal lengths, or packing would save nothing
+    (tok_pad, real_pad), (tok_pk, real_pk) = E.batch_tokens(padded), E.batch_tokens(packed)
+    assert real_pad == real_pk == sum(lengths) and tok_pk < tok_pad
+    assert sorted(packed["sequence_ids"][packed["sequence_ids"] >= 0].unique().tolist()) == list(range(8))
+    grads = []
+    for batch, path in ((padded, "torch-uf"), (packed, "torch-packed")):
+        model.zero_grad(set_to_none=True)
+        loss = E.loss_of(model, batch, path)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert abs(grads[0][0] - grads[1][0]) < 1e-12 * abs(grads[0][0])
+    # transformers' Gemma-2 RMSNorm computes in float32 even for float64 inputs: its weights'
+    # gradients agree to float32 rounding (summed over positions in another order), the rest to 1e-9
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert (a - b).abs().max() <= 1e-6 * max(1.0, a.abs().max().item())
+    opt = torch.optim.AdamW(model.parameters(), lr=8e-7)
+    r = E.measure_step(model, opt, cfg, "torch-packed", pairs=4, seq=256, device=CPU, steps=1, seed=2)
+    assert (r["tokens"], r["real_tokens"]) == (tok_pk, real_pk)
+    assert r["first_loss"] == pytest.approx(grads[1][0], rel=1e-12)
+    assert r["tokens_per_s"] == pytest.approx(real_pk / (r["step_ms"] * 1e-3))

@@ -385,7 +385,8 @@ def run_train(cp: Campaign) -> None:
             finally:
                 built["opt"].zero_grad(set_to_none=True)
             row.update({k: r.get(k) for k in ("first_loss", "loss", "warmup_ms", "step_ms", "step_ms_all",
-                                              "tokens_per_s", "peak_mem_mib", "step_extra_mib")})
+                                              "tokens", "real_tokens", "tokens_per_s", "peak_mem_mib",
+                                              "step_extra_mib")})
 
         try:
             row = call.run_step("train", step, predicted_s=cp.guard(P.train_path_seconds(path, cfg, s, cp.fixed)),
