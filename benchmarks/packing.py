@@ -4,7 +4,8 @@ Three measurements, each labelled with what it is:
 
 * **tokens per step** (counted): the official padded layout (``2B`` sequences, each padded to the
   step's longest: :func:`simpo.packing.padded_tokens`) against the packed one (the same sequences
-  in rows of at most ``max_length``: :func:`simpo.packing.plan_rows`, ``rows x width``) and the
+  in rows of at most ``max_length``: :func:`simpo.packing.plan_rows`, ``rows x width``; also the
+  naive first fit at ``max_length``, for comparison) and the
   one-row layout FlashAttention-2's varlen path takes (no padding at all), over every step of an
   epoch in the official order of batches (:func:`official_batches`), on
 
@@ -35,7 +36,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from simpo.packing import padded_tokens, plan_rows
+from simpo.packing import first_fit, padded_tokens, plan_rows
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IGNORE_INDEX = -100
@@ -112,18 +113,9 @@ def step_sequence_lengths(pairs: Sequence[tuple[int, int]], rows: Sequence[int])
 # ---------------------------------------------------------------------------------- token counts
 
 def min_token_plan(lengths: Sequence[int], max_length: int):
-    """An alternative to the design's plan (not what the collator does): :func:`plan_rows` at the
-    row capacity, between the longest sequence and ``max_length``, that gives the fewest tokens
-    (candidates ``ceil(total / k)`` for ``k`` rows, the longest sequence, ``max_length``; ties:
-    fewer rows). At the longest sequence's capacity no row is longer than the padded batch's rows
-    and there are no more rows than sequences, so it never costs more than the padded layout; the
-    design's capacity ``max_length`` can, when the step's sequences are short and alike (a long
-    last row sets the width of every row)."""
-    T, total = max(int(n) for n in lengths), sum(int(n) for n in lengths)
-    caps = {T, max(T, int(max_length))} | {min(max(T, -(-total // k)), max(T, int(max_length)))
-                                             for k in range(1, len(lengths) + 1)}
-    plans = [plan_rows(lengths, c) for c in sorted(caps)]
-    return min(plans, key=lambda p: (p.tokens, len(p.rows)))
+    """The collator's plan (:func:`simpo.packing.plan_rows`: first fit at the row capacity that
+    gives the fewest tokens), kept under this name for the ``packed_min`` columns."""
+    return plan_rows(lengths, max_length)
 
 
 def step_tokens(lengths: Sequence[int], max_length: int) -> dict:
@@ -131,7 +123,7 @@ def step_tokens(lengths: Sequence[int], max_length: int) -> dict:
     (:func:`plan_rows` rows x width, with its ``rows`` and ``width``), ``packed_min``
     (:func:`min_token_plan`), ``one_row`` (every sequence in one row: FlashAttention-2 varlen,
     equal to ``real``)."""
-    plan = plan_rows(lengths, max_length)
+    plan = first_fit(lengths, max_length)
     one = plan_rows(lengths, max_length, one_row=True)
     best = min_token_plan(lengths, max_length)
     return {"real": int(sum(lengths)), "padded": padded_tokens(lengths), "packed": plan.tokens,
@@ -153,7 +145,7 @@ def attention_blocks(lengths: Sequence[int], max_length: int) -> dict:
       ``n(n+1)/2``.
     """
     T = max(int(n) for n in lengths)
-    plan = plan_rows(lengths, max_length)
+    plan = first_fit(lengths, max_length)
     return {"padded_eager": len(lengths) * T * T, "padded_causal": len(lengths) * T * (T + 1) // 2,
             "packed_eager": len(plan.rows) * plan.width ** 2,
             "packed_min_eager": (lambda p: len(p.rows) * p.width ** 2)(min_token_plan(lengths, max_length)),
@@ -305,17 +297,17 @@ def epoch_summary(pairs: Sequence[tuple[int, int]], batch: int, max_length: int,
            "attention_qk_pairs_total": attn}
     if cfg is not None:
         layouts = {"padded, eager attention": (tot["padded"], attn["padded_eager"]),
-                   "packed rows, eager attention": (tot["packed"], attn["packed_eager"]),
-                   "packed rows (min-token capacity), eager attention": (tot["packed_min"], attn["packed_min_eager"]),
+                   "first fit at max_length, eager attention": (tot["packed"], attn["packed_eager"]),
+                   "packed (plan_rows), eager attention": (tot["packed_min"], attn["packed_min_eager"]),
                    "padded, causal kernel (FlashAttention/SDPA)": (tot["padded"], attn["padded_causal"]),
                    "one row, FlashAttention-2 varlen": (tot["one_row"], attn["varlen"])}
         flops = {name: decoder_flops(tk, qk, cfg) for name, (tk, qk) in layouts.items()}
         out["flops_per_step_computed"] = {k: {kk: v / n for kk, v in f.items()} for k, f in flops.items()}
         out["flops_saved_computed"] = {
-            "packed eager vs padded eager": 1 - flops["packed rows, eager attention"]["total"]
+            "first fit at max_length eager vs padded eager": 1 - flops["first fit at max_length, eager attention"]["total"]
             / flops["padded, eager attention"]["total"],
-            "packed (min-token capacity) eager vs padded eager": 1 - flops[
-                "packed rows (min-token capacity), eager attention"]["total"] / flops["padded, eager attention"]["total"],
+            "packed (plan_rows) eager vs padded eager": 1 - flops[
+                "packed (plan_rows), eager attention"]["total"] / flops["padded, eager attention"]["total"],
             "varlen vs padded causal": 1 - flops["one row, FlashAttention-2 varlen"]["total"]
             / flops["padded, causal kernel (FlashAttention/SDPA)"]["total"],
             "varlen vs padded eager": 1 - flops["one row, FlashAttention-2 varlen"]["total"]
@@ -443,7 +435,8 @@ def time_cpu_steps(dataset, tokenizer, args, model_args, *, batch: int, steps: i
             ids, labels = step_sequences(dataset, rows)
         best = min_token_plan([len(x) for x in ids], max_length)
         batches.append({"padded": padded_batch(ids, labels, tokenizer.pad_token_id),
-                         "packed": pack_sequences(ids, labels, max_length, tokenizer.pad_token_id),
+                         "packed": pack_sequences(ids, labels, max_length, tokenizer.pad_token_id,
+                                                  plan=first_fit([len(x) for x in ids], max_length)),
                          "packed_min": pack_sequences(ids, labels, max_length, tokenizer.pad_token_id,
                                                       plan=best)})
     names = ("padded", "packed", "packed_min")
@@ -492,9 +485,9 @@ def render(result: dict) -> str:
              "Token counts are counted; FLOPs are **computed** from the Gemma-2-9B shape, never measured; "
              "step times are **measured on a CPU, tiny model**. No GPU number appears here.", "",
              "## Tokens per step (counted, every step of one epoch in the official order)", "",
-             "| data | per-device batch | max_length | steps | real | padded | packed rows | "
-             "padding share (padded) | saved by packing | rows per step | packed, min-token capacity "
-             "(alternative) | saved by it |",
+             "| data | per-device batch | max_length | steps | real | padded | first fit at max_length | "
+             "padding share (padded) | saved by it | its rows per step | packed (`plan_rows`, the collator) "
+             "| saved by packing |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, e in result["epochs"].items():
         t = e["tokens_per_step"]
@@ -504,11 +497,12 @@ def render(result: dict) -> str:
                      f"{e['rows_per_step']:.2f} | {t['packed_min']:.0f} | {_pct(e['tokens_saved_packed_min'])} |")
     lines += ["", "Mean tokens per step. *real*: the sequences' own tokens (also the one-row layout "
               "FlashAttention-2's varlen path takes); *padded*: the official layout, every sequence padded to "
-              "the step's longest; *packed rows*: `plan_rows(lengths, max_length)`, rows x width (the design); "
-              "*min-token capacity*: an alternative, `plan_rows` at the capacity between the longest sequence "
-              "and max_length that gives the fewest tokens (`benchmarks.packing.min_token_plan`, never more "
-              "than padded). A negative saving means the packed rows hold more tokens than the padded batch: "
-              "short, alike sequences fill rows up to max_length unevenly and the longest row sets the width."]
+              "the step's longest; *first fit at max_length*: `simpo.packing.first_fit(lengths, max_length)`, rows "
+              "filled up to max_length, rows x width (the naive plan, for comparison); *packed*: "
+              "`simpo.packing.plan_rows`, what `--padding_free` uses: first fit at the capacity between the "
+              "longest sequence and max_length that gives the fewest tokens (never more than padded). A "
+              "negative saving means the rows hold more tokens than the padded batch: short, alike sequences "
+              "fill rows up to max_length unevenly and the longest row sets the width."]
     uf = result["epochs"]["ultrafeedback_like"]
     lines += ["", "## Decoder FLOPs per step at the Gemma-2-9B shape (computed)", "",
               f"Synthetic UltraFeedback-like steps (per-device batch {uf['per_device_batch']}, max_length "
@@ -519,8 +513,9 @@ def render(result: dict) -> str:
         lines.append(f"| {name} | {f['linear'] / 1e12:.2f} | {f['attention'] / 1e12:.3f} | {f['total'] / 1e12:.2f} |")
     lines += [""] + [f"- {k}: {_pct(v)} fewer FLOPs (computed)" for k, v in uf["flops_saved_computed"].items()]
     lines += ["", "## CPU step time (measured: CPU, tiny model)", "",
-              "| data | max_length | per-device batch | steps | padded ms/step | packed ms/step (speedup) | "
-              "min-token capacity ms/step (speedup) | tokens padded / packed / min-token | max loss difference |",
+              "| data | max_length | per-device batch | steps | padded ms/step | first fit at max_length ms/step "
+              "(speedup) | packed (`plan_rows`) ms/step (speedup) | tokens padded / first fit / packed | "
+              "max loss difference |",
               "|---|---|---|---|---|---|---|---|---|"]
     for c in result["cpu"]:
         ms, tk = c["ms_per_step"], c["tokens"]
@@ -544,7 +539,7 @@ def render(result: dict) -> str:
               f"{src['pairs']} pairs, seed {src['seed']}. Drawn means: prompt {src['drawn_means']['prompt']:.1f}, "
               f"response {src['drawn_means']['response']:.1f}.", "",
               "Sensitivity of the tokens saved by packing to the assumed spread (per-device batch 2):", "",
-              "| sigma prompt | sigma response | padding share (padded) | saved by packing | saved, min-token capacity |",
+              "| sigma prompt | sigma response | padding share (padded) | saved by first fit at max_length | saved by packing (plan_rows) |",
               "|---|---|---|---|---|"]
     for s in result["sensitivity"]:
         lines.append(f"| {s['sigma']['instruction']} | {s['sigma']['completion']} | {_pct(s['padding_share_padded'])} | "
@@ -568,14 +563,14 @@ def run(out: Path = RESULTS, *, cpu_steps: int = 16, repeats: int = 5, uf_pairs:
         e["label"] = (f"shipped (simpo/data/train.jsonl, tiny tokenizer, "
                       f"{'official' if batch == OFFICIAL['per_device_batch'] else 'tiny recipe'} batch)")
         epochs[f"shipped_b{batch}"] = e
-        log(f"shipped, batch {batch}: saved {_pct(e['tokens_saved_packed'])} of the padded tokens")
+        log(f"shipped, batch {batch}: packing saved {_pct(e['tokens_saved_packed_min'])} of the padded tokens")
     uf = ultrafeedback_like(uf_pairs, seed=OFFICIAL["seed"], max_length=OFFICIAL["max_length"],
                             max_prompt_length=OFFICIAL["max_prompt_length"])
     e = epoch_summary(uf["pairs"], OFFICIAL["per_device_batch"], OFFICIAL["max_length"], OFFICIAL["seed"],
                       cfg=GEMMA2_9B)
     e["label"] = "UltraFeedback-like model (synthetic)"
     epochs["ultrafeedback_like"] = e
-    log(f"UltraFeedback-like: saved {_pct(e['tokens_saved_packed'])} tokens, FLOPs (computed) "
+    log(f"UltraFeedback-like: packing saved {_pct(e['tokens_saved_packed_min'])} tokens, FLOPs (computed) "
         + ", ".join(f"{k} {_pct(v)}" for k, v in e["flops_saved_computed"].items()))
     sensitivity = []
     for sp, sr in ((0.5, 0.5), (1.0, 0.8), (1.2, 1.0)):
@@ -590,14 +585,15 @@ def run(out: Path = RESULTS, *, cpu_steps: int = 16, repeats: int = 5, uf_pairs:
         c = time_cpu_steps(train, tokenizer, args, model_args, batch=batch, steps=cpu_steps, repeats=repeats)
         cpu.append(c)
         log(f"CPU, tiny model, shipped, batch {batch}: padded {c['ms_per_step']['padded']:.1f} ms/step, packed "
-            f"{c['ms_per_step']['packed']:.1f} ms/step ({c['speedup']:.2f}x), min-token capacity "
+            f"{c['ms_per_step']['packed']:.1f} ms/step ({c['speedup']:.2f}x) first fit at max_length, packed (plan_rows) "
             f"{c['ms_per_step']['packed_min']:.1f} ms/step ({c['speedup_min']:.2f}x)")
     c = time_cpu_steps(train, tokenizer, args, model_args, batch=OFFICIAL["per_device_batch"], steps=cpu_steps,
                        repeats=repeats, synthetic_max_length=SYNTHETIC_CPU_MAX_LENGTH)
     cpu.append(c)
     log(f"CPU, tiny model, UltraFeedback-like at {SYNTHETIC_CPU_MAX_LENGTH}: padded "
-        f"{c['ms_per_step']['padded']:.1f} ms/step, packed {c['ms_per_step']['packed']:.1f} ms/step "
-        f"({c['speedup']:.2f}x)")
+        f"{c['ms_per_step']['padded']:.1f} ms/step, first fit at max_length {c['ms_per_step']['packed']:.1f} "
+        f"ms/step ({c['speedup']:.2f}x), packed (plan_rows) {c['ms_per_step']['packed_min']:.1f} ms/step "
+        f"({c['speedup_min']:.2f}x)")
     result = {
         "date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": torch.__version__,
         "official": OFFICIAL,

@@ -27,16 +27,16 @@ def test_tokens_and_attention_of_one_step_by_hand():
                  "packed_min_eager": 2 * 49, "varlen": 15 + 6 + 10 + 3}
 
 
-def test_min_token_plan_never_costs_more_than_padding():
+def test_the_collators_plan_never_costs_more_than_padding():
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
         lengths = torch.randint(1, 40, (int(torch.randint(2, 17, (1,), generator=g)),), generator=g).tolist()
-        best = K.min_token_plan(lengths, 64)
+        best = K.plan_rows(lengths, 64)
         assert best.tokens <= K.padded_tokens(lengths) and best.width <= 64
         assert sorted(i for row in best.rows for i in row) == list(range(len(lengths)))
     # short alike sequences: rows of max_length cost more than padding, the chosen capacity does not
     lengths = [24, 26, 23, 25, 27, 24, 23, 23] * 2
-    assert K.plan_rows(lengths, 128).tokens > K.padded_tokens(lengths) >= K.min_token_plan(lengths, 128).tokens
+    assert K.first_fit(lengths, 128).tokens > K.padded_tokens(lengths) >= K.plan_rows(lengths, 128).tokens
 
 
 def test_decoder_flops_by_hand_and_the_gemma2_9b_shape():
@@ -110,13 +110,15 @@ def test_ultrafeedback_like_lengths_match_the_named_source():
 def test_pack_sequences_by_hand():
     ids = [[1, 2, 3], [4, 5], [6], [7, 8]]
     labels = [[-100, 2, 3], [-100, 5], [6], [-100, 8]]
-    b = K.pack_sequences(ids, labels, 5, pad_token_id=0)
+    b = K.pack_sequences(ids, labels, 5, pad_token_id=0, plan=K.first_fit([3, 2, 1, 2], 5))
     # first-fit decreasing at 5: 3 (0) | 2 (1) -> row 0 | 2 (3) -> row 1 | 1 (2) -> row 1; width 5
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5], [7, 8, 6, 0, 0]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 0, 1]]  # row-end padding: its own run
     assert b["sequence_ids"].tolist() == [[0, 0, 0, 1, 1], [3, 3, 2, -1, -1]]
     assert b["labels"].tolist() == [[-100, 2, 3, -100, 5], [-100, 8, 6, -100, -100]]
     assert "attention_mask" not in b and all(t.dtype == torch.long for t in b.values())
+    # the collator's plan: capacity 4 gives 2 full rows (8 tokens) where 5 gives 10
+    assert K.pack_sequences(ids, labels, 5, pad_token_id=0)["input_ids"].tolist() == [[1, 2, 3, 6], [4, 5, 7, 8]]
     one = K.pack_sequences(ids, labels, 5, pad_token_id=0, one_row=True)
     assert one["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]] and one["sequence_ids"].min() == 0
     with pytest.raises(ValueError, match="sequence 1"):

@@ -3,8 +3,9 @@ them.
 
 The official pipeline pads the ``2B`` sequences of a micro-batch (chosen rows, then rejected rows)
 to the longest one. Here the same ``2B`` sequences are laid end to end in rows of at most
-``max_length`` tokens (first-fit decreasing on their lengths), so a step holds the same pairs and
-computes the same loss, and only the padding goes. Each token carries
+``max_length`` tokens (first-fit decreasing on their lengths, at the row capacity that gives the
+fewest tokens), so a step holds the same pairs and computes the same loss, and only the padding
+goes. Each token carries
 
 * ``position_ids``: its position inside its own sequence (restarting at 0 per sequence), which is
   what the rotary embeddings see in the padded layout too (right padding), and from which
@@ -40,27 +41,9 @@ class PackPlan:
         return len(self.rows) * self.width
 
 
-def plan_rows(lengths: Sequence[int], max_length: int, one_row: bool = False) -> PackPlan:
-    """Pack sequences of ``lengths`` into rows of at most ``max(max_length, longest)`` tokens.
-
-    First-fit decreasing: sequences in order of decreasing length (ties by index), each into the
-    first row with room, a new row when none has. Deterministic: the same lengths give the same
-    plan on every rank and every run.
-
-    Args:
-        lengths: token count of each sequence (each ``>= 1``).
-        max_length: the row capacity (the recipe's ``max_length``).
-        one_row: every sequence in one row, in index order.
-    """
-    if not lengths:
-        raise ValueError("nothing to pack: no sequences")
-    if any(int(n) < 1 for n in lengths):
-        raise ValueError(f"every sequence needs at least one token, got lengths {list(lengths)}")
-    if int(max_length) < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
-    if one_row:
-        return PackPlan(rows=(tuple(range(len(lengths))),), width=int(sum(lengths)))
-    capacity = max(int(max_length), max(int(n) for n in lengths))
+def first_fit(lengths: Sequence[int], capacity: int) -> PackPlan:
+    """First-fit decreasing into rows of ``capacity`` tokens: sequences in order of decreasing
+    length (ties by index), each into the first row with room, a new row when none has."""
     order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
     rows: list[list[int]] = []
     used: list[int] = []
@@ -75,6 +58,39 @@ def plan_rows(lengths: Sequence[int], max_length: int, one_row: bool = False) ->
             rows.append([i])
             used.append(n)
     return PackPlan(rows=tuple(tuple(r) for r in rows), width=max(used))
+
+
+def plan_rows(lengths: Sequence[int], max_length: int, one_row: bool = False) -> PackPlan:
+    """Pack sequences of ``lengths`` into the rows with the fewest tokens (rows x width), each row
+    at most ``max(max_length, longest)`` tokens.
+
+    :func:`first_fit` at each candidate capacity between the longest sequence and ``max_length``
+    (``ceil(total / k)`` for ``k`` rows, and the two ends), keeping the plan with the fewest
+    tokens (ties: fewer rows, then the smaller capacity). The longest sequence's capacity never
+    needs more rows than sequences nor a row longer than the padded batch's, so the packed batch
+    never holds more tokens than the padded one; filling rows up to ``max_length`` alone can (short
+    sequences of similar length: one long row sets every row's width), and costs eager attention,
+    quadratic in the row length, more. Deterministic: the same lengths give the same plan on every
+    rank and every run.
+
+    Args:
+        lengths: token count of each sequence (each ``>= 1``).
+        max_length: the largest row capacity (the recipe's ``max_length``).
+        one_row: every sequence in one row, in index order (FlashAttention-2's varlen path).
+    """
+    if not lengths:
+        raise ValueError("nothing to pack: no sequences")
+    if any(int(n) < 1 for n in lengths):
+        raise ValueError(f"every sequence needs at least one token, got lengths {list(lengths)}")
+    if int(max_length) < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if one_row:
+        return PackPlan(rows=(tuple(range(len(lengths))),), width=int(sum(lengths)))
+    longest, total = max(int(n) for n in lengths), sum(int(n) for n in lengths)
+    top = max(longest, int(max_length))
+    caps = {longest, top} | {min(max(longest, -(-total // k)), top) for k in range(1, len(lengths) + 1)}
+    plans = [first_fit(lengths, c) for c in sorted(caps)]
+    return min(plans, key=lambda p: (p.tokens, len(p.rows)))  # min keeps the first (smallest) of ties
 
 
 def padded_tokens(lengths: Sequence[int]) -> int:
