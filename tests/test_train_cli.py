@@ -276,7 +276,8 @@ def test_help_lists_the_projects_options_first_in_groups(tiny_help):
     assert set(LOSS_OPTION_FIELDS) < set(sections["loss options"])  # every loss's options
     assert sections["data options"] == [
         *(f.name for f in dataclasses.fields(DataArguments)),
-        "max_length", "max_prompt_length", "truncation_mode", "label_pad_token_id", "padding_value"]
+        "max_length", "max_prompt_length", "truncation_mode", "label_pad_token_id", "padding_value",
+        "padding_free"]
     assert sections["model options"] == [f.name for f in dataclasses.fields(ModelArguments)]
     run = set(sections["run options"])  # SimPOConfig's own fields that are neither loss nor data
     assert {"disable_dropout", "existing_run", "plot", "logging_nan_inf_filter"} <= run
