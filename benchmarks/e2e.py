@@ -124,9 +124,11 @@ def make_uf_batches(cfg, pairs: int, seq: int, device, seed: int = 0) -> tuple:
     :func:`benchmarks.packing.ultrafeedback_like`, scaled to ``max_length = seq`` and
     ``max_prompt_length = seq * 1800 / 2048``) in both layouts: ``(padded, packed)``. ``padded``:
     ``(ids, attention_mask, labels)`` ``[2B, T]`` (right padding to the longest, as the official
-    collator); ``packed``: :func:`benchmarks.packing.pack_sequences` rows of at most ``seq`` tokens.
+    collator); ``packed``: :func:`simpo.packing.pack_sequences` rows of at most ``seq`` tokens.
     Random token ids; a pair's chosen and rejected share the prompt; prompts labelled -100."""
-    from .packing import pack_sequences, padded_batch, ultrafeedback_like
+    from simpo.packing import pack_sequences
+
+    from .packing import padded_batch, ultrafeedback_like
 
     uf = ultrafeedback_like(pairs, seed=seed, max_length=seq, max_prompt_length=max(1, seq * 1800 // 2048),
                             scale=seq / 2048)

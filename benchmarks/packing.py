@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from simpo.packing import first_fit, padded_tokens, plan_rows
+from simpo.packing import first_fit, pack_sequences, padded_tokens, plan_rows
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IGNORE_INDEX = -100
@@ -316,39 +316,6 @@ def epoch_summary(pairs: Sequence[tuple[int, int]], batch: int, max_length: int,
 
 
 # ------------------------------------------------------------------------------ the packed batch
-
-def pack_sequences(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], max_length: int,
-                   pad_token_id: int, one_row: bool = False, plan=None) -> dict[str, torch.Tensor]:
-    """Sequences in the pair layout (chosen of every pair, then rejected) -> a padding-free batch:
-    ``input_ids``, ``position_ids`` (restarting at 0 per sequence; a row's end padding numbered
-    0.. as a sequence of its own), ``labels`` (``-100`` on padding), ``sequence_ids`` (``-1`` on
-    padding), all ``[R, W]`` int64, laid out by :func:`simpo.packing.plan_rows`; no
-    ``attention_mask`` (transformers builds the block-diagonal causal masks from ``position_ids``).
-    ``plan``: a :class:`simpo.packing.PackPlan` of these sequences to use instead."""
-    if len(input_ids) != len(labels):
-        raise ValueError(f"{len(input_ids)} id sequences but {len(labels)} label sequences")
-    for k, (ids, lab) in enumerate(zip(input_ids, labels)):
-        if len(ids) != len(lab):
-            raise ValueError(f"sequence {k}: {len(ids)} ids but {len(lab)} labels")
-    if plan is None:
-        plan = plan_rows([len(s) for s in input_ids], max_length, one_row=one_row)
-    R, W = len(plan.rows), plan.width
-    batch = {"input_ids": torch.full((R, W), int(pad_token_id), dtype=torch.long),
-             "position_ids": torch.zeros((R, W), dtype=torch.long),
-             "labels": torch.full((R, W), IGNORE_INDEX, dtype=torch.long),
-             "sequence_ids": torch.full((R, W), -1, dtype=torch.long)}
-    for r, row in enumerate(plan.rows):
-        col = 0
-        for s in row:
-            n = len(input_ids[s])
-            batch["input_ids"][r, col:col + n] = torch.as_tensor(list(input_ids[s]), dtype=torch.long)
-            batch["labels"][r, col:col + n] = torch.as_tensor(list(labels[s]), dtype=torch.long)
-            batch["position_ids"][r, col:col + n] = torch.arange(n)
-            batch["sequence_ids"][r, col:col + n] = s
-            col += n
-        batch["position_ids"][r, col:] = torch.arange(W - col)
-    return batch
-
 
 def padded_batch(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
                  pad_token_id: int) -> dict[str, torch.Tensor]:

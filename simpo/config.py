@@ -1026,13 +1026,9 @@ def parse_args(argv: Optional[list[str]] = None):
     resolve_fsdp_options(training_args)
     check_loss_backend(model_args, training_args)
     if training_args.padding_free:  # before a model is loaded (softcap + sdpa: once it is)
-        from .modeling import PACKED_ATTENTION
+        from .modeling import check_packed_attention
 
-        impl = model_args.attn_implementation or "eager"
-        if impl not in PACKED_ATTENTION:
-            raise ConfigError(f"padding_free: attn_implementation {impl!r} cannot keep packed "
-                              f"sequences apart; use eager, flex_attention, flash_attention_2 "
-                              f"(or sdpa without attention softcapping)")
+        check_packed_attention(model_args.attn_implementation)
     from .lora import check_peft_run
 
     check_peft_run(values, model_args, training_args)

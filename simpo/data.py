@@ -952,7 +952,7 @@ class SimPODataCollator:
         return batch
 
     def _packed(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        from .packing import plan_rows
+        from .packing import pack_sequences
 
         ids = [list(f[f"{side}_input_ids"]) for side in ("chosen", "rejected") for f in features]
         labels = [list(f[f"{side}_labels"]) for side in ("chosen", "rejected") for f in features]
@@ -963,22 +963,5 @@ class SimPODataCollator:
                 if mask is not None and not all(int(m) == 1 for m in mask):
                     raise ValueError(f"padding_free: the {side} sequence of pair {i} has "
                                      f"attention_mask zeros; packed sequences must be unpadded")
-        lengths = [len(r) for r in ids]
-        plan = plan_rows(lengths, self.max_length or max(lengths), one_row=self.one_row)
-        out = {key: [] for key in ("input_ids", "position_ids", "labels", "sequence_ids")}
-        for row in plan.rows:
-            values = {key: [] for key in out}
-            for s in row:
-                n = lengths[s]
-                values["input_ids"] += ids[s]
-                values["position_ids"] += list(range(n))
-                values["labels"] += labels[s]
-                values["sequence_ids"] += [s] * n
-            pad = plan.width - len(values["input_ids"])
-            values["input_ids"] += [self.pad_token_id] * pad
-            values["position_ids"] += list(range(pad))
-            values["labels"] += [self.label_pad_token_id] * pad
-            values["sequence_ids"] += [-1] * pad
-            for key in out:
-                out[key].append(values[key])
-        return {key: torch.tensor(v, dtype=torch.long) for key, v in out.items()}
+        return pack_sequences(ids, labels, self.max_length or max(len(r) for r in ids), self.pad_token_id,
+                              one_row=self.one_row, label_pad_token_id=self.label_pad_token_id)

@@ -211,6 +211,20 @@ def attach_simpo_head(model: torch.nn.Module, *, loss: str = "simpo", ignore_ind
 PACKED_ATTENTION = ("eager", "flex_attention", "flash_attention_2", "sdpa")
 
 
+def check_packed_attention(impl: Optional[str]) -> str:
+    """``impl`` (None: eager) if padding-free batches can run through it (:data:`PACKED_ATTENTION`),
+    else a one-line :class:`~simpo.config.ConfigError`; the command line checks it before a model
+    loads, :func:`packed_attention` the loaded model's."""
+    from .config import ConfigError
+
+    impl = impl or "eager"
+    if impl not in PACKED_ATTENTION:
+        raise ConfigError(f"padding_free: attn_implementation {impl!r} cannot keep packed sequences "
+                          f"apart; use {', '.join(PACKED_ATTENTION[:3])} (or sdpa without "
+                          f"attention softcapping)")
+    return impl
+
+
 def packed_attention(model: torch.nn.Module) -> str:
     """The attention implementation padding-free batches run through, or a one-line
     :class:`~simpo.config.ConfigError` when it cannot keep the packed sequences apart.
@@ -224,11 +238,7 @@ def packed_attention(model: torch.nn.Module) -> str:
 
     config = causal_lm(model).config
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    impl = getattr(config, "_attn_implementation", None) or "eager"
-    if impl not in PACKED_ATTENTION:
-        raise ConfigError(f"padding_free: attn_implementation {impl!r} cannot keep packed sequences "
-                          f"apart; use {', '.join(PACKED_ATTENTION[:3])} (or sdpa without "
-                          f"attention softcapping)")
+    impl = check_packed_attention(getattr(config, "_attn_implementation", None))
     if impl == "sdpa" and getattr(config, "attn_logit_softcapping", None) is not None:
         raise ConfigError("padding_free: attn_implementation 'sdpa' drops this model's attention "
                           "softcapping (attn_logit_softcapping); use eager, flex_attention or "
