@@ -178,7 +178,9 @@ def _kill_when(cmd: list[str], directory: Path, at_lines: int, timeout: float = 
 
 def test_kill9_at_random_points_loses_and_duplicates_nothing(reference, tmp_path):
     out = tmp_path / "killed"
-    rng = random.Random(int(os.environ.get("SIMPO_KILL_SEED", "0")) or None)
+    seed = int(os.environ.get("SIMPO_KILL_SEED") or random.randrange(1 << 30))
+    print(f"kill points drawn with SIMPO_KILL_SEED={seed}")
+    rng = random.Random(seed)
     # generation batches of one prompt: a kill can land between any two prompts (the sampled
     # text does not depend on the batch); scoring units of two prompts, as the reference's (a
     # score's last bits do depend on the padding of its batch)
@@ -216,10 +218,11 @@ def test_a_torn_last_line_is_cut_and_its_prompt_generated_again(reference, tmp_p
 
 
 def test_two_ranks_split_the_work_and_write_what_one_process_writes(reference, tmp_path):
+    """``accelerate launch`` on 2 CPU processes (the recipe's use_cpu; gloo)."""
     out = tmp_path / "two"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), "-m", "simpo.onpolicy", *COMMON,
-                           "--output_dir", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                           "--num_processes", "2", "--main_process_port", str(free_port()),
+                           "-m", "simpo.onpolicy", *COMMON, "--output_dir", str(out)],
                           env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("generated.jsonl", "scored.jsonl", "train.jsonl"):
@@ -278,6 +281,24 @@ def _save_tiny_reward_model(path: Path, prompts: list[str], *, zero_head: bool =
     return str(path)
 
 
+def test_each_distinct_response_goes_through_the_reward_model_once(reference):
+    from simpo.onpolicy.config import OnPolicyConfig
+    from simpo.onpolicy.models import load_reward_model, load_tokenizer
+    from simpo.onpolicy.score import RewardScorer
+
+    records = [_record(0, ["a b", "c", "a b", "c", "d"]), _record(1, ["x", "y", "x", "x", "x"])]
+    tok = load_tokenizer("tiny", trust_remote_code=False, chat_template=None,
+                         prompt_texts=["p0", "p1"], role="reward model")
+    model = load_reward_model("tiny", tok, dtype="auto", trust_remote_code=False, device="cpu")
+    rows = []
+    model.register_forward_hook(lambda m, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]),
+                                with_kwargs=True)
+    scored = RewardScorer(model, tok, OnPolicyConfig(score_batch_size=2), "cpu").score_records(records)
+    assert sum(rows) == 5 and max(rows) <= 2  # 3 + 2 distinct responses, in batches of 2
+    a, b = scored[0]["all_rm_scores"], scored[1]["all_rm_scores"]
+    assert a[0] == a[2] and a[1] == a[3] and b[0] == b[2] == b[3] == b[4]
+
+
 def test_ties_from_a_saved_scalar_head_are_dropped(reference, tmp_path, capsys):
     """A saved reward model (loaded by path) whose head is zero gives every response 0.0."""
     prompts = [r["prompt"] for r in _lines(reference / "generated.jsonl")]
@@ -307,7 +328,8 @@ def test_a_saved_policy_and_reward_model_give_the_tiny_ones_outputs(reference, t
     assert _lines(out / "train.jsonl") == _lines(reference / "train.jsonl")
 
 
-def test_an_armo_style_remote_code_reward_model_is_scored_by_its_score_output(reference, tmp_path):
+def test_an_armo_style_remote_code_reward_model_is_scored_by_its_score_output(reference, tmp_path,
+                                                                             capsys):
     """A reward model whose code comes with it (transformers' trust_remote_code loading, as
     ArmoRM's), with a gated multi-objective ``score`` and no logits."""
     from simpo.modeling import tiny_gemma2_config
@@ -330,7 +352,12 @@ def test_an_armo_style_remote_code_reward_model_is_scored_by_its_score_output(re
     out = tmp_path / "armo-run"
     shutil.copytree(reference / "generate", out / "generate")
     shutil.copy(reference / "generated.jsonl", out / "generated.jsonl")
-    assert _run(out, "--steps", "score", "binarize", "--reward_model", str(rm)) == 1  # refused
+    # untrusted, transformers would load a plain Gemma2ForSequenceClassification, head untrained
+    assert _run(out, "--steps", "score", "binarize", "--reward_model", str(rm)) == 1
+    assert ("comes with its own modelling code for AutoModelForSequenceClassification "
+            "(modeling_armo_style.ArmoStyleRewardModel): set reward_trust_remote_code true"
+            in capsys.readouterr().err)
+    assert not list((out / "score").glob("shard-*"))
     assert _run(out, "--steps", "score", "binarize", "--reward_model", str(rm),
                 "--reward_trust_remote_code", "true") == 0
     scored = {r["index"]: r["all_rm_scores"] for r in _lines(out / "scored.jsonl")}
@@ -343,6 +370,21 @@ def test_an_armo_style_remote_code_reward_model_is_scored_by_its_score_output(re
             official = model(ids).score.float().item()
         assert abs(official - scored[record["index"]][0]) <= 1e-5 * max(1.0, abs(official))
     assert len(_lines(out / "train.jsonl")) > 0
+
+
+def test_a_reward_model_with_an_untrained_head_is_refused(reference, tmp_path, capsys):
+    """A causal LM's checkpoint loads as a sequence classifier with a fresh score head."""
+    from simpo.modeling import build_tiny_model
+    from simpo.onpolicy.models import tiny_tokenizer
+
+    generated = _lines(reference / "generated.jsonl")
+    tok = tiny_tokenizer([r["prompt"] for r in generated])
+    build_tiny_model(tok, hidden_size=32).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    out = tmp_path / "lm-run"
+    shutil.copy(reference / "generated.jsonl", out.mkdir() or out / "generated.jsonl")
+    assert _run(out, "--steps", "score", "--reward_model", str(tmp_path / "lm")) == 1
+    assert "has no trained weights for score.weight" in capsys.readouterr().err
 
 
 def test_a_reward_model_without_a_scalar_score_is_refused(reference, tmp_path, capsys):
@@ -400,6 +442,7 @@ def test_prompts_of_a_file_are_deduplicated_and_unusable_rows_counted(tmp_path):
     (["--chat_template", "None"], "chat_template: 'None' is not a usable value"),
     (["--max_prompt", "3"], "unknown option --max_prompt"),
     (["no-such-recipe"], "recipe 'no-such-recipe' is neither a file nor a packaged"),
+    (["--dataset_name", "missing/prompts.jsonl"], "data path not found: missing/prompts.jsonl"),
 ])
 def test_bad_options_are_one_line(tmp_path, capsys, argv, message):
     code = main([*argv, "--output_dir", str(tmp_path / "x")])

@@ -71,11 +71,13 @@ def run_generate(cfg, state, out: Path) -> dict:
                                 trust_remote_code=cfg.trust_remote_code, device=state.device)
             sampler = TransformersSampler(model, tokenizer, cfg, state.device)
 
+    new_tokens = [0]
+
     def work(batch):
         results = sampler.sample([prompts[i] for i in batch])
-        return [{"index": i, "prompt_id": ids[i], "prompt": prompts[i],
-                 "all_generated_responses": texts, "finish_reasons": reasons}
-                for i, (texts, reasons) in zip(batch, results)]
+        new_tokens[0] += sum(sum(r["response_tokens"]) for r in results)
+        return [{"index": i, "prompt_id": ids[i], "prompt": prompts[i], **samples}
+                for i, samples in zip(batch, results)]
 
     timing = run_batches(store, indices, done, cfg.generation_batch_size, state.process_index,
                          state.num_processes, work, "generate")
@@ -91,6 +93,7 @@ def run_generate(cfg, state, out: Path) -> dict:
             "resumed_with": len(done), "generated_now_rank0": timing["prompts"],
             "seconds_rank0": round(timing["seconds"], 3),
             "responses_per_second_rank0": _rate(timing["prompts"] * n, timing["seconds"]),
+            "new_tokens_per_second_rank0": _rate(new_tokens[0], timing["seconds"]),
             "hit_max_tokens": sum(r.count("length") for r in (x["finish_reasons"] for x in records)),
             "duplicate_records": count_duplicates(store)}
         _update_report(out, "generate", section)

@@ -156,6 +156,18 @@ def _stop_ids(model, tokenizer) -> list[int]:
     return sorted({i for i in ids if i is not None})
 
 
+def prompt_token_ids(tokenizer, prompt) -> list[int]:
+    """The chat template's text for ``prompt`` with the generation prompt, tokenised without
+    adding special tokens again (the template writes its own BOS)."""
+    text = tokenizer.apply_chat_template(prompt_messages(prompt), tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _samples(texts: list[str], reasons: list[str], tokens: list[int]) -> dict:
+    return {"all_generated_responses": texts, "finish_reasons": reasons, "response_tokens": tokens}
+
+
 class TransformersSampler:
     """Batched generation with ``model.generate`` (see the module docstring)."""
 
@@ -166,18 +178,14 @@ class TransformersSampler:
         self.stop_ids = _stop_ids(model, tokenizer)
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
 
-    def prompt_ids(self, prompt) -> list[int]:
-        text = self.tokenizer.apply_chat_template(prompt_messages(prompt), tokenize=False,
-                                                  add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     @torch.no_grad()
-    def sample(self, prompts: list) -> list[tuple[list[str], list[str]]]:
-        """Per prompt: ``(responses, finish_reasons)``, one of each per seed."""
+    def sample(self, prompts: list) -> list[dict]:
+        """Per prompt: ``{"all_generated_responses", "finish_reasons" ("stop" or "length"),
+        "response_tokens"}``, one of each per seed."""
         from transformers import GenerationConfig, LogitsProcessorList
 
         cfg, seeds = self.cfg, self.cfg.seeds
-        ids = [self.prompt_ids(p) for p in prompts]
+        ids = [prompt_token_ids(self.tokenizer, p) for p in prompts]
         longest = max(len(i) for i in ids)
         new_tokens = cfg.max_tokens
         if self.max_positions is not None:
@@ -199,14 +207,15 @@ class TransformersSampler:
                                                                 cfg.top_p)]))
         results = []
         for p in range(len(prompts)):
-            texts, reasons = [], []
+            texts, reasons, tokens = [], [], []
             for k in range(len(seeds)):
                 new = out[p * len(seeds) + k, longest:].tolist()
                 stop = next((j for j, t in enumerate(new) if t in self.stop_ids), None)
                 reasons.append("length" if stop is None else "stop")
                 new = new if stop is None else new[:stop]
+                tokens.append(len(new))
                 texts.append(self.tokenizer.decode(new, skip_special_tokens=True))
-            results.append((texts, reasons))
+            results.append(_samples(texts, reasons, tokens))
         return results
 
 
@@ -231,15 +240,13 @@ class VLLMSampler:
         self.llm = LLM(model=cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code,
                        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, **kwargs)
 
-    def sample(self, prompts: list) -> list[tuple[list[str], list[str]]]:
+    def sample(self, prompts: list) -> list[dict]:
         from vllm import SamplingParams
 
         cfg = self.cfg
         requests, params = [], []
         for p in prompts:
-            text = self.tokenizer.apply_chat_template(prompt_messages(p), tokenize=False,
-                                                      add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = prompt_token_ids(self.tokenizer, p)
             for s in cfg.seeds:
                 requests.append({"prompt_token_ids": ids})
                 params.append(SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
@@ -249,8 +256,9 @@ class VLLMSampler:
         results = []
         for p in range(len(prompts)):
             rows = [outputs[p * n + k].outputs[0] for k in range(n)]
-            results.append(([r.text for r in rows],
-                             ["length" if r.finish_reason == "length" else "stop" for r in rows]))
+            results.append(_samples([r.text for r in rows],
+                                    ["length" if r.finish_reason == "length" else "stop"
+                                     for r in rows], [len(r.token_ids) for r in rows]))
         return results
 
 

@@ -54,6 +54,35 @@ def load_tokenizer(name: str, *, trust_remote_code: bool, chat_template: Optiona
     return tokenizer
 
 
+def _from_pretrained(auto_class, name: str, role: str, *, dtype: str, trust_remote_code: bool):
+    """``auto_class.from_pretrained`` that refuses what would silently compute something else: a
+    model whose ``config.json`` maps ``auto_class`` to its own code while that code is not trusted
+    (transformers would load the built-in architecture of its ``model_type`` instead, e.g. a plain
+    LlamaForSequenceClassification for ArmoRM), and weights missing from the checkpoint (an
+    untrained head gives random rewards)."""
+    from transformers import AutoConfig
+
+    option = "reward_trust_remote_code" if role == "reward model" else "trust_remote_code"
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        if not trust_remote_code and auto_class.__name__ in (getattr(config, "auto_map", None) or {}):
+            raise UserError(f"{role} {name!r} comes with its own modelling code for "
+                            f"{auto_class.__name__} ({config.auto_map[auto_class.__name__]}): set "
+                            f"{option} true to use it (without it transformers would load a plain "
+                            f"{config.model_type} model with other weights)")
+        model, info = auto_class.from_pretrained(name, dtype=_dtype(dtype),
+                                                 trust_remote_code=trust_remote_code,
+                                                 output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{role} {name!r} cannot be loaded: {error_text(exc)}") from exc
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise UserError(f"{role} {name!r} has no trained weights for {', '.join(missing[:4])}"
+                        f"{' ...' if len(missing) > 4 else ''} (as {type(model).__name__}): it "
+                        f"would run with freshly initialised ones")
+    return model
+
+
 def _seeded(seed: int, build):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -67,11 +96,8 @@ def load_policy(name: str, tokenizer, *, dtype: str, trust_remote_code: bool, de
     if name == TINY:
         model = _seeded(TINY_POLICY_SEED, lambda: build_tiny_model(tokenizer, **TINY_SIZES))
     else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=_dtype(dtype),
-                                                         trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"policy {name!r} cannot be loaded: {error_text(exc)}") from exc
+        model = _from_pretrained(AutoModelForCausalLM, name, "policy", dtype=dtype,
+                                 trust_remote_code=trust_remote_code)
     if dtype != "auto":
         model = model.to(_dtype(dtype))
     return model.to(device).eval()
@@ -101,11 +127,8 @@ def load_reward_model(name: str, tokenizer, *, dtype: str, trust_remote_code: bo
     if name == TINY:
         model = build_tiny_reward_model(tokenizer)
     else:
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                name, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"reward model {name!r} cannot be loaded: {error_text(exc)}") from exc
+        model = _from_pretrained(AutoModelForSequenceClassification, name, "reward model",
+                                 dtype=dtype, trust_remote_code=trust_remote_code)
     if dtype != "auto":
         model = model.to(_dtype(dtype))
     # batches are right-padded: the head reads the last token that is not padding
