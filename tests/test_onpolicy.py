@@ -255,6 +255,20 @@ def test_binarize_drops_identical_responses_and_ties_and_counts_them():
     assert [r["rejected"][-1]["content"] for r in rows] == ["a", "x"]
 
 
+def test_a_conversation_prompt_reaches_simpo_train_whole():
+    from simpo.data import split_row
+
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And now?"}]
+    record = {"index": 0, "prompt_id": "c", "prompt": turns, "all_generated_responses": ["a", "b"]}
+    rows, _ = binarize([record], {0: {"all_rm_scores": [0.0, 1.0]}})
+    assert rows[0]["prompt"] == "And now?"
+    assert rows[0]["chosen"] == turns + [{"role": "assistant", "content": "b"}]
+    parts, why = split_row(rows[0])
+    assert why is None and parts.prompt == turns
+    assert parts.chosen[-1]["content"] == "b" and parts.rejected[-1]["content"] == "a"
+
+
 def test_greedy_sampling_gives_identical_responses_that_are_dropped_unscored(tmp_path, capsys):
     out = tmp_path / "greedy"
     assert _run(out, "--temperature", "0") == 1
@@ -325,7 +339,12 @@ def test_a_saved_policy_and_reward_model_give_the_tiny_ones_outputs(reference, t
     out = tmp_path / "saved"
     assert _run(out, "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", rm) == 0
     assert _lines(out / "generated.jsonl") == _lines(reference / "generated.jsonl")
-    assert _lines(out / "train.jsonl") == _lines(reference / "train.jsonl")
+    rows, expected = _lines(out / "train.jsonl"), _lines(reference / "train.jsonl")
+    assert [(r["chosen"], r["rejected"]) for r in rows] == \
+        [(r["chosen"], r["rejected"]) for r in expected]
+    got = torch.tensor([r["all_rm_scores"] for r in rows])
+    assert torch.allclose(got, torch.tensor([r["all_rm_scores"] for r in expected]), rtol=1e-5,
+                          atol=1e-6)
 
 
 def test_an_armo_style_remote_code_reward_model_is_scored_by_its_score_output(reference, tmp_path,

@@ -4,6 +4,9 @@ As the official ``reward_model_annotate.py`` (and ``post_process.py`` before it)
 with the highest reward is ``chosen`` and the one with the lowest ``rejected`` (the first of
 equals, as ``numpy.argmax`` / ``argmin``), each as ``[user prompt, assistant response]``
 messages, next to ``prompt``, ``prompt_id``, ``all_generated_responses`` and ``all_rm_scores``.
+A prompt given as a conversation keeps it whole in ``chosen`` / ``rejected`` (which is where
+``simpo-train`` reads the prompt of these rows); ``prompt`` is then the text of its last turn, so
+the column stays text as in the official data.
 Dropped, counted and reported: prompts whose responses are all identical (the official rule), and
 ties, where every distinct response has the same reward and so no preference is left (the
 official script would have kept a pair of two equal responses).
@@ -20,7 +23,8 @@ def pair(record: dict, scores: list[float]) -> dict:
     worst = min(range(len(scores)), key=lambda i: (scores[i], i))
     responses = record["all_generated_responses"]
     messages = prompt_messages(record["prompt"])
-    return {"prompt_id": record["prompt_id"], "prompt": record["prompt"],
+    prompt = record["prompt"] if isinstance(record["prompt"], str) else messages[-1]["content"]
+    return {"prompt_id": record["prompt_id"], "prompt": prompt,
             "all_generated_responses": responses, "all_rm_scores": scores,
             "chosen": messages + [{"role": "assistant", "content": responses[best]}],
             "rejected": messages + [{"role": "assistant", "content": responses[worst]}]}

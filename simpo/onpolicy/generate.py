@@ -80,12 +80,9 @@ def load_prompts(cfg) -> tuple[list, list[str], dict]:
     """``(prompts, prompt_ids, counts)``: the distinct prompts of the configured data in first-seen
     order (the official script deduplicates them too), capped at ``max_prompts``; ``counts`` says
     how many rows were read, unusable (with why) and duplicates."""
-    from ..data import DataError, load_raw_datasets
+    from ..data import load_raw_datasets
 
-    try:
-        data = load_raw_datasets(cfg.dataset_name, [cfg.dataset_split], cfg.dataset_config)
-    except DataError:
-        raise
+    data = load_raw_datasets(cfg.dataset_name, [cfg.dataset_split], cfg.dataset_config)
     rows = next(iter(data.values()))
     prompts, ids, seen, unusable, duplicates = [], [], set(), {}, 0
     has_id = "prompt_id" in rows.column_names

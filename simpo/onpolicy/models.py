@@ -70,9 +70,13 @@ def _from_pretrained(auto_class, name: str, role: str, *, dtype: str, trust_remo
                             f"{auto_class.__name__} ({config.auto_map[auto_class.__name__]}): set "
                             f"{option} true to use it (without it transformers would load a plain "
                             f"{config.model_type} model with other weights)")
+        # Gemma-2's attention softcap is applied by the eager attention only (sdpa drops it), and
+        # transformers' default for it differs between versions
+        kwargs = ({"attn_implementation": "eager"}
+                  if getattr(config, "attn_logit_softcapping", None) is not None else {})
         model, info = auto_class.from_pretrained(name, dtype=_dtype(dtype),
                                                  trust_remote_code=trust_remote_code,
-                                                 output_loading_info=True)
+                                                 output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"{role} {name!r} cannot be loaded: {error_text(exc)}") from exc
     missing = sorted(info.get("missing_keys") or [])
@@ -131,6 +135,7 @@ def load_reward_model(name: str, tokenizer, *, dtype: str, trust_remote_code: bo
                                  dtype=dtype, trust_remote_code=trust_remote_code)
     if dtype != "auto":
         model = model.to(_dtype(dtype))
+    model.config.use_cache = False  # one forward per sequence: a KV cache would only take memory
     # batches are right-padded: the head reads the last token that is not padding
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
