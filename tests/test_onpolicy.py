@@ -45,8 +45,19 @@ def _cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "simpo.onpolicy", *COMMON, "--output_dir", str(out), *extra]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process runs on one torch thread, as the subprocesses (OMP_NUM_THREADS=1): the reward
+    model's sums, and so the scores' last bits, depend on the thread count, and the tests compare
+    files byte for byte."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+def reference(tmp_path_factory, one_thread) -> Path:
     """One uninterrupted run of the whole pipeline, in this process."""
     out = tmp_path_factory.mktemp("onpolicy") / "ref"
     assert _run(out) == 0
