@@ -344,7 +344,11 @@ def test_a_saved_policy_and_reward_model_give_the_tiny_ones_outputs(reference, t
     prompts = [r["prompt"] for r in _lines(reference / "generated.jsonl")]
     tok = tiny_tokenizer(prompts)
     torch.manual_seed(TINY_POLICY_SEED)
-    build_tiny_model(tok, **TINY_SIZES).save_pretrained(tmp_path / "policy")
+    policy = build_tiny_model(tok, **TINY_SIZES)
+    # sampling settings saved with a policy do not reach the samples (the official ones had none)
+    policy.generation_config.repetition_penalty = 10.0
+    policy.generation_config.no_repeat_ngram_size = 1
+    policy.save_pretrained(tmp_path / "policy")
     tok.save_pretrained(tmp_path / "policy")
     rm = _save_tiny_reward_model(tmp_path / "rm", prompts)
     out = tmp_path / "saved"

@@ -171,9 +171,18 @@ class TransformersSampler:
     name = "transformers"
 
     def __init__(self, model, tokenizer, cfg, device):
+        from transformers import GenerationConfig
+
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
         self.stop_ids = _stop_ids(model, tokenizer)
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        # generate() fills what a call leaves unset from the model's generation_config: a
+        # repetition_penalty, no_repeat_ngram_size, suppress_tokens ... saved with the policy would
+        # reshape the logits before the sampler. The official samples saw temperature and top_p
+        # only, so this (our own) model instance keeps just its special tokens.
+        model.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=self.stop_ids,
+            pad_token_id=tokenizer.pad_token_id)
 
     @torch.no_grad()
     def sample(self, prompts: list) -> list[dict]:
