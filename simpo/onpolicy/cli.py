@@ -44,9 +44,9 @@ def _rate(n: int, seconds: float) -> Optional[float]:
 
 def run_generate(cfg, state, out: Path) -> dict:
     from .generate import (TransformersSampler, VLLMSampler, generation_manifest, load_prompts,
-                           prompt_texts, resolve_backend, run_batches)
+                           prompt_texts, resolve_backend)
     from .models import load_policy, load_tokenizer
-    from .shards import ShardStore, count_duplicates
+    from .shards import ShardStore, count_duplicates, run_batches
 
     prompts, ids, counts = load_prompts(cfg)
     tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code,
@@ -105,10 +105,10 @@ def run_generate(cfg, state, out: Path) -> dict:
 
 
 def run_score(cfg, state, out: Path) -> dict:
-    from .generate import prompt_texts, run_batches
+    from .generate import prompt_texts
     from .models import load_reward_model, load_tokenizer
     from .score import RewardScorer, score_manifest, scorable
-    from .shards import ShardStore, count_duplicates, read_jsonl, sha256_file
+    from .shards import ShardStore, count_duplicates, read_jsonl, run_batches, sha256_file
 
     gen_path = out / "generated.jsonl"
     generated = read_jsonl(gen_path, "generate")

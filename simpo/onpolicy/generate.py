@@ -14,8 +14,6 @@ prompt token ids go to ``LLM.generate`` with one ``SamplingParams(seed=...)`` pe
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Optional
 
 import torch
@@ -23,7 +21,6 @@ import torch
 from ..config import UserError
 from .shards import canonical, sha256_text
 
-logger = logging.getLogger("simpo.onpolicy")
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -294,22 +291,3 @@ def generation_manifest(cfg, prompts: list, backend: str, template: str) -> dict
             "prompts": len(prompts), "prompts_sha256": sha256_text(canonical(prompts)),
             "seeds": list(cfg.seeds), "temperature": cfg.temperature, "top_p": cfg.top_p,
             "max_tokens": cfg.max_tokens}
-
-
-def run_batches(store, indices: list[int], done, batch_size: int, rank: int, world: int, work,
-                label: str) -> dict:
-    """Cut ``indices`` (every index of the step, in order) into batches of ``batch_size``; of the
-    batches with an index not in ``done``, give the ``j``-th to rank ``j % world``, and append the
-    records of its undone indices (``work(indices)``) as one unit. A resumed run thus redoes
-    exactly the batches a kill interrupted, with the same rows in them. Returns this rank's
-    ``{"prompts", "batches", "seconds"}``."""
-    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    pending = [[i for i in b if i not in done] for b in batches]
-    mine = [b for b in pending if b][rank::world]
-    start, items = time.perf_counter(), 0
-    for j, batch in enumerate(mine):
-        store.append(work(batch))
-        items += len(batch)
-        logger.info("%s: rank %d batch %d/%d (%d prompts) written", label, rank, j + 1, len(mine),
-                    len(batch))
-    return {"prompts": items, "batches": len(mine), "seconds": time.perf_counter() - start}

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Iterable
 
 from ..config import UserError
 
 MANIFEST = "manifest.json"
+logger = logging.getLogger("simpo.onpolicy")
 
 
 def canonical(value) -> str:
@@ -174,3 +177,22 @@ def read_jsonl(path: Path, what: str) -> list[dict]:
     if good != path.stat().st_size:
         raise UserError(f"{path} is damaged after record {len(records)}: run the {what} step again")
     return records
+
+
+def run_batches(store, indices: list[int], done, batch_size: int, rank: int, world: int, work,
+                label: str) -> dict:
+    """Cut ``indices`` (every index of the step, in order) into batches of ``batch_size``; of the
+    batches with an index not in ``done``, give the ``j``-th to rank ``j % world``, and append the
+    records of its undone indices (``work(indices)``) as one unit. A resumed run thus redoes
+    exactly the batches a kill interrupted, with the same rows in them. Returns this rank's
+    ``{"prompts", "batches", "seconds"}``."""
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    pending = [[i for i in b if i not in done] for b in batches]
+    mine = [b for b in pending if b][rank::world]
+    start, items = time.perf_counter(), 0
+    for j, batch in enumerate(mine):
+        store.append(work(batch))
+        items += len(batch)
+        logger.info("%s: rank %d batch %d/%d (%d prompts) written", label, rank, j + 1, len(mine),
+                    len(batch))
+    return {"prompts": items, "batches": len(mine), "seconds": time.perf_counter() - start}
