@@ -485,6 +485,16 @@ def test_bad_options_are_one_line(tmp_path, capsys, argv, message):
     assert message in err, err
 
 
+def test_data_without_a_usable_prompt_is_one_line(tmp_path, capsys):
+    path = tmp_path / "texts.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert main(["--dataset_name", str(path), "--output_dir", str(tmp_path / "x")]) == 1
+    lines = [x for x in capsys.readouterr().err.splitlines() if "simpo-data" in x]
+    assert len(lines) == 1, lines  # (datasets' own progress bar may precede it)
+    assert (f"simpo-data: error: no usable prompt in {path} (split train): 2 rows: no prompt column "
+            f"(and no chosen/rejected to take one from)") == lines[0]
+
+
 def test_a_step_before_its_input_exists_and_other_settings_are_refused(reference, tmp_path, capsys):
     assert _run(tmp_path / "empty", "--steps", "score") == 1
     assert "generated.jsonl not found: run the generate step first" in capsys.readouterr().err
