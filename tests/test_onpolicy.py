@@ -473,13 +473,14 @@ def test_prompts_of_a_file_are_deduplicated_and_unusable_rows_counted(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--temperature", "-1"], "temperature: -1.0 is not accepted"),
-    (["--top_p", "0"], "top_p: 0.0 is not accepted"),
-    (["--seeds", "13"], "seeds: [13] is not accepted"),
-    (["--seeds", "13", "13"], "seeds: [13, 13] is not accepted"),
+    (["--temperature", "-1"], "temperature: must be >= 0, got -1.0"),
+    (["--top_p", "0"], "top_p: must be in (0, 1], got 0.0"),
+    (["--seeds", "13"], "seeds: must be at least two (one response per seed; a preference needs two), got [13]"),
+    (["--seeds", "13", "13"], "seeds: must be distinct, got [13, 13]"),
     (["--steps", "sample"], "steps: ['sample'] is not a list of generate, score, binarize"),
     (["--backend", "vllm"], "backend vllm: vllm is not installed here"),
-    (["--chat_template", "None"], "chat_template: 'None' is not a usable value"),
+    (["--chat_template", "None"], "chat_template: 'None' is not a template"),
+    (["--chat_template", "gemmma"], "chat_template: 'gemmma' is neither a template name"),
     (["--max_prompt", "3"], "unknown option --max_prompt"),
     (["no-such-recipe"], "recipe 'no-such-recipe' is neither a file nor a packaged"),
     (["--dataset_name", "missing/prompts.jsonl"], "data path not found: missing/prompts.jsonl"),

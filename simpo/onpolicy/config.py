@@ -12,7 +12,7 @@ from typing import Optional
 
 import yaml
 
-from ..config import ConfigError, _Parser, split_recipe
+from ..config import ConfigError, _check, _check_chat_template, _Parser, split_recipe
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes" / "onpolicy"
 DEFAULT_RECIPE = "tiny"
@@ -47,8 +47,8 @@ class OnPolicyConfig:
         default="tiny", metadata={"help": "The policy: a hub id or local model, or 'tiny' (built "
                                           "in code, nothing downloaded)."})
     chat_template: Optional[str] = field(
-        default=None, metadata={"help": "The policy's chat template: unset = its own; 'gemma' or "
-                                        "a Jinja template."})
+        default=None, metadata={"help": "The policy's chat template: unset or 'tokenizer' = its "
+                                        "own; 'gemma' or a Jinja template."})
     torch_dtype: str = field(default="auto", metadata={"help": f"Policy dtype: {', '.join(DTYPES)}."})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow the policy's own modelling code."})
@@ -90,8 +90,8 @@ class OnPolicyConfig:
         for key in ("torch_dtype", "reward_torch_dtype"):
             _check(getattr(self, key) in DTYPES, key, getattr(self, key), ", ".join(DTYPES))
         _check(len(self.seeds) >= 2, "seeds", self.seeds,
-               "at least two seeds (one response per seed; a preference needs two)")
-        _check(len(set(self.seeds)) == len(self.seeds), "seeds", self.seeds, "distinct seeds")
+               "at least two (one response per seed; a preference needs two)")
+        _check(len(set(self.seeds)) == len(self.seeds), "seeds", self.seeds, "distinct")
         _check(self.temperature >= 0, "temperature", self.temperature, ">= 0")
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
         for key in ("max_tokens", "generation_batch_size", "score_batch_size"):
@@ -100,17 +100,11 @@ class OnPolicyConfig:
                ">= 1 (or unset)")
         _check(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization",
                self.vllm_gpu_memory_utilization, "in (0, 1]")
-        for key in ("chat_template", "model_name_or_path", "reward_model"):
+        _check_chat_template(self.chat_template)
+        for key in ("model_name_or_path", "reward_model"):
             value = getattr(self, key)
-            if value is not None and value.strip().lower() in ("", "none", "null"):
-                raise ConfigError(f"{key}: {value!r} is not a usable value"
-                                  + (" (leave it unset for the policy's own template)"
-                                     if key == "chat_template" else ""))
-
-
-def _check(ok: bool, key: str, value, accepted: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {value!r} is not accepted (expected {accepted})")
+            _check(value.strip().lower() not in ("", "none", "null"), key, value,
+                   "a hub id, a local model or 'tiny'")
 
 
 USAGE = "simpo-data [RECIPE | --config RECIPE] [--key value ...] [--debug]"

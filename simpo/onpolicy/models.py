@@ -10,8 +10,9 @@ from typing import Optional
 
 import torch
 
-from ..config import UserError, error_text
+from ..config import TOKENIZER_TEMPLATE, UserError, error_text
 from ..modeling import CHAT_TEMPLATES, build_tiny_model, build_tiny_tokenizer, tiny_gemma2_config
+from ..train import _dtype
 
 logger = logging.getLogger("simpo.onpolicy")
 
@@ -19,10 +20,6 @@ TINY = "tiny"
 TINY_POLICY_SEED = 1234
 TINY_REWARD_SEED = 4321
 TINY_SIZES = {"hidden_size": 64, "num_layers": 2}
-
-
-def _dtype(name: str):
-    return "auto" if name == "auto" else getattr(torch, name)
 
 
 def tiny_tokenizer(prompt_texts: list[str]):
@@ -45,7 +42,7 @@ def load_tokenizer(name: str, *, trust_remote_code: bool, chat_template: Optiona
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
             raise UserError(f"{role} tokenizer {name!r} cannot be loaded: {error_text(exc)}") from exc
-    if chat_template is not None:
+    if chat_template not in (None, TOKENIZER_TEMPLATE):
         tokenizer.chat_template = CHAT_TEMPLATES.get(chat_template, chat_template)
     if tokenizer.chat_template is None:
         raise UserError(f"{role} {name!r} has no chat template: set chat_template (e.g. 'gemma')")
@@ -99,11 +96,11 @@ def load_policy(name: str, tokenizer, *, dtype: str, trust_remote_code: bool, de
 
     if name == TINY:
         model = _seeded(TINY_POLICY_SEED, lambda: build_tiny_model(tokenizer, **TINY_SIZES))
+        if dtype != "auto":
+            model = model.to(_dtype(dtype))
     else:
         model = _from_pretrained(AutoModelForCausalLM, name, "policy", dtype=dtype,
                                  trust_remote_code=trust_remote_code)
-    if dtype != "auto":
-        model = model.to(_dtype(dtype))
     return model.to(device).eval()
 
 
@@ -130,11 +127,11 @@ def load_reward_model(name: str, tokenizer, *, dtype: str, trust_remote_code: bo
 
     if name == TINY:
         model = build_tiny_reward_model(tokenizer)
+        if dtype != "auto":
+            model = model.to(_dtype(dtype))
     else:
         model = _from_pretrained(AutoModelForSequenceClassification, name, "reward model",
                                  dtype=dtype, trust_remote_code=trust_remote_code)
-    if dtype != "auto":
-        model = model.to(_dtype(dtype))
     model.config.use_cache = False  # one forward per sequence: a KV cache would only take memory
     # batches are right-padded: the head reads the last token that is not padding
     if getattr(model.config, "pad_token_id", None) is None:
