@@ -25,7 +25,9 @@ from .shards import canonical, sha256_text
 
 # ----------------------------------------------------------------------------- prompts
 
-def _messages_of(value) -> Optional[list[dict]]:
+def prompt_messages(value) -> Optional[list[dict]]:
+    """A prompt as the messages the chat template gets (a text is one user message); None for
+    what is not a prompt (empty text, messages ending in an assistant turn)."""
     from ..data import _is_message_list
 
     if isinstance(value, str):
@@ -53,14 +55,9 @@ def prompt_of(row: dict) -> tuple[Optional[object], Optional[str]]:
         prompt = row.get("prompt")
     if prompt is None:
         return None, "no prompt column (and no chosen/rejected to take one from)"
-    if _messages_of(prompt) is None:
+    if prompt_messages(prompt) is None:
         return None, "the prompt is neither non-empty text nor messages ending in a user turn"
     return prompt, None
-
-
-def prompt_messages(prompt) -> list[dict]:
-    """A prompt as the messages the chat template gets."""
-    return _messages_of(prompt)
 
 
 def prompt_texts(prompts: list) -> list[str]:

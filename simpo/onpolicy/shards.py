@@ -124,13 +124,28 @@ class ShardStore:
                     f.truncate(good)
                     os.fsync(f.fileno())
 
+    def resume(self, state) -> dict[int, dict]:
+        """Open the store on every rank of ``state`` (an accelerate ``PartialState``): rank 0
+        prepares it, then every rank reads what is done, and none appends before all have read."""
+        if state.is_main_process:
+            self.prepare()
+        state.wait_for_everyone()
+        done = self.done()
+        state.wait_for_everyone()
+        return done
+
     def done(self) -> dict[int, dict]:
         """Every complete record of every shard, by index (the first one of an index wins)."""
+        return self._read()[0]
+
+    def _read(self) -> tuple[dict[int, dict], int]:
         out: dict[int, dict] = {}
+        extra = 0  # records beyond the first of an index (0 unless something is wrong)
         for shard in self.shards():
             for record in read_complete_lines(shard)[0]:
+                extra += record["index"] in out
                 out.setdefault(record["index"], record)
-        return out
+        return out, extra
 
     def append(self, records: list[dict]) -> None:
         """Append ``records`` to this rank's shard as one write of whole lines, then fsync."""
@@ -144,10 +159,11 @@ class ShardStore:
         finally:
             os.close(fd)
 
-    def merge(self, indices: list[int], path: Path) -> list[dict]:
+    def merge(self, indices: list[int], path: Path) -> tuple[list[dict], int]:
         """Rank 0, after every rank finished: one record per index of ``indices`` in that order,
-        written to ``path`` (atomically). A missing index is an error, not a shorter file."""
-        done = self.done()
+        written to ``path`` (atomically), and the number of duplicate records the shards held. A
+        missing index is an error, not a shorter file."""
+        done, duplicates = self._read()
         missing = [i for i in indices if i not in done]
         if missing:
             raise UserError(f"{self.directory}: {len(missing)} of {len(indices)} prompts have no "
@@ -155,18 +171,7 @@ class ShardStore:
                             f"to complete it")
         records = [done[i] for i in indices]
         write_atomic(path, jsonl(records))
-        return records
-
-
-def count_duplicates(store: ShardStore) -> int:
-    """Records beyond the first for an index, over every shard (0 unless something is wrong)."""
-    seen, extra = set(), 0
-    for shard in store.shards():
-        for record in read_complete_lines(shard)[0]:
-            if record["index"] in seen:
-                extra += 1
-            seen.add(record["index"])
-    return extra
+        return records, duplicates
 
 
 def read_jsonl(path: Path, what: str) -> list[dict]:
