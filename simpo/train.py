@@ -507,7 +507,12 @@ def _run(model_args, data_args, training_args, recipe_path, stop) -> dict:
 def _signals_to(stop) -> Iterator[None]:
     """SIGTERM and SIGINT go to ``stop.handle`` while the block runs; the previous handlers come
     back after it. Only from the main thread (the only one Python lets set handlers), and a
-    signal the caller ignores (``nohup``, a background job's SIGINT) stays ignored."""
+    signal the caller ignores (``nohup``, a background job's SIGINT) stays ignored.
+
+    A stop the handler raised inside a weakref callback or finaliser is dropped by the
+    interpreter, which prints it as "Exception ignored in ..." with a traceback; it is raised
+    again before training (``stop.raise_if_dropped``), so that report is left out: the run still
+    ends on its one stop line."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -517,11 +522,20 @@ def _signals_to(stop) -> Iterator[None]:
         if handler is not signal.SIG_IGN:
             previous[signum] = handler
             signal.signal(signum, stop.handle)
+    report_unraisable = sys.unraisablehook
+
+    def unraisable_hook(unraisable) -> None:
+        if not stop.is_dropped_stop(unraisable):
+            report_unraisable(unraisable)
+
+    sys.unraisablehook = unraisable_hook
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        if sys.unraisablehook is unraisable_hook:  # unless someone replaced it meanwhile
+            sys.unraisablehook = report_unraisable
 
 
 def _close_process_group() -> None:

@@ -776,6 +776,13 @@ class StopRequest:
         else:
             _say(f"{name} received again: ignored, the stop (and its checkpoint) is under way")
 
+    def is_dropped_stop(self, unraisable) -> bool:
+        """Whether an exception the interpreter could not raise (what ``sys.unraisablehook`` gets)
+        is a stop of this run's that :meth:`raise_if_dropped` raises again: then reporting it
+        would only add a traceback to stderr beside the run's one stop line."""
+        return (isinstance(unraisable.exc_value, RunStopped) and self.phase == "starting"
+                and self._raised == unraisable.exc_value.signum)
+
     def raise_if_dropped(self) -> None:
         """Raise again a stop the handler raised at once that never reached the run (dropped by
         the interpreter because it landed in a weakref callback or finaliser)."""

@@ -236,6 +236,52 @@ def test_a_stop_dropped_in_a_weakref_callback_is_raised_again_before_training():
     assert info.value.exit_code == 130
 
 
+def test_a_dropped_stop_is_not_reported_with_a_traceback(monkeypatch):
+    """The interpreter reports an exception it drops (sys.unraisablehook: "Exception ignored in
+    ... Traceback" on stderr); a dropped stop is raised again before training, so while the run's
+    handlers are in place its report is left out, and only its report: anything else dropped,
+    or a stop dropped once training started, still reaches the hook that was there before."""
+    import weakref
+
+    from simpo.config import RunStopped
+    from simpo.train import _signals_to
+    from simpo.trainer import StopRequest
+
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(u.exc_value))
+
+    class Key:
+        pass
+
+    def drop(callback) -> None:
+        key = Key()
+        keep = weakref.ref(key, lambda _: callback())
+        del key
+        assert keep() is None
+
+    def fail():
+        raise ValueError("not a stop")
+
+    stop = StopRequest()
+    before = signal.getsignal(signal.SIGINT)
+    with _signals_to(stop):
+        assert signal.getsignal(signal.SIGINT) == stop.handle
+        drop(lambda: stop.handle(signal.SIGINT))
+        assert reported == []
+        drop(fail)
+        assert [type(e) for e in reported] == [ValueError]
+        stop.phase = "training"  # a second Ctrl-C stops at once; dropped there, it is reported
+        stop.signum = signal.SIGINT
+        drop(lambda: stop.handle(signal.SIGINT))
+        assert [type(e) for e in reported] == [ValueError, RunStopped]
+    assert signal.getsignal(signal.SIGINT) == before
+    with pytest.raises(RunStopped, match="^stopped by SIGINT before training started"):
+        stop.phase = "starting"
+        stop.raise_if_dropped()
+    drop(fail)  # the hook that was there before is back
+    assert [type(e) for e in reported] == [ValueError, RunStopped, ValueError]
+
+
 def test_forked_helpers_leave_the_stop_to_the_training_process():
     """DataLoader workers and datasets.map's pool are forked and inherit the handler (and Ctrl-C
     reaches them too): there it does nothing, no stop and no traceback per worker."""
@@ -419,7 +465,7 @@ def test_file_size_limit_during_a_save(tmp_path):
     proc = _run([sys.executable, WORKER, "--fsize_limit_at_step", "4", "--fsize_limit", "300000",
                  "--", *_train_args(out, STEPS)])
     line = _assert_failed_save(proc.returncode, proc.stdout, proc.stderr, out, "File too large")
-    assert f"checkpoint-4/optimizer.pt); this process may write files of at most 293.0 KiB " \
+    assert "checkpoint-4/optimizer.pt); this process may write files of at most 293.0 KiB " \
            f"(ulimit -f), the largest file of checkpoint-2 has " in line
 
 
