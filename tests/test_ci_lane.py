@@ -14,7 +14,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
-README_COMMAND = "python3 -m pytest tests benchmarks --benchmark-disable -q"
+README_COMMAND = "python3 -m pytest tests benchmarks --benchmark-disable -q -n 2 --dist loadfile"
 
 
 def _commands(path: Path) -> list[str]:
