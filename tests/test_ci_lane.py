@@ -65,3 +65,20 @@ def test_floors_are_the_versions_the_lanes_test():
     for name in ("torch", "triton", "transformers", "accelerate"):
         assert floors[name] == Version(pins[name]), (name, floors.get(name), pins[name])
     assert {"datasets", "deepspeed", "numpy"} <= set(floors)  # unpinned in the lanes: what they install
+
+
+def test_deepspeed_builds_its_cpu_op_in_a_directory_of_this_session():
+    """A stale lock in the machine's shared torch-extensions cache hung every ZeRO-3 test of stop
+    37's CI: this session, its xdist workers and every rank they spawn build into a directory made
+    by ``tests/conftest.py`` for this session only."""
+    import os
+    import tempfile
+
+    from tests.multiproc import subprocess_env
+
+    ours = os.environ["TORCH_EXTENSIONS_DIR"]
+    assert ours == os.environ["SIMPO_TEST_TORCH_EXTENSIONS_DIR"]
+    assert Path(ours).is_dir()
+    assert Path(ours).name.startswith("simpo-test-torch-extensions-")
+    assert Path(ours).parent == Path(tempfile.gettempdir())
+    assert subprocess_env()["TORCH_EXTENSIONS_DIR"] == ours
