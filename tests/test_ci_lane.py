@@ -5,8 +5,10 @@ files together is checked, in milliseconds.)"""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -71,9 +73,6 @@ def test_deepspeed_builds_its_cpu_op_in_a_directory_of_this_session():
     """A stale lock in the machine's shared torch-extensions cache hung every ZeRO-3 test of stop
     37's CI: this session, its xdist workers and every rank they spawn build into a directory made
     by ``tests/conftest.py`` for this session only."""
-    import os
-    import tempfile
-
     from tests.multiproc import subprocess_env
 
     ours = os.environ["TORCH_EXTENSIONS_DIR"]
