@@ -15,6 +15,8 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from tests.multiproc import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 README_COMMAND = "python3 -m pytest tests benchmarks --benchmark-disable -q -n 2 --dist loadfile"
 
@@ -73,8 +75,6 @@ def test_deepspeed_builds_its_cpu_op_in_a_directory_of_this_session():
     """A stale lock in the machine's shared torch-extensions cache hung every ZeRO-3 test of stop
     37's CI: this session, its xdist workers and every rank they spawn build into a directory made
     by ``tests/conftest.py`` for this session only."""
-    from tests.multiproc import subprocess_env
-
     ours = os.environ["TORCH_EXTENSIONS_DIR"]
     assert ours == os.environ["SIMPO_TEST_TORCH_EXTENSIONS_DIR"]
     assert Path(ours).is_dir()
